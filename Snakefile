@@ -1,0 +1,28 @@
+# vitplasticity: which components of a pretrained ViT to finetune.
+# Stages: prepare_dataset -> checkpoint (fetch or pretrain) -> plasticity + bounds
+#         -> finetune arms + linear probe -> aggregate -> figures -> report.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+# The paper study by default; `--configfile config/quick.yaml` replaces it whole (no merge).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/datasets.smk"
+include: "workflow/rules/checkpoints.smk"
+include: "workflow/rules/plasticity.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/probe.smk"
+include: "workflow/rules/tracking.smk"
+include: "workflow/rules/aggregate.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        get_all_targets(),

@@ -1,0 +1,188 @@
+"""Tables and statistics of one experiment (study-spec §6), as CSV and Markdown.
+
+All numbers come from the run folders (metrics.json + config.yaml), never from MLflow.
+Accuracy is in percent. A learning rate at which any seed diverged is not eligible as
+the best lr; standard deviations are over seeds with ddof=0 (numpy's default).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from scipy import stats
+
+from vitplasticity.components import THEORETICAL_RANK
+from vitplasticity.errors import UserError
+from vitplasticity.fileio import read_json, write_csv, write_text
+
+SINGLE_COMPONENT_ARMS = ("mha", "fc1", "fc2", "ln2", "ln1", "emb")
+
+
+def load_runs(metrics_files: list[Path]) -> pd.DataFrame:
+    """One row per finetuning run: its settings and results."""
+    rows = []
+    for path in metrics_files:
+        path = Path(path)
+        metrics = read_json(path)
+        settings = yaml.safe_load((path.parent / "config.yaml").read_text())["settings"]
+        acc = metrics.get("test_acc")
+        rows.append({
+            "model": settings["model"], "task": settings["task"], "optimizer": settings["optimizer"],
+            "arm": settings["arm"], "lr": float(settings["lr"]), "seed": int(settings["seed"]),
+            "status": metrics["status"], "test_acc": 100.0 * acc if acc is not None else math.nan,
+            "best_val_acc": 100.0 * metrics["best_val_acc"], "best_step": metrics["best_step"],
+            "diverged_step": metrics.get("diverged_step"), "trainable_params": metrics.get("trainable_params"),
+            "wall_time_s": metrics.get("wall_time_s"), "run_dir": str(path.parent),
+        })
+    if not rows:
+        raise UserError("no finetuning runs to aggregate; check the experiment's tasks and arms")
+    return pd.DataFrame(rows)
+
+
+def seed_means(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (task, arm, lr): mean and std over seeds; NaN mean when a seed diverged."""
+    grouped = runs.groupby(["task", "arm", "lr"])
+    table = grouped["test_acc"].agg(mean=lambda s: s.mean(skipna=False), std=lambda s: s.std(ddof=0, skipna=False),
+                                    n_seeds="count").reset_index()
+    table["diverged"] = grouped["status"].apply(lambda s: int((s == "diverged").sum())).to_numpy()
+    return table
+
+
+def main_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (task, arm): accuracy at the best lr (highest seed mean)."""
+    means = seed_means(runs)
+    rows = []
+    for (task, arm), group in means.groupby(["task", "arm"], sort=False):
+        eligible = group.dropna(subset=["mean"])
+        if eligible.empty:
+            rows.append({"task": task, "arm": arm, "best_lr": math.nan, "mean": math.nan, "std": math.nan,
+                         "n_seeds": 0, "diverged_runs": int(group["diverged"].sum())})
+            continue
+        best = eligible.loc[eligible["mean"].idxmax()]
+        rows.append({"task": task, "arm": arm, "best_lr": best["lr"], "mean": best["mean"], "std": best["std"],
+                     "n_seeds": int(best["n_seeds"]), "diverged_runs": int(group["diverged"].sum())})
+    return pd.DataFrame(rows)
+
+
+def relative_gain(table: pd.DataFrame, probes: dict[str, float]) -> pd.DataFrame:
+    """(acc − acc_LP) / acc_LP per (task, arm), in percent."""
+    gains = table[["task", "arm", "mean"]].copy()
+    gains["probe_acc"] = gains["task"].map(probes)
+    gains["gain_pct"] = 100.0 * (gains["mean"] - gains["probe_acc"]) / gains["probe_acc"]
+    return gains
+
+
+def lr_gap(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (task, arm): max − min of the seed-mean accuracy over the lr grid."""
+    means = seed_means(runs)
+    gap = means.groupby(["task", "arm"], sort=False)["mean"].agg(lambda s: s.max() - s.min()).reset_index()
+    return gap.rename(columns={"mean": "lr_gap"})
+
+
+def paired_tests(table: pd.DataFrame, pairs: list[tuple[str, str]]) -> pd.DataFrame:
+    """Paired two-sided t-test and Wilcoxon signed-rank (first arm greater) over tasks."""
+    wide = table.pivot(index="task", columns="arm", values="mean")
+    rows = []
+    for first, second in pairs:
+        if first not in wide or second not in wide:
+            continue
+        both = wide[[first, second]].dropna()
+        diff = both[first] - both[second]
+        row = {"arm": first, "versus": second, "n_tasks": len(both), "mean_diff": diff.mean(),
+               "t_stat": math.nan, "t_pvalue": math.nan, "wilcoxon_stat": math.nan, "wilcoxon_pvalue": math.nan}
+        if len(both) >= 2 and diff.std() > 0:
+            t = stats.ttest_rel(both[first], both[second])
+            row.update(t_stat=t.statistic, t_pvalue=t.pvalue)
+        if len(both) >= 1 and (diff != 0).any():
+            w = stats.wilcoxon(both[first], both[second], alternative="greater")
+            row.update(wilcoxon_stat=w.statistic, wilcoxon_pvalue=w.pvalue)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["arm", "versus", "n_tasks", "mean_diff", "t_stat", "t_pvalue",
+                                       "wilcoxon_stat", "wilcoxon_pvalue"])
+
+
+def test_pairs(arms: list[str]) -> list[tuple[str, str]]:
+    """MHA against every other component arm and full finetuning; non_smooth against smooth."""
+    pairs = [("mha", arm) for arm in arms if arm != "mha" and arm in (*SINGLE_COMPONENT_ARMS, "all")]
+    if "non_smooth" in arms and "smooth" in arms:
+        pairs.append(("non_smooth", "smooth"))
+    return pairs
+
+
+def plasticity_rank(plasticity: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """Mean plasticity over layers and tasks per component, beside its finetuning rank."""
+    if plasticity.empty:
+        return pd.DataFrame()
+    per_component = plasticity.groupby(["mode", "component"], as_index=False)["mean"].mean()
+    per_component = per_component.rename(columns={"mean": "plasticity"})
+    per_component["plasticity_rank"] = per_component.groupby("mode")["plasticity"].rank(ascending=False)
+    per_component["theoretical_rank"] = per_component["component"].map(THEORETICAL_RANK)
+    accuracy = table[table["arm"].isin(THEORETICAL_RANK)].groupby("arm")["mean"].mean()
+    per_component["finetune_acc"] = per_component["component"].map(accuracy)
+    per_component["finetune_rank"] = per_component["component"].map(accuracy.rank(ascending=False))
+    return per_component.sort_values(["mode", "theoretical_rank"]).reset_index(drop=True)
+
+
+def _with_average(frame: pd.DataFrame, value: str) -> pd.DataFrame:
+    """Wide task × arm table of `value`, with an Average row over tasks."""
+    wide = frame.pivot(index="task", columns="arm", values=value)
+    wide.loc["Average"] = wide.mean(axis=0, skipna=False)
+    return wide
+
+
+def _markdown(wide: pd.DataFrame, fmt: str = "{:.2f}") -> str:
+    header = "| " + " | ".join([wide.index.name or "task", *map(str, wide.columns)]) + " |"
+    lines = [header, "|" + "---|" * (len(wide.columns) + 1)]
+    for index, row in wide.iterrows():
+        cells = [cell if isinstance(cell, str) else ("—" if pd.isna(cell) else fmt.format(cell)) for cell in row]
+        lines.append("| " + " | ".join([str(index), *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _main_markdown(table: pd.DataFrame, probes: dict[str, float], arm_order: list[str]) -> str:
+    cells = table.assign(cell=[
+        "diverged" if pd.isna(m) else f"{m:.2f} ± {s:.2f}" for m, s in zip(table["mean"], table["std"], strict=True)])
+    wide = cells.pivot(index="task", columns="arm", values="cell")[arm_order]
+    average = table.pivot(index="task", columns="arm", values="mean")[arm_order].mean(axis=0, skipna=False)
+    wide.loc["Average"] = [f"{v:.2f}" if not pd.isna(v) else "—" for v in average]
+    if probes:
+        wide["LP"] = [f"{probes[t]:.2f}" if t in probes else "—" for t in wide.index[:-1]] + [
+            f"{np.mean(list(probes.values())):.2f}"]
+    wide.index.name = "task"
+    return _markdown(wide)
+
+
+def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], plasticity_files: list[Path],
+              bounds_files: list[Path], out_dir: Path) -> dict[str, pd.DataFrame]:
+    """Write every table of an experiment into out_dir (CSV + Markdown)."""
+    runs = load_runs(runs_files)
+    arm_order = [arm for arm in settings["arms"] if arm in set(runs["arm"])]
+    probes = {read_json(p)["task"]: 100.0 * read_json(p)["test_acc"] for p in probe_files}
+    table = main_table(runs)
+    plasticity = pd.concat([pd.read_csv(p) for p in plasticity_files]) if plasticity_files else pd.DataFrame()
+    bounds = pd.concat([pd.read_csv(p) for p in bounds_files]) if bounds_files else pd.DataFrame()
+    tables = {
+        "main_table": table,
+        "relative_gain": relative_gain(table, probes) if probes else pd.DataFrame(columns=["task", "arm", "gain_pct"]),
+        "lr_gap": lr_gap(runs),
+        "stat_tests": paired_tests(table, test_pairs(arm_order)),
+        "plasticity_rank": plasticity_rank(plasticity, table),
+        "plasticity": plasticity,
+        "bounds": bounds,
+        "runs": runs,
+    }
+    out_dir = Path(out_dir)
+    for name, frame in tables.items():
+        write_csv(out_dir / f"{name}.csv", frame)
+    write_text(out_dir / "main_table.md", _main_markdown(table, probes, arm_order))
+    if probes:
+        write_text(out_dir / "relative_gain.md", _markdown(_with_average(tables["relative_gain"], "gain_pct")[arm_order]))
+    write_text(out_dir / "lr_gap.md", _markdown(_with_average(tables["lr_gap"], "lr_gap")[arm_order]))
+    write_text(out_dir / "stat_tests.md", _markdown(tables["stat_tests"].set_index("arm"), "{:.4g}"))
+    if not tables["plasticity_rank"].empty:
+        write_text(out_dir / "plasticity_rank.md", _markdown(tables["plasticity_rank"].set_index("mode"), "{:.4g}"))
+    return tables

@@ -1,0 +1,150 @@
+"""The single map between component names and a timm VisionTransformer.
+
+Components (study-spec §2): ``emb ln1 mha ln2 fc1 fc2 head``. This module decides which
+parameters belong to each (for freezing and counting) and how each block component is
+applied to a token matrix (for plasticity). Nothing else spells parameter-name patterns.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from vitplasticity.errors import UserError
+
+COMPONENTS = ("emb", "ln1", "mha", "ln2", "fc1", "fc2", "head")
+BLOCK_COMPONENTS = ("ln1", "mha", "ln2", "fc1", "fc2")
+# Paper labels and theoretical plasticity rank (1 = most plastic), study-spec §1.
+LABELS = {
+    "emb": "Embedding",
+    "ln1": "LN1",
+    "mha": "MHA",
+    "ln2": "LN2",
+    "fc1": "FC1",
+    "fc2": "FC2",
+    "head": "Head",
+}
+THEORETICAL_RANK = {"mha": 1, "fc1": 2, "fc2": 3, "ln2": 4, "ln1": 5}
+ALWAYS_TRAINED = ("head",)
+
+# LayerScale and optional in-module norms go with the sub-layer they scale or normalise.
+_PATTERNS = (
+    ("emb", r"(patch_embed\..*|cls_token|reg_token|pos_embed|norm_pre\..*)"),
+    ("ln1", r"blocks\.\d+\.norm1\..*"),
+    ("mha", r"blocks\.\d+\.(attn\..*|ls1\..*)"),
+    ("ln2", r"blocks\.\d+\.norm2\..*"),
+    ("fc1", r"blocks\.\d+\.mlp\.fc1\..*"),
+    ("fc2", r"blocks\.\d+\.(mlp\.fc2\..*|mlp\.norm\..*|ls2\..*)"),
+    ("head", r"(norm\..*|fc_norm\..*|head\..*|head_drop\..*|attn_pool\..*)"),
+)
+_COMPILED = tuple((name, re.compile(pattern)) for name, pattern in _PATTERNS)
+
+
+def component_of(parameter_name: str) -> str:
+    """Return the component that owns a parameter of a timm VisionTransformer."""
+    for name, pattern in _COMPILED:
+        if pattern.fullmatch(parameter_name):
+            return name
+    raise UserError(
+        f"parameter '{parameter_name}' belongs to no component; teach "
+        "vitplasticity.components about this ViT variant"
+    )
+
+
+def check_components(names: Iterable[str], where: str) -> list[str]:
+    """Validate component names, naming the allowed ones on error."""
+    names = list(names)
+    unknown = [n for n in names if n not in COMPONENTS]
+    if unknown:
+        raise UserError(
+            f"{where}: unknown component(s) {unknown}; allowed: {', '.join(COMPONENTS)}"
+        )
+    return names
+
+
+def parameters_of(model: torch.nn.Module, components: Iterable[str]) -> list[str]:
+    """Names of the parameters that belong to any of `components`, in model order."""
+    wanted = set(check_components(components, "components"))
+    return [n for n, _ in model.named_parameters() if component_of(n) in wanted]
+
+
+def count_by_component(model: torch.nn.Module) -> dict[str, int]:
+    counts = dict.fromkeys(COMPONENTS, 0)
+    for name, param in model.named_parameters():
+        counts[component_of(name)] += param.numel()
+    return counts
+
+
+def set_trainable(model: torch.nn.Module, arm_components: Iterable[str]) -> list[str]:
+    """Freeze everything but the arm's components and the always-trained head.
+
+    Returns the trainable parameter names.
+    """
+    trainable = set(check_components(arm_components, "arm")) | set(ALWAYS_TRAINED)
+    names = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(component_of(name) in trainable)
+        if param.requires_grad:
+            names.append(name)
+    return names
+
+
+def check_vit(model: torch.nn.Module) -> VisionTransformer:
+    """The model must be a timm VisionTransformer made of standard pre-norm blocks."""
+    if not isinstance(model, VisionTransformer):
+        raise UserError(
+            f"model is a {type(model).__name__}, not a timm VisionTransformer; "
+            "choose a timm 'vit_*' architecture"
+        )
+    for i, block in enumerate(model.blocks):
+        if type(block) is not Block or not hasattr(block.mlp, "fc1"):
+            raise UserError(
+                f"block {i} is a {type(block).__name__} ({type(block.mlp).__name__} MLP); only "
+                "pre-norm timm Blocks with an fc1/fc2 MLP are supported"
+            )
+    return model
+
+
+def embed(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """E(x): patch embedding + class/register tokens + position embedding. (B, N, D)"""
+    tokens = model.patch_embed(images)
+    tokens = model._pos_embed(tokens)
+    tokens = model.patch_drop(tokens)
+    return model.norm_pre(tokens)
+
+
+def apply_component(block: Block, component: str, tokens: torch.Tensor) -> torch.Tensor:
+    """Apply one block component to a token matrix (B, N, D) as plasticity defines it.
+
+    MHA includes its output projection and LayerScale; FC2 takes 4d inputs, so a
+    d-wide input is zero-padded on the feature axis (study-spec §3).
+    """
+    if component == "ln1":
+        return block.norm1(tokens)
+    if component == "mha":
+        return block.ls1(block.attn(tokens))
+    if component == "ln2":
+        return block.norm2(tokens)
+    if component == "fc1":
+        return block.mlp.fc1(tokens)
+    if component == "fc2":
+        width = block.mlp.fc2.in_features
+        if tokens.shape[-1] < width:
+            tokens = F.pad(tokens, (0, width - tokens.shape[-1]))
+        return block.ls2(block.mlp.fc2(tokens))
+    raise UserError(f"'{component}' is not a block component; allowed: {BLOCK_COMPONENTS}")
+
+
+def hidden_inputs(block: Block, hidden: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The actual input each component receives at this depth, and the block's output."""
+    attn_in = block.norm1(hidden)
+    after_attn = hidden + block.drop_path1(block.ls1(block.attn(attn_in)))
+    mlp_in = block.norm2(after_attn)
+    fc2_in = block.mlp.norm(block.mlp.drop1(block.mlp.act(block.mlp.fc1(mlp_in))))
+    out = after_attn + block.drop_path2(block.ls2(block.mlp.drop2(block.mlp.fc2(fc2_in))))
+    inputs = {"ln1": hidden, "mha": attn_in, "ln2": after_attn, "fc1": mlp_in, "fc2": fc2_in}
+    return inputs, out

@@ -1,0 +1,105 @@
+"""Study-config checks: the JSON schema, then the cross-references it cannot express.
+
+Every failure is one line naming the key and the allowed values, raised before any job.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from vitplasticity.errors import UserError
+
+
+def _key(path) -> str:
+    return ".".join(str(part) for part in path) or "<top level>"
+
+
+def _schema_message(error: jsonschema.ValidationError) -> str:
+    key = _key(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - set(allowed))
+        hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+        return f"config key '{key}': unknown key(s) {', '.join(map(repr, unknown))}{hint}"
+    if error.validator == "enum":
+        return (f"config key '{key}': {error.instance!r} is not allowed; allowed values: "
+                f"{', '.join(map(str, error.validator_value))}")
+    if error.validator == "minItems" and error.validator_value == 1:
+        return f"config key '{key}': must not be empty"
+    if error.validator == "required":
+        return f"config key '{key}': {error.message}"
+    return f"config key '{key}': {error.message}"
+
+
+def validate_schema(config: dict, schema_path: str | Path) -> None:
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        raise UserError(_schema_message(errors[0]))
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+def check_references(config: dict) -> None:
+    """Names used in one section must exist in another; protocol values must be coherent."""
+    models, tasks, arms = config["models"], config["tasks"], config["arms"]
+    for name, model in models.items():
+        patch = model.get("kwargs", {}).get("patch_size", model.get("patch_size", 16))
+        _require(model["img_size"] % patch == 0,
+                 f"config key 'models.{name}.img_size': {model['img_size']} is not divisible by the patch size "
+                 f"{patch}; choose a multiple of {patch}")
+        if model["source"] == "pretrain":
+            _require("pretrain" in model, f"config key 'models.{name}.pretrain': required when source is pretrain")
+            task = model["pretrain"]["task"]
+            _require(task in tasks, f"config key 'models.{name}.pretrain.task': unknown task '{task}'; "
+                     f"allowed: {', '.join(tasks)}")
+            _require(model["pretrain"]["eval_every"] <= model["pretrain"]["steps"],
+                     f"config key 'models.{name}.pretrain.eval_every': must not exceed steps "
+                     f"({model['pretrain']['steps']})")
+        else:
+            _require(bool(model.get("pretrained_tag")),
+                     f"config key 'models.{name}.pretrained_tag': required when source is timm (e.g. orig_in21k)")
+    reference = config["plasticity"]["reference_task"]
+    _require(reference in tasks, f"config key 'plasticity.reference_task': unknown task '{reference}'; "
+             f"allowed: {', '.join(tasks)}")
+    for name, task in tasks.items():
+        if "steps" in task and "eval_every" in task:
+            _require(task["eval_every"] <= task["steps"],
+                     f"config key 'tasks.{name}.eval_every': {task['eval_every']} exceeds steps ({task['steps']}); "
+                     "set it to at most steps")
+        data = task["data"]
+        if data["source"] == "synthetic":
+            for key in ("kind", "image_size", "n_train", "n_val", "n_test"):
+                _require(key in data, f"config key 'tasks.{name}.data.{key}': required for synthetic tasks")
+    for name, experiment in config["experiments"].items():
+        where = f"experiments.{name}"
+        _require(experiment["model"] in models, f"config key '{where}.model': unknown model "
+                 f"'{experiment['model']}'; allowed: {', '.join(models)}")
+        for task in experiment["tasks"]:
+            _require(task in tasks, f"config key '{where}.tasks': unknown task '{task}'; allowed: {', '.join(tasks)}")
+            for key in ("steps", "eval_every", "lrs"):
+                _require(key in tasks[task], f"config key 'tasks.{task}.{key}': required because experiment "
+                         f"'{name}' finetunes on it")
+        for arm in experiment.get("arms", list(arms)):
+            _require(arm in arms, f"config key '{where}.arms': unknown arm '{arm}'; allowed: {', '.join(arms)}")
+
+
+def check_config(config: dict, schema_path: str | Path) -> None:
+    validate_schema(config, schema_path)
+    check_references(config)
+
+
+def load_config(path: str | Path, schema_path: str | Path) -> dict:
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"cannot read config {path} ({exc}); fix the file") from exc
+    check_config(config, schema_path)
+    return config

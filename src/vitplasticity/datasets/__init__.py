@@ -1,0 +1,1 @@
+"""Dataset preparation: every task ends as one prepared folder (see `prepared`)."""

@@ -1,0 +1,194 @@
+"""HTTP downloads that resume, verify their checksum and land atomically.
+
+A file streams into ``<file>.part``; after an interruption the next run asks the server for
+the rest with an HTTP Range request. The finished ``.part`` is checked against its
+``md5:<hex>`` or ``sha256:<hex>`` checksum and renamed to ``<file>`` only when it matches;
+a mismatch deletes it. Progress lines go to stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import http.client
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from vitplasticity.errors import UserError
+
+CHUNK_BYTES = 1 << 20
+TIMEOUT_SECONDS = 60
+PROGRESS_SECONDS = 5.0
+USER_AGENT = "vitplasticity"
+_HEX_LENGTH = {"md5": 32, "sha256": 64}
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One file to download: its local name, where it comes from, and its checksum."""
+
+    filename: str
+    url: str
+    checksum: str
+
+
+def resolve(defaults: list[Resource], task: dict) -> list[Resource]:
+    """Apply a task's overrides to a source's official files.
+
+    `url` and `checksum` replace those of a source's only file; `urls` and `checksums`
+    ({filename: value}) replace those of the named files. Unset values keep the defaults.
+    """
+    names = [resource.filename for resource in defaults]
+    urls = dict(task.get("urls") or {})
+    checksums = dict(task.get("checksums") or {})
+    for key, table in (("url", urls), ("checksum", checksums)):
+        if task.get(key) is None:
+            continue
+        if len(defaults) != 1:
+            raise UserError(
+                f"this source downloads several files ({', '.join(names)}); set {key}s: "
+                f"{{filename: {key}}} in the task instead of {key}"
+            )
+        table[names[0]] = task[key]
+    for key, table in (("urls", urls), ("checksums", checksums)):
+        unknown = sorted(set(table) - set(names))
+        if unknown:
+            raise UserError(
+                f"the task's {key} names unknown files {unknown}; this source's files are "
+                f"{', '.join(names)}"
+            )
+    return [
+        Resource(r.filename, urls.get(r.filename, r.url), checksums.get(r.filename, r.checksum))
+        for r in defaults
+    ]
+
+
+def parse_checksum(checksum: str) -> tuple[str, str]:
+    """'md5:<hex>' or 'sha256:<hex>' → (algorithm, lower-case hex digest)."""
+    algorithm, _, digest = str(checksum).partition(":")
+    digest = digest.lower()
+    length = _HEX_LENGTH.get(algorithm.lower())
+    if length is None or not re.fullmatch(f"[0-9a-f]{{{length}}}", digest):
+        raise UserError(
+            f"checksum '{checksum}' is not md5:<32 hex digits> or sha256:<64 hex digits>; "
+            "fix the task's checksum in the config"
+        )
+    return algorithm.lower(), digest
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, algorithm).hexdigest()
+
+
+@contextlib.contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `folder`, so jobs sharing its raw files take turns."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def fetch(resource: Resource, folder: Path) -> Path:
+    """Download `resource` into `folder` unless a verified copy is there; returns its path."""
+    algorithm, expected = parse_checksum(resource.checksum)
+    path = folder / resource.filename
+    if path.exists():
+        if file_digest(path, algorithm) == expected:
+            return path
+        path.unlink()  # an earlier download, verified against another checksum
+    folder.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    _download(resource.url, part)
+    actual = file_digest(part, algorithm)
+    if actual != expected:
+        part.unlink()
+        raise UserError(
+            f"checksum mismatch for {resource.filename} from {resource.url} (expected "
+            f"{algorithm}:{expected}, got {algorithm}:{actual}); the download was deleted: run "
+            "again, or fix the task's checksum in the config"
+        )
+    os.replace(part, path)
+    return path
+
+
+def _download(url: str, part: Path) -> None:
+    """Stream `url` into `part`, continuing from the bytes already there."""
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": USER_AGENT}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        response = urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=TIMEOUT_SECONDS
+        )
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and offset:
+            return  # nothing left to fetch: the part file is whole; its checksum decides
+        raise UserError(f"cannot download {url} (HTTP {exc.code} {exc.reason}); check the task's url") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(
+            f"cannot download {url} ({reason}); check the network and the task's url, then run again"
+        ) from exc
+    with response:
+        if offset and response.status == 206:
+            start = _range_start(response.headers.get("Content-Range", ""))
+            if start != offset:
+                part.unlink()
+                raise UserError(
+                    f"{url} answered a request for bytes {offset}- with bytes {start}-; the partial "
+                    "download was deleted: run again"
+                )
+        else:
+            offset = 0  # the server sends the whole file
+        length = response.headers.get("Content-Length")
+        total = offset + int(length) if length is not None else None
+        _copy(response, part, offset, total, url)
+
+
+def _range_start(content_range: str) -> int | None:
+    match = re.match(r"bytes (\d+)-", content_range)
+    return int(match.group(1)) if match else None
+
+
+def _copy(response, part: Path, offset: int, total: int | None, url: str) -> None:
+    done = offset
+    name = part.name.removesuffix(".part")
+    verb = f"resume {name} at {_mib(offset)}" if offset else f"download {name}"
+    _say(f"{verb} from {url}" + (f" ({_mib(total)})" if total is not None else ""))
+    last = time.monotonic()
+    with open(part, "ab" if offset else "wb") as out:
+        try:
+            while chunk := response.read(CHUNK_BYTES):
+                out.write(chunk)
+                done += len(chunk)
+                if time.monotonic() - last >= PROGRESS_SECONDS:
+                    last = time.monotonic()
+                    _say(f"download {name}: {_mib(done)}" + (f" of {_mib(total)}" if total else ""))
+        except (OSError, http.client.HTTPException) as exc:
+            raise UserError(
+                f"download of {url} broke off after {_mib(done)} ({exc!r}); run again to resume"
+            ) from exc
+    if total is not None and done != total:
+        raise UserError(
+            f"download of {url} ended after {_mib(done)} of {_mib(total)}; run again to resume"
+        )
+    _say(f"download {name}: {_mib(done)} done")
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

@@ -1,0 +1,46 @@
+"""Oxford-IIIT Pet: official trainval split 80/20 into train/val, official test.
+
+Read with torchvision's reader from the two official archives, downloaded and verified by
+`download`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from torchvision.datasets import OxfordIIITPet
+
+from vitplasticity.datasets.archives import extract
+from vitplasticity.datasets.download import Resource, fetch, locked, resolve
+from vitplasticity.datasets.images import write_splits
+from vitplasticity.datasets.splits import holdout
+from vitplasticity.errors import UserError
+
+REQUIRED = ("store_size", "split_seed", "val_fraction")
+BASE_URL = "https://www.robots.ox.ac.uk/~vgg/data/pets/data/"
+OFFICIAL = [
+    Resource("images.tar.gz", BASE_URL + "images.tar.gz", "md5:5c4f3ee8e5d25df40f4fd59a7f44e54c"),
+    Resource("annotations.tar.gz", BASE_URL + "annotations.tar.gz",
+             "md5:95a8c909bbe2e81eed6a22bccdf3f68f"),
+]
+FOLDER = "oxford-iiit-pet"  # where torchvision's reader looks, below its root
+
+
+def prepare(task: dict, out_dir: Path, raw_dir: Path, provenance: dict) -> dict:
+    resources = resolve(OFFICIAL, task)
+    folder = raw_dir / FOLDER
+    with locked(raw_dir):
+        for resource in resources:
+            extract(fetch(resource, folder), folder, resource.checksum)
+    try:
+        trainval = OxfordIIITPet(raw_dir, split="trainval")
+        test = OxfordIIITPet(raw_dir, split="test")
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise UserError(
+            f"{folder} does not hold Oxford-IIIT Pet's files ({exc!r}); delete {raw_dir} and run again"
+        ) from exc
+    kept, val = holdout(np.arange(len(trainval)), task["val_fraction"], task["split_seed"])
+    parts = {"train": (trainval, kept), "val": (trainval, val), "test": (test, np.arange(len(test)))}
+    provenance = provenance | {"files": [vars(resource) for resource in resources]}
+    return write_splits(out_dir, parts, list(trainval.classes), provenance, task["store_size"])

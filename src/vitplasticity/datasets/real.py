@@ -1,0 +1,51 @@
+"""Preparing the paper's real datasets: download, verify, split and store as a prepared task.
+
+A task's config keys (see each source's module for its split rule and official files):
+
+- ``source``: cifar10, cifar100, cifar10c, domainnet, flowers102, oxford_pets, imagenet_val
+- ``store_size``: images are stored square: shorter side resized to it, then centre-cropped
+- ``split_seed``, ``val_fraction``, ``test_fraction``: the fixed random splits
+- ``corruption``, ``severity`` (cifar10c); ``domain`` (domainnet);
+  ``path``, ``max_images`` (imagenet_val)
+- ``url`` and ``checksum`` (``md5:<hex>`` or ``sha256:<hex>``) replace the official URL and
+  checksum of a single-file source; ``urls`` and ``checksums`` ({filename: value}) those of
+  any source's named files (flowers102: 102flowers.tgz, imagelabels.mat, setid.mat;
+  oxford_pets: images.tar.gz, annotations.tar.gz).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vitplasticity.datasets import cifar, cifar10c, domainnet, flowers, imagenet, pets
+from vitplasticity.errors import UserError
+
+SOURCES = {
+    "cifar10": cifar,
+    "cifar100": cifar,
+    "cifar10c": cifar10c,
+    "domainnet": domainnet,
+    "flowers102": flowers,
+    "oxford_pets": pets,
+    "imagenet_val": imagenet,
+}
+# The keys that shape the prepared data; they are recorded in its provenance.
+DATA_KEYS = ("source", "store_size", "split_seed", "val_fraction", "test_fraction", "corruption",
+             "severity", "domain", "path", "max_images")
+
+
+def prepare_real(name: str, task: dict, out_dir: Path, raw_dir: Path) -> dict:
+    """Prepare task `name` into `out_dir` (published whole, or not at all); returns its meta.
+
+    Downloads and unpacked files go to `raw_dir`, which tasks of the same source may share:
+    a lock makes their jobs take turns there.
+    """
+    source = task.get("source")
+    if source not in SOURCES:
+        raise UserError(f"task {name}: source '{source}' unknown; allowed: {', '.join(SOURCES)}")
+    module = SOURCES[source]
+    missing = [key for key in module.REQUIRED if task.get(key) is None]
+    if missing:
+        raise UserError(f"task {name} ({source}) needs {', '.join(missing)}; set it in the config")
+    provenance = {"task": name} | {key: task[key] for key in DATA_KEYS if task.get(key) is not None}
+    return module.prepare(task, Path(out_dir), Path(raw_dir), provenance)

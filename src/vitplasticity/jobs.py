@@ -1,0 +1,206 @@
+"""The study's jobs: each reads explicit inputs, writes its outputs atomically, mirrors to MLflow.
+
+The workflow calls these through the command line (`cli`); settings arrive as one JSON
+record per job, built by the workflow from the study config.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from vitplasticity import bounds, models, plasticity, probe, tracking, training
+from vitplasticity.components import count_by_component, set_trainable
+from vitplasticity.datasets.synthetic import generate
+from vitplasticity.errors import UserError
+from vitplasticity.fileio import read_json, write_csv, write_json, write_yaml
+from vitplasticity.prepared import load_split, read_meta, write_prepared
+from vitplasticity.runtime import pick_device, seed_everything
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def prepare(name: str, data: dict, out: Path, raw: Path) -> dict:
+    """Generate or download a task into the prepared format."""
+    if data["source"] == "synthetic":
+        splits, classes = {}, []
+        for split in ("train", "val", "test"):
+            images, labels, classes = generate(
+                name, data["kind"], split, data[f"n_{split}"], data["image_size"], data.get("seed", 0),
+                corruption=data.get("corruption"), severity=data.get("severity", 5))
+            splits[split] = (images, labels)
+            log(f"{name}: generated {split} ({len(labels)} images)")
+        provenance = {"generator": "vitplasticity.datasets.synthetic", **data}
+        return write_prepared(out, splits, classes, provenance)
+    from vitplasticity.datasets.real import prepare_real
+
+    return prepare_real(name, data, out, raw)
+
+
+def _history_frame(history: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(history, columns=list(training.HISTORY_COLUMNS))
+
+
+def _train_config(settings: dict, runtime: dict, img_size: int) -> training.TrainConfig:
+    return training.TrainConfig(
+        steps=settings["steps"], eval_every=settings["eval_every"], batch_size=settings["batch_size"],
+        lr=settings["lr"], seed=settings["seed"], img_size=img_size, optimizer=settings["optimizer"],
+        momentum=settings.get("momentum", 0.9), weight_decay=settings.get("weight_decay", 0.0),
+        betas=tuple(settings.get("betas", (0.9, 0.999))), warmup_steps=settings.get("warmup_steps", 0),
+        clip_norm=settings.get("clip_norm", 1.0), micro_batch=runtime.get("micro_batch"),
+        eval_batch=runtime.get("eval_batch", 256),
+    )
+
+
+def _splits(task_dir: Path) -> dict:
+    return {split: load_split(task_dir, split) for split in ("train", "val", "test")}
+
+
+def _write_run_folder(run_dir: Path, result: training.Result, metrics: dict) -> list[Path]:
+    write_csv(run_dir / "history.csv", _history_frame(result.history))
+    write_json(run_dir / "metrics.json", metrics)
+    return [run_dir / "config.yaml", run_dir / "history.csv", run_dir / "metrics.json"]
+
+
+def _result_metrics(result: training.Result) -> dict:
+    return {"status": result.status, "best_val_acc": result.best_val_acc, "best_step": result.best_step,
+            "test_acc": result.test_acc, "test_loss": result.test_loss, "diverged_step": result.diverged_step,
+            "steps_done": result.steps_done}
+
+
+def pretrain(settings: dict, runtime: dict, task_dir: Path, weights: Path, run_dir: Path, track: dict) -> dict:
+    """Train a small timm ViT from scratch on the source task; write checkpoint + run folder."""
+    meta = read_meta(task_dir)
+    arch = {"timm_name": settings["timm_name"], "kwargs": settings.get("kwargs", {})}
+    seed_everything(settings["seed"])
+    model = models.build(arch, num_classes=len(meta["classes"]))
+    set_trainable(model, ["emb", "ln1", "mha", "ln2", "fc1", "fc2"])
+    cfg = _train_config(settings, runtime, settings["img_size"])
+    cfg.check()
+    device = pick_device(runtime.get("device", "auto"))
+    write_yaml(run_dir / "config.yaml", {"job": "pretrain", "settings": settings, "train": training.config_record(cfg)})
+    with tracking.track_job(track, run_dir=run_dir, run_name=f"pretrain/{settings['model']}", kind="pretrain",
+                            params=settings, tags={"device": str(device)}) as run:
+        began = time.time()
+        result = training.train(model, _splits(task_dir), cfg, device, state_path=run_dir / "state.pt",
+                                on_eval=run.log_history, progress=log)
+        if result.status != "completed":
+            raise UserError(f"pretraining diverged at step {result.diverged_step}; lower models.*.pretrain.lr")
+        metrics = _result_metrics(result) | {"source_test_acc": result.test_acc, "wall_time_s": time.time() - began,
+                                             "device": str(device)}
+        record = {"arch": arch, "img_size": settings["img_size"], "mean": list(cfg.mean), "std": list(cfg.std),
+                  "provenance": {"kind": "pretrain", "task": meta["name"], "source_test_acc": result.test_acc,
+                                 "steps": cfg.steps, "seed": cfg.seed}}
+        models.save_checkpoint(weights, model.cpu(), record)
+        artifacts = _write_run_folder(run_dir, result, metrics)
+        run.log_metrics(metrics)
+        run.log_artifacts(artifacts)
+    (run_dir / "state.pt").unlink(missing_ok=True)
+    return metrics
+
+
+def fetch(settings: dict, weights: Path) -> dict:
+    from vitplasticity.hub import fetch_pretrained
+
+    return fetch_pretrained(settings, weights)
+
+
+def finetune(settings: dict, runtime: dict, task_dir: Path, weights: Path, run_dir: Path, track: dict) -> dict:
+    """One finetuning run of one arm; resumes from run_dir/state.pt when present."""
+    meta = read_meta(task_dir)
+    device = pick_device(runtime.get("device", "auto"))
+    seed_everything(settings["seed"])
+    model, record = models.load_checkpoint(weights, num_classes=len(meta["classes"]))
+    trainable = set_trainable(model, settings["components"])
+    cfg = _train_config(settings, runtime, record["img_size"])
+    cfg.mean, cfg.std = tuple(record["mean"]), tuple(record["std"])
+    cfg.check()
+    write_yaml(run_dir / "config.yaml", {"job": "finetune", "settings": settings, "train": training.config_record(cfg),
+                                         "checkpoint_sha256": record["sha256"]})
+    name = f"{settings['task']}/{settings['arm']}/lr{settings['lr']:g}/seed{settings['seed']}"
+    with tracking.track_job(track, run_dir=run_dir, run_name=name, kind="finetune", params=settings,
+                            tags={"device": str(device)}) as run:
+        began = time.time()
+        result = training.train(model, _splits(task_dir), cfg, device, state_path=run_dir / "state.pt",
+                                on_eval=run.log_history, progress=log)
+        params = dict(model.named_parameters())
+        metrics = _result_metrics(result) | {
+            "trainable_params": sum(params[n].numel() for n in trainable),
+            "total_params": sum(p.numel() for p in params.values()),
+            "wall_time_s": time.time() - began, "device": str(device), "host": socket.gethostname(),
+        }
+        artifacts = _write_run_folder(run_dir, result, metrics)
+        run.log_metrics(metrics)
+        run.log_artifacts(artifacts)
+    (run_dir / "state.pt").unlink(missing_ok=True)
+    return metrics
+
+
+def measure_plasticity(settings: dict, runtime: dict, weights: Path, reference_dir: Path, task_dir: Path,
+                       out_table: Path, out_stats: Path, track: dict) -> pd.DataFrame:
+    device = pick_device(runtime.get("device", "auto"))
+    model, record = models.load_checkpoint(weights, num_classes=0)
+    reference, downstream = load_split(reference_dir, "test"), load_split(task_dir, "test")
+    run_dir = out_table.parent
+    with tracking.track_job(track, run_dir=run_dir, run_name=f"plasticity/{settings['model']}/{settings['task']}",
+                            kind="plasticity", params=settings, tags={"device": str(device)}) as run:
+        table, stats = plasticity.measure(
+            model, reference, downstream, settings["n_pairs"], settings["batch_size"], record["img_size"], device,
+            tuple(settings["modes"]), tuple(record["mean"]), tuple(record["std"]), progress=log)
+        table.insert(0, "task", settings["task"])
+        table.insert(0, "model", settings["model"])
+        write_csv(out_table, table)
+        write_json(out_stats, stats | {"model": settings["model"], "task": settings["task"]})
+        run.log_metrics({f"{r.mode}/{r.component}/layer{r.layer}": r.mean for r in table.itertuples()})
+        run.log_artifacts([out_table, out_stats])
+    return table
+
+
+def compute_bounds(weights: Path, stats_path: Path, out: Path) -> pd.DataFrame:
+    model, _ = models.load_checkpoint(weights, num_classes=0)
+    stats = read_json(stats_path)
+    table = bounds.theoretical_bounds(model, radius=stats["downstream_rms_token_norm"])
+    table.insert(0, "task", stats["task"])
+    table.insert(0, "model", stats["model"])
+    table["head_slicing"] = bounds.HEAD_SLICING
+    write_csv(out, table)
+    return table
+
+
+def linear_probe(settings: dict, runtime: dict, weights: Path, task_dir: Path, out: Path, track: dict) -> dict:
+    device = pick_device(runtime.get("device", "auto"))
+    model, record = models.load_checkpoint(weights, num_classes=0)
+    train, test = load_split(task_dir, "train"), load_split(task_dir, "test")
+    batch = runtime.get("eval_batch", 256)
+    with tracking.track_job(track, run_dir=out.parent, run_name=f"probe/{settings['model']}/{settings['task']}",
+                            kind="probe", params=settings, tags={"device": str(device)}) as run:
+        began = time.time()
+        args = (record["img_size"], batch, device, tuple(record["mean"]), tuple(record["std"]))
+        metrics = probe.fit_and_score(probe.features(model, train, *args), train.labels,
+                                      probe.features(model, test, *args), test.labels,
+                                      max_iter=settings["max_iter"], progress=log)
+        metrics |= {"wall_time_s": time.time() - began, "model": settings["model"], "task": settings["task"]}
+        write_json(out, metrics)
+        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+        run.log_artifacts([out])
+    return metrics
+
+
+def parameter_counts(weights: Path) -> dict:
+    model, _ = models.load_checkpoint(weights, num_classes=0)
+    return count_by_component(model)
+
+
+def load_settings(text: str) -> dict:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--settings is not valid JSON ({exc})") from exc
+

@@ -1,0 +1,68 @@
+"""Model construction and checkpoint files (safetensors + a JSON sidecar).
+
+A checkpoint is ``{name}.safetensors`` (the backbone's state dict, classifier included
+as pretrained) and ``{name}.json``: architecture (timm name and keyword arguments),
+normalisation, sha256 of the weights, and provenance (hub id and revision, or the
+pretraining run's source accuracy).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from vitplasticity.components import check_vit
+from vitplasticity.errors import UserError
+from vitplasticity.fileio import atomic_path, read_json, sha256_file, write_json
+
+
+def build(arch: dict, num_classes: int) -> torch.nn.Module:
+    """A timm ViT from an architecture record {timm_name, kwargs} with a fresh head."""
+    try:
+        model = timm.create_model(arch["timm_name"], pretrained=False, num_classes=num_classes,
+                                  drop_rate=0.0, drop_path_rate=0.0, **arch.get("kwargs", {}))
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise UserError(f"cannot build timm model '{arch['timm_name']}' ({exc}); check the model's timm_name and kwargs") from exc
+    return check_vit(model)
+
+
+def sidecar_path(weights: str | Path) -> Path:
+    return Path(weights).with_suffix(".json")
+
+
+def save_checkpoint(weights: str | Path, model: torch.nn.Module, record: dict) -> dict:
+    """Write weights then the sidecar (with their sha256), each atomically."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp))
+    record = dict(record, sha256=sha256_file(weights), num_params=sum(v.numel() for v in state.values()))
+    write_json(sidecar_path(weights), record)
+    return record
+
+
+def load_checkpoint(weights: str | Path, num_classes: int, verify: bool = True) -> tuple[torch.nn.Module, dict]:
+    """Build the checkpoint's architecture with a new `num_classes` head and load the backbone."""
+    weights = Path(weights)
+    if not weights.exists() or not sidecar_path(weights).exists():
+        raise UserError(f"checkpoint {weights} (or its .json sidecar) is missing; run its fetch/pretrain rule")
+    record = read_json(sidecar_path(weights))
+    if verify and sha256_file(weights) != record.get("sha256"):
+        raise UserError(f"checkpoint {weights} does not match the sha256 in its sidecar; delete both files and fetch it again")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"checkpoint {weights} is not a readable safetensors file ({exc}); delete it and fetch it again") from exc
+    model = build(record["arch"], num_classes)
+    backbone = {k: v for k, v in state.items() if not k.startswith("head.")}
+    missing, unexpected = model.load_state_dict(backbone, strict=False)
+    missing = [k for k in missing if not k.startswith("head.")]
+    if missing or unexpected:
+        raise UserError(
+            f"checkpoint {weights} does not fit architecture {record['arch']['timm_name']} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); fetch it again"
+        )
+    return model, record

@@ -1,0 +1,221 @@
+"""The training loop shared by pretraining and every finetuning arm.
+
+Reads top to bottom: config → data → optimizer → loop (accumulate, clip, step, eval,
+checkpoint) → test at the best-validation state. A run folder's ``state.pt`` (trainable
+tensors, optimizer, history) lets an interrupted run resume and end with exactly the
+metrics of an uninterrupted one, because every random draw depends only on (seed, step).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vitplasticity import transforms
+from vitplasticity.errors import UserError
+from vitplasticity.fileio import atomic_path
+from vitplasticity.prepared import Split
+from vitplasticity.runtime import autocast, step_generator
+from vitplasticity.schedule import learning_rate
+
+OPTIMIZERS = ("sgd", "adamw")
+HISTORY_COLUMNS = ("step", "loss", "lr", "grad_norm", "val_loss", "val_acc")
+
+
+@dataclass
+class TrainConfig:
+    steps: int
+    eval_every: int
+    batch_size: int
+    lr: float
+    seed: int
+    img_size: int
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    clip_norm: float = 1.0
+    micro_batch: int | None = None  # None: the whole batch at once
+    eval_batch: int = 256
+    mean: tuple[float, ...] = transforms.IMAGENET_MEAN
+    std: tuple[float, ...] = transforms.IMAGENET_STD
+    extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Invariants, each failing with the key and the fix."""
+        if self.steps <= 0:
+            raise UserError(f"steps must be positive, got {self.steps}")
+        if not 0 < self.eval_every <= self.steps:
+            raise UserError(f"eval_every must be in 1..steps ({self.steps}), got {self.eval_every}")
+        if self.batch_size <= 0:
+            raise UserError(f"batch_size must be positive, got {self.batch_size}")
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise UserError(f"lr must be a positive number, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"optimizer '{self.optimizer}' unknown; allowed: {', '.join(OPTIMIZERS)}")
+        if self.micro_batch is not None and not 0 < self.micro_batch <= self.batch_size:
+            raise UserError(f"micro_batch must be in 1..batch_size ({self.batch_size}), got {self.micro_batch}")
+
+
+@dataclass
+class Result:
+    status: str  # "completed" or "diverged"
+    best_val_acc: float
+    best_step: int
+    test_acc: float | None
+    test_loss: float | None
+    diverged_step: int | None
+    steps_done: int
+    history: list[dict]
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device):
+    fused = device.type == "cuda"
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused or None)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+def batch_indices(num_samples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Indices of the batch at `step`: epochs are seeded permutations, so any step is reproducible."""
+    per_epoch = max(1, num_samples // batch_size)
+    epoch, offset = divmod(step, per_epoch)
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    chunk = order[offset * batch_size : (offset + 1) * batch_size]
+    if len(chunk) < batch_size:  # fewer samples than one batch: sample with wrap-around
+        chunk = order.repeat(math.ceil(batch_size / num_samples))[:batch_size]
+    return np.sort(chunk.numpy())
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, split: Split, cfg: TrainConfig, device: torch.device) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over a whole split (eval transform)."""
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(split.labels), cfg.eval_batch):
+        images = transforms.eval_batch(split.images[start : start + cfg.eval_batch], cfg.img_size, device, cfg.mean, cfg.std)
+        labels = torch.as_tensor(np.asarray(split.labels[start : start + cfg.eval_batch]), device=device)
+        with autocast(device):
+            logits = model(images)
+        total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        correct += (logits.argmax(-1) == labels).sum().item()
+    count = len(split.labels)
+    return total_loss / count, correct / count
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_state(path: Path, step: int, model, optimizer, best: dict, history: list[dict]) -> None:
+    state = {
+        "step": step,
+        "params": {n: p.detach().cpu().clone() for n, p in _trainable(model).items()},
+        "optimizer": optimizer.state_dict(),
+        "best": best,
+        "history": history,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_state(path: Path, model, optimizer) -> tuple[int, dict, list[dict]]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file means: start over
+        raise UserError(f"resume state {path} is unreadable ({exc}); delete it to restart the run") from exc
+    params = _trainable(model)
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"], state["best"], state["history"]
+
+
+def train(
+    model: torch.nn.Module,
+    splits: dict[str, Split],
+    cfg: TrainConfig,
+    device: torch.device,
+    state_path: Path | None = None,
+    on_eval: Callable[[list[dict]], None] | None = None,
+    progress: Callable[[str], None] = print,
+) -> Result:
+    """Train the model's trainable parameters; return the best-validation test result."""
+    cfg.check()
+    model.to(device)
+    params = list(_trainable(model).values())
+    optimizer = make_optimizer(params, cfg, device)
+    micro = cfg.micro_batch or cfg.batch_size
+    start_step, best, history = 0, {"val_acc": -1.0, "step": -1, "params": None}, []
+    if state_path is not None and state_path.exists():
+        start_step, best, history = _load_state(state_path, model, optimizer)
+        progress(f"resuming from step {start_step}")
+    train_split, reported = splits["train"], len(history)
+    began, diverged_step = time.time(), None
+    for step in range(start_step, cfg.steps):
+        model.train()
+        lr = learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        index = batch_indices(len(train_split.labels), cfg.batch_size, step, cfg.seed)
+        generator = step_generator(cfg.seed, step, stream=1)
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for start in range(0, cfg.batch_size, micro):
+            part = index[start : start + micro]
+            images = transforms.train_batch(train_split.images[part], cfg.img_size, device, generator, cfg.mean, cfg.std)
+            labels = torch.as_tensor(np.asarray(train_split.labels[part]), device=device)
+            with autocast(device):
+                loss = F.cross_entropy(model(images).float(), labels) * (len(part) / cfg.batch_size)
+            loss.backward()
+            step_loss += loss.item()
+        if not math.isfinite(step_loss):
+            diverged_step = step
+            history.append({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": float("nan")})
+            progress(f"step {step + 1}: loss is {step_loss}; the run diverged")
+            break
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm).item()
+        optimizer.step()
+        row = {"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm}
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            val_loss, val_acc = evaluate(model, splits["val"], cfg, device)
+            row.update(val_loss=val_loss, val_acc=val_acc)
+            if val_acc > best["val_acc"]:
+                best = {"val_acc": val_acc, "step": step + 1,
+                        "params": {n: p.detach().cpu().clone() for n, p in _trainable(model).items()}}
+            history.append(row)
+            rate = (step + 1 - start_step) / max(time.time() - began, 1e-9)
+            progress(f"step {step + 1}/{cfg.steps} loss {step_loss:.4f} val_acc {val_acc:.4f} ({rate:.1f} steps/s)")
+            if state_path is not None and step + 1 < cfg.steps:
+                _save_state(state_path, step + 1, model, optimizer, best, history)
+            if on_eval is not None:
+                on_eval(history[reported:])
+                reported = len(history)
+        else:
+            history.append(row)
+    if diverged_step is not None:
+        if on_eval is not None:
+            on_eval(history[reported:])
+        return Result("diverged", best["val_acc"], best["step"], None, None, diverged_step + 1,
+                      diverged_step + 1, history)
+    with torch.no_grad():
+        trainable = _trainable(model)
+        for name, value in best["params"].items():
+            trainable[name].copy_(value)
+    test_loss, test_acc = evaluate(model, splits["test"], cfg, device)
+    return Result("completed", best["val_acc"], best["step"], test_acc, test_loss, None, cfg.steps, history)
+
+
+def config_record(cfg: TrainConfig) -> dict:
+    record = asdict(cfg)
+    record["betas"], record["mean"], record["std"] = list(cfg.betas), list(cfg.mean), list(cfg.std)
+    return record

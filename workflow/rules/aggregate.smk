@@ -1,0 +1,56 @@
+# Stage 6: tables, statistics and figures per experiment; DAG leaves shown in the report.
+
+
+localrules:
+    aggregate,
+    figures,
+
+
+rule aggregate:
+    input:
+        runs=get_experiment_runs,
+        probes=get_experiment_probes,
+        plasticity=get_experiment_plasticity,
+        bounds=get_experiment_bounds,
+    output:
+        tables=[
+            report(
+                f"results/tables/{{experiment}}/{table}.csv",
+                caption=f"../report/table_{table}.rst",
+                category="Tables",
+                subcategory="{experiment}",
+            )
+            for table in TABLES
+        ],
+    params:
+        settings=get_aggregate_settings,
+        out_dir="results/tables/{experiment}",
+    log:
+        "results/logs/aggregate/{experiment}.log",
+    shell:
+        "vitplasticity aggregate --settings '{params.settings}' --runs {input.runs} "
+        "--probes {input.probes} --plasticity {input.plasticity} --bounds {input.bounds} "
+        "--out-dir {params.out_dir} 2> {log}"
+
+
+rule figures:
+    input:
+        rules.aggregate.output.tables,
+    output:
+        figures=[
+            report(
+                f"results/figures/{{experiment}}/{figure}.png",
+                caption=f"../report/figure_{figure}.rst",
+                category="Figures",
+                subcategory="{experiment}",
+            )
+            for figure in FIGURES
+        ],
+        pdfs=[f"results/figures/{{experiment}}/{figure}.pdf" for figure in FIGURES],
+    params:
+        tables="results/tables/{experiment}",
+        out_dir="results/figures/{experiment}",
+    log:
+        "results/logs/figures/{experiment}.log",
+    shell:
+        "vitplasticity figures --tables {params.tables} --out-dir {params.out_dir} 2> {log}"

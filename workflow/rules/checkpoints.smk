@@ -1,0 +1,52 @@
+# Stage 2: a pretrained checkpoint per model: fetched from the hub (paper) or
+# pretrained here on the synthetic source task (quick study).
+
+FETCHED = [name for name, model in MODELS.items() if model["source"] == "timm"]
+PRETRAINED = [name for name, model in MODELS.items() if model["source"] == "pretrain"]
+
+
+rule fetch_checkpoint:
+    output:
+        weights="data/checkpoints/{model}.safetensors",
+        sidecar="data/checkpoints/{model}.json",
+    wildcard_constraints:
+        model=_alternatives(FETCHED),
+    params:
+        settings=get_fetch_settings,
+    log:
+        "results/logs/fetch_checkpoint/{model}.log",
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    shell:
+        "vitplasticity fetch --settings '{params.settings}' --out {output.weights} 2> {log}"
+
+
+rule pretrain_checkpoint:
+    input:
+        task=get_pretrain_task,
+        tracking=TRACKING_STORE,
+    output:
+        weights="data/checkpoints/{model}.safetensors",
+        sidecar="data/checkpoints/{model}.json",
+        metrics="results/pretrain/{model}/metrics.json",
+        history="results/pretrain/{model}/history.csv",
+    wildcard_constraints:
+        model=_alternatives(PRETRAINED),
+    params:
+        settings=get_pretrain_settings,
+        runtime=get_runtime(),
+        tracking=get_tracking,
+    log:
+        "results/logs/pretrain_checkpoint/{model}.log",
+    benchmark:
+        "results/benchmarks/pretrain_checkpoint/{model}.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    shell:
+        "vitplasticity pretrain --settings '{params.settings}' --runtime '{params.runtime}' "
+        "--tracking '{params.tracking}' --threads {threads} --task {input.task} "
+        "--out {output.weights} --run-dir results/pretrain/{wildcards.model} 2> {log}"

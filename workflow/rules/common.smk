@@ -1,0 +1,220 @@
+# Helpers shared by every rule file: config checks, target lists and per-job settings.
+import json
+import os
+import sys
+
+from snakemake.utils import validate
+
+from vitplasticity.config import check_config
+from vitplasticity.errors import UserError
+
+try:
+    check_config(config, workflow.source_path("../schemas/config.schema.yaml"))
+except UserError as error:
+    sys.exit(f"vitplasticity config error: {error}")
+validate(config, schema="../schemas/config.schema.yaml", set_default=True)
+
+EXPERIMENTS = config["experiments"]
+MODELS = config["models"]
+TASKS = config["tasks"]
+ARMS = config["arms"]
+REFERENCE = config["plasticity"]["reference_task"]
+TRACKING = config.get("tracking", {"enabled": True, "uri": None})
+RUNTIME = config.get("runtime", {})
+FIGURES = [
+    "plasticity_vs_rank",
+    "plasticity_vs_depth",
+    "bounds_vs_depth",
+    "relative_gain",
+    "accuracy_per_arm",
+    "lr_robustness",
+    "training_curves",
+]
+TABLES = [
+    "main_table",
+    "relative_gain",
+    "lr_gap",
+    "stat_tests",
+    "plasticity_rank",
+    "plasticity",
+    "bounds",
+    "runs",
+]
+
+
+def _alternatives(names):
+    """A wildcard regex matching exactly these names."""
+    return "|".join(sorted(names)) or "(?!)"
+
+
+wildcard_constraints:
+    model=_alternatives(MODELS),
+    task=_alternatives(TASKS),
+    experiment=_alternatives(EXPERIMENTS),
+    optimizer="sgd|adamw",
+    arm=_alternatives(ARMS),
+    seed=r"\d+",
+    lr=r"[0-9.e+-]+",
+
+
+def fmt_lr(lr):
+    """The lr as it appears in paths: shortest round-trip form (0.01, 1e-05)."""
+    return f"{lr:g}"
+
+
+def experiment_lrs(experiment, task):
+    scale = experiment.get("lr_scale", 1.0)
+    return [fmt_lr(lr * scale) for lr in TASKS[task]["lrs"]]
+
+
+def experiment_arms(experiment):
+    return experiment.get("arms", list(ARMS))
+
+
+def get_experiment_runs(wildcards):
+    """metrics.json of every finetuning run of an experiment."""
+    exp = EXPERIMENTS[wildcards.experiment]
+    return [
+        f"results/runs/{exp['model']}/{task}/{exp.get('optimizer', 'sgd')}/{arm}/lr{lr}_seed{seed}/metrics.json"
+        for task in exp["tasks"]
+        for arm in experiment_arms(exp)
+        for lr in experiment_lrs(exp, task)
+        for seed in config["finetune"]["seeds"]
+    ]
+
+
+def get_experiment_probes(wildcards):
+    exp = EXPERIMENTS[wildcards.experiment]
+    if not exp.get("probe", True):
+        return []
+    return [f"results/probes/{exp['model']}/{task}/metrics.json" for task in exp["tasks"]]
+
+
+def get_experiment_plasticity(wildcards):
+    exp = EXPERIMENTS[wildcards.experiment]
+    return [f"results/plasticity/{exp['model']}/{task}/plasticity.csv" for task in exp["tasks"]]
+
+
+def get_experiment_bounds(wildcards):
+    exp = EXPERIMENTS[wildcards.experiment]
+    return [f"results/bounds/{exp['model']}/{task}/bounds.csv" for task in exp["tasks"]]
+
+
+def get_all_targets():
+    targets = []
+    for name in EXPERIMENTS:
+        targets += expand("results/tables/{experiment}/{table}.csv", experiment=name, table=TABLES)
+        targets += expand("results/figures/{experiment}/{figure}.png", experiment=name, figure=FIGURES)
+    return targets
+
+
+def get_prepare_settings(wildcards):
+    return json.dumps({"name": wildcards.task, "data": TASKS[wildcards.task]["data"]})
+
+
+def get_checkpoint(wildcards):
+    return f"data/checkpoints/{wildcards.model}.safetensors"
+
+
+def get_pretrain_settings(wildcards):
+    model = MODELS[wildcards.model]
+    settings = {"clip_norm": config["finetune"].get("clip_norm", 1.0), "betas": [0.9, 0.999]}
+    settings.update(model["pretrain"])
+    settings.update(
+        model=wildcards.model,
+        timm_name=model["timm_name"],
+        kwargs=model.get("kwargs", {}),
+        img_size=model["img_size"],
+    )
+    return json.dumps(settings, sort_keys=True)
+
+
+def get_pretrain_task(wildcards):
+    return f"data/prepared/{MODELS[wildcards.model]['pretrain']['task']}"
+
+
+def get_fetch_settings(wildcards):
+    model = MODELS[wildcards.model]
+    return json.dumps(dict(model, model=wildcards.model), sort_keys=True)
+
+
+def get_finetune_settings(wildcards):
+    task = TASKS[wildcards.task]
+    settings = dict(config["finetune"])
+    settings.pop("seeds")
+    settings.update(
+        model=wildcards.model,
+        task=wildcards.task,
+        optimizer=wildcards.optimizer,
+        arm=wildcards.arm,
+        components=ARMS[wildcards.arm],
+        lr=float(wildcards.lr),
+        seed=int(wildcards.seed),
+        steps=task["steps"],
+        eval_every=task["eval_every"],
+    )
+    return json.dumps(settings, sort_keys=True)
+
+
+def get_plasticity_settings(wildcards):
+    settings = dict(config["plasticity"], model=wildcards.model, task=wildcards.task)
+    return json.dumps(settings, sort_keys=True)
+
+
+def get_probe_settings(wildcards):
+    settings = dict(config.get("probe", {"max_iter": 5000}), model=wildcards.model, task=wildcards.task)
+    return json.dumps(settings, sort_keys=True)
+
+
+def get_runtime():
+    return json.dumps(RUNTIME, sort_keys=True)
+
+
+def get_aggregate_settings(wildcards):
+    exp = EXPERIMENTS[wildcards.experiment]
+    arms = {arm: ARMS[arm] for arm in experiment_arms(exp)}
+    return json.dumps(dict(exp, experiment=wildcards.experiment, arms=arms), sort_keys=True)
+
+
+def get_finetune_runtime_minutes(wildcards):
+    """SLURM time limit from the job's steps: a generous 0.5 s per step plus 10 minutes."""
+    return 10 + TASKS[wildcards.task]["steps"] // 120
+
+
+def get_tracking_uri():
+    """config tracking.uri, else MLFLOW_TRACKING_URI, else a SQLite store in results/."""
+    if TRACKING.get("uri"):
+        return TRACKING["uri"]
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('results/mlflow.db')}"
+
+
+def get_tracking_parents():
+    """One parent run per (model, task, optimizer) groups its finetuning runs."""
+    parents = set()
+    for exp in EXPERIMENTS.values():
+        for task in exp["tasks"]:
+            parents.add(f"{exp['model']}/{task}/{exp.get('optimizer', 'sgd')}")
+    return sorted(parents)
+
+
+TRACKING_STORE = ["results/tracking.json"] if TRACKING.get("enabled", True) else []
+
+
+def get_tracking(wildcards, rule=None):
+    """The job's --tracking JSON: where to log and which tags identify it."""
+    if not TRACKING.get("enabled", True):
+        return json.dumps({"enabled": False})
+    names = dict(wildcards.items())
+    parent = None
+    if {"model", "task", "optimizer"} <= names.keys():
+        parent = f"{names['model']}/{names['task']}/{names['optimizer']}"
+    return json.dumps(
+        {
+            "enabled": True,
+            "uri": get_tracking_uri(),
+            "store": "results/tracking.json",
+            "parent": parent,
+            "tags": {"wildcards": json.dumps(names, sort_keys=True), "study": config["study"]},
+        },
+        sort_keys=True,
+    )

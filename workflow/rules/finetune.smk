@@ -1,0 +1,31 @@
+# Stage 4: one finetuning run per (model, task, optimizer, arm, lr, seed).
+# The run folder is self-describing (config.yaml, history.csv, metrics.json) and the
+# job resumes from its own state.pt after an interruption.
+
+
+rule finetune:
+    input:
+        checkpoint=get_checkpoint,
+        task="data/prepared/{task}",
+        tracking=TRACKING_STORE,
+    output:
+        metrics="results/runs/{model}/{task}/{optimizer}/{arm}/lr{lr}_seed{seed}/metrics.json",
+        history="results/runs/{model}/{task}/{optimizer}/{arm}/lr{lr}_seed{seed}/history.csv",
+        config="results/runs/{model}/{task}/{optimizer}/{arm}/lr{lr}_seed{seed}/config.yaml",
+    params:
+        settings=get_finetune_settings,
+        runtime=get_runtime(),
+        tracking=get_tracking,
+        run_dir=subpath(output.metrics, parent=True),
+    log:
+        "results/logs/finetune/{model}/{task}/{optimizer}/{arm}/lr{lr}_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/finetune/{model}/{task}/{optimizer}/{arm}/lr{lr}_seed{seed}.tsv"
+    threads: 1
+    resources:
+        mem_mb=16000,
+        runtime=get_finetune_runtime_minutes,
+    shell:
+        "vitplasticity finetune --settings '{params.settings}' --runtime '{params.runtime}' "
+        "--tracking '{params.tracking}' --threads {threads} --checkpoint {input.checkpoint} "
+        "--task {input.task} --run-dir {params.run_dir} 2> {log}"

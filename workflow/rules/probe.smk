@@ -1,0 +1,26 @@
+# Stage 5: the linear-probing baseline per (model, task).
+
+
+rule linear_probe:
+    input:
+        checkpoint=get_checkpoint,
+        task="data/prepared/{task}",
+        tracking=TRACKING_STORE,
+    output:
+        "results/probes/{model}/{task}/metrics.json",
+    params:
+        settings=get_probe_settings,
+        runtime=get_runtime(),
+        tracking=get_tracking,
+    log:
+        "results/logs/linear_probe/{model}/{task}.log",
+    benchmark:
+        "results/benchmarks/linear_probe/{model}/{task}.tsv"
+    threads: 1
+    resources:
+        mem_mb=16000,
+        runtime=60,
+    shell:
+        "vitplasticity probe --settings '{params.settings}' --runtime '{params.runtime}' "
+        "--tracking '{params.tracking}' --threads {threads} --checkpoint {input.checkpoint} "
+        "--task {input.task} --out {output} 2> {log}"
