@@ -180,7 +180,8 @@ def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], p
         write_csv(out_dir / f"{name}.csv", frame)
     write_text(out_dir / "main_table.md", _main_markdown(table, probes, arm_order))
     if probes:
-        write_text(out_dir / "relative_gain.md", _markdown(_with_average(tables["relative_gain"], "gain_pct")[arm_order]))
+        gains = _with_average(tables["relative_gain"], "gain_pct")[arm_order]
+        write_text(out_dir / "relative_gain.md", _markdown(gains))
     write_text(out_dir / "lr_gap.md", _markdown(_with_average(tables["lr_gap"], "lr_gap")[arm_order]))
     write_text(out_dir / "stat_tests.md", _markdown(tables["stat_tests"].set_index("arm"), "{:.4g}"))
     if not tables["plasticity_rank"].empty:

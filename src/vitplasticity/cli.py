@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bounds", type=Path, nargs="*", default=[])
     p.add_argument("--out-dir", type=Path, required=True)
 
+    p = sub.add_parser("compare-paper", help="the reproduction beside the authors' main table")
+    p.add_argument("--tables", type=Path, required=True)
+    p.add_argument("--probes", type=Path, nargs="*", default=[])
+    p.add_argument("--out-table", type=Path, required=True)
+    p.add_argument("--out-figure", type=Path, required=True)
+
     p = sub.add_parser("figures", help="figures of one experiment from its tables")
     p.add_argument("--tables", type=Path, required=True)
     p.add_argument("--out-dir", type=Path, required=True)
@@ -108,6 +114,10 @@ def run(args: argparse.Namespace) -> None:
         from vitplasticity.figures import make_figures
 
         make_figures(args.tables, args.out_dir)
+    elif args.command == "compare-paper":
+        from vitplasticity.paper import write_comparison
+
+        write_comparison(args.tables, args.probes, args.out_table, args.out_figure)
 
 
 def main(argv: list[str] | None = None) -> int:

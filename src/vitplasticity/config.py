@@ -37,7 +37,7 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
 def validate_schema(config: dict, schema_path: str | Path) -> None:
     schema = yaml.safe_load(Path(schema_path).read_text())
     validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    errors = sorted(validator.iter_errors(config), key=lambda e: [len(e.absolute_path), *map(str, e.absolute_path)])
     if errors:
         raise UserError(_schema_message(errors[0]))
 

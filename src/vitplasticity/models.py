@@ -26,7 +26,9 @@ def build(arch: dict, num_classes: int) -> torch.nn.Module:
         model = timm.create_model(arch["timm_name"], pretrained=False, num_classes=num_classes,
                                   drop_rate=0.0, drop_path_rate=0.0, **arch.get("kwargs", {}))
     except (RuntimeError, TypeError, ValueError) as exc:
-        raise UserError(f"cannot build timm model '{arch['timm_name']}' ({exc}); check the model's timm_name and kwargs") from exc
+        raise UserError(
+            f"cannot build timm model '{arch['timm_name']}' ({exc}); check the model's timm_name and kwargs"
+        ) from exc
     return check_vit(model)
 
 
@@ -51,11 +53,15 @@ def load_checkpoint(weights: str | Path, num_classes: int, verify: bool = True) 
         raise UserError(f"checkpoint {weights} (or its .json sidecar) is missing; run its fetch/pretrain rule")
     record = read_json(sidecar_path(weights))
     if verify and sha256_file(weights) != record.get("sha256"):
-        raise UserError(f"checkpoint {weights} does not match the sha256 in its sidecar; delete both files and fetch it again")
+        raise UserError(
+            f"checkpoint {weights} does not match the sha256 in its sidecar; delete both files and fetch it again"
+        )
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
-        raise UserError(f"checkpoint {weights} is not a readable safetensors file ({exc}); delete it and fetch it again") from exc
+        raise UserError(
+            f"checkpoint {weights} is not a readable safetensors file ({exc}); delete it and fetch it again"
+        ) from exc
     model = build(record["arch"], num_classes)
     backbone = {k: v for k, v in state.items() if not k.startswith("head.")}
     missing, unexpected = model.load_state_dict(backbone, strict=False)

@@ -81,7 +81,9 @@ def measure(
         raise UserError(f"plasticity modes {unknown} unknown; allowed: {', '.join(MODES)}")
     pairs = min(n_pairs, len(reference.labels), len(downstream.labels))
     if pairs < 2:
-        raise UserError(f"plasticity needs at least 2 image pairs, the streams give {pairs}; lower n_pairs or use larger splits")
+        raise UserError(
+            f"plasticity needs at least 2 image pairs, the streams give {pairs}; raise n_pairs or use larger splits"
+        )
     model.eval().to(device)
     ratios, tokens, skipped = RunningStats(), RunningStats(), 0
     for start in range(0, pairs, batch_size):

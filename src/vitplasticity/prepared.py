@@ -71,7 +71,8 @@ class PreparedWriter:
             raise ValueError(f"split {split} added twice")
         size = self._image_size
         images = np.lib.format.open_memmap(
-            self._tmp / f"{split}_images.npy", mode="w+", dtype=np.uint8, shape=(count, size, size, 3)
+            self._tmp / f"{split}_images.npy", mode="w+", dtype=np.uint8,
+            shape=(count, size, size, 3),
         )
         labels = np.lib.format.open_memmap(
             self._tmp / f"{split}_labels.npy", mode="w+", dtype=np.int64, shape=(count,)

@@ -24,7 +24,7 @@ def set_threads(threads: int | None) -> None:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % (2**32))
+    np.random.seed(seed % (2**32))  # noqa: NPY002 - seeds third-party code that uses the global state
     torch.manual_seed(seed)
 
 

@@ -1,24 +1,524 @@
-"""MLflow mirror of run folders (placeholder interface; replaced by the tracking module)."""
+"""MLflow mirror of the run folders.
+
+The run folder stays the record; MLflow is a view of it that can always be rebuilt from the
+folders (`rebuild`). Every call names its run id explicitly (`MlflowClient`), so parallel jobs
+share no state. The store, the experiment and the parent runs are created once beforehand
+(`prepare_store`) so that parallel jobs never race on schema migration or experiment creation.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import csv
+import getpass
+import json
+import math
+import numbers
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import unquote
+
+import yaml
+
+from vitplasticity.errors import UserError
+from vitplasticity.fileio import read_json, write_json
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
+
+RUN_RECORD = "mlflow_run.json"
+HISTORY_KEYS = ("loss", "lr", "grad_norm", "val_loss", "val_acc")
+HEALTH_TIMEOUT_S = 5.0
+# MLflow's documented limits (mlflow.utils.validation), fixed here to keep mlflow imports lazy.
+MAX_KEY_LENGTH = 250
+MAX_PARAM_LENGTH = 6000
+MAX_TAG_LENGTH = 8000
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_TAGS_PER_BATCH = 100
+_SENSITIVE_ALWAYS = ("password", "secret")
+_SENSITIVE_IF_CREDENTIAL = ("token", "key")
+_CREDENTIAL = re.compile(r"(?=.*\d)(?=.*[A-Za-z])[A-Za-z0-9_\-+/=.:]{12,}")
+_URL_USERINFO = re.compile(r"//[^/\s@]+@")
+
+
+class Terminated(SystemExit):
+    """SIGTERM inside `track_job`: the run is closed as KILLED, then the process exits with 143."""
 
 
 class JobRun:
+    """The run of one job with tracking disabled: every call does nothing."""
+
     def log_history(self, rows: list[dict]) -> None:
-        pass
+        """Log training-history rows (step, loss, lr, grad_norm, val_loss, val_acc)."""
 
     def log_metrics(self, metrics: dict) -> None:
-        pass
+        """Log final metrics; text values become tags."""
 
     def log_artifacts(self, paths: list[Path]) -> None:
-        pass
+        """Copy files or folders into the run's artifacts."""
+
+
+class MlflowJobRun(JobRun):
+    """One MLflow run; each history step and final value is logged at most once."""
+
+    def __init__(self, client: MlflowClient, run_id: str, last_steps: dict[str, int], latest: dict[str, float]):
+        self.client, self.run_id = client, run_id
+        self._last_steps, self._latest = last_steps, latest
+
+    def log_history(self, rows: list[dict]) -> None:
+        from mlflow.entities import Metric
+
+        now, metrics = _now_ms(), []
+        for row in rows:
+            step = int(row["step"])
+            for key in HISTORY_KEYS:
+                value = row.get(key)
+                if _absent(value) or step <= self._last_steps.get(key, 0):
+                    continue
+                metrics.append(Metric(key, float(value), now, step))
+                self._last_steps[key] = step
+        _log_batch(self.client, self.run_id, metrics=metrics)
+
+    def log_metrics(self, metrics: dict) -> None:
+        from mlflow.entities import Metric
+
+        now, values, texts = _now_ms(), [], {}
+        for key, value in metrics.items():
+            if _absent(value):
+                continue
+            if isinstance(value, numbers.Real) and not isinstance(value, bool):
+                if self._latest.get(key) != float(value):
+                    values.append(Metric(key, float(value), now, 0))
+                    self._latest[key] = float(value)
+            else:
+                texts[key] = str(value)
+        _log_batch(self.client, self.run_id, metrics=values, tags=_tag_entities(texts))
+
+    def log_artifacts(self, paths: list[Path]) -> None:
+        for path in map(Path, paths):
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path=path.name)
+            else:
+                self.client.log_artifact(self.run_id, str(path))
+
+    def close(self, status: str, end_time: int | None = None) -> None:
+        self.client.set_terminated(self.run_id, status=status, end_time=end_time)
 
 
 @contextlib.contextmanager
 def track_job(settings: dict | None, *, run_dir: Path, run_name: str, kind: str, params: dict,
               tags: dict) -> Iterator[JobRun]:
-    yield JobRun()
+    """Mirror one job into MLflow; the run is closed FINISHED, FAILED or KILLED as the block ends.
+
+    `settings`: `enabled`, `uri`, and either `experiment_id` (+ `parent_run_id`) or `store` (the
+    JSON written by `prepare_store`'s caller, + `parent`, a parent-run name), and `tags`.
+    The store is checked before the block runs; an unreachable one raises `UserError`.
+    """
+    if not settings or not settings.get("enabled"):
+        yield JobRun()
+        return
+    uri = resolve_uri(settings.get("uri"))
+    check_store(uri, create=False)
+    experiment_id, parent_id = _target(settings)
+    client = _client(uri)
+    _check_experiment(client, uri, experiment_id)
+    all_tags = environment_tags() | {"kind": kind} | dict(settings.get("tags") or {}) | dict(tags)
+    job = open_run(client, Path(run_dir), run_name=run_name, experiment_id=experiment_id, parent_id=parent_id,
+                   params=params, tags=all_tags, uri=uri)
+    with _sigterm_raises():
+        try:
+            yield job
+        except (KeyboardInterrupt, Terminated):
+            _close_quietly(job, "KILLED")
+            raise
+        except BaseException:
+            _close_quietly(job, "FAILED")
+            raise
+    job.close("FINISHED")
+
+
+def resolve_uri(uri: str | None, default: str | None = None) -> str:
+    """The tracking URI: `uri`, else MLFLOW_TRACKING_URI, else `default`."""
+    resolved = uri or os.environ.get("MLFLOW_TRACKING_URI") or default
+    if not resolved:
+        raise UserError("no MLflow tracking URI: set tracking.uri in the config or MLFLOW_TRACKING_URI")
+    return resolved
+
+
+def check_store(uri: str, *, create: bool) -> None:
+    """Raise `UserError` unless the store answers: a server's /health, or a writable SQLite folder.
+
+    With `create` false a SQLite file must already exist (jobs never create the store).
+    """
+    fix = "or set `tracking.enabled: false` in the config"
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S) as response:
+                status = response.status
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise UserError(f"MLflow tracking server {_redact(uri)} is not reachable ({_one_line(reason)}); "
+                            f"start it (`mlflow server --host ... --port ...`) {fix}") from exc
+        if status != 200:
+            raise UserError(f"MLflow tracking server {_redact(uri)} answered /health with HTTP {status}; "
+                            f"check the server {fix}")
+        return
+    path = sqlite_path(uri)
+    if path is None:
+        return
+    if create:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the folder of the MLflow store {uri} ({_one_line(exc)}); "
+                            f"choose another tracking.uri {fix}") from exc
+    elif not path.exists():
+        raise UserError(f"the MLflow store {uri} does not exist; create it with `vitplasticity tracking prepare` "
+                        f"(the workflow's make_tracking_store rule: delete results/tracking.json to rerun it) {fix}")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"the MLflow store {uri} is not writable; fix the permissions of {path.parent} {fix}")
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (None for other URIs and in-memory SQLite)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or len(uri) == len(prefix):
+        return None
+    return Path(unquote(uri[len(prefix):].split("?", 1)[0]))
+
+
+def prepare_store(uri: str, experiment_name: str, parents: list[str]) -> dict:
+    """Create the store, the experiment and the named parent runs once; reuse whatever exists.
+
+    Returns {"experiment_id": ..., "parent_run_ids": {name: run id}}.
+    """
+    check_store(uri, create=True)
+    client = _client(uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        path = sqlite_path(uri)
+        location = (path.parent.resolve() / "mlartifacts").as_uri() if path else None
+        experiment_id = client.create_experiment(experiment_name, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment_id)
+    existing = {}
+    for run in _search(client, experiment_id, "tags.kind = 'parent'"):
+        existing.setdefault(run.info.run_name, run.info.run_id)
+    parent_ids = {}
+    for name in parents:
+        if name not in existing:
+            run = client.create_run(experiment_id, run_name=name, tags={"kind": "parent"})
+            client.set_terminated(run.info.run_id, status="FINISHED")
+            existing[name] = run.info.run_id
+        parent_ids[name] = existing[name]
+    return {"experiment_id": experiment_id, "parent_run_ids": parent_ids}
+
+
+def open_run(client: MlflowClient, run_dir: Path, *, run_name: str, experiment_id: str, parent_id: str | None,
+             params: dict, tags: dict, uri: str, start_time: int | None = None) -> MlflowJobRun:
+    """Continue the run recorded in `run_dir/mlflow_run.json`, or create one; record its id there.
+
+    A recorded run that still exists (and was not deleted) is reused with status RUNNING and
+    keeps its history. If its params differ from `params` (MLflow params cannot change) it is
+    deleted and replaced by a new run.
+    """
+    flat = flatten_params(params)
+    tag_values = {k: v for k, v in tags.items() if not _is_credential(k, v)}
+    if parent_id:
+        tag_values["mlflow.parentRunId"] = parent_id
+    run = _recorded_run(client, run_dir / RUN_RECORD, experiment_id)
+    if run is not None and any(run.data.params.get(k, v) != v for k, v in flat.items()):
+        client.set_tag(run.info.run_id, "superseded", "params changed")
+        client.delete_run(run.info.run_id)
+        run = None
+    if run is None:
+        run = client.create_run(experiment_id, start_time=start_time, run_name=run_name,
+                                tags={k: _truncate(str(v), MAX_TAG_LENGTH) for k, v in tag_values.items()})
+        run_id, last_steps, latest = run.info.run_id, {}, {}
+        new_params = flat
+    else:
+        run_id = run.info.run_id
+        client.update_run(run_id, status="RUNNING", name=run_name)
+        _log_batch(client, run_id, tags=_tag_entities(tag_values))
+        last_steps = {}
+        for key in HISTORY_KEYS:
+            steps = [m.step for m in client.get_metric_history(run_id, key)]
+            if steps:
+                last_steps[key] = max(steps)
+        latest = dict(run.data.metrics)
+        new_params = {k: v for k, v in flat.items() if k not in run.data.params}
+    from mlflow.entities import Param
+
+    _log_batch(client, run_id, params=[Param(k, v) for k, v in new_params.items()])
+    write_json(run_dir / RUN_RECORD, {"run_id": run_id, "experiment_id": experiment_id, "run_name": run_name,
+                                      "tracking_uri": _redact(uri)})
+    return MlflowJobRun(client, run_id, last_steps, latest)
+
+
+def flatten_params(params: dict, prefix: str = "") -> dict[str, str]:
+    """Nested dicts → dotted keys; values as text cut to MLflow's limit; credentials left out."""
+    flat = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat |= flatten_params(value, f"{name}.")
+        elif not _is_credential(name, value):
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            flat[name[:MAX_KEY_LENGTH]] = _truncate(text, MAX_PARAM_LENGTH)
+    return flat
+
+
+def environment_tags() -> dict[str, str]:
+    """Git commit and dirty flag of the working directory, host, user and SLURM job id."""
+    tags = {"host": socket.gethostname()}
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit.strip()
+        tags["git_dirty"] = str(bool(_git("status", "--porcelain").strip())).lower()
+    with contextlib.suppress(OSError, KeyError):
+        tags["mlflow.user"] = getpass.getuser()
+    if os.environ.get("SLURM_JOB_ID"):
+        tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+    return tags
+
+
+def run_name(kind: str, settings: dict) -> str:
+    """The MLflow run name of a job, e.g. `cifar10/mha/lr0.01/seed42` for a finetuning run."""
+    if kind == "finetune":
+        return f"{settings['task']}/{settings['arm']}/lr{settings['lr']:g}/seed{settings['seed']}"
+    if kind == "pretrain":
+        return f"pretrain/{settings['model']}"
+    return f"{kind}/{settings['model']}/{settings['task']}"
+
+
+def parent_name(settings: dict) -> str:
+    """The parent run grouping a finetuning run: `model/task/optimizer`."""
+    return f"{settings['model']}/{settings['task']}/{settings['optimizer']}"
+
+
+def rebuild(results_dir: Path, uri: str, experiment_name: str) -> dict[str, str]:
+    """Recreate the MLflow runs from the run folders under `results_dir`; returns {folder: run id}.
+
+    Folders whose recorded run is still in the store are completed in place, not duplicated.
+    """
+    results_dir = Path(results_dir)
+    folders = list(_run_folders(results_dir))
+    parents = sorted({parent_name(f["params"]) for f in folders if f["kind"] == "finetune"})
+    prepared = prepare_store(uri, experiment_name, parents)
+    client = _client(uri)
+    done = {}
+    for folder in folders:
+        relative = str(folder["dir"].relative_to(results_dir))
+        parent = prepared["parent_run_ids"][parent_name(folder["params"])] if folder["kind"] == "finetune" else None
+        job = open_run(client, folder["dir"], run_name=run_name(folder["kind"], folder["params"]),
+                       experiment_id=prepared["experiment_id"], parent_id=parent, params=folder["params"],
+                       tags={"kind": folder["kind"], "rebuilt_from": relative}, uri=uri,
+                       start_time=folder["start_ms"])
+        job.log_history(folder["history"])
+        job.log_metrics(folder["final"])
+        job.log_artifacts(folder["artifacts"])
+        job.close("FINISHED", end_time=folder["end_ms"])
+        done[relative] = job.run_id
+    return done
+
+
+def _run_folders(results_dir: Path) -> Iterator[dict]:
+    """Every finished run folder: kind, params, history rows, final metrics, artifacts, times."""
+    for kind, pattern in (("finetune", "runs/**/metrics.json"), ("pretrain", "pretrain/*/metrics.json")):
+        for path in _visible(results_dir.glob(pattern)):
+            config = yaml.safe_load((path.parent / "config.yaml").read_text())
+            files = [path.parent / name for name in ("config.yaml", "history.csv", "metrics.json")]
+            yield _folder(kind, path, config["settings"], read_json(path), [f for f in files if f.exists()],
+                          _read_history(path.parent / "history.csv"))
+    for path in _visible(results_dir.glob("probes/**/metrics.json")):
+        final = read_json(path)
+        yield _folder("probe", path, _model_task(path.parent, final), final, [path])
+    for path in _visible(results_dir.glob("plasticity/**/plasticity.csv")):
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        final = {f"{r['mode']}/{r['component']}/layer{r['layer']}": float(r["mean"]) for r in rows if r["mean"]}
+        stats = path.parent / "embedding.json"
+        yield _folder("plasticity", path, _model_task(path.parent, rows[0] if rows else {}), final,
+                      [path] + ([stats] if stats.exists() else []))
+
+
+def _folder(kind: str, path: Path, params: dict, final: dict, artifacts: list[Path],
+            history: list[dict] | None = None) -> dict:
+    """A run folder's record; it ended when `path` was written and ran for `wall_time_s` if known."""
+    end = int(path.stat().st_mtime * 1000)
+    wall = final.get("wall_time_s")
+    start = end - int(1000 * wall) if isinstance(wall, numbers.Real) and math.isfinite(wall) else end
+    return {"kind": kind, "dir": path.parent, "params": params, "final": final, "artifacts": artifacts,
+            "history": history or [], "start_ms": start, "end_ms": end}
+
+
+def _visible(paths: Iterable[Path]) -> list[Path]:
+    return sorted(p for p in paths if not any(part.startswith(".") for part in p.parts[-4:]))
+
+
+def _model_task(folder: Path, values: dict) -> dict:
+    return {"model": values.get("model", folder.parent.name), "task": values.get("task", folder.name)}
+
+
+def _read_history(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
+
+
+def _target(settings: dict) -> tuple[str, str | None]:
+    """(experiment id, parent run id) from the settings, or from the store record they name."""
+    if settings.get("experiment_id"):
+        return str(settings["experiment_id"]), settings.get("parent_run_id")
+    store = settings.get("store")
+    if not store:
+        raise UserError("tracking settings name no experiment_id and no store record; "
+                        "run `vitplasticity tracking prepare` first")
+    try:
+        record = read_json(store)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the tracking store record {store} ({_one_line(exc)}); "
+                        "rerun `vitplasticity tracking prepare` (the make_tracking_store rule)") from exc
+    parent = settings.get("parent")
+    parent_id = record["parent_run_ids"].get(parent) if parent else None
+    if parent and parent_id is None:
+        raise UserError(f"no parent run {parent!r} in {store}; delete it and rerun the make_tracking_store rule")
+    return str(record["experiment_id"]), parent_id
+
+
+def _check_experiment(client: MlflowClient, uri: str, experiment_id: str) -> None:
+    try:
+        experiment = client.get_experiment(experiment_id)
+    except Exception as exc:  # any store failure here means the store is unusable for this job
+        raise UserError(f"MLflow store {_redact(uri)} has no usable experiment {experiment_id} "
+                        f"({_one_line(exc)}); rerun `vitplasticity tracking prepare` "
+                        "or set `tracking.enabled: false` in the config") from exc
+    if experiment.lifecycle_stage != "active":
+        raise UserError(f"MLflow experiment {experiment_id} in {_redact(uri)} is deleted; restore it "
+                        "(`mlflow experiments restore`) or rerun `vitplasticity tracking prepare`")
+
+
+def _recorded_run(client: MlflowClient, record: Path, experiment_id: str) -> Run | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run_id = read_json(record)["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return None
+    if run.info.lifecycle_stage != "active" or run.info.experiment_id != experiment_id:
+        return None
+    return run
+
+
+def _search(client: MlflowClient, experiment_id: str, filter_string: str) -> Iterator[Run]:
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, max_results=1000, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def _log_batch(client: MlflowClient, run_id: str, metrics: list = (), params: list = (), tags: list = ()) -> None:
+    for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
+    for start in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, params=params[start:start + MAX_PARAMS_TAGS_PER_BATCH])
+    for start in range(0, len(tags), MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, tags=tags[start:start + MAX_PARAMS_TAGS_PER_BATCH])
+
+
+def _tag_entities(tags: dict) -> list:
+    from mlflow.entities import RunTag
+
+    return [RunTag(k[:MAX_KEY_LENGTH], _truncate(str(v), MAX_TAG_LENGTH)) for k, v in tags.items()]
+
+
+def _client(uri: str) -> MlflowClient:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _close_quietly(job: MlflowJobRun, status: str) -> None:
+    """Close a failing run without hiding the error that ends it."""
+    try:
+        job.close(status)
+    except Exception as exc:  # the job's own exception is the one to report
+        print(f"warning: could not mark MLflow run {job.run_id} {status} ({_one_line(exc)})", file=sys.stderr,
+              flush=True)
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the block runs, SIGTERM raises `Terminated` so the run gets closed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _git(*args: str) -> str:
+    try:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout if done.returncode == 0 else ""
+
+
+def _is_credential(name: str, value: object) -> bool:
+    lowered = name.lower()
+    if isinstance(value, str) and _URL_USERINFO.search(value):
+        return True
+    if any(word in lowered for word in _SENSITIVE_ALWAYS):
+        return value not in (None, "")
+    return (any(word in lowered for word in _SENSITIVE_IF_CREDENTIAL) and isinstance(value, str)
+            and bool(_CREDENTIAL.fullmatch(value)))
+
+
+def _absent(value: object) -> bool:
+    return value is None or (isinstance(value, numbers.Real) and math.isnan(value))
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _redact(uri: str) -> str:
+    return _URL_USERINFO.sub("//", uri)
+
+
+def _one_line(value: object) -> str:
+    return " ".join(str(value).split())
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -80,7 +80,8 @@ class Result:
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device):
     fused = device.type == "cuda"
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused or None)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               fused=fused or None)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
@@ -101,7 +102,8 @@ def evaluate(model: torch.nn.Module, split: Split, cfg: TrainConfig, device: tor
     model.eval()
     total_loss, correct = 0.0, 0
     for start in range(0, len(split.labels), cfg.eval_batch):
-        images = transforms.eval_batch(split.images[start : start + cfg.eval_batch], cfg.img_size, device, cfg.mean, cfg.std)
+        chunk = split.images[start : start + cfg.eval_batch]
+        images = transforms.eval_batch(chunk, cfg.img_size, device, cfg.mean, cfg.std)
         labels = torch.as_tensor(np.asarray(split.labels[start : start + cfg.eval_batch]), device=device)
         with autocast(device):
             logits = model(images)
@@ -172,7 +174,8 @@ def train(
         step_loss = 0.0
         for start in range(0, cfg.batch_size, micro):
             part = index[start : start + micro]
-            images = transforms.train_batch(train_split.images[part], cfg.img_size, device, generator, cfg.mean, cfg.std)
+            images = transforms.train_batch(train_split.images[part], cfg.img_size, device, generator,
+                                            cfg.mean, cfg.std)
             labels = torch.as_tensor(np.asarray(train_split.labels[part]), device=device)
             with autocast(device):
                 loss = F.cross_entropy(model(images).float(), labels) * (len(part) / cfg.batch_size)

@@ -4,6 +4,7 @@
 localrules:
     aggregate,
     figures,
+    compare_to_paper,
 
 
 rule aggregate:
@@ -28,7 +29,7 @@ rule aggregate:
     log:
         "results/logs/aggregate/{experiment}.log",
     shell:
-        "vitplasticity aggregate --settings '{params.settings}' --runs {input.runs} "
+        "{VITPLASTICITY} aggregate --settings {params.settings:q} --runs {input.runs} "
         "--probes {input.probes} --plasticity {input.plasticity} --bounds {input.bounds} "
         "--out-dir {params.out_dir} 2> {log}"
 
@@ -53,4 +54,30 @@ rule figures:
     log:
         "results/logs/figures/{experiment}.log",
     shell:
-        "vitplasticity figures --tables {params.tables} --out-dir {params.out_dir} 2> {log}"
+        "{VITPLASTICITY} figures --tables {params.tables} --out-dir {params.out_dir} 2> {log}"
+
+
+rule compare_to_paper:
+    input:
+        tables=rules.aggregate.output.tables,
+        probes=get_experiment_probes,
+    output:
+        table=report(
+            "results/tables/{experiment}/paper_comparison.csv",
+            caption="../report/table_paper_comparison.rst",
+            category="Tables",
+            subcategory="{experiment}",
+        ),
+        figure=report(
+            "results/figures/{experiment}/paper_comparison.png",
+            caption="../report/figure_paper_comparison.rst",
+            category="Figures",
+            subcategory="{experiment}",
+        ),
+    params:
+        tables="results/tables/{experiment}",
+    log:
+        "results/logs/compare_to_paper/{experiment}.log",
+    shell:
+        "{VITPLASTICITY} compare-paper --tables {params.tables} --probes {input.probes} "
+        "--out-table {output.table} --out-figure {output.figure} 2> {log}"

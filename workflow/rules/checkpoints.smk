@@ -20,7 +20,7 @@ rule fetch_checkpoint:
         mem_mb=8000,
         runtime=60,
     shell:
-        "vitplasticity fetch --settings '{params.settings}' --out {output.weights} 2> {log}"
+        "{VITPLASTICITY} fetch --settings {params.settings:q} --out {output.weights} 2> {log}"
 
 
 rule pretrain_checkpoint:
@@ -47,6 +47,6 @@ rule pretrain_checkpoint:
         mem_mb=4000,
         runtime=60,
     shell:
-        "vitplasticity pretrain --settings '{params.settings}' --runtime '{params.runtime}' "
-        "--tracking '{params.tracking}' --threads {threads} --task {input.task} "
+        "{VITPLASTICITY} pretrain --settings {params.settings:q} --runtime {params.runtime:q} "
+        "--tracking {params.tracking:q} --threads {threads} --task {input.task} "
         "--out {output.weights} --run-dir results/pretrain/{wildcards.model} 2> {log}"

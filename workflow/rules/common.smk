@@ -11,9 +11,11 @@ from vitplasticity.errors import UserError
 try:
     check_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 except UserError as error:
-    sys.exit(f"vitplasticity config error: {error}")
+    sys.exit(f"{VITPLASTICITY} config error: {error}")
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 
+# The package's command line, run by the Python that runs this workflow.
+VITPLASTICITY = f"{sys.executable} -m vitplasticity"
 EXPERIMENTS = config["experiments"]
 MODELS = config["models"]
 TASKS = config["tasks"]
@@ -105,11 +107,18 @@ def get_all_targets():
     for name in EXPERIMENTS:
         targets += expand("results/tables/{experiment}/{table}.csv", experiment=name, table=TABLES)
         targets += expand("results/figures/{experiment}/{figure}.png", experiment=name, figure=FIGURES)
+        if EXPERIMENTS[name].get("compare_to_paper", False):
+            targets.append(f"results/tables/{name}/paper_comparison.csv")
     return targets
 
 
 def get_prepare_settings(wildcards):
     return json.dumps({"name": wildcards.task, "data": TASKS[wildcards.task]["data"]})
+
+
+def get_raw_dir(wildcards):
+    """Downloads are shared by tasks of one source (five CIFAR-10-C tasks, one archive)."""
+    return f"data/raw/{TASKS[wildcards.task]['data']['source']}"
 
 
 def get_checkpoint(wildcards):
@@ -197,7 +206,8 @@ def get_tracking_parents():
     return sorted(parents)
 
 
-TRACKING_STORE = ["results/tracking.json"] if TRACKING.get("enabled", True) else []
+# ancient(): recreating the store (e.g. after `dvc pull`) must not rerun finished jobs.
+TRACKING_STORE = [ancient("results/tracking.json")] if TRACKING.get("enabled", True) else []
 
 
 def get_tracking(wildcards, rule=None):

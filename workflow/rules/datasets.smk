@@ -6,6 +6,7 @@ rule prepare_dataset:
         directory("data/prepared/{task}"),
     params:
         settings=get_prepare_settings,
+        raw=get_raw_dir,
     log:
         "results/logs/prepare_dataset/{task}.log",
     benchmark:
@@ -15,5 +16,5 @@ rule prepare_dataset:
         mem_mb=8000,
         runtime=240,
     shell:
-        "vitplasticity prepare --settings '{params.settings}' --out {output} "
-        "--raw data/raw/{wildcards.task} 2> {log}"
+        "{VITPLASTICITY} prepare --settings {params.settings:q} --out {output} "
+        "--raw {params.raw} 2> {log}"

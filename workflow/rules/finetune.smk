@@ -26,6 +26,6 @@ rule finetune:
         mem_mb=16000,
         runtime=get_finetune_runtime_minutes,
     shell:
-        "vitplasticity finetune --settings '{params.settings}' --runtime '{params.runtime}' "
-        "--tracking '{params.tracking}' --threads {threads} --checkpoint {input.checkpoint} "
+        "{VITPLASTICITY} finetune --settings {params.settings:q} --runtime {params.runtime:q} "
+        "--tracking {params.tracking:q} --threads {threads} --checkpoint {input.checkpoint} "
         "--task {input.task} --run-dir {params.run_dir} 2> {log}"

@@ -23,8 +23,8 @@ rule measure_plasticity:
         mem_mb=8000,
         runtime=60,
     shell:
-        "vitplasticity plasticity --settings '{params.settings}' --runtime '{params.runtime}' "
-        "--tracking '{params.tracking}' --threads {threads} --checkpoint {input.checkpoint} "
+        "{VITPLASTICITY} plasticity --settings {params.settings:q} --runtime {params.runtime:q} "
+        "--tracking {params.tracking:q} --threads {threads} --checkpoint {input.checkpoint} "
         "--reference {input.reference} --task {input.task} "
         "--out-table {output.table} --out-stats {output.stats} 2> {log}"
 
@@ -42,5 +42,5 @@ rule compute_bounds:
         mem_mb=8000,
         runtime=30,
     shell:
-        "vitplasticity bounds --checkpoint {input.checkpoint} --stats {input.stats} "
+        "{VITPLASTICITY} bounds --checkpoint {input.checkpoint} --stats {input.stats} "
         "--out {output} 2> {log}"

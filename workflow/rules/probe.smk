@@ -21,6 +21,6 @@ rule linear_probe:
         mem_mb=16000,
         runtime=60,
     shell:
-        "vitplasticity probe --settings '{params.settings}' --runtime '{params.runtime}' "
-        "--tracking '{params.tracking}' --threads {threads} --checkpoint {input.checkpoint} "
+        "{VITPLASTICITY} probe --settings {params.settings:q} --runtime {params.runtime:q} "
+        "--tracking {params.tracking:q} --threads {threads} --checkpoint {input.checkpoint} "
         "--task {input.task} --out {output} 2> {log}"

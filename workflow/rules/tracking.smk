@@ -16,5 +16,5 @@ rule make_tracking_store:
     log:
         "results/logs/make_tracking_store.log",
     shell:
-        "vitplasticity tracking prepare --uri '{params.uri}' --experiment {params.experiment} "
+        "{VITPLASTICITY} tracking prepare --uri {params.uri:q} --experiment {params.experiment} "
         "--parents {params.parents} --out {output} 2> {log}"

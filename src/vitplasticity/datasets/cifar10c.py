@@ -44,7 +44,7 @@ def prepare(task: dict, out_dir: Path, raw_dir: Path, provenance: dict) -> dict:
 def read_severity(archive: Path, corruption: str, severity: int) -> tuple[np.ndarray, np.ndarray]:
     """One severity's images (N, 32, 32, 3) and labels (N,), read from the tar in place."""
     if not 1 <= severity <= SEVERITIES:
-        raise UserError(f"severity must be 1..{SEVERITIES}, got {severity}; fix the task's severity")
+        raise UserError(f"severity must be 1..{SEVERITIES}, got {severity}; fix the task's config")
     with tarfile.open(archive) as tar:
         members = {m.name.removeprefix("./"): m for m in tar.getmembers() if m.isfile()}
         arrays = []
@@ -59,7 +59,7 @@ def read_severity(archive: Path, corruption: str, severity: int) -> tuple[np.nda
     images, labels = arrays
     if len(images) != len(labels) or len(images) % SEVERITIES:
         raise UserError(
-            f"{archive.name}: {corruption}.npy has {len(images)} rows and labels.npy {len(labels)}; "
+            f"{archive.name}: {corruption}.npy has {len(images)} rows, labels.npy {len(labels)}; "
             f"expected equal counts divisible by {SEVERITIES}; delete {archive} and run again"
         )
     per = len(images) // SEVERITIES

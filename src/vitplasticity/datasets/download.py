@@ -105,7 +105,8 @@ def fetch(resource: Resource, folder: Path) -> Path:
     if path.exists():
         if file_digest(path, algorithm) == expected:
             return path
-        path.unlink()  # an earlier download, verified against another checksum
+        _say(f"{path} does not match {resource.checksum}; downloading it again")
+        path.unlink()
     folder.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
     _download(resource.url, part)
@@ -134,11 +135,13 @@ def _download(url: str, part: Path) -> None:
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and offset:
             return  # nothing left to fetch: the part file is whole; its checksum decides
-        raise UserError(f"cannot download {url} (HTTP {exc.code} {exc.reason}); check the task's url") from exc
+        raise UserError(
+            f"cannot download {url} (HTTP {exc.code} {exc.reason}); check the task's url"
+        ) from exc
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise UserError(
-            f"cannot download {url} ({reason}); check the network and the task's url, then run again"
+            f"cannot download {url} ({reason}); check the network and the task's url, then rerun"
         ) from exc
     with response:
         if offset and response.status == 206:
@@ -146,8 +149,8 @@ def _download(url: str, part: Path) -> None:
             if start != offset:
                 part.unlink()
                 raise UserError(
-                    f"{url} answered a request for bytes {offset}- with bytes {start}-; the partial "
-                    "download was deleted: run again"
+                    f"{url} answered a request for bytes {offset}- with bytes {start}-; the "
+                    "partial download was deleted: run again"
                 )
         else:
             offset = 0  # the server sends the whole file

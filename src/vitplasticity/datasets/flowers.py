@@ -20,7 +20,8 @@ REQUIRED = ("store_size",)
 BASE_URL = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
 OFFICIAL = [
     Resource("102flowers.tgz", BASE_URL + "102flowers.tgz", "md5:52808999861908f626f3c1f4e79d11fa"),
-    Resource("imagelabels.mat", BASE_URL + "imagelabels.mat", "md5:e0620be6f572b9609742df49c70aed4d"),
+    Resource("imagelabels.mat", BASE_URL + "imagelabels.mat",
+             "md5:e0620be6f572b9609742df49c70aed4d"),
     Resource("setid.mat", BASE_URL + "setid.mat", "md5:a5357ecc9cb78c4bef273ce3793fc85c"),
 ]
 FOLDER = "flowers-102"  # where torchvision's reader looks, below its root

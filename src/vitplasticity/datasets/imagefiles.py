@@ -83,7 +83,7 @@ class ImageFiles:
                 return image.convert("RGB"), int(self.labels[index])
         except (OSError, SyntaxError) as exc:
             raise UserError(
-                f"cannot read image {name} in {self.path} ({exc}); replace or remove it and run again"
+                f"cannot read image {name} in {self.path} ({exc}); replace or remove it, then rerun"
             ) from exc
 
     def _read(self, entry: Path | zipfile.ZipInfo | tarfile.TarInfo) -> bytes:

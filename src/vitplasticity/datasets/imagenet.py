@@ -23,17 +23,20 @@ def prepare(task: dict, out_dir: Path, raw_dir: Path, provenance: dict) -> dict:
     if not task.get("path"):
         raise UserError(
             "ImageNet val cannot be downloaded freely: get ILSVRC2012_img_val.tar from "
-            "https://image-net.org (after accepting its terms) and set `path` of the imagenet_val "
-            "task in the config to that tar or to a folder of its images"
+            "https://image-net.org (after accepting its terms) and set `path` of the "
+            "imagenet_val task in the config to that tar or to a folder of its images"
         )
     path = Path(task["path"]).expanduser()
     if not path.exists():
-        raise UserError(f"ImageNet val path {path} does not exist; fix `path` of the imagenet_val task")
+        raise UserError(
+            f"ImageNet val path {path} does not exist; fix `path` of the imagenet_val task"
+        )
     with ImageFiles(path, flat_class="imagenet") as dataset:
         rows = np.arange(len(dataset))
         limit = task.get("max_images")
         if limit is not None and limit < len(rows):
-            rows = np.sort(np.random.default_rng(task["split_seed"]).choice(rows, limit, replace=False))
+            rng = np.random.default_rng(task["split_seed"])
+            rows = np.sort(rng.choice(rows, limit, replace=False))
         provenance = provenance | {"images_found": len(dataset)}
         return write_splits(out_dir, {"test": (dataset, rows)}, dataset.classes, provenance,
                             task["store_size"])

@@ -27,7 +27,7 @@ Part = tuple[Sequence, np.ndarray]  # a dataset and the rows of it that form one
 
 
 def fit_square(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
-    """Resize the shorter side to `size` (bilinear, antialiased), then centre-crop. (size, size, 3)"""
+    """Resize the shorter side to `size` (bilinear, antialiased), centre-crop. (size, size, 3)"""
     if isinstance(image, np.ndarray):
         if image.shape == (size, size, 3) and image.dtype == np.uint8:
             return image
@@ -37,7 +37,8 @@ def fit_square(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
     if (width, height) != (size, size):
         scale = size / min(width, height)
         new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)  # antialiased when shrinking
+        # PIL's bilinear filter widens with the scale, so shrinking is antialiased.
+        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
         left, top = (new_w - size) // 2, (new_h - size) // 2
         image = image.crop((left, top, left + size, top + size))
     return np.asarray(image, dtype=np.uint8)

@@ -38,9 +38,10 @@ def prepare(task: dict, out_dir: Path, raw_dir: Path, provenance: dict) -> dict:
         test = OxfordIIITPet(raw_dir, split="test")
     except (RuntimeError, OSError, ValueError) as exc:
         raise UserError(
-            f"{folder} does not hold Oxford-IIIT Pet's files ({exc!r}); delete {raw_dir} and run again"
+            f"{folder} lacks Oxford-IIIT Pet's files ({exc!r}); delete {raw_dir} and run again"
         ) from exc
     kept, val = holdout(np.arange(len(trainval)), task["val_fraction"], task["split_seed"])
-    parts = {"train": (trainval, kept), "val": (trainval, val), "test": (test, np.arange(len(test)))}
+    parts = {"train": (trainval, kept), "val": (trainval, val),
+             "test": (test, np.arange(len(test)))}
     provenance = provenance | {"files": [vars(resource) for resource in resources]}
     return write_splits(out_dir, parts, list(trainval.classes), provenance, task["store_size"])

@@ -1,0 +1,55 @@
+"""Shared fixtures: the repository root and one finished run of the smoke workflow."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE_CONFIG = ROOT / "tests" / "data" / "smoke.yaml"
+
+
+def snakemake(workdir: Path, *args: str, config: Path = SMOKE_CONFIG, check: bool = True, timeout: int = 900):
+    """Run the repository's workflow in `workdir` with the interpreter running the tests."""
+    command = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
+               "--configfile", str(config), *args]
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", MPLBACKEND="Agg")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """Job counts from a dry run's 'Job stats' table."""
+    counts, inside = {}, False
+    for line in output.splitlines():
+        parts = line.split()
+        if line.startswith("job ") and "count" in line:
+            inside = True
+            continue
+        if inside:
+            if not parts or parts[0] == "total":
+                break
+            if len(parts) == 2 and parts[1].isdigit():
+                counts[parts[0]] = int(parts[1])
+    return counts
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """The smoke study run once to completion; tests copy it before changing anything."""
+    workdir = tmp_path_factory.mktemp("smoke")
+    snakemake(workdir, "--cores", "2")
+    return workdir
+
+
+@pytest.fixture
+def smoke_copy(smoke_run, tmp_path):
+    """A private copy of the finished smoke study (file times preserved)."""
+    target = tmp_path / "study"
+    shutil.copytree(smoke_run, target, symlinks=True, ignore=shutil.ignore_patterns(".snakemake"))
+    return target

@@ -1,0 +1,253 @@
+"""Plasticity (study-spec §3): hand-checkable ratios, the mean of ratios, and a brute-force cross-check."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import random_split, tiny_vit
+
+from vitplasticity import plasticity
+from vitplasticity.bounds import theoretical_bounds
+from vitplasticity.errors import UserError
+from vitplasticity.prepared import Split
+
+CPU = torch.device("cpu")
+SILENT = {"progress": lambda _: None}
+
+
+def _measure(model, reference, downstream, n_pairs=8, batch_size=8, **kwargs):
+    return plasticity.measure(model, reference, downstream, n_pairs=n_pairs, batch_size=batch_size, img_size=32,
+                              device=CPU, **SILENT, **kwargs)
+
+
+def _value(table, component, layer, mode="embedding", column="mean"):
+    row = table[(table["mode"] == mode) & (table["component"] == component) & (table["layer"] == layer)]
+    assert len(row) == 1
+    return float(row[column].iloc[0])
+
+
+@pytest.fixture()
+def streams():
+    return random_split(8, seed=1), random_split(8, seed=2)
+
+
+def _orthonormal_columns(rows: int, cols: int, seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)))
+    return q
+
+
+# --- embeddings chosen by hand: the model's E is replaced by a lookup on the image's pixel value ---
+
+def _indexed_images(indices):
+    """8x8 images whose every pixel is the index; with mean 0 and std 1 the eval transform gives index/255."""
+    return np.stack([np.full((8, 8, 3), i, dtype=np.uint8) for i in indices])
+
+
+def _lookup_embed(table):
+    def fake(model, images):
+        index = torch.round(images[:, 0, 0, 0] * 255).long()
+        return table[index]
+    return fake
+
+
+def _measure_table(monkeypatch, model, table, reference, downstream):
+    monkeypatch.setattr(plasticity, "embed", _lookup_embed(table))
+    ref = Split(_indexed_images(reference), np.zeros(len(reference), dtype=np.int64))
+    down = Split(_indexed_images(downstream), np.zeros(len(downstream), dtype=np.int64))
+    return plasticity.measure(model, ref, down, n_pairs=len(reference), batch_size=2, img_size=8, device=CPU,
+                              mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), **SILENT)
+
+
+def test_measure_returns_mean_of_ratios_not_ratio_of_means(monkeypatch):
+    model = tiny_vit()
+    with torch.no_grad():
+        weight = torch.zeros(128, 32)
+        weight[0, 0], weight[1, 1] = 1.0, 3.0  # singular values 3 and 1 on feature axes 1 and 0
+        model.blocks[0].mlp.fc1.weight.copy_(weight)
+    table = torch.zeros(5, 2, 32)  # E: 2 tokens of width 32
+    table[3, 0, 0] = 1.0  # pair 0: a = 0, b = e0 → ||W d|| / ||d|| = 1 / 1
+    table[4, 0, 1] = 10.0  # pair 1: a = 0, b = 10 e1 → 30 / 10 = 3
+    # pair 2: a = b = 0 (identical embeddings) is skipped.
+    result, stats = _measure_table(monkeypatch, model, table, reference=[0, 1, 2], downstream=[3, 4, 2])
+    assert _value(result, "fc1", 0) == pytest.approx(2.0)  # (1 + 3) / 2; the ratio of means is 31 / 11
+    assert _value(result, "fc1", 0, column="std") == pytest.approx(math.sqrt(2.0))
+    assert _value(result, "fc1", 0, column="n") == 2
+    assert _value(result, "fc1", 0, column="ci95") == pytest.approx(1.96 * math.sqrt(2.0) / math.sqrt(2.0))
+    assert stats["pairs"] == 3 and stats["skipped_identical_pairs"] == 1
+    # Downstream token norms: image 3 → tokens (1, 0), image 4 → (10, 0), image 2 → (0, 0).
+    assert stats["downstream_mean_token_norm"] == pytest.approx((0.5 + 5.0 + 0.0) / 3)
+    assert stats["downstream_rms_token_norm"] == pytest.approx((math.sqrt(0.5) + math.sqrt(50.0)) / 3)
+    assert stats["reference_mean_token_norm"] == 0.0
+    assert stats["num_tokens"] == 2 and stats["embed_dim"] == 32
+
+
+def test_layernorm_ignores_a_constant_shift(monkeypatch):
+    model = tiny_vit()
+    base = torch.randn(3, 17, 32, generator=torch.Generator().manual_seed(0))
+    table = torch.cat([base, base + 2.5])  # b = a + 2.5 in every feature of every token
+    result, _ = _measure_table(monkeypatch, model, table, reference=[0, 1, 2], downstream=[3, 4, 5])
+    for layer in (0, 1):
+        assert _value(result, "ln1", layer) < 1e-5
+        assert _value(result, "ln2", layer) < 1e-5
+        assert _value(result, "fc1", layer) > 1e-3  # an affine map does see the shift
+    # The pair difference itself is far from zero: ||2.5 * 1|| over 17 x 32 entries.
+    assert _value(result, "ln1", 0, column="n") == 3
+
+
+def test_orthonormal_fc_weights_have_plasticity_one(streams):
+    model = tiny_vit()
+    with torch.no_grad():
+        for layer, block in enumerate(model.blocks):
+            block.mlp.fc1.weight.copy_(_orthonormal_columns(128, 32, seed=layer))  # (4d, d), W^T W = I
+            block.mlp.fc1.bias.normal_()  # cancels in the difference
+            # FC2 sees [E, 0, 0, 0]: only its first d input columns act, so the rest may be anything.
+            block.mlp.fc2.weight[:, :32].copy_(_orthonormal_columns(32, 32, seed=10 + layer))
+            block.mlp.fc2.weight[:, 32:].normal_(0, 5.0)
+    table, _ = _measure(model, *streams)
+    for layer in (0, 1):
+        assert _value(table, "fc1", layer) == pytest.approx(1.0, abs=1e-5)
+        assert _value(table, "fc1", layer, column="std") < 1e-5
+        assert _value(table, "fc2", layer) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_scaling_a_linear_weight_scales_its_plasticity(streams):
+    model = tiny_vit()
+    before, _ = _measure(model, *streams)
+    with torch.no_grad():
+        model.blocks[1].mlp.fc1.weight.mul_(3.0)
+        model.blocks[1].mlp.fc2.weight.mul_(0.5)
+        model.blocks[1].attn.proj.weight.mul_(7.0)
+    after, _ = _measure(model, *streams)
+    assert _value(after, "fc1", 1) == pytest.approx(3.0 * _value(before, "fc1", 1), rel=1e-5)
+    assert _value(after, "fc2", 1) == pytest.approx(0.5 * _value(before, "fc2", 1), rel=1e-5)
+    assert _value(after, "mha", 1) == pytest.approx(7.0 * _value(before, "mha", 1), rel=1e-5)
+    assert _value(after, "fc1", 0) == pytest.approx(_value(before, "fc1", 0), rel=1e-6)
+
+
+def _brute_force(model, reference, downstream, n_pairs):
+    """Per pair, each component written out with plain tensor algebra."""
+    def embedding(image):
+        x = torch.from_numpy(image).float().permute(2, 0, 1)[None] / 255.0
+        x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
+            1, 3, 1, 1)
+        patches = F.conv2d(x, model.patch_embed.proj.weight, model.patch_embed.proj.bias, stride=8)
+        tokens = torch.cat([model.cls_token[0], patches.flatten(2)[0].T])
+        return tokens + model.pos_embed[0]
+
+    def attention(attn, x):
+        n, d = x.shape
+        heads = attn.num_heads
+        q, k, v = (x @ attn.qkv.weight.T + attn.qkv.bias).reshape(n, 3, heads, d // heads).permute(1, 2, 0, 3)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // heads), dim=-1)
+        return (weights @ v).transpose(0, 1).reshape(n, d) @ attn.proj.weight.T + attn.proj.bias
+
+    def layer_norm(norm, x):
+        centred = x - x.mean(-1, keepdim=True)
+        return centred / torch.sqrt(centred.square().mean(-1, keepdim=True) + 1e-6) * norm.weight + norm.bias
+
+    functions = {
+        "ln1": lambda b, x: layer_norm(b.norm1, x),
+        "mha": lambda b, x: attention(b.attn, x),
+        "ln2": lambda b, x: layer_norm(b.norm2, x),
+        "fc1": lambda b, x: x @ b.mlp.fc1.weight.T + b.mlp.fc1.bias,
+        "fc2": lambda b, x: x @ b.mlp.fc2.weight[:, : x.shape[1]].T + b.mlp.fc2.bias,
+    }
+    ratios = {}
+    with torch.no_grad():
+        for i in range(n_pairs):
+            ea, eb = embedding(reference.images[i]), embedding(downstream.images[i])
+            for layer, block in enumerate(model.blocks):
+                for name, f in functions.items():
+                    ratio = torch.linalg.norm(f(block, ea) - f(block, eb)) / torch.linalg.norm(ea - eb)
+                    ratios.setdefault((name, layer), []).append(ratio.item())
+    return ratios
+
+
+def test_measure_matches_a_brute_force_per_pair_loop(streams):
+    model = tiny_vit()
+    with torch.no_grad():  # grow the weights a little so every component is far from trivial
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(10)
+            block.norm1.weight.uniform_(0.5, 2.0)
+    table, stats = _measure(model, *streams, n_pairs=6, batch_size=4)
+    expected = _brute_force(model, *streams, n_pairs=6)
+    assert len(table) == 5 * 2
+    for (name, layer), values in expected.items():
+        assert _value(table, name, layer) == pytest.approx(np.mean(values), rel=1e-4), (name, layer)
+        assert _value(table, name, layer, column="std") == pytest.approx(np.std(values, ddof=1), rel=1e-3, abs=1e-7)
+        assert _value(table, name, layer, column="n") == 6
+    assert stats["pairs"] == 6 and stats["num_tokens"] == 17
+
+
+def test_batching_does_not_change_the_result(streams):
+    model = tiny_vit()
+    whole, _ = _measure(model, *streams, batch_size=8)
+    pieces, _ = _measure(model, *streams, batch_size=3)
+    np.testing.assert_allclose(pieces["mean"], whole["mean"], rtol=1e-5)
+    np.testing.assert_allclose(pieces["std"], whole["std"], rtol=1e-3, atol=1e-7)
+    assert list(pieces["n"]) == [8] * 10
+
+
+def test_table_columns_and_depth(streams):
+    table, _ = _measure(tiny_vit(), *streams)
+    assert set(table["component"]) == {"ln1", "mha", "ln2", "fc1", "fc2"}
+    assert dict(zip(table["layer"], table["depth_pct"], strict=False)) == {0: 50.0, 1: 100.0}
+    assert set(table[table["component"] == "mha"]["label"]) == {"MHA"}
+
+
+def test_hidden_mode_layer_zero_ln1_equals_embedding_mode(streams):
+    model = tiny_vit()
+    table, _ = _measure(model, *streams, modes=("embedding", "hidden"))
+    assert set(table["mode"]) == {"embedding", "hidden"}
+    assert _value(table, "ln1", 0, mode="hidden") == pytest.approx(_value(table, "ln1", 0), rel=1e-6)
+    # Deeper, or for MHA (fed LN1's output), the two modes see different inputs.
+    assert _value(table, "ln1", 1, mode="hidden") != pytest.approx(_value(table, "ln1", 1), rel=1e-3)
+    assert _value(table, "mha", 0, mode="hidden") != pytest.approx(_value(table, "mha", 0), rel=1e-3)
+
+
+def test_spectral_bound_covers_measured_fc_plasticity(streams):
+    model = tiny_vit()
+    with torch.no_grad():  # weights grown as pretraining grows them
+        for block in model.blocks:
+            block.mlp.fc1.weight.mul_(25)
+            block.mlp.fc2.weight.mul_(25)
+    table, _ = _measure(model, *streams)
+    bounds = theoretical_bounds(model, radius=1.0)
+    for layer in (0, 1):
+        for name in ("fc1", "fc2"):
+            bound = float(bounds[(bounds["component"] == name) & (bounds["layer"] == layer)]["bound"].iloc[0])
+            measured = _value(table, name, layer)
+            assert 0 < measured <= bound * (1 + 1e-6)
+
+
+def test_running_stats_mean_std_count():
+    stats = plasticity.RunningStats()
+    stats.add(("a",), torch.tensor([1.0, 2.0]))
+    stats.add(("a",), torch.tensor([3.0, 6.0]))
+    stats.add(("b",), torch.tensor([5.0]))
+    mean, std, n = stats.summary(("a",))
+    assert (mean, n) == (3.0, 4)
+    assert std == pytest.approx(np.std([1, 2, 3, 6], ddof=1))
+    assert stats.summary(("b",)) == (5.0, 0.0, 1)
+
+
+def test_too_few_pairs_and_unknown_mode_raise_user_errors(streams):
+    with pytest.raises(UserError, match="at least 2 image pairs"):
+        _measure(tiny_vit(), streams[0], Split(streams[1].images[:1], streams[1].labels[:1]))
+    with pytest.raises(UserError, match=r"plasticity modes \['deep'\] unknown; allowed: embedding, hidden"):
+        _measure(tiny_vit(), *streams, modes=("deep",))
+
+
+def test_summarise_ranks_components():
+    import pandas as pd
+
+    table = pd.DataFrame({
+        "mode": ["embedding"] * 4, "component": ["mha", "mha", "ln1", "ln1"], "layer": [0, 1, 0, 1],
+        "mean": [1.0, 3.0, 5.0, 7.0],
+    })
+    summary = plasticity.summarise(table)
+    assert list(summary["component"]) == ["ln1", "mha"]
+    assert list(summary["mean"]) == [6.0, 2.0]
+    assert list(summary["rank"]) == [1, 2]

@@ -1,0 +1,364 @@
+"""MLflow mirror: one run per job, resume/rerun without duplicates, failure states, parallel jobs, rebuild."""
+
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from vitplasticity import tracking
+from vitplasticity.errors import UserError
+
+PARENT = "vit/novel/sgd"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """A real MLflow server on 127.0.0.1 with a fresh SQLite store; its URI."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+               "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--default-artifact-root", str(root / "art"),
+               "--workers", "2"]
+    with open(root / "server.log", "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"MLflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield uri
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def prepared(server):
+    return tracking.prepare_store(server, "tests", [PARENT])
+
+
+def job_settings(uri: str, prepared: dict) -> dict:
+    return {"enabled": True, "uri": uri, "experiment_id": prepared["experiment_id"],
+            "parent_run_id": prepared["parent_run_ids"][PARENT], "tags": {"rule": "finetune", "config_hash": "abc"}}
+
+
+def history(first: int, last: int, eval_every: int = 10) -> list[dict]:
+    rows = []
+    for step in range(first, last + 1):
+        row = {"step": step, "loss": 1.0 / step, "lr": 0.01, "grad_norm": float("nan") if step == 3 else 0.5}
+        if step % eval_every == 0:
+            row |= {"val_loss": 2.0 / step, "val_acc": step / 1000}
+        rows.append(row)
+    return rows
+
+
+def recorded_id(run_dir: Path) -> str:
+    return json.loads((run_dir / tracking.RUN_RECORD).read_text())["run_id"]
+
+
+def count(client: MlflowClient, run_id: str, key: str) -> int:
+    return len(client.get_metric_history(run_id, key))
+
+
+def runs_named(client: MlflowClient, experiment_id: str, name: str) -> list:
+    return [r for r in client.search_runs([experiment_id], max_results=1000) if r.info.run_name == name]
+
+
+def finetune(settings: dict, run_dir: Path, name: str, rows: list[dict], params: dict | None = None) -> None:
+    with tracking.track_job(settings, run_dir=run_dir, run_name=name, kind="finetune",
+                            params=params or {"task": "novel", "lr": 0.01, "seed": 1}, tags={"device": "cpu"}) as run:
+        for start in range(0, len(rows), 10):
+            run.log_history(rows[start:start + 10])
+        run.log_metrics({"test_acc": 0.5, "status": "completed", "diverged_step": None})
+
+
+def test_disabled_tracking_makes_no_calls(tmp_path):
+    for settings in (None, {"enabled": False, "uri": "http://127.0.0.1:1"}):
+        with tracking.track_job(settings, run_dir=tmp_path, run_name="x", kind="finetune", params={}, tags={}) as run:
+            assert type(run) is tracking.JobRun
+            run.log_history(history(1, 3))
+            run.log_metrics({"a": 1})
+            run.log_artifacts([tmp_path / "missing"])
+    assert not (tmp_path / tracking.RUN_RECORD).exists()
+
+
+def test_params_are_flat_truncated_and_free_of_credentials():
+    flat = tracking.flatten_params({
+        "lr": 0.01, "components": ["mha", "fc1"], "train": {"steps": 8, "betas": [0.9, 0.999]}, "note": "x" * 7000,
+        "hub": {"token": "hf_AbCdEf0123456789xyz", "api_key": "sk-1234567890abcdefXYZ", "key_layer": "qkv"},
+        "db_password": "hunter2", "secret": "s", "max_tokens": 128, "mirror": "https://user:pw@example.org/x",
+    })
+    assert flat["lr"] == "0.01" and flat["components"] == '["mha", "fc1"]'
+    assert flat["train.steps"] == "8" and flat["train.betas"] == "[0.9, 0.999]"
+    assert len(flat["note"]) == tracking.MAX_PARAM_LENGTH
+    assert flat["hub.key_layer"] == "qkv" and flat["max_tokens"] == "128"
+    assert not {"hub.token", "hub.api_key", "db_password", "secret", "mirror"} & flat.keys()
+
+
+def test_run_names():
+    settings = {"model": "vit", "task": "cifar10", "arm": "mha", "lr": 0.01, "seed": 42, "optimizer": "sgd"}
+    assert tracking.run_name("finetune", settings) == "cifar10/mha/lr0.01/seed42"
+    assert tracking.run_name("pretrain", settings) == "pretrain/vit"
+    assert tracking.run_name("probe", settings) == "probe/vit/cifar10"
+    assert tracking.parent_name(settings) == "vit/cifar10/sgd"
+
+
+def test_track_job_logs_one_run_with_params_tags_and_history(server, prepared, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text("{}")
+    params = {"task": "novel", "arm": "mha", "lr": 0.01, "seed": 1, "components": ["mha"], "hub": {"token": "t0k3n"}}
+    with tracking.track_job(job_settings(server, prepared), run_dir=run_dir, run_name="novel/mha/lr0.01/seed1",
+                            kind="finetune", params=params, tags={"device": "cpu"}) as run:
+        run.log_history(history(1, 25))
+        run.log_history(history(26, 50))
+        run.log_metrics({"test_acc": 0.75, "best_step": 40, "status": "completed", "test_loss": None})
+        run.log_artifacts([run_dir / "metrics.json"])
+    client = MlflowClient(server)
+    (found,) = runs_named(client, prepared["experiment_id"], "novel/mha/lr0.01/seed1")
+    assert found.info.run_id == recorded_id(run_dir)
+    assert found.info.status == "FINISHED"
+    assert found.data.params == {"task": "novel", "arm": "mha", "lr": "0.01", "seed": "1", "components": '["mha"]',
+                                 "hub.token": "t0k3n"}  # short, not credential-looking
+    tags = found.data.tags
+    assert tags["kind"] == "finetune" and tags["rule"] == "finetune" and tags["config_hash"] == "abc"
+    assert tags["device"] == "cpu" and tags["slurm_job_id"] == "4242" and tags["host"] == socket.gethostname()
+    assert tags["mlflow.parentRunId"] == prepared["parent_run_ids"][PARENT]
+    assert tags["status"] == "completed"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert tags.get("mlflow.source.git.commit") == (head or None)
+    assert tags.get("git_dirty") in (("true", "false") if head else (None,))
+    assert found.data.metrics["test_acc"] == 0.75 and "test_loss" not in found.data.metrics
+    run_id = found.info.run_id
+    assert [count(client, run_id, k) for k in tracking.HISTORY_KEYS] == [50, 50, 49, 5, 5]
+    assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [10, 20, 30, 40, 50]
+    assert [a.path for a in client.list_artifacts(run_id)] == ["metrics.json"]
+
+
+def test_rerun_of_a_finished_folder_reuses_its_run(server, prepared, tmp_path):
+    settings, run_dir = job_settings(server, prepared), tmp_path / "run"
+    finetune(settings, run_dir, "novel/ln1/lr0.01/seed1", history(1, 30))
+    first = recorded_id(run_dir)
+    finetune(settings, run_dir, "novel/ln1/lr0.01/seed1", history(1, 30))
+    client = MlflowClient(server)
+    (found,) = runs_named(client, prepared["experiment_id"], "novel/ln1/lr0.01/seed1")
+    assert found.info.run_id == first == recorded_id(run_dir)
+    assert found.info.status == "FINISHED"
+    assert count(client, first, "loss") == 30 and count(client, first, "test_acc") == 1
+
+
+def test_resumed_job_continues_its_run(server, prepared, tmp_path):
+    settings, run_dir = job_settings(server, prepared), tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.track_job(settings, run_dir=run_dir, run_name="novel/fc1/lr0.01/seed1", kind="finetune",
+                                params={"lr": 0.01}, tags={}) as run:
+            run.log_history(history(1, 20))
+            raise KeyboardInterrupt
+    client = MlflowClient(server)
+    run_id = recorded_id(run_dir)
+    assert client.get_run(run_id).info.status == "KILLED"
+    with tracking.track_job(settings, run_dir=run_dir, run_name="novel/fc1/lr0.01/seed1", kind="finetune",
+                            params={"lr": 0.01}, tags={}) as run:
+        assert client.get_run(run_id).info.status == "RUNNING"
+        run.log_history(history(11, 40))  # overlaps what was logged before the interruption
+    assert recorded_id(run_dir) == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(1, 41))
+
+
+def test_exception_inside_marks_the_run_failed(server, prepared, tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        with tracking.track_job(job_settings(server, prepared), run_dir=tmp_path, run_name="novel/failed",
+                                kind="finetune", params={}, tags={}):
+            raise RuntimeError("boom")
+    assert MlflowClient(server).get_run(recorded_id(tmp_path)).info.status == "FAILED"
+
+
+def test_sigterm_inside_marks_the_run_killed(server, prepared, tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(tracking.Terminated) as caught:
+        with tracking.track_job(job_settings(server, prepared), run_dir=tmp_path, run_name="novel/terminated",
+                                kind="finetune", params={}, tags={}):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    assert caught.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert MlflowClient(server).get_run(recorded_id(tmp_path)).info.status == "KILLED"
+
+
+def test_changed_params_replace_the_recorded_run(server, prepared, tmp_path):
+    settings = job_settings(server, prepared)
+    finetune(settings, tmp_path, "novel/arm/changed", history(1, 10), params={"steps": 10})
+    old = recorded_id(tmp_path)
+    finetune(settings, tmp_path, "novel/arm/changed", history(1, 20), params={"steps": 20})
+    client = MlflowClient(server)
+    (found,) = runs_named(client, prepared["experiment_id"], "novel/arm/changed")
+    assert found.info.run_id == recorded_id(tmp_path) != old
+    assert client.get_run(old).info.lifecycle_stage == "deleted"
+    assert count(client, found.info.run_id, "loss") == 20
+
+
+def test_unreachable_server_fails_before_the_job_with_one_line(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    settings = {"enabled": True, "uri": uri, "experiment_id": "1", "parent_run_id": None, "tags": {}}
+    entered = False
+    with pytest.raises(UserError) as caught:
+        with tracking.track_job(settings, run_dir=tmp_path, run_name="x", kind="finetune", params={}, tags={}):
+            entered = True
+    message = str(caught.value)
+    assert not entered
+    assert uri in message and "tracking.enabled: false" in message and "\n" not in message
+    assert not (tmp_path / tracking.RUN_RECORD).exists()
+
+
+def parallel_job(args: tuple[dict, str, int]) -> str:
+    """One job of the parallel test (runs in a spawned process)."""
+    settings, run_dir, index = args
+    with tracking.track_job(settings, run_dir=Path(run_dir), run_name=f"parallel/{index}", kind="finetune",
+                            params={"index": index}, tags={}) as run:
+        rows = history(1, 200, eval_every=20)
+        for start in range(0, 200, 20):
+            run.log_history(rows[start:start + 20])
+        run.log_metrics({"test_acc": index / 10})
+    return recorded_id(Path(run_dir))
+
+
+def test_parallel_processes_lose_no_run_and_no_point(server, prepared, tmp_path):
+    settings = job_settings(server, prepared)
+    jobs = [(settings, str(tmp_path / f"run{i}"), i) for i in range(4)]
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        run_ids = pool.map(parallel_job, jobs)
+    client = MlflowClient(server)
+    assert len(set(run_ids)) == 4
+    for index, run_id in enumerate(run_ids):
+        run = client.get_run(run_id)
+        assert run.info.run_name == f"parallel/{index}" and run.info.status == "FINISHED"
+        assert run.info.experiment_id == prepared["experiment_id"]
+        assert [count(client, run_id, k) for k in tracking.HISTORY_KEYS] == [200, 200, 199, 10, 10]
+    for index in range(4):
+        assert len(runs_named(client, prepared["experiment_id"], f"parallel/{index}")) == 1
+
+
+def test_embedded_sqlite_store(tmp_path):
+    uri = f"sqlite:///{tmp_path}/results/mlflow.db"
+    settings = {"enabled": True, "uri": uri, "experiment_id": "1", "tags": {}}
+    with pytest.raises(UserError, match="does not exist"):
+        with tracking.track_job(settings, run_dir=tmp_path, run_name="x", kind="probe", params={}, tags={}):
+            pass
+    prepared = tracking.prepare_store(uri, "tests", [PARENT])
+    assert tracking.prepare_store(uri, "tests", [PARENT]) == prepared
+    store = tmp_path / "tracking.json"
+    store.write_text(json.dumps(prepared))
+    settings = {"enabled": True, "uri": uri, "store": str(store), "parent": PARENT, "tags": {}}
+    run_dir = tmp_path / "results" / "runs" / "a"
+    run_dir.mkdir(parents=True)
+    (run_dir / "history.csv").write_text("step,loss\n1,0.5\n")
+    with tracking.track_job(settings, run_dir=run_dir, run_name="novel/mha/lr0.01/seed0", kind="finetune",
+                            params={"lr": 0.01}, tags={}) as run:
+        run.log_history(history(1, 12))
+        run.log_artifacts([run_dir / "history.csv"])
+    client = MlflowClient(uri)
+    run = client.get_run(recorded_id(run_dir))
+    assert run.data.tags["mlflow.parentRunId"] == prepared["parent_run_ids"][PARENT]
+    assert count(client, run.info.run_id, "loss") == 12
+    assert (tmp_path / "results" / "mlartifacts" / run.info.run_id / "artifacts" / "history.csv").exists()
+
+
+def write_run_folder(folder: Path, settings: dict, steps: int, job: str = "finetune") -> None:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"job": job, "settings": settings}))
+    lines = ["step,loss,lr,grad_norm,val_loss,val_acc"]
+    lines += [f"{s},{1 / s},0.01,0.5," + (f"{2 / s},{s / 100}" if s % 5 == 0 else ",") for s in range(1, steps + 1)]
+    (folder / "history.csv").write_text("\n".join(lines) + "\n")
+    (folder / "metrics.json").write_text(json.dumps({"status": "completed", "test_acc": 0.5, "wall_time_s": 12.5,
+                                                     "diverged_step": None, "device": "cpu"}))
+
+
+def study_results(results: Path) -> None:
+    """A finished study's run folders as the jobs write them."""
+    for task, arm, lr in (("novel", "mha", 0.01), ("novel", "ln1", 0.03), ("sketch", "mha", 0.01)):
+        settings = {"model": "vit", "task": task, "optimizer": "sgd", "arm": arm, "lr": lr, "seed": 0,
+                    "components": [arm], "steps": 20}
+        write_run_folder(results / "runs" / "vit" / task / "sgd" / arm / f"lr{lr}_seed0", settings, 20)
+    write_run_folder(results / "pretrain" / "vit", {"model": "vit", "steps": 30, "lr": 0.003}, 30, job="pretrain")
+    probe = results / "probes" / "vit" / "novel"
+    probe.mkdir(parents=True)
+    (probe / "metrics.json").write_text(json.dumps({"test_acc": 0.4, "model": "vit", "task": "novel"}))
+    plasticity = results / "plasticity" / "vit" / "novel"
+    plasticity.mkdir(parents=True)
+    rows = ["model,task,mode,component,label,layer,depth_pct,mean,std,n,ci95"]
+    rows += [f"vit,novel,embedding,{c},{c},{layer},50,{layer + 1.5},0.1,64,0.02" for c in ("mha", "fc1")
+             for layer in (0, 1)]
+    (plasticity / "plasticity.csv").write_text("\n".join(rows) + "\n")
+    (plasticity / "embedding.json").write_text(json.dumps({"model": "vit", "task": "novel", "pairs": 64}))
+
+
+def store_summary(uri: str) -> dict:
+    """{run name: (kind, parent name, metric point counts)} of every active run."""
+    client = MlflowClient(uri)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "study"]
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    names = {r.info.run_id: r.info.run_name for r in runs}
+    return {r.info.run_name: (r.data.tags["kind"], names.get(r.data.tags.get("mlflow.parentRunId")),
+                              {k: count(client, r.info.run_id, k) for k in r.data.metrics}) for r in runs}
+
+
+def test_rebuild_recreates_the_store_from_run_folders(tmp_path):
+    results = tmp_path / "results"
+    study_results(results)
+    uri = f"sqlite:///{results}/mlflow.db"
+    first = tracking.rebuild(results, uri, "study")
+    summary = store_summary(uri)
+    history_counts = {"loss": 20, "lr": 20, "grad_norm": 20, "val_loss": 4, "val_acc": 4, "test_acc": 1,
+                      "wall_time_s": 1}
+    assert summary["novel/mha/lr0.01/seed0"] == ("finetune", "vit/novel/sgd", history_counts)
+    assert summary["sketch/mha/lr0.01/seed0"][1] == "vit/sketch/sgd"
+    assert summary["pretrain/vit"][2]["loss"] == 30
+    assert summary["probe/vit/novel"] == ("probe", None, {"test_acc": 1})
+    assert summary["plasticity/vit/novel"][2] == {f"embedding/{c}/layer{i}": 1 for c in ("mha", "fc1") for i in (0, 1)}
+    assert len(summary) == 3 + 1 + 1 + 1 + 2  # runs + pretrain + probe + plasticity + parents
+    folder = results / "runs" / "vit" / "novel" / "sgd" / "mha" / "lr0.01_seed0"
+    assert recorded_id(folder) == first["runs/vit/novel/sgd/mha/lr0.01_seed0"]
+    run = MlflowClient(uri).get_run(recorded_id(folder))
+    assert run.info.status == "FINISHED" and run.info.end_time - run.info.start_time == 12500
+    assert run.data.params["components"] == '["mha"]' and run.data.tags["device"] == "cpu"
+
+    assert tracking.rebuild(results, uri, "study") == first  # again: nothing duplicated
+    assert store_summary(uri) == summary
+
+    (results / "mlflow.db").unlink()
+    shutil.rmtree(results / "mlartifacts")
+    second = tracking.rebuild(results, uri, "study")
+    assert store_summary(uri) == summary
+    assert second.keys() == first.keys() and not set(second.values()) & set(first.values())
+    assert recorded_id(folder) == second["runs/vit/novel/sgd/mha/lr0.01_seed0"]

@@ -1,0 +1,83 @@
+"""The workflow end to end: the smoke study, reruns, config errors, the paper's DAG."""
+
+import shutil
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import ROOT, SMOKE_CONFIG, planned_jobs, snakemake
+
+FIGURES = ["plasticity_vs_rank", "plasticity_vs_depth", "bounds_vs_depth", "relative_gain", "accuracy_per_arm",
+           "lr_robustness", "training_curves"]
+
+
+@pytest.mark.slow
+def test_smoke_study_writes_every_table_and_figure(smoke_run):
+    tables = smoke_run / "results" / "tables" / "main"
+    main = pd.read_csv(tables / "main_table.csv")
+    assert set(main["task"]) == {"novel", "sketch"}
+    assert set(main["arm"]) == {"all", "mha", "ln1", "smooth", "non_smooth"}
+    assert main["best_lr"].isin([0.01, 0.03]).all()
+    runs = pd.read_csv(tables / "runs.csv")
+    assert len(runs) == 2 * 5 * 2 * 1
+    plasticity = pd.read_csv(tables / "plasticity.csv")
+    assert set(plasticity["mode"]) == {"embedding", "hidden"}
+    assert len(plasticity) == 2 * 2 * 5 * 2  # tasks x modes x components x layers
+    assert "Average" in (tables / "main_table.md").read_text()
+    for figure in FIGURES:
+        for suffix in ("png", "pdf"):
+            assert (smoke_run / "results" / "figures" / "main" / f"{figure}.{suffix}").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_second_invocation_has_nothing_to_do(smoke_run):
+    result = snakemake(smoke_run, "-n")
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_changing_one_learning_rate_reruns_only_its_jobs_and_the_aggregation(smoke_copy, tmp_path):
+    config = yaml.safe_load(SMOKE_CONFIG.read_text())
+    config["tasks"]["novel"]["lrs"] = [0.01, 0.05]
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    result = snakemake(smoke_copy, "-n", config=changed)
+    jobs = planned_jobs(result.stdout + result.stderr)
+    arms, seeds = len(config["arms"]), len(config["finetune"]["seeds"])
+    assert jobs == {"finetune": arms * seeds, "aggregate": 1, "figures": 1, "all": 1}
+    assert "lr0.05_seed0" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_changing_the_plotting_code_input_reruns_nothing_upstream(smoke_copy):
+    (smoke_copy / "results" / "tables" / "main" / "runs.csv").touch()
+    jobs = planned_jobs(snakemake(smoke_copy, "-n").stdout)
+    assert jobs == {"figures": 1, "all": 1}
+
+
+def test_bad_config_fails_before_any_job_with_one_line(tmp_path):
+    config = yaml.safe_load(SMOKE_CONFIG.read_text())
+    config["arms"]["mha"] = ["attention"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "-n", config=bad, check=False)
+    assert result.returncode != 0
+    line = [x for x in result.stderr.splitlines() if "config error" in x]
+    assert line == [
+        "vitplasticity config error: config key 'arms.mha.0': 'attention' is not allowed; "
+        "allowed values: emb, ln1, mha, ln2, fc1, fc2"
+    ]
+    assert not (tmp_path / "results").exists()
+
+
+def test_paper_dag_plans_every_job(tmp_path):
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    result = snakemake(tmp_path, "-n", config=ROOT / "config" / "config.yaml", timeout=120)
+    jobs = planned_jobs(result.stdout)
+    # main 11 tasks x 4 lrs x 3 seeds x 9 arms + AdamW 4 x 4 x 3 x 9 + model size 2 x 1 x 4 x 3 x 9
+    assert jobs["finetune"] == 1188 + 432 + 216
+    assert jobs["prepare_dataset"] == 12
+    assert jobs["fetch_checkpoint"] == 3
+    assert jobs["measure_plasticity"] == 13 and jobs["compute_bounds"] == 13
+    assert jobs["linear_probe"] == 13
+    assert jobs["aggregate"] == 4 and jobs["figures"] == 4
