@@ -51,5 +51,6 @@ def smoke_run(tmp_path_factory):
 def smoke_copy(smoke_run, tmp_path):
     """A private copy of the finished smoke study (file times preserved)."""
     target = tmp_path / "study"
-    shutil.copytree(smoke_run, target, symlinks=True, ignore=shutil.ignore_patterns(".snakemake"))
+    # Snakemake's metadata (params, code, input sets) travels with the copy; its locks do not.
+    shutil.copytree(smoke_run, target, symlinks=True, ignore=shutil.ignore_patterns("locks", "log", "incomplete"))
     return target

@@ -199,6 +199,8 @@ def test_table_columns_and_depth(streams):
 
 def test_hidden_mode_layer_zero_ln1_equals_embedding_mode(streams):
     model = tiny_vit()
+    with torch.no_grad():  # make block 0's residual update large enough to move the hidden state
+        model.blocks[0].mlp.fc2.weight.mul_(50)
     table, _ = _measure(model, *streams, modes=("embedding", "hidden"))
     assert set(table["mode"]) == {"embedding", "hidden"}
     assert _value(table, "ln1", 0, mode="hidden") == pytest.approx(_value(table, "ln1", 0), rel=1e-6)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SMOKE_CONFIG, snakemake
 from mlflow.tracking import MlflowClient
 
 from vitplasticity import tracking
@@ -35,7 +36,7 @@ def server(tmp_path_factory):
     port = free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--default-artifact-root", str(root / "art"),
-               "--workers", "2"]
+               "--workers", "1"]
     with open(root / "server.log", "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
@@ -55,7 +56,7 @@ def server(tmp_path_factory):
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=20)
+            process.wait(timeout=3)  # open keep-alive connections delay a graceful stop
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
@@ -179,11 +180,11 @@ def test_rerun_of_a_finished_folder_reuses_its_run(server, prepared, tmp_path):
 
 def test_resumed_job_continues_its_run(server, prepared, tmp_path):
     settings, run_dir = job_settings(server, prepared), tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        with tracking.track_job(settings, run_dir=run_dir, run_name="novel/fc1/lr0.01/seed1", kind="finetune",
-                                params={"lr": 0.01}, tags={}) as run:
-            run.log_history(history(1, 20))
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), tracking.track_job(
+            settings, run_dir=run_dir, run_name="novel/fc1/lr0.01/seed1", kind="finetune", params={"lr": 0.01},
+            tags={}) as run:
+        run.log_history(history(1, 20))
+        raise KeyboardInterrupt
     client = MlflowClient(server)
     run_id = recorded_id(run_dir)
     assert client.get_run(run_id).info.status == "KILLED"
@@ -197,20 +198,20 @@ def test_resumed_job_continues_its_run(server, prepared, tmp_path):
 
 
 def test_exception_inside_marks_the_run_failed(server, prepared, tmp_path):
-    with pytest.raises(RuntimeError, match="boom"):
-        with tracking.track_job(job_settings(server, prepared), run_dir=tmp_path, run_name="novel/failed",
-                                kind="finetune", params={}, tags={}):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), tracking.track_job(
+            job_settings(server, prepared), run_dir=tmp_path, run_name="novel/failed", kind="finetune", params={},
+            tags={}):
+        raise RuntimeError("boom")
     assert MlflowClient(server).get_run(recorded_id(tmp_path)).info.status == "FAILED"
 
 
 def test_sigterm_inside_marks_the_run_killed(server, prepared, tmp_path):
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(tracking.Terminated) as caught:
-        with tracking.track_job(job_settings(server, prepared), run_dir=tmp_path, run_name="novel/terminated",
-                                kind="finetune", params={}, tags={}):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)
+    with pytest.raises(tracking.Terminated) as caught, tracking.track_job(
+            job_settings(server, prepared), run_dir=tmp_path, run_name="novel/terminated", kind="finetune", params={},
+            tags={}):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
     assert caught.value.code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before
     assert MlflowClient(server).get_run(recorded_id(tmp_path)).info.status == "KILLED"
@@ -232,9 +233,9 @@ def test_unreachable_server_fails_before_the_job_with_one_line(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     settings = {"enabled": True, "uri": uri, "experiment_id": "1", "parent_run_id": None, "tags": {}}
     entered = False
-    with pytest.raises(UserError) as caught:
-        with tracking.track_job(settings, run_dir=tmp_path, run_name="x", kind="finetune", params={}, tags={}):
-            entered = True
+    with pytest.raises(UserError) as caught, tracking.track_job(settings, run_dir=tmp_path, run_name="x",
+                                                                kind="finetune", params={}, tags={}):
+        entered = True
     message = str(caught.value)
     assert not entered
     assert uri in message and "tracking.enabled: false" in message and "\n" not in message
@@ -272,9 +273,9 @@ def test_parallel_processes_lose_no_run_and_no_point(server, prepared, tmp_path)
 def test_embedded_sqlite_store(tmp_path):
     uri = f"sqlite:///{tmp_path}/results/mlflow.db"
     settings = {"enabled": True, "uri": uri, "experiment_id": "1", "tags": {}}
-    with pytest.raises(UserError, match="does not exist"):
-        with tracking.track_job(settings, run_dir=tmp_path, run_name="x", kind="probe", params={}, tags={}):
-            pass
+    with pytest.raises(UserError, match="does not exist"), tracking.track_job(
+            settings, run_dir=tmp_path, run_name="x", kind="probe", params={}, tags={}):
+        pass
     prepared = tracking.prepare_store(uri, "tests", [PARENT])
     assert tracking.prepare_store(uri, "tests", [PARENT]) == prepared
     store = tmp_path / "tracking.json"
@@ -333,12 +334,16 @@ def store_summary(uri: str) -> dict:
                               {k: count(client, r.info.run_id, k) for k in r.data.metrics}) for r in runs}
 
 
+def rebuild_and_summarise(results: Path, uri: str) -> tuple[dict, dict]:
+    """`rebuild` as the command line runs it (a fresh process: no engine cached on a deleted database)."""
+    return tracking.rebuild(results, uri, "study"), store_summary(uri)
+
+
 def test_rebuild_recreates_the_store_from_run_folders(tmp_path):
     results = tmp_path / "results"
     study_results(results)
     uri = f"sqlite:///{results}/mlflow.db"
-    first = tracking.rebuild(results, uri, "study")
-    summary = store_summary(uri)
+    first, summary = rebuild_and_summarise(results, uri)
     history_counts = {"loss": 20, "lr": 20, "grad_norm": 20, "val_loss": 4, "val_acc": 4, "test_acc": 1,
                       "wall_time_s": 1}
     assert summary["novel/mha/lr0.01/seed0"] == ("finetune", "vit/novel/sgd", history_counts)
@@ -353,12 +358,45 @@ def test_rebuild_recreates_the_store_from_run_folders(tmp_path):
     assert run.info.status == "FINISHED" and run.info.end_time - run.info.start_time == 12500
     assert run.data.params["components"] == '["mha"]' and run.data.tags["device"] == "cpu"
 
-    assert tracking.rebuild(results, uri, "study") == first  # again: nothing duplicated
-    assert store_summary(uri) == summary
+    assert rebuild_and_summarise(results, uri) == (first, summary)  # again: nothing duplicated
 
     (results / "mlflow.db").unlink()
     shutil.rmtree(results / "mlartifacts")
-    second = tracking.rebuild(results, uri, "study")
-    assert store_summary(uri) == summary
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        second, rebuilt = pool.apply(rebuild_and_summarise, (results, uri))
+    assert rebuilt == summary
     assert second.keys() == first.keys() and not set(second.values()) & set(first.values())
     assert recorded_id(folder) == second["runs/vit/novel/sgd/mha/lr0.01_seed0"]
+
+
+@pytest.mark.slow
+def test_smoke_workflow_with_parallel_jobs_mirrors_every_run_folder(server, tmp_path):
+    config = yaml.safe_load(SMOKE_CONFIG.read_text())
+    config["tracking"] = {"enabled": True, "uri": server}
+    config_path = tmp_path / "smoke.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    workdir = tmp_path / "study"
+    snakemake(workdir, "--cores", "2", config=config_path, timeout=1800)
+    results = workdir / "results"
+    record = json.loads((results / "tracking.json").read_text())
+    client = MlflowClient(server)
+    runs = client.search_runs([record["experiment_id"]], max_results=1000)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    kinds = [r.data.tags["kind"] for r in runs]
+    folders = {kind: [p.parent for p in results.glob(pattern)] for kind, pattern in (
+        ("finetune", "runs/**/metrics.json"), ("pretrain", "pretrain/*/metrics.json"),
+        ("probe", "probes/**/metrics.json"), ("plasticity", "plasticity/**/plasticity.csv"))}
+    assert len(folders["finetune"]) == 2 * 5 * 2
+    assert {kind: kinds.count(kind) for kind in set(kinds)} == {
+        "parent": len(record["parent_run_ids"]), **{kind: len(found) for kind, found in folders.items()}}
+    for folder in folders["finetune"]:
+        run = client.get_run(recorded_id(folder))
+        settings = yaml.safe_load((folder / "config.yaml").read_text())["settings"]
+        assert run.info.run_name == tracking.run_name("finetune", settings)
+        assert run.data.tags["mlflow.parentRunId"] == record["parent_run_ids"][tracking.parent_name(settings)]
+        assert json.loads(run.data.tags["wildcards"])["arm"] == settings["arm"]
+        steps = len((folder / "history.csv").read_text().splitlines()) - 1
+        assert count(client, run.info.run_id, "loss") == steps == settings["steps"]
+        assert run.data.metrics["test_acc"] == json.loads((folder / "metrics.json").read_text())["test_acc"]
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "history.csv",
+                                                                           "metrics.json"}

@@ -34,13 +34,18 @@ def load_runs(metrics_files: list[Path]) -> pd.DataFrame:
             "model": settings["model"], "task": settings["task"], "optimizer": settings["optimizer"],
             "arm": settings["arm"], "lr": float(settings["lr"]), "seed": int(settings["seed"]),
             "status": metrics["status"], "test_acc": 100.0 * acc if acc is not None else math.nan,
-            "best_val_acc": 100.0 * metrics["best_val_acc"], "best_step": metrics["best_step"],
+            "best_val_acc": _percent(metrics.get("best_val_acc")), "best_step": metrics.get("best_step"),
             "diverged_step": metrics.get("diverged_step"), "trainable_params": metrics.get("trainable_params"),
             "wall_time_s": metrics.get("wall_time_s"), "run_dir": str(path.parent),
         })
     if not rows:
         raise UserError("no finetuning runs to aggregate; check the experiment's tasks and arms")
     return pd.DataFrame(rows)
+
+
+def _percent(fraction: float | None) -> float:
+    """A fraction in percent; NaN where a run has none (it diverged before being evaluated)."""
+    return 100.0 * fraction if fraction is not None else math.nan
 
 
 def seed_means(runs: pd.DataFrame) -> pd.DataFrame:
@@ -145,7 +150,8 @@ def _markdown(wide: pd.DataFrame, fmt: str = "{:.2f}") -> str:
 
 def _main_markdown(table: pd.DataFrame, probes: dict[str, float], arm_order: list[str]) -> str:
     cells = table.assign(cell=[
-        "diverged" if pd.isna(m) else f"{m:.2f} ± {s:.2f}" for m, s in zip(table["mean"], table["std"], strict=True)])
+        "diverged" if pd.isna(m) else f"{m:.2f} ± {s:.2f}" + (f" ({d} diverged)" if d else "")
+        for m, s, d in zip(table["mean"], table["std"], table["diverged_runs"], strict=True)])
     wide = cells.pivot(index="task", columns="arm", values="cell")[arm_order]
     average = table.pivot(index="task", columns="arm", values="mean")[arm_order].mean(axis=0, skipna=False)
     wide.loc["Average"] = [f"{v:.2f}" if not pd.isna(v) else "—" for v in average]

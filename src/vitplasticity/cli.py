@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-from vitplasticity.errors import UserError
+from vitplasticity.errors import UserError, redact
+
+# The paths each command writes; they are checked before any work so a bad one fails at once.
+OUTPUTS = {
+    "prepare": ("out", "raw"), "pretrain": ("out", "run_dir"), "fetch": ("out",),
+    "plasticity": ("out_table", "out_stats"), "bounds": ("out",), "finetune": ("run_dir",), "probe": ("out",),
+    "aggregate": ("out_dir",), "compare-paper": ("out_table", "out_figure"), "figures": ("out_dir",),
+}
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -80,14 +88,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def json_option(name: str, text: str) -> dict:
+    """A JSON-object option (--settings, --runtime, --tracking) or a UserError naming it."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--{name} is not valid JSON ({exc}); pass one JSON object, e.g. '{{\"lr\": 0.01}}'") from exc
+    if not isinstance(value, dict):
+        raise UserError(f"--{name} is a JSON {type(value).__name__}, not an object; pass one JSON object {{...}}")
+    return value
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every output path of the command can be created (nothing is created here)."""
+    from vitplasticity.fileio import check_writable
+
+    for name in OUTPUTS.get(args.command, ()):
+        path = getattr(args, name, None)
+        if path is not None:
+            check_writable(path, "--" + name.replace("_", "-"))
+
+
 def run(args: argparse.Namespace) -> None:
+    settings = json_option("settings", getattr(args, "settings", "{}"))
+    runtime = json_option("runtime", getattr(args, "runtime", "{}"))
+    track = json_option("tracking", getattr(args, "tracking", '{"enabled": false}'))
+    check_outputs(args)
+
     from vitplasticity import jobs
     from vitplasticity.runtime import set_threads
 
     set_threads(getattr(args, "threads", None))
-    settings = jobs.load_settings(getattr(args, "settings", "{}"))
-    runtime = jobs.load_settings(getattr(args, "runtime", "{}"))
-    track = jobs.load_settings(getattr(args, "tracking", '{"enabled": false}'))
     if args.command == "prepare":
         jobs.prepare(settings["name"], settings["data"], args.out, args.raw)
     elif args.command == "pretrain":
@@ -125,9 +156,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except UserError as exc:
-        print(f"vitplasticity {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        message = str(exc)
+    except FileNotFoundError as exc:
+        message = f"{exc.filename} does not exist; check the path, or run the step that makes it"
+    except OSError as exc:  # the machine refused: permissions, a full disk, a file where a folder should be
+        where = f" {exc.filename}" if exc.filename else ""
+        message = (f"cannot access{where} ({exc.strerror or exc}); check that the path exists, "
+                   "that its folder is writable and that the disk has space")
+    else:
+        return 0
+    print(f"vitplasticity {args.command}: error: {redact(' '.join(message.split()))}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

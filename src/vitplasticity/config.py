@@ -10,6 +10,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from vitplasticity.datasets.synthetic import CORRUPTIONS
 from vitplasticity.errors import UserError
 
 
@@ -28,10 +29,30 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
         return (f"config key '{key}': {error.instance!r} is not allowed; allowed values: "
                 f"{', '.join(map(str, error.validator_value))}")
     if error.validator == "minItems" and error.validator_value == 1:
-        return f"config key '{key}': must not be empty"
-    if error.validator == "required":
-        return f"config key '{key}': {error.message}"
-    return f"config key '{key}': {error.message}"
+        return f"config key '{key}': must not be empty; list at least one value"
+    fix = _SCHEMA_FIXES.get(error.validator)
+    return f"config key '{key}': {error.message}" + (f"; {fix(error.validator_value)}" if fix else "")
+
+
+def _type_names(value) -> str:
+    names = {"array": "list", "object": "mapping (key: value)", "boolean": "true/false"}
+    return " or ".join(names.get(v, v) for v in (value if isinstance(value, list) else [value]))
+
+
+# How to fix a value that breaks one schema keyword (the message itself names the cause).
+_SCHEMA_FIXES = {
+    "type": lambda v: f"write a value of type {_type_names(v)}",
+    "minimum": lambda v: f"set it to at least {v}",
+    "exclusiveMinimum": lambda v: f"set it to more than {v}",
+    "maximum": lambda v: f"set it to at most {v}",
+    "exclusiveMaximum": lambda v: f"set it to less than {v}",
+    "required": lambda v: "add it",
+    "uniqueItems": lambda v: "remove the repeated values",
+    "minItems": lambda v: f"list at least {v} values",
+    "maxItems": lambda v: f"list at most {v} values",
+    "minProperties": lambda v: f"define at least {v} entry",
+    "pattern": lambda v: "change it to match that pattern",
+}
 
 
 def validate_schema(config: dict, schema_path: str | Path) -> None:
@@ -52,6 +73,8 @@ def check_references(config: dict) -> None:
     models, tasks, arms = config["models"], config["tasks"], config["arms"]
     for name, model in models.items():
         patch = model.get("kwargs", {}).get("patch_size", model.get("patch_size", 16))
+        _require(type(patch) is int and patch > 0,
+                 f"config key 'models.{name}.kwargs.patch_size': must be a positive integer, got {patch!r}")
         _require(model["img_size"] % patch == 0,
                  f"config key 'models.{name}.img_size': {model['img_size']} is not divisible by the patch size "
                  f"{patch}; choose a multiple of {patch}")
@@ -62,7 +85,7 @@ def check_references(config: dict) -> None:
                      f"allowed: {', '.join(tasks)}")
             _require(model["pretrain"]["eval_every"] <= model["pretrain"]["steps"],
                      f"config key 'models.{name}.pretrain.eval_every': must not exceed steps "
-                     f"({model['pretrain']['steps']})")
+                     f"({model['pretrain']['steps']}); set it to at most steps")
         else:
             _require(bool(model.get("pretrained_tag")),
                      f"config key 'models.{name}.pretrained_tag': required when source is timm (e.g. orig_in21k)")
@@ -77,7 +100,11 @@ def check_references(config: dict) -> None:
         data = task["data"]
         if data["source"] == "synthetic":
             for key in ("kind", "image_size", "n_train", "n_val", "n_test"):
-                _require(key in data, f"config key 'tasks.{name}.data.{key}': required for synthetic tasks")
+                _require(key in data, f"config key 'tasks.{name}.data.{key}': required for synthetic tasks; add it")
+            if data["kind"] == "corrupt":
+                _require(data.get("corruption") in CORRUPTIONS,
+                         f"config key 'tasks.{name}.data.corruption': {data.get('corruption')!r} is not allowed for "
+                         f"a synthetic corrupt task; allowed values: {', '.join(CORRUPTIONS)}")
     for name, experiment in config["experiments"].items():
         where = f"experiments.{name}"
         _require(experiment["model"] in models, f"config key '{where}.model': unknown model "
@@ -100,6 +127,7 @@ def load_config(path: str | Path, schema_path: str | Path) -> dict:
     try:
         config = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"cannot read config {path} ({exc}); fix the file") from exc
+        reason = " ".join(str(exc).split())  # YAML errors span several lines; the message is one
+        raise UserError(f"cannot read config {path} ({reason}); fix the file") from exc
     check_config(config, schema_path)
     return config

@@ -44,6 +44,20 @@ def _label(name: str) -> str:
     return LABELS.get(name, name)
 
 
+def _diverged_label(name: str, diverged: int) -> str:
+    """An arm's tick label, noting its diverged runs (they have no accuracy to draw)."""
+    return _label(name) + (f"\n({diverged} diverged)" if diverged else "")
+
+
+def _diverged_counts(frame: pd.DataFrame, column: str) -> dict[str, int]:
+    """Diverged runs per arm: from a per-run `status` column or a per-cell `diverged_runs` count."""
+    if column == "status" and "status" in frame:
+        return frame.assign(d=frame["status"].eq("diverged")).groupby("arm")["d"].sum().astype(int).to_dict()
+    if column == "diverged_runs" and "diverged_runs" in frame:
+        return frame.groupby("arm")["diverged_runs"].sum().astype(int).to_dict()
+    return {}
+
+
 def plasticity_vs_rank(plasticity: pd.DataFrame, out_dir: Path) -> None:
     """Boxplot over layers of each component's plasticity, ordered by theoretical rank."""
     modes = sorted(plasticity["mode"].unique()) if not plasticity.empty else ["embedding"]
@@ -109,10 +123,11 @@ def _arm_bars(frame: pd.DataFrame, value: str, ylabel: str, out_dir: Path, name:
         _empty(ax, f"no {ylabel}")
     else:
         order = list(frame.groupby("arm")[value].mean().sort_values(ascending=False).index)
+        diverged = _diverged_counts(frame, "diverged_runs")
         sns.barplot(frame, x="arm", y=value, hue="arm", order=order, hue_order=order, palette=PALETTE,
                     errorbar="sd", legend=False, ax=ax)
         sns.stripplot(frame, x="arm", y=value, order=order, color="black", size=3, ax=ax)
-        ax.set_xticks(range(len(order)), [_label(a) for a in order], rotation=30)
+        ax.set_xticks(range(len(order)), [_diverged_label(a, diverged.get(a, 0)) for a in order], rotation=30)
         ax.set_xlabel("finetuned arm (bars: mean over tasks ± sd; dots: tasks)")
         ax.set_ylabel(ylabel)
     _save(fig, out_dir, name)
@@ -135,10 +150,12 @@ def lr_robustness(runs: pd.DataFrame, out_dir: Path) -> None:
     for ax, task in zip(axes.flat, tasks, strict=False):
         data = runs[runs["task"] == task]
         order = list(dict.fromkeys(data["arm"]))
+        diverged = _diverged_counts(data, "status")
         sns.boxplot(data, x="arm", y="test_acc", hue="arm", order=order, hue_order=order, palette=PALETTE,
                     legend=False, ax=ax)
-        ax.set_xticks(range(len(order)), [_label(a) for a in order], rotation=30)
-        ax.set_title(task)
+        ax.set_xticks(range(len(order)), [_diverged_label(a, diverged.get(a, 0)) for a in order], rotation=30)
+        total = sum(diverged.values())
+        ax.set_title(task + (f" ({total} diverged runs not drawn)" if total else ""))
         ax.set_xlabel("arm (all learning rates × seeds)")
         ax.set_ylabel("test accuracy (%)")
     for ax in list(axes.flat)[len(tasks):]:

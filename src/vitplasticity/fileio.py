@@ -6,12 +6,63 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
+
+from vitplasticity.errors import UserError
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once at import (single-threaded), since reading it means setting it briefly.
+_UMASK = _read_umask()
+
+
+def _temp_name(path: Path) -> re.Pattern:
+    """Names `tempfile` gives a temporary sibling of `path` here: `.{name}.<8 random chars>.tmp`."""
+    return re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+
+
+def remove_stale_temps(path: str | Path) -> None:
+    """Delete temporary siblings of `path` left by a writer that was killed.
+
+    One job writes a given path at a time (Snakemake's outputs are disjoint and its lock
+    stops a second workflow), so any such sibling is garbage from an interrupted run.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    pattern = _temp_name(path)
+    for sibling in path.parent.iterdir():
+        if pattern.fullmatch(sibling.name):
+            if sibling.is_dir() and not sibling.is_symlink():
+                shutil.rmtree(sibling, ignore_errors=True)
+            else:
+                sibling.unlink(missing_ok=True)
+
+
+def check_writable(path: str | Path, what: str = "output") -> None:
+    """Fail before any work if `path` cannot be created: its nearest existing ancestor must be a
+    writable folder. Creates nothing."""
+    path = Path(path)
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"cannot write {what} {path}: {ancestor} is a file, not a folder; "
+                        f"move or delete {ancestor}, or choose another {what} path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {what} {path}: folder {ancestor} is not writable; "
+                        f"fix its permissions or choose another {what} path")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -27,10 +78,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; on success fsync it and rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp_path = Path(tmp)
     try:
+        tmp_path.chmod(0o666 & ~_UMASK)  # mkstemp's 0600 would make results private to their writer
         yield tmp_path
         with open(tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
@@ -45,8 +98,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `path` whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        tmp.chmod(0o777 & ~_UMASK)
         yield tmp
         for child in tmp.rglob("*"):
             if child.is_file():

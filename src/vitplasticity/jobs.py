@@ -55,12 +55,14 @@ def _train_config(settings: dict, runtime: dict, img_size: int) -> training.Trai
         momentum=settings.get("momentum", 0.9), weight_decay=settings.get("weight_decay", 0.0),
         betas=tuple(settings.get("betas", (0.9, 0.999))), warmup_steps=settings.get("warmup_steps", 0),
         clip_norm=settings.get("clip_norm", 1.0), micro_batch=runtime.get("micro_batch"),
+        compile=runtime.get("compile", False),
         eval_batch=runtime.get("eval_batch", 256),
     )
 
 
 def _splits(task_dir: Path) -> dict:
-    return {split: load_split(task_dir, split) for split in ("train", "val", "test")}
+    """The three splits, checked against meta.json and its checksums before any output is written."""
+    return {split: load_split(task_dir, split, verify=True) for split in ("train", "val", "test")}
 
 
 def _write_run_folder(run_dir: Path, result: training.Result, metrics: dict) -> list[Path]:
@@ -70,7 +72,9 @@ def _write_run_folder(run_dir: Path, result: training.Result, metrics: dict) -> 
 
 
 def _result_metrics(result: training.Result) -> dict:
-    return {"status": result.status, "best_val_acc": result.best_val_acc, "best_step": result.best_step,
+    evaluated = result.best_step > 0  # a run that diverged before its first evaluation has no best state
+    return {"status": result.status, "best_val_acc": result.best_val_acc if evaluated else None,
+            "best_step": result.best_step if evaluated else None,
             "test_acc": result.test_acc, "test_loss": result.test_loss, "diverged_step": result.diverged_step,
             "steps_done": result.steps_done}
 
@@ -84,12 +88,13 @@ def pretrain(settings: dict, runtime: dict, task_dir: Path, weights: Path, run_d
     set_trainable(model, ["emb", "ln1", "mha", "ln2", "fc1", "fc2"])
     cfg = _train_config(settings, runtime, settings["img_size"])
     cfg.check()
+    splits = _splits(task_dir)
     device = pick_device(runtime.get("device", "auto"))
     write_yaml(run_dir / "config.yaml", {"job": "pretrain", "settings": settings, "train": training.config_record(cfg)})
     with tracking.track_job(track, run_dir=run_dir, run_name=f"pretrain/{settings['model']}", kind="pretrain",
                             params=settings, tags={"device": str(device)}) as run:
         began = time.time()
-        result = training.train(model, _splits(task_dir), cfg, device, state_path=run_dir / "state.pt",
+        result = training.train(model, splits, cfg, device, state_path=run_dir / "state.pt",
                                 on_eval=run.log_history, progress=log)
         if result.status != "completed":
             raise UserError(f"pretraining diverged at step {result.diverged_step}; lower models.*.pretrain.lr")
@@ -122,13 +127,14 @@ def finetune(settings: dict, runtime: dict, task_dir: Path, weights: Path, run_d
     cfg = _train_config(settings, runtime, record["img_size"])
     cfg.mean, cfg.std = tuple(record["mean"]), tuple(record["std"])
     cfg.check()
+    splits = _splits(task_dir)
     write_yaml(run_dir / "config.yaml", {"job": "finetune", "settings": settings, "train": training.config_record(cfg),
                                          "checkpoint_sha256": record["sha256"]})
     name = f"{settings['task']}/{settings['arm']}/lr{settings['lr']:g}/seed{settings['seed']}"
     with tracking.track_job(track, run_dir=run_dir, run_name=name, kind="finetune", params=settings,
                             tags={"device": str(device)}) as run:
         began = time.time()
-        result = training.train(model, _splits(task_dir), cfg, device, state_path=run_dir / "state.pt",
+        result = training.train(model, splits, cfg, device, state_path=run_dir / "state.pt",
                                 on_eval=run.log_history, progress=log)
         params = dict(model.named_parameters())
         metrics = _result_metrics(result) | {
@@ -147,7 +153,7 @@ def measure_plasticity(settings: dict, runtime: dict, weights: Path, reference_d
                        out_table: Path, out_stats: Path, track: dict) -> pd.DataFrame:
     device = pick_device(runtime.get("device", "auto"))
     model, record = models.load_checkpoint(weights, num_classes=0)
-    reference, downstream = load_split(reference_dir, "test"), load_split(task_dir, "test")
+    reference, downstream = load_split(reference_dir, "test", verify=True), load_split(task_dir, "test", verify=True)
     run_dir = out_table.parent
     with tracking.track_job(track, run_dir=run_dir, run_name=f"plasticity/{settings['model']}/{settings['task']}",
                             kind="plasticity", params=settings, tags={"device": str(device)}) as run:
@@ -177,7 +183,7 @@ def compute_bounds(weights: Path, stats_path: Path, out: Path) -> pd.DataFrame:
 def linear_probe(settings: dict, runtime: dict, weights: Path, task_dir: Path, out: Path, track: dict) -> dict:
     device = pick_device(runtime.get("device", "auto"))
     model, record = models.load_checkpoint(weights, num_classes=0)
-    train, test = load_split(task_dir, "train"), load_split(task_dir, "test")
+    train, test = load_split(task_dir, "train", verify=True), load_split(task_dir, "test", verify=True)
     batch = runtime.get("eval_batch", 256)
     with tracking.track_job(track, run_dir=out.parent, run_name=f"probe/{settings['model']}/{settings['task']}",
                             kind="probe", params=settings, tags={"device": str(device)}) as run:

@@ -46,12 +46,31 @@ def save_checkpoint(weights: str | Path, model: torch.nn.Module, record: dict) -
     return record
 
 
+def _record_problem(record: object) -> str | None:
+    """What a sidecar lacks to describe a checkpoint, or None."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    absent = [key for key in ("arch", "img_size", "mean", "std", "sha256") if key not in record]
+    if not absent and not (isinstance(record["arch"], dict) and "timm_name" in record["arch"]):
+        absent = ["arch.timm_name"]
+    return f"lacks {', '.join(absent)}" if absent else None
+
+
 def load_checkpoint(weights: str | Path, num_classes: int, verify: bool = True) -> tuple[torch.nn.Module, dict]:
     """Build the checkpoint's architecture with a new `num_classes` head and load the backbone."""
     weights = Path(weights)
     if not weights.exists() or not sidecar_path(weights).exists():
         raise UserError(f"checkpoint {weights} (or its .json sidecar) is missing; run its fetch/pretrain rule")
-    record = read_json(sidecar_path(weights))
+    try:
+        record = read_json(sidecar_path(weights))
+        problem = _record_problem(record)
+    except ValueError as exc:
+        problem = f"not valid JSON: {exc}"
+    if problem:
+        raise UserError(
+            f"checkpoint sidecar {sidecar_path(weights)} is not a checkpoint record ({problem}); "
+            f"delete {weights} and its sidecar and fetch/pretrain it again"
+        )
     if verify and sha256_file(weights) != record.get("sha256"):
         raise UserError(
             f"checkpoint {weights} does not match the sha256 in its sidecar; delete both files and fetch it again"
@@ -64,6 +83,16 @@ def load_checkpoint(weights: str | Path, num_classes: int, verify: bool = True) 
         ) from exc
     model = build(record["arch"], num_classes)
     backbone = {k: v for k, v in state.items() if not k.startswith("head.")}
+    expected = model.state_dict()
+    wrong = [(k, list(v.shape), list(expected[k].shape)) for k, v in backbone.items()
+             if k in expected and v.shape != expected[k].shape]
+    if wrong:
+        name, have, want = wrong[0]
+        raise UserError(
+            f"checkpoint {weights} does not fit the architecture in its sidecar ({record['arch']['timm_name']} "
+            f"{record['arch'].get('kwargs', {})}): {len(wrong)} tensor(s) of the wrong shape, e.g. {name} is "
+            f"{have} in the file but {want} in the model; delete both files and fetch or pretrain it again"
+        )
     missing, unexpected = model.load_state_dict(backbone, strict=False)
     missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:

@@ -164,7 +164,7 @@ def load_split(folder: str | Path, split: str, verify: bool = False) -> Split:
             raise UserError(f"{path} does not match its checksum in meta.json; delete {folder} and prepare it again")
         try:
             arrays.append(np.load(path, mmap_mode="r"))
-        except ValueError as exc:
+        except (ValueError, EOFError) as exc:  # EOFError: an empty file
             raise UserError(f"{path} is truncated or corrupt ({exc}); delete {folder} and prepare it again") from exc
     images, labels = arrays
     expected = meta["splits"][split]
@@ -174,9 +174,9 @@ def load_split(folder: str | Path, split: str, verify: bool = False) -> Split:
             f"and {len(labels)} labels; delete {folder} and prepare it again"
         )
     num_classes = len(meta["classes"])
-    if len(labels) and int(np.max(labels)) >= num_classes:
+    if len(labels) and (int(np.max(labels)) >= num_classes or int(np.min(labels)) < 0):
         raise UserError(
-            f"{folder}/{split}: labels reach {int(np.max(labels))} but meta.json lists {num_classes} "
-            f"classes; delete {folder} and prepare it again"
+            f"{folder}/{split}: labels span {int(np.min(labels))}..{int(np.max(labels))} but meta.json lists "
+            f"{num_classes} classes; delete {folder} and prepare it again"
         )
     return Split(images=images, labels=labels)

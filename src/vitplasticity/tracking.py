@@ -122,16 +122,17 @@ def track_job(settings: dict | None, *, run_dir: Path, run_name: str, kind: str,
               tags: dict) -> Iterator[JobRun]:
     """Mirror one job into MLflow; the run is closed FINISHED, FAILED or KILLED as the block ends.
 
-    `settings`: `enabled`, `uri`, and either `experiment_id` (+ `parent_run_id`) or `store` (the
-    JSON written by `prepare_store`'s caller, + `parent`, a parent-run name), and `tags`.
+    `settings`: `enabled`, `uri`, `tags`, and either `experiment_id` (+ `parent_run_id`) or `store`:
+    the JSON record of `prepare_store`'s result (+ `uri`) and `parent`, a parent-run name in it.
+    The URI is `uri`, else MLFLOW_TRACKING_URI, else the record's.
     The store is checked before the block runs; an unreachable one raises `UserError`.
     """
     if not settings or not settings.get("enabled"):
         yield JobRun()
         return
-    uri = resolve_uri(settings.get("uri"))
+    experiment_id, parent_id, store_uri = _target(settings)
+    uri = resolve_uri(settings.get("uri"), store_uri)
     check_store(uri, create=False)
-    experiment_id, parent_id = _target(settings)
     client = _client(uri)
     _check_experiment(client, uri, experiment_id)
     all_tags = environment_tags() | {"kind": kind} | dict(settings.get("tags") or {}) | dict(tags)
@@ -237,7 +238,8 @@ def open_run(client: MlflowClient, run_dir: Path, *, run_name: str, experiment_i
     deleted and replaced by a new run.
     """
     flat = flatten_params(params)
-    tag_values = {k: v for k, v in tags.items() if not _is_credential(k, v)}
+    tag_values = {k[:MAX_KEY_LENGTH]: _truncate(str(v), MAX_TAG_LENGTH) for k, v in tags.items()
+                  if not _is_credential(k, v)}
     if parent_id:
         tag_values["mlflow.parentRunId"] = parent_id
     run = _recorded_run(client, run_dir / RUN_RECORD, experiment_id)
@@ -246,8 +248,7 @@ def open_run(client: MlflowClient, run_dir: Path, *, run_name: str, experiment_i
         client.delete_run(run.info.run_id)
         run = None
     if run is None:
-        run = client.create_run(experiment_id, start_time=start_time, run_name=run_name,
-                                tags={k: _truncate(str(v), MAX_TAG_LENGTH) for k, v in tag_values.items()})
+        run = client.create_run(experiment_id, start_time=start_time, run_name=run_name, tags=tag_values)
         run_id, last_steps, latest = run.info.run_id, {}, {}
         new_params = flat
     else:
@@ -381,10 +382,10 @@ def _read_history(path: Path) -> list[dict]:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
 
 
-def _target(settings: dict) -> tuple[str, str | None]:
-    """(experiment id, parent run id) from the settings, or from the store record they name."""
+def _target(settings: dict) -> tuple[str, str | None, str | None]:
+    """(experiment id, parent run id, store URI) from the settings, or from the store record they name."""
     if settings.get("experiment_id"):
-        return str(settings["experiment_id"]), settings.get("parent_run_id")
+        return str(settings["experiment_id"]), settings.get("parent_run_id"), None
     store = settings.get("store")
     if not store:
         raise UserError("tracking settings name no experiment_id and no store record; "
@@ -398,7 +399,7 @@ def _target(settings: dict) -> tuple[str, str | None]:
     parent_id = record["parent_run_ids"].get(parent) if parent else None
     if parent and parent_id is None:
         raise UserError(f"no parent run {parent!r} in {store}; delete it and rerun the make_tracking_store rule")
-    return str(record["experiment_id"]), parent_id
+    return str(record["experiment_id"]), parent_id, record.get("uri")
 
 
 def _check_experiment(client: MlflowClient, uri: str, experiment_id: str) -> None:

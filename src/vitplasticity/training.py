@@ -43,7 +43,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
     clip_norm: float = 1.0
-    micro_batch: int | None = None  # None: the whole batch at once
+    micro_batch: int | None = None  # None: automatic (whole batch on CPU, largest that fits on GPU)
+    compile: bool = False  # torch.compile the forward pass
     eval_batch: int = 256
     mean: tuple[float, ...] = transforms.IMAGENET_MEAN
     std: tuple[float, ...] = transforms.IMAGENET_STD
@@ -52,17 +53,19 @@ class TrainConfig:
     def check(self) -> None:
         """Invariants, each failing with the key and the fix."""
         if self.steps <= 0:
-            raise UserError(f"steps must be positive, got {self.steps}")
+            raise UserError(f"steps must be positive, got {self.steps}; set steps to at least 1")
         if not 0 < self.eval_every <= self.steps:
-            raise UserError(f"eval_every must be in 1..steps ({self.steps}), got {self.eval_every}")
+            raise UserError(f"eval_every must be in 1..steps ({self.steps}), got {self.eval_every}; "
+                            "set eval_every between 1 and steps")
         if self.batch_size <= 0:
-            raise UserError(f"batch_size must be positive, got {self.batch_size}")
+            raise UserError(f"batch_size must be positive, got {self.batch_size}; set batch_size to at least 1")
         if self.lr <= 0 or not math.isfinite(self.lr):
-            raise UserError(f"lr must be a positive number, got {self.lr}")
+            raise UserError(f"lr must be a positive number, got {self.lr}; set lr to a positive finite number")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"optimizer '{self.optimizer}' unknown; allowed: {', '.join(OPTIMIZERS)}")
         if self.micro_batch is not None and not 0 < self.micro_batch <= self.batch_size:
-            raise UserError(f"micro_batch must be in 1..batch_size ({self.batch_size}), got {self.micro_batch}")
+            raise UserError(f"micro_batch must be in 1..batch_size ({self.batch_size}), got {self.micro_batch}; "
+                            "set runtime.micro_batch in that range, or null for automatic")
 
 
 @dataclass
@@ -113,12 +116,52 @@ def evaluate(model: torch.nn.Module, split: Split, cfg: TrainConfig, device: tor
     return total_loss / count, correct / count
 
 
+def resident(images: np.ndarray, device: torch.device, limit_bytes: int = 4 << 30) -> np.ndarray | torch.Tensor:
+    """Small uint8 splits live on the GPU whole; others stay memory-mapped and are copied per batch."""
+    if device.type == "cuda" and images.nbytes <= limit_bytes:
+        return torch.from_numpy(np.asarray(images)).to(device)
+    return images
+
+
+def largest_micro_batch(forward, model, images, labels, cfg: TrainConfig, device: torch.device) -> int:
+    """Halve the micro-batch from the full batch until a forward + backward fits in GPU memory."""
+    if device.type != "cuda":
+        return cfg.batch_size
+    size = cfg.batch_size
+    while size > 1:
+        try:
+            part = np.arange(size) % len(labels)
+            batch = transforms.eval_batch(images[part], cfg.img_size, device, cfg.mean, cfg.std)
+            target = torch.as_tensor(np.asarray(labels)[part], device=device)
+            with autocast(device):
+                F.cross_entropy(forward(batch).float(), target).backward()
+            model.zero_grad(set_to_none=True)
+            return size
+        except torch.OutOfMemoryError:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            size //= 2
+    return 1
+
+
 def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_state(path: Path, step: int, model, optimizer, best: dict, history: list[dict]) -> None:
+# Machine settings that may change between an interrupted run and its resumption.
+_RESUMABLE_CHANGES = ("micro_batch", "eval_batch", "compile")
+
+
+def _resume_key(cfg: TrainConfig) -> dict:
+    """The settings a resumed run must share with the run that saved the state."""
+    record = config_record(cfg)
+    return {k: v for k, v in record.items() if k not in _RESUMABLE_CHANGES}
+
+
+def _save_state(path: Path, step: int, model, optimizer, best: dict, history: list[dict],
+                key: dict | None = None) -> None:
     state = {
+        "settings": key,
         "step": step,
         "params": {n: p.detach().cpu().clone() for n, p in _trainable(model).items()},
         "optimizer": optimizer.state_dict(),
@@ -129,16 +172,29 @@ def _save_state(path: Path, step: int, model, optimizer, best: dict, history: li
         torch.save(state, tmp)
 
 
-def _load_state(path: Path, model, optimizer) -> tuple[int, dict, list[dict]]:
+def _load_state(path: Path, model, optimizer, key: dict | None = None) -> tuple[int, dict, list[dict]] | None:
+    """Restore a saved state (safely: tensors and plain data only); None if another run's settings saved it."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file means: start over
-        raise UserError(f"resume state {path} is unreadable ({exc}); delete it to restart the run") from exc
+        # Not torch's text: it suggests weights_only=False, which would run whatever the file holds.
+        raise UserError(f"resume state {path} is unreadable ({type(exc).__name__}: not a file of tensors and "
+                        "plain data); delete it to restart the run") from exc
     params = _trainable(model)
+    if not isinstance(state, dict) or not {"step", "params", "optimizer", "best", "history"} <= state.keys():
+        raise UserError(f"resume state {path} is not a training state; delete it to restart the run")
+    saved = state["params"]
+    if (key is not None and state.get("settings") != key) or saved.keys() != params.keys() or any(
+            saved[name].shape != params[name].shape for name in params):
+        return None
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as exc:
+        raise UserError(f"resume state {path} does not fit this run's optimizer ({exc}); "
+                        "delete it to restart the run") from exc
     with torch.no_grad():
-        for name, value in state["params"].items():
+        for name, value in saved.items():
             params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
     return state["step"], state["best"], state["history"]
 
 
@@ -156,11 +212,19 @@ def train(
     model.to(device)
     params = list(_trainable(model).values())
     optimizer = make_optimizer(params, cfg, device)
-    micro = cfg.micro_batch or cfg.batch_size
+    forward = torch.compile(model) if cfg.compile else model
+    train_images = resident(splits["train"].images, device)
+    micro = cfg.micro_batch or largest_micro_batch(forward, model, train_images, splits["train"].labels, cfg, device)
+    if micro < cfg.batch_size:
+        progress(f"micro-batch {micro}, {-(-cfg.batch_size // micro)} accumulation steps per batch of {cfg.batch_size}")
     start_step, best, history = 0, {"val_acc": -1.0, "step": -1, "params": None}, []
     if state_path is not None and state_path.exists():
-        start_step, best, history = _load_state(state_path, model, optimizer)
-        progress(f"resuming from step {start_step}")
+        resumed = _load_state(state_path, model, optimizer, _resume_key(cfg))
+        if resumed is None:
+            progress(f"{state_path} was saved by a run with other settings or components; starting over")
+        else:
+            start_step, best, history = resumed
+            progress(f"resuming from step {start_step}")
     train_split, reported = splits["train"], len(history)
     began, diverged_step = time.time(), None
     for step in range(start_step, cfg.steps):
@@ -169,16 +233,20 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         index = batch_indices(len(train_split.labels), cfg.batch_size, step, cfg.seed)
-        generator = step_generator(cfg.seed, step, stream=1)
+        # Augmentation is drawn for the whole batch, so the micro-batch size cannot change it.
+        height, width = train_images.shape[1:3]
+        boxes, flips = transforms.sample_crop_flip(cfg.batch_size, height, width,
+                                                   step_generator(cfg.seed, step, stream=1))
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for start in range(0, cfg.batch_size, micro):
             part = index[start : start + micro]
-            images = transforms.train_batch(train_split.images[part], cfg.img_size, device, generator,
-                                            cfg.mean, cfg.std)
+            draws = (boxes[start : start + micro], flips[start : start + micro])
+            images = transforms.train_batch(train_images[part], cfg.img_size, device, None,
+                                            cfg.mean, cfg.std, draws=draws)
             labels = torch.as_tensor(np.asarray(train_split.labels[part]), device=device)
             with autocast(device):
-                loss = F.cross_entropy(model(images).float(), labels) * (len(part) / cfg.batch_size)
+                loss = F.cross_entropy(forward(images).float(), labels) * (len(part) / cfg.batch_size)
             loss.backward()
             step_loss += loss.item()
         if not math.isfinite(step_loss):
@@ -199,7 +267,7 @@ def train(
             rate = (step + 1 - start_step) / max(time.time() - began, 1e-9)
             progress(f"step {step + 1}/{cfg.steps} loss {step_loss:.4f} val_acc {val_acc:.4f} ({rate:.1f} steps/s)")
             if state_path is not None and step + 1 < cfg.steps:
-                _save_state(state_path, step + 1, model, optimizer, best, history)
+                _save_state(state_path, step + 1, model, optimizer, best, history, _resume_key(cfg))
             if on_eval is not None:
                 on_eval(history[reported:])
                 reported = len(history)

@@ -75,11 +75,22 @@ def sample_crop_boxes(
     return torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
 
 
-def random_resized_crop_flip(batch: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """RandomResizedCrop(size) + RandomHorizontalFlip for a whole batch. (B, 3, size, size)"""
-    count, _, height, width = batch.shape
+def sample_crop_flip(
+    count: int, height: int, width: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random draws of `random_resized_crop_flip` for `count` images: crop boxes (count, 4) and flips (count,).
+
+    Drawing them for a whole batch at once makes the augmentation independent of how the
+    batch is later split into micro-batches.
+    """
     boxes = sample_crop_boxes(count, height, width, generator)
     flips = torch.rand(count, generator=generator) < 0.5
+    return boxes, flips
+
+
+def crop_flip(batch: torch.Tensor, size: int, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Crop each image to its box, resize to (size, size) and flip where `flips` says. (B, 3, size, size)"""
+    count = batch.shape[0]
     rois = torch.cat([torch.arange(count, dtype=torch.float32)[:, None], boxes], dim=1)
     out = roi_align(batch, rois.to(batch.device, batch.dtype), output_size=(size, size),
                     spatial_scale=1.0, sampling_ratio=2, aligned=True)
@@ -87,12 +98,25 @@ def random_resized_crop_flip(batch: torch.Tensor, size: int, generator: torch.Ge
     return torch.where(flips[:, None, None, None], out.flip(-1), out)
 
 
+def random_resized_crop_flip(batch: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """RandomResizedCrop(size) + RandomHorizontalFlip for a whole batch. (B, 3, size, size)"""
+    count, _, height, width = batch.shape
+    return crop_flip(batch, size, *sample_crop_flip(count, height, width, generator))
+
+
 def eval_batch(images, size: int, device: torch.device, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """uint8 (B, H, W, 3) → normalised eval tensor (B, 3, size, size)."""
     return normalize(resize_center_crop(to_tensor(images, device), size), mean, std)
 
 
-def train_batch(images, size: int, device: torch.device, generator: torch.Generator,
-                mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """uint8 (B, H, W, 3) → augmented, normalised train tensor (B, 3, size, size)."""
-    return normalize(random_resized_crop_flip(to_tensor(images, device), size, generator), mean, std)
+def train_batch(images, size: int, device: torch.device, generator: torch.Generator | None,
+                mean=IMAGENET_MEAN, std=IMAGENET_STD, draws: tuple[torch.Tensor, torch.Tensor] | None = None,
+                ) -> torch.Tensor:
+    """uint8 (B, H, W, 3) → augmented, normalised train tensor (B, 3, size, size).
+
+    `draws` (boxes, flips) from `sample_crop_flip` replace drawing from `generator`.
+    """
+    batch = to_tensor(images, device)
+    if draws is None:
+        return normalize(random_resized_crop_flip(batch, size, generator), mean, std)
+    return normalize(crop_flip(batch, size, *draws), mean, std)

@@ -16,7 +16,8 @@
 # The node is the local host, declared with SlurmdParameters=config_overrides at
 # (at least) VITPLASTICITY_SLURM_CPUS CPUs and VITPLASTICITY_SLURM_MEM_MB MB so that a
 # profile's real per-job requests can be submitted unchanged on a small test machine,
-# plus one fake GPU (gres gpu:fake:1 backed by /dev/null) for `--gpus` requests.
+# plus VITPLASTICITY_SLURM_GPUS (default 1) fake GPUs (gres gpu:fake:N, device files
+# linked to /dev/null) so that `--gpus` requests can be tested.
 # Requires root (slurmd launches jobs; the daemons run as root here).
 set -euo pipefail
 
@@ -44,7 +45,11 @@ log() {
 
 [[ $# -eq 2 ]] || usage
 readonly CMD="$1"
-mkdir -p "$2"
+if [[ "$CMD" == start ]]; then
+  mkdir -p "$2"
+elif [[ ! -d "$2" ]]; then
+  die "$2 is not a directory (start a cluster there first)"
+fi
 STATE="$(cd "$2" && pwd)"
 readonly STATE
 readonly ETC="$STATE/etc"
@@ -55,7 +60,7 @@ readonly MUNGE_SOCKET="$RUN/munge.socket"
 readonly DB_SOCKET="$RUN/mysqld.sock"
 export SLURM_CONF="$SLURM_CONF_FILE"
 
-# Daemons in start order: name, pid file, expected /proc/PID/comm.
+# Daemons in start order; each writes RUN/<name>.pid and runs as a process named <name>.
 readonly DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
 
 pid_file() {
@@ -113,16 +118,19 @@ wait_for() {
 }
 
 write_configs() {
-  local host node_line real_cpus real_mem cpus mem
+  local host node node_line real_cpus real_mem cpus mem gpus
   # shellcheck source=/dev/null
   source "$STATE/ports.env"
-  host="$(hostname -s)"
   node_line="$(slurmd -C | head -n 1)"
+  node="$(sed -n 's/^NodeName=\([^ ]*\).*/\1/p' <<<"$node_line")"
+  host="$(hostname -s)"
   real_cpus="$(sed -n 's/.* CPUs=\([0-9]*\).*/\1/p' <<<"$node_line")"
   real_mem="$(sed -n 's/.* RealMemory=\([0-9]*\).*/\1/p' <<<"$node_line")"
-  [[ -n "$real_cpus" && -n "$real_mem" ]] || die "cannot parse 'slurmd -C': $node_line"
+  [[ -n "$node" && -n "$real_cpus" && -n "$real_mem" ]] || die "cannot parse 'slurmd -C': $node_line"
   cpus="${VITPLASTICITY_SLURM_CPUS:-16}"
   mem="${VITPLASTICITY_SLURM_MEM_MB:-65536}"
+  gpus="${VITPLASTICITY_SLURM_GPUS:-1}"
+  [[ "$gpus" =~ ^[1-9][0-9]*$ ]] || die "VITPLASTICITY_SLURM_GPUS must be a positive integer"
   ((cpus >= real_cpus)) || cpus="$real_cpus"
   ((mem >= real_mem * 9 / 10)) || mem=$((real_mem * 9 / 10))
 
@@ -156,6 +164,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=256
 ReturnToService=2
+# Cancelled jobs get SIGTERM, then SIGKILL after this many seconds.
+KillWait=5
 # squeue keeps finished jobs this long; the Snakemake plugin's squeue status
 # command needs MinJobAge >= 3 x its first status-check delay.
 MinJobAge=300
@@ -165,17 +175,21 @@ AccountingStoragePort=$DBD_PORT
 # For slurmdbd connections the munge socket comes from here, not from AuthInfo.
 AccountingStoragePass=$MUNGE_SOCKET
 AccountingStoreFlags=job_comment
-AccountingStorageTRES=gres/gpu
+AccountingStorageTRES=gres/gpu,gres/gpu:fake
 JobCompType=jobcomp/none
 GresTypes=gpu
 # The node is declared larger than the machine may be, so real profiles fit.
 SlurmdParameters=config_overrides
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$mem Gres=gpu:fake:1 State=UNKNOWN
+NodeName=$node NodeAddr=127.0.0.1 CPUs=$cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$mem Gres=gpu:fake:$gpus State=UNKNOWN
 PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 
+  # Fake GPUs: device "files" that are links to /dev/null, one per GPU.
+  local i
+  rm -rf "${STATE:?}/dev" && mkdir -p "$STATE/dev"
+  for ((i = 0; i < gpus; i++)); do ln -s /dev/null "$STATE/dev/fake-gpu$i"; done
   cat >"$ETC/gres.conf" <<EOF
-NodeName=$host Name=gpu Type=fake File=/dev/null Count=1
+NodeName=$node Name=gpu Type=fake File=$STATE/dev/fake-gpu[0-$((gpus - 1))]
 EOF
 
   cat >"$ETC/slurmdbd.conf" <<EOF
@@ -219,7 +233,9 @@ start_munged() {
   fi
   chmod 0600 "$ETC/munge.key"
   rm -f "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
-  munged --key-file="$ETC/munge.key" --socket="$MUNGE_SOCKET" \
+  # --force: munged refuses sockets below directories others cannot search (such as
+  # pytest's 0700 temporary directories); every client here runs as root anyway.
+  munged --force --key-file="$ETC/munge.key" --socket="$MUNGE_SOCKET" \
     --pid-file="$(pid_file munged)" --log-file="$LOGS/munged.log" \
     --seed-file="$STATE/spool/munged.seed" </dev/null \
     || die "munged failed to start; see $LOGS/munged.log"
@@ -227,11 +243,12 @@ start_munged() {
 }
 
 db_client() {
-  mariadb --no-defaults --protocol=socket --socket="$DB_SOCKET" -uroot "$@"
+  mariadb --no-defaults --protocol=socket --socket="$DB_SOCKET" -uroot
 }
 
 start_mariadbd() {
   if running_pid mariadbd >/dev/null; then return 0; fi
+  # shellcheck source=/dev/null
   source "$STATE/ports.env"
   local fresh=0
   if [[ ! -d "$STATE/mysql/mysql" ]]; then
@@ -328,8 +345,21 @@ stop_daemon() {
   log "stopped $name (pid $pid)"
 }
 
+no_jobs_left() {
+  [[ -z "$(squeue -h -o %A 2>/dev/null)" ]]
+}
+
 cmd_stop() {
-  local i
+  local i jobs
+  # Jobs first: their slurmstepd processes would outlive slurmd.
+  if running_pid slurmctld >/dev/null && jobs="$(squeue -h -o %A 2>/dev/null)" \
+    && [[ -n "$jobs" ]]; then
+    log "cancelling jobs ${jobs//$'\n'/ }"
+    # shellcheck disable=SC2086
+    scancel $jobs || true
+    local deadline=$((SECONDS + 30))
+    until no_jobs_left || ((SECONDS >= deadline)); do sleep 0.5; done
+  fi
   for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do
     stop_daemon "${DAEMONS[i]}"
   done

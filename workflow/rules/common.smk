@@ -11,7 +11,8 @@ from vitplasticity.errors import UserError
 try:
     check_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 except UserError as error:
-    sys.exit(f"{VITPLASTICITY} config error: {error}")
+    print(f"vitplasticity config error: {error}", file=sys.stderr)
+    sys.exit(1)
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 
 # The package's command line, run by the Python that runs this workflow.
@@ -113,7 +114,7 @@ def get_all_targets():
 
 
 def get_prepare_settings(wildcards):
-    return json.dumps({"name": wildcards.task, "data": TASKS[wildcards.task]["data"]})
+    return json.dumps({"name": wildcards.task, "data": TASKS[wildcards.task]["data"]}, sort_keys=True)
 
 
 def get_raw_dir(wildcards):

@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 from vitplasticity.errors import UserError
+from vitplasticity.fileio import remove_stale_temps
 
 
 def extract(archive: Path, dest: Path, stamp: str) -> None:
@@ -24,6 +25,7 @@ def extract(archive: Path, dest: Path, stamp: str) -> None:
     if marker.exists() and marker.read_text() == stamp:
         return
     print(f"extract {archive.name} into {dest}", file=sys.stderr, flush=True)
+    remove_stale_temps(dest / archive.name)  # what a killed extraction left (callers hold the raw-folder lock)
     tmp = Path(tempfile.mkdtemp(dir=dest, prefix=f".{archive.name}.", suffix=".tmp"))
     try:
         try:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from vitplasticity.errors import UserError
+from vitplasticity.errors import UserError, redact
 
 CHUNK_BYTES = 1 << 20
 TIMEOUT_SECONDS = 60
@@ -194,4 +194,4 @@ def _mib(size: int) -> str:
 
 
 def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    print(redact(line), file=sys.stderr, flush=True)

@@ -1,0 +1,147 @@
+"""Study configs: the shipped ones pass; a malformed one fails with one line naming the key and the fix."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vitplasticity.config import check_config, load_config
+from vitplasticity.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+QUICK = yaml.safe_load((ROOT / "config" / "quick.yaml").read_text())
+PAPER = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", ["config/quick.yaml", "config/config.yaml", "tests/data/smoke.yaml"])
+def test_shipped_configs_pass(name):
+    config = load_config(ROOT / name, SCHEMA)
+    assert config["experiments"]["main"]["tasks"]
+
+
+def _set(config, path, value):
+    *parents, last = path.split("/")
+    node = config
+    for key in parents:
+        node = node[key]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return config
+
+
+DELETE = object()
+
+# (base config, path to change, new value, snippets the one-line message must contain)
+MALFORMED = {
+    "unknown top-level key": (QUICK, "optimiser", "sgd", [
+        "config key '<top level>': unknown key(s) 'optimiser'", "allowed keys: arms, experiments, finetune"]),
+    "unknown task key": (QUICK, "tasks/shapes_novel/step", 100, [
+        "config key 'tasks.shapes_novel': unknown key(s) 'step'", "allowed keys: data, eval_every, lrs, steps"]),
+    "wrong type": (QUICK, "tasks/shapes_novel/steps", "many", [
+        "config key 'tasks.shapes_novel.steps'", "'many' is not of type 'integer'"]),
+    "lrs not a list": (QUICK, "tasks/shapes_noise/lrs", 0.01, [
+        "config key 'tasks.shapes_noise.lrs'", "is not of type 'array'"]),
+    "empty lrs": (QUICK, "tasks/shapes_novel/lrs", [], ["config key 'tasks.shapes_novel.lrs': must not be empty"]),
+    "unknown arm component": (QUICK, "arms/mha", ["attn"], [
+        "config key 'arms.mha.0': 'attn' is not allowed; allowed values: emb, ln1, mha, ln2, fc1, fc2"]),
+    "experiment with unknown model": (QUICK, "experiments/main/model", "vit_huge", [
+        "config key 'experiments.main.model': unknown model 'vit_huge'; allowed: vit_quick"]),
+    "experiment with unknown task": (QUICK, "experiments/main/tasks", ["shapes_novel", "cifar10"], [
+        "config key 'experiments.main.tasks': unknown task 'cifar10'",
+        "allowed: shapes, shapes_novel, shapes_noise, shapes_sketch"]),
+    "experiment with unknown arm": (QUICK, "experiments/main/arms", ["mha", "attention"], [
+        "config key 'experiments.main.arms': unknown arm 'attention'", "allowed: all, emb, ln1, mha"]),
+    "experiment task without a protocol": (QUICK, "experiments/main/tasks", ["shapes"], [
+        "config key 'tasks.shapes.steps': required because experiment 'main' finetunes on it"]),
+    "eval_every > steps": (QUICK, "tasks/shapes_sketch/eval_every", 200, [
+        "config key 'tasks.shapes_sketch.eval_every': 200 exceeds steps (150); set it to at most steps"]),
+    "pretrain eval_every > steps": (QUICK, "models/vit_quick/pretrain/eval_every", 5000, [
+        "config key 'models.vit_quick.pretrain.eval_every': must not exceed steps (1200)"]),
+    "pretrain on unknown task": (QUICK, "models/vit_quick/pretrain/task", "imagenet", [
+        "config key 'models.vit_quick.pretrain.task': unknown task 'imagenet'; allowed: shapes"]),
+    "img_size not divisible by patch": (QUICK, "models/vit_quick/img_size", 36, [
+        "config key 'models.vit_quick.img_size': 36 is not divisible by the patch size 8; choose a multiple of 8"]),
+    "unknown data source": (QUICK, "tasks/shapes/data/source", "mnist", [
+        "config key 'tasks.shapes.data.source': 'mnist' is not allowed; allowed values: synthetic, cifar10"]),
+    "unknown synthetic kind": (QUICK, "tasks/shapes/data/kind", "photo", [
+        "config key 'tasks.shapes.data.kind': 'photo' is not allowed; allowed values: source, novel, corrupt, sketch"]),
+    "synthetic task missing a size": (QUICK, "tasks/shapes/data/n_train", DELETE, [
+        "config key 'tasks.shapes.data.n_train': required for synthetic tasks"]),
+    "synthetic corrupt without corruption": (QUICK, "tasks/shapes_noise/data/corruption", DELETE, [
+        "config key 'tasks.shapes_noise.data.corruption': None is not allowed",
+        "allowed values: gaussian_noise, motion_blur, contrast"]),
+    "synthetic corrupt with unknown corruption": (QUICK, "tasks/shapes_noise/data/corruption", "fog", [
+        "config key 'tasks.shapes_noise.data.corruption': 'fog' is not allowed"]),
+    "patch size not a number": (QUICK, "models/vit_quick/kwargs/patch_size", "8", [
+        "config key 'models.vit_quick.kwargs.patch_size': must be a positive integer, got '8'"]),
+    "patch size zero": (QUICK, "models/vit_quick/kwargs/patch_size", 0, [
+        "config key 'models.vit_quick.kwargs.patch_size': must be a positive integer, got 0"]),
+    "unknown reference task": (QUICK, "plasticity/reference_task", "imagenet_val", [
+        "config key 'plasticity.reference_task': unknown task 'imagenet_val'; allowed: shapes, shapes_novel"]),
+    "unknown plasticity mode": (QUICK, "plasticity/modes", ["embedding", "deep"], [
+        "config key 'plasticity.modes.1': 'deep' is not allowed; allowed values: embedding, hidden"]),
+    "pretrained_tag missing": (PAPER, "models/vit_b16/pretrained_tag", DELETE, [
+        "config key 'models.vit_b16.pretrained_tag': required when source is timm (e.g. orig_in21k)"]),
+    "pretrained_tag null": (PAPER, "models/vit_l16/pretrained_tag", None, [
+        "config key 'models.vit_l16.pretrained_tag': required when source is timm"]),
+    "negative steps": (QUICK, "tasks/shapes_novel/steps", -5, [
+        "config key 'tasks.shapes_novel.steps': -5 is less than the minimum of 1"]),
+    "zero lr": (QUICK, "tasks/shapes_novel/lrs", [0.01, 0], [
+        "config key 'tasks.shapes_novel.lrs.1': 0 is less than or equal to the minimum of 0"]),
+    "unknown model source": (QUICK, "models/vit_quick/source", "hub", [
+        "config key 'models.vit_quick.source': 'hub' is not allowed; allowed values: timm, pretrain"]),
+    "missing required section": (QUICK, "finetune", DELETE, [
+        "config key '<top level>': 'finetune' is a required property"]),
+    "unknown optimizer": (PAPER, "experiments/adamw/optimizer", "adam", [
+        "config key 'experiments.adamw.optimizer': 'adam' is not allowed; allowed values: sgd, adamw"]),
+    "duplicate seeds": (QUICK, "finetune/seeds", [0, 0], ["config key 'finetune.seeds'", "non-unique elements"]),
+    "severity out of range": (QUICK, "tasks/shapes_noise/data/severity", 6, [
+        "config key 'tasks.shapes_noise.data.severity': 6 is greater than the maximum of 5"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_config_fails_with_one_line_naming_the_key(case):
+    base, path, value, snippets = MALFORMED[case]
+    config = _set(copy.deepcopy(base), path, value)
+    with pytest.raises(UserError) as error:
+        check_config(config, SCHEMA)
+    message = str(error.value)
+    assert "\n" not in message
+    for snippet in snippets:
+        assert snippet in message, message
+
+
+def test_patch_size_from_kwargs_wins_over_the_top_level_one():
+    config = copy.deepcopy(QUICK)
+    config["models"]["vit_quick"]["patch_size"] = 16  # kwargs say 8 and 32 % 8 == 0
+    check_config(config, SCHEMA)
+    config["models"]["vit_quick"]["kwargs"]["patch_size"] = 6
+    with pytest.raises(UserError, match="not divisible by the patch size 6"):
+        check_config(config, SCHEMA)
+
+
+def test_unreadable_or_empty_files(tmp_path):
+    with pytest.raises(UserError, match="cannot read config .*missing.yaml"):
+        load_config(tmp_path / "missing.yaml", SCHEMA)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("study: [unclosed\n")
+    with pytest.raises(UserError, match="cannot read config .*broken.yaml.*line 1, column 8.*fix the file") as error:
+        load_config(broken, SCHEMA)
+    assert "\n" not in str(error.value)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(UserError, match="config key '<top level>': None is not of type 'object'"):
+        load_config(empty, SCHEMA)
+
+
+def test_quick_config_content_matches_the_study_design():
+    assert QUICK["arms"]["smooth"] == ["ln1", "ln2"]
+    assert QUICK["arms"]["non_smooth"] == ["mha", "fc1", "fc2"]
+    assert PAPER["finetune"]["seeds"] == [0, 42, 3407]
+    assert PAPER["tasks"]["clipart"]["lrs"] == [0.003, 0.01, 0.03, 0.06]
+    assert PAPER["experiments"]["adamw"]["lr_scale"] == 0.01
