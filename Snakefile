@@ -12,7 +12,23 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
+envvars:
+    "PATH",
+
+
 include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    model=_alternatives(MODELS),
+    task=_alternatives(TASKS),
+    experiment=_alternatives(EXPERIMENTS),
+    optimizer="sgd|adamw",
+    arm=_alternatives(ARMS),
+    seed=r"\d+",
+    lr=r"[0-9.e+-]+",
+
+
 include: "workflow/rules/datasets.smk"
 include: "workflow/rules/checkpoints.smk"
 include: "workflow/rules/plasticity.smk"

@@ -129,6 +129,14 @@ def option(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
 
+def runs_command(argv: list[str], command: str) -> bool:
+    """Whether a process is `python -m vitplasticity <command>` or the `vitplasticity <command>` script."""
+    for i, arg in enumerate(argv[1:-1], 1):
+        if arg == "vitplasticity" and argv[i - 1] == "-m" or Path(arg).name == "vitplasticity":
+            return argv[i + 1] == command
+    return False
+
+
 def vitplasticity_jobs(root: psutil.Process, command: str) -> list[tuple[psutil.Process, list[str]]]:
     """The `vitplasticity <command>` processes among `root` and its descendants."""
     found = []
@@ -136,7 +144,7 @@ def vitplasticity_jobs(root: psutil.Process, command: str) -> list[tuple[psutil.
         for proc in [root, *root.children(recursive=True)]:
             with contextlib.suppress(psutil.Error):
                 argv = proc.cmdline()
-                if argv[1:4] == ["-m", "vitplasticity", command]:
+                if runs_command(argv, command):
                     found.append((proc, argv))
     return found
 
@@ -162,7 +170,8 @@ def kill_job_when(parent: subprocess.Popen, command: str, ready: Callable[[list[
                     for victim in victims:
                         with contextlib.suppress(psutil.NoSuchProcess):
                             victim.kill()
-                    proc.wait(60)
+                    if proc.pid != parent.pid:  # the caller reaps its own child, and gets its exit status
+                        proc.wait(60)
                     return argv
                 proc.resume()
             except psutil.NoSuchProcess:
@@ -345,7 +354,7 @@ FILE_CASES = {
         "deserializing header: header too large); delete it and fetch it again"),
     "checkpoint of another architecture": (_other_architecture, finetune_argv,
         "vitplasticity finetune: error: checkpoint {ckpt} does not fit the architecture in its sidecar "
-        "(vit_tiny_patch16_224 {'img_size': 16, 'patch_size': 8, 'embed_dim': 64, 'depth': 2, 'num_heads': 2}): "
+        "(vit_tiny_patch16_224 {'depth': 2, 'embed_dim': 64, 'img_size': 16, 'num_heads': 2, 'patch_size': 8}): "
         "30 tensor(s) of the wrong shape, e.g. blocks.0.attn.proj.bias is [32] in the file but [64] in the "
         "model; delete both files and fetch or pretrain it again"),
     "checkpoint without its sidecar": (_unlink(SIDECAR), finetune_argv,
@@ -789,7 +798,9 @@ def test_a_credential_in_a_download_url_is_never_printed(tmp_path, capsys):
     assert not (tmp_path / "prepared").exists()
 
 
-HOST_OPTION = re.compile(r"--(?:host|bind|bind-address)['\"]?\s*[=,]?\s*['\"]?([^\s'\",)]+)")
+# `--host X`, `--bind-address=X`, `"--host", "X"`; and ("X", port) given to a socket or server.
+HOST_OPTION = re.compile(r"--(?:bind-address|host|bind)(?:=|['\"]?,?\s+['\"]?)([^\s'\",)]+)")
+SERVER_CALL = re.compile(r"\bbind\(|Server\(|create_server\(|__init__\(\(")
 SOCKET_ADDRESS = re.compile(r"\(\s*['\"]([^'\"]*)['\"]\s*,\s*(?:\d+|port)\s*\)")
 
 
@@ -801,8 +812,8 @@ def test_servers_in_docs_and_tests_listen_on_127_0_0_1_only():
         if path.resolve() == Path(__file__).resolve() or not path.exists():
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
-            hosts = HOST_OPTION.findall(line) + SOCKET_ADDRESS.findall(line)
-            if "0.0.0.0" in line or any(host not in ("127.0.0.1", "$host", "${host}") for host in hosts):
+            hosts = HOST_OPTION.findall(line) + (SOCKET_ADDRESS.findall(line) if SERVER_CALL.search(line) else [])
+            if "0.0.0.0" in line or any(host != "127.0.0.1" for host in hosts):
                 offences.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert offences == []
 

@@ -278,9 +278,7 @@ def test_embedded_sqlite_store(tmp_path):
         pass
     prepared = tracking.prepare_store(uri, "tests", [PARENT])
     assert tracking.prepare_store(uri, "tests", [PARENT]) == prepared
-    store = tmp_path / "tracking.json"
-    store.write_text(json.dumps(prepared))
-    settings = {"enabled": True, "uri": uri, "store": str(store), "parent": PARENT, "tags": {}}
+    settings = job_settings(uri, prepared)
     run_dir = tmp_path / "results" / "runs" / "a"
     run_dir.mkdir(parents=True)
     (run_dir / "history.csv").write_text("step,loss\n1,0.5\n")

@@ -8,8 +8,9 @@ Each comparison uses the same model shape, batch and output shape on both sides.
   @ v); plasticity as their analysis loop does it: per batch and stream one embedding pass, every
   component of every block applied to it separately, all outputs kept (moved to the CPU) and the
   distances taken afterwards.
-- Project: prepared uint8 arrays → ``transforms.train_batch`` (batched crop, flip, normalise); timm's
-  fused SDPA attention; bf16 autocast and a fused optimizer on GPU; ``plasticity.measure``.
+- Project: prepared uint8 arrays (whole on the GPU when small, as training keeps them) →
+  ``transforms.train_batch`` (batched crop, flip, normalise); timm's fused SDPA attention; bf16 autocast
+  and a fused optimizer on GPU; the training loop's step; ``plasticity.measure``.
 
 Timed windows of the two sides alternate (``rounds``) so that a change in machine load hits both;
 warm-up is excluded, and so is starting a DataLoader's workers (its first batch is fetched before the
@@ -185,6 +186,7 @@ def compare(name: str, baseline: Window, project: Window, warmup: tuple[Window, 
 def bench_data(cfg: BenchConfig, device: torch.device) -> dict:
     """uint8 arrays → normalised, augmented `img_size` float batches on the device."""
     split = random_split(cfg.num_images, cfg.source_size, cfg.num_classes, seed=0)
+    images = training.resident(split.images, device)
     step = 0
 
     def baseline_window(batches: int) -> Callable[[], int]:
@@ -198,7 +200,7 @@ def bench_data(cfg: BenchConfig, device: torch.device) -> dict:
         nonlocal step
         for _ in range(batches):
             index = training.batch_indices(cfg.num_images, cfg.data_batch, step, seed=0)
-            transforms.train_batch(split.images[index], cfg.img_size, device, runtime.step_generator(0, step, 1))
+            transforms.train_batch(images[index], cfg.img_size, device, runtime.step_generator(0, step, 1))
             step += 1
         return batches * cfg.data_batch
 
@@ -233,6 +235,7 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
 def bench_finetune(cfg: BenchConfig, device: torch.device, override_tflops: float | None = None) -> dict:
     """Data + forward + backward + clip + SGD step, every parameter trained."""
     split = random_split(cfg.num_images, cfg.source_size, cfg.num_classes, seed=1)
+    train_images = training.resident(split.images, device)
     baseline, project = build_models(cfg.arch, cfg, device)
     per_image = flops_per_image(baseline, cfg.img_size, device)
     micro = cfg.micro_batch or cfg.train_batch
@@ -267,14 +270,17 @@ def bench_finetune(cfg: BenchConfig, device: torch.device, override_tflops: floa
         return lambda: baseline_run(batches, steps)
 
     def project_run(steps: int) -> int:
+        """As `training.train` does a step."""
         nonlocal step
         for _ in range(steps):
             index = training.batch_indices(cfg.num_images, cfg.train_batch, step, seed=0)
-            generator = runtime.step_generator(0, step, stream=1)
+            boxes, flips = transforms.sample_crop_flip(cfg.train_batch, cfg.source_size, cfg.source_size,
+                                                       runtime.step_generator(0, step, stream=1))
             proj_opt.zero_grad(set_to_none=True)
             for start in range(0, cfg.train_batch, micro):
                 part = index[start : start + micro]
-                images = transforms.train_batch(split.images[part], cfg.img_size, device, generator)
+                draws = (boxes[start : start + micro], flips[start : start + micro])
+                images = transforms.train_batch(train_images[part], cfg.img_size, device, None, draws=draws)
                 labels = torch.as_tensor(split.labels[part], device=device)
                 with runtime.autocast(device):
                     loss = F.cross_entropy(project(images).float(), labels) * (len(part) / cfg.train_batch)

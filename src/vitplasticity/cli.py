@@ -82,6 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-table", type=Path, required=True)
     p.add_argument("--out-figure", type=Path, required=True)
 
+    p = sub.add_parser("bench", help="throughput of this project's paths against the authors' approach")
+    p.add_argument("--quick", action="store_true", help="small sizes: under a minute on a 2-core CPU")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak of this accelerator, for FLOPs utilisation")
+
+    p = sub.add_parser("tracking", help="MLflow store: create it before the jobs, or rebuild it from run folders")
+    actions = p.add_subparsers(dest="action", required=True)
+    uri_help = "tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///<abs>/results/mlflow.db)"
+    a = actions.add_parser("prepare", help="create the store, the experiment and the parent runs, once before jobs")
+    a.add_argument("--uri", default=None, help=uri_help)
+    a.add_argument("--experiment", required=True, help="experiment name (the study name)")
+    a.add_argument("--parents", nargs="*", default=[], help="parent-run names (model/task/optimizer)")
+    a.add_argument("--out", type=Path, required=True, help="JSON record the jobs read (results/tracking.json)")
+    a.add_argument("--disabled", action="store_true", help="tracking is off: record that, create no store")
+    a = actions.add_parser("rebuild", help="recreate the MLflow runs from the run folders")
+    a.add_argument("--uri", default=None, help=uri_help)
+    a.add_argument("--experiment", required=True, help="experiment name (the study name)")
+    a.add_argument("--results", type=Path, default=Path("results"), help="the study's results folder")
+
     p = sub.add_parser("figures", help="figures of one experiment from its tables")
     p.add_argument("--tables", type=Path, required=True)
     p.add_argument("--out-dir", type=Path, required=True)
@@ -110,6 +130,9 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.command == "tracking":
+        _tracking(args)
+        return
     settings = json_option("settings", getattr(args, "settings", "{}"))
     runtime = json_option("runtime", getattr(args, "runtime", "{}"))
     track = json_option("tracking", getattr(args, "tracking", '{"enabled": false}'))
@@ -145,10 +168,30 @@ def run(args: argparse.Namespace) -> None:
         from vitplasticity.figures import make_figures
 
         make_figures(args.tables, args.out_dir)
+    elif args.command == "bench":
+        from vitplasticity.bench import main as bench
+
+        bench(args.quick, args.device, args.out, peak_tflops=args.peak_tflops)
     elif args.command == "compare-paper":
         from vitplasticity.paper import write_comparison
 
         write_comparison(args.tables, args.probes, args.out_table, args.out_figure)
+
+
+def _tracking(args: argparse.Namespace) -> None:
+    from vitplasticity import tracking
+    from vitplasticity.fileio import write_json
+
+    results = args.results if args.action == "rebuild" else Path("results")
+    uri = tracking.resolve_uri(args.uri, f"sqlite:///{results.resolve() / 'mlflow.db'}")
+    if args.action == "rebuild":
+        done = tracking.rebuild(results, uri, args.experiment)
+        print(f"rebuilt {len(done)} runs in {uri}", file=sys.stderr)
+    elif args.disabled:
+        write_json(args.out, {"enabled": False})
+    else:
+        record = tracking.prepare_store(uri, args.experiment, args.parents)
+        write_json(args.out, {"enabled": True, "uri": uri, "experiment": args.experiment} | record)
 
 
 def main(argv: list[str] | None = None) -> int:

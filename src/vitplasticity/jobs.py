@@ -44,6 +44,23 @@ def prepare(name: str, data: dict, out: Path, raw: Path) -> dict:
     return prepare_real(name, data, out, raw)
 
 
+def resolve_tracking(track: dict) -> dict:
+    """Job-side tracking settings: the store description file (written once by the workflow)
+    plus this job's parent run and tags. No store named → tracking off."""
+    store = track.get("store")
+    if not store:
+        return {"enabled": False}
+    try:
+        record = read_json(store)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"tracking store description {store} is unreadable ({exc}); delete it and rerun") from exc
+    if not record.get("enabled"):
+        return {"enabled": False}
+    return {"enabled": True, "uri": record["uri"], "experiment_id": record["experiment_id"],
+            "parent_run_id": record.get("parent_run_ids", {}).get(track.get("parent")),
+            "tags": track.get("tags", {})}
+
+
 def _history_frame(history: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(history, columns=list(training.HISTORY_COLUMNS))
 
@@ -91,7 +108,8 @@ def pretrain(settings: dict, runtime: dict, task_dir: Path, weights: Path, run_d
     splits = _splits(task_dir)
     device = pick_device(runtime.get("device", "auto"))
     write_yaml(run_dir / "config.yaml", {"job": "pretrain", "settings": settings, "train": training.config_record(cfg)})
-    with tracking.track_job(track, run_dir=run_dir, run_name=f"pretrain/{settings['model']}", kind="pretrain",
+    with tracking.track_job(resolve_tracking(track), run_dir=run_dir, run_name=tracking.run_name("pretrain", settings),
+                            kind="pretrain",
                             params=settings, tags={"device": str(device)}) as run:
         began = time.time()
         result = training.train(model, splits, cfg, device, state_path=run_dir / "state.pt",
@@ -130,8 +148,8 @@ def finetune(settings: dict, runtime: dict, task_dir: Path, weights: Path, run_d
     splits = _splits(task_dir)
     write_yaml(run_dir / "config.yaml", {"job": "finetune", "settings": settings, "train": training.config_record(cfg),
                                          "checkpoint_sha256": record["sha256"]})
-    name = f"{settings['task']}/{settings['arm']}/lr{settings['lr']:g}/seed{settings['seed']}"
-    with tracking.track_job(track, run_dir=run_dir, run_name=name, kind="finetune", params=settings,
+    name = tracking.run_name("finetune", settings)
+    with tracking.track_job(resolve_tracking(track), run_dir=run_dir, run_name=name, kind="finetune", params=settings,
                             tags={"device": str(device)}) as run:
         began = time.time()
         result = training.train(model, splits, cfg, device, state_path=run_dir / "state.pt",
@@ -155,7 +173,8 @@ def measure_plasticity(settings: dict, runtime: dict, weights: Path, reference_d
     model, record = models.load_checkpoint(weights, num_classes=0)
     reference, downstream = load_split(reference_dir, "test", verify=True), load_split(task_dir, "test", verify=True)
     run_dir = out_table.parent
-    with tracking.track_job(track, run_dir=run_dir, run_name=f"plasticity/{settings['model']}/{settings['task']}",
+    name = tracking.run_name("plasticity", settings)
+    with tracking.track_job(resolve_tracking(track), run_dir=run_dir, run_name=name,
                             kind="plasticity", params=settings, tags={"device": str(device)}) as run:
         table, stats = plasticity.measure(
             model, reference, downstream, settings["n_pairs"], settings["batch_size"], record["img_size"], device,
@@ -185,7 +204,7 @@ def linear_probe(settings: dict, runtime: dict, weights: Path, task_dir: Path, o
     model, record = models.load_checkpoint(weights, num_classes=0)
     train, test = load_split(task_dir, "train", verify=True), load_split(task_dir, "test", verify=True)
     batch = runtime.get("eval_batch", 256)
-    with tracking.track_job(track, run_dir=out.parent, run_name=f"probe/{settings['model']}/{settings['task']}",
+    with tracking.track_job(resolve_tracking(track), run_dir=out.parent, run_name=tracking.run_name("probe", settings),
                             kind="probe", params=settings, tags={"device": str(device)}) as run:
         began = time.time()
         args = (record["img_size"], batch, device, tuple(record["mean"]), tuple(record["std"]))

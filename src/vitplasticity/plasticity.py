@@ -10,7 +10,9 @@ For a component f and image pairs (a, b), P(f) = mean over pairs of
 
 a comes from the pretraining-distribution stream, b from the downstream test split,
 paired index by index. All components of all layers are measured from one embedding
-pass per batch, and the statistics are streamed (memory does not grow with pairs).
+pass per batch, and the statistics are streamed (memory does not grow with pairs). In
+embedding mode only MHA is applied to both streams; the linear maps and LayerNorms are
+reduced to products with the pair difference (`_EmbeddingNumerators`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm, LayerScale
 
 from vitplasticity import transforms
 from vitplasticity.components import BLOCK_COMPONENTS, LABELS, apply_component, embed, hidden_inputs
@@ -61,6 +65,69 @@ def _pair_ratios(out: torch.Tensor, half: int, denominator: torch.Tensor) -> tor
     return _frobenius(out[:half] - out[half:]) / denominator
 
 
+_PLAIN_LAYER_NORMS = (torch.nn.LayerNorm, LayerNorm)
+_CHANNEL_SCALES = (torch.nn.Identity, LayerScale)  # linear maps acting on the last axis
+
+
+class _EmbeddingNumerators:
+    """||f(E_a) - f(E_b)||_F per pair for every block component f of `model`, embedding mode.
+
+    f(E_a) - f(E_b) needs no pass of f over both streams where f is affine or a LayerNorm:
+
+    - FC1 and FC2: biases cancel, leaving a linear map of Δ = E_a - E_b, Δ M (M: W1ᵀ for FC1; for FC2
+      the first d rows of W2ᵀ, as the rest meet zero padding, times LayerScale's gamma). Its square
+      norm is <ΔᵀΔ, M Mᵀ>, so one token Gram matrix ΔᵀΔ per pair serves every map of every block,
+      each then a dot product with the map's precomputed M Mᵀ (in float64: no cancellation to fear).
+    - LayerNorm: the difference is γ ⊙ (n_a - n_b), n = E normalised per token, which every
+      LayerNorm with the same eps shares; so the square norm is (Σ_tokens (n_a - n_b)²) · γ².
+
+    MHA, and components of other types, are applied to both streams as `apply_component` does.
+    """
+
+    def __init__(self, model: torch.nn.Module, width: int, device: torch.device) -> None:
+        self.model = model
+        self.norms: dict[tuple[str, int], tuple[float, torch.Tensor]] = {}  # eps, γ² (D,)
+        maps: dict[tuple[str, int], torch.Tensor] = {}  # M (D, D_out)
+        for layer, block in enumerate(model.blocks):
+            for component, norm in (("ln1", block.norm1), ("ln2", block.norm2)):
+                if type(norm) in _PLAIN_LAYER_NORMS and tuple(norm.normalized_shape) == (width,):
+                    gamma = norm.weight if norm.weight is not None else torch.ones(width, device=device)
+                    self.norms[(component, layer)] = (norm.eps, gamma.float().square())
+            fc1, fc2, scale = block.mlp.fc1, block.mlp.fc2, block.ls2
+            if type(fc1) is torch.nn.Linear:
+                maps[("fc1", layer)] = fc1.weight.double().T
+            if type(fc2) is torch.nn.Linear and fc2.in_features >= width and type(scale) in _CHANNEL_SCALES:
+                maps[("fc2", layer)] = scale(fc2.weight[:, :width].double().T.clone())
+        self.linear = list(maps)
+        grams = [(m @ m.T).flatten() for m in maps.values()]  # M Mᵀ: (D·D,) each
+        self.grams = torch.stack(grams, dim=1) if grams else None  # (D·D, maps)
+
+    def __call__(self, emb: torch.Tensor, half: int) -> dict[tuple[str, int], torch.Tensor]:
+        """`emb` (2B, N, D): stream a then stream b. Returns {(component, layer): (B,)}."""
+        delta = (emb[:half] - emb[half:]).double()  # (B, N, D)
+        if self.grams is not None:
+            tokens_gram = (delta.transpose(1, 2) @ delta).flatten(1)  # (B, D, D) → (B, D·D)
+            linear = (tokens_gram @ self.grams).clamp_(min=0).sqrt_().float()  # (B, maps)
+            found = dict(zip(self.linear, linear.T, strict=True))
+        spread: dict[float, torch.Tensor] = {}  # eps → Σ_tokens (n_a - n_b)², (B, D)
+        for eps in {eps for eps, _ in self.norms.values()}:
+            normed = F.layer_norm(emb, emb.shape[-1:], eps=eps)
+            spread[eps] = (normed[:half] - normed[half:]).square().sum(1)
+        out = {}
+        for layer, block in enumerate(self.model.blocks):
+            for component in BLOCK_COMPONENTS:
+                key = (component, layer)
+                if key in self.norms:
+                    eps, gamma_sq = self.norms[key]
+                    out[key] = (spread[eps] @ gamma_sq).sqrt()
+                elif self.grams is not None and key in found:
+                    out[key] = found[key]
+                else:
+                    applied = apply_component(block, component, emb)
+                    out[key] = _frobenius(applied[:half] - applied[half:])
+        return out
+
+
 @torch.no_grad()
 def measure(
     model: torch.nn.Module,
@@ -85,6 +152,7 @@ def measure(
             f"plasticity needs at least 2 image pairs, the streams give {pairs}; raise n_pairs or use larger splits"
         )
     model.eval().to(device)
+    numerators = _EmbeddingNumerators(model, model.embed_dim, device) if "embedding" in modes else None
     ratios, tokens, skipped = RunningStats(), RunningStats(), 0
     for start in range(0, pairs, batch_size):
         stop = min(start + batch_size, pairs)
@@ -99,10 +167,11 @@ def measure(
             denominator = _frobenius(emb[:half] - emb[half:])
             keep = denominator > 0
             skipped += int((~keep).sum())
-            for layer, block in enumerate(model.blocks):
-                for component in BLOCK_COMPONENTS:
-                    out = apply_component(block, component, emb)
-                    ratios.add(("embedding", component, layer), _pair_ratios(out, half, denominator)[keep])
+            found = numerators(emb, half)
+            keys = list(found)
+            batch_ratios = (torch.stack([found[k] for k in keys]) / denominator)[:, keep].cpu()  # (keys, kept)
+            for (component, layer), values in zip(keys, batch_ratios, strict=True):
+                ratios.add(("embedding", component, layer), values)
         if "hidden" in modes:
             hidden = emb
             for layer, block in enumerate(model.blocks):

@@ -122,17 +122,18 @@ def track_job(settings: dict | None, *, run_dir: Path, run_name: str, kind: str,
               tags: dict) -> Iterator[JobRun]:
     """Mirror one job into MLflow; the run is closed FINISHED, FAILED or KILLED as the block ends.
 
-    `settings`: `enabled`, `uri`, `tags`, and either `experiment_id` (+ `parent_run_id`) or `store`:
-    the JSON record of `prepare_store`'s result (+ `uri`) and `parent`, a parent-run name in it.
-    The URI is `uri`, else MLFLOW_TRACKING_URI, else the record's.
-    The store is checked before the block runs; an unreachable one raises `UserError`.
+    `settings`: `enabled`, `uri` (None: MLFLOW_TRACKING_URI), `experiment_id` and `parent_run_id`
+    (from `prepare_store`), `tags`. The store is checked before the block runs; an unreachable
+    one raises `UserError`.
     """
     if not settings or not settings.get("enabled"):
         yield JobRun()
         return
-    experiment_id, parent_id, store_uri = _target(settings)
-    uri = resolve_uri(settings.get("uri"), store_uri)
+    uri = resolve_uri(settings.get("uri"))
     check_store(uri, create=False)
+    if not settings.get("experiment_id"):
+        raise UserError("tracking settings name no experiment_id; run `vitplasticity tracking prepare` first")
+    experiment_id, parent_id = str(settings["experiment_id"]), settings.get("parent_run_id")
     client = _client(uri)
     _check_experiment(client, uri, experiment_id)
     all_tags = environment_tags() | {"kind": kind} | dict(settings.get("tags") or {}) | dict(tags)
@@ -380,26 +381,6 @@ def _read_history(path: Path) -> list[dict]:
         return []
     with open(path, newline="") as handle:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
-
-
-def _target(settings: dict) -> tuple[str, str | None, str | None]:
-    """(experiment id, parent run id, store URI) from the settings, or from the store record they name."""
-    if settings.get("experiment_id"):
-        return str(settings["experiment_id"]), settings.get("parent_run_id"), None
-    store = settings.get("store")
-    if not store:
-        raise UserError("tracking settings name no experiment_id and no store record; "
-                        "run `vitplasticity tracking prepare` first")
-    try:
-        record = read_json(store)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read the tracking store record {store} ({_one_line(exc)}); "
-                        "rerun `vitplasticity tracking prepare` (the make_tracking_store rule)") from exc
-    parent = settings.get("parent")
-    parent_id = record["parent_run_ids"].get(parent) if parent else None
-    if parent and parent_id is None:
-        raise UserError(f"no parent run {parent!r} in {store}; delete it and rerun the make_tracking_store rule")
-    return str(record["experiment_id"]), parent_id, record.get("uri")
 
 
 def _check_experiment(client: MlflowClient, uri: str, experiment_id: str) -> None:

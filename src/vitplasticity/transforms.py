@@ -2,21 +2,47 @@
 
 Semantics follow torchvision's: eval is Resize(size) (shorter side) + CenterCrop(size);
 train is RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3)) + horizontal flip;
-both end with mean/std normalisation. Crops and resizes of a whole batch run as one
-``roi_align`` call, so no per-sample Python is in the hot loop.
+both end with mean/std normalisation. Resizing is bilinear and antialiased as PIL's and
+``F.interpolate(..., antialias=True)``: each output axis is a weight matrix over the source
+axis (a triangle filter widened by the shrink factor, taps only inside the crop), so a
+crop, resize and flip of a whole batch is two batched matrix products, with no per-sample
+Python in the hot loop.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+import platform
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.ops import roi_align
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _keep_freed_memory_for_reuse() -> None:
+    """Have glibc serve large blocks from its heap and keep them after `free`.
+
+    By default glibc maps each block over 32 MB afresh and unmaps it on `free`, so every batch
+    of that size page-faults its whole output again (a 128-image 224 px batch is 77 MB, and
+    faulting costs as much as computing it). A cache of reused output buffers would avoid this
+    too, but would hand callers tensors that the next batch overwrites. No effect off glibc.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 30)
+
+
+_keep_freed_memory_for_reuse()
 
 
 def to_tensor(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -32,16 +58,64 @@ def normalize(batch: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torc
     return (batch - mean_t) / std_t
 
 
+def _resize_weights(low: torch.Tensor, high: torch.Tensor, length: int, size: int,
+                    reverse: torch.Tensor | None = None) -> torch.Tensor:
+    """Weights resampling the source pixels [low, high) of an axis `length` long to `size` pixels. (B, size, length)
+
+    `low` and `high` are (B,) whole-pixel bounds; `reverse` (B,) bool mirrors the output where true.
+    As PIL's bilinear filter: output pixel i samples at low + (i + 0.5) * scale with a triangle filter
+    of half-width max(scale, 1), and each row sums to 1.
+    """
+    scale = ((high - low) / size)[:, None]  # (B, 1)
+    position = torch.arange(size, device=low.device, dtype=low.dtype) + 0.5  # (size,)
+    if reverse is not None:
+        position = torch.where(reverse[:, None], size - position, position)  # (B, size)
+    centre = (low[:, None] + position * scale)[..., None]  # (B, size, 1)
+    support = scale.clamp(min=1.0)[..., None]  # (B, 1, 1)
+    pixel = torch.arange(length, device=low.device, dtype=low.dtype) + 0.5  # (length,)
+    inside = (pixel >= low[:, None, None]) & (pixel < high[:, None, None])  # (B, 1, length)
+    # The triangle's height 1 / support is left out: normalising the rows divides it away.
+    weights = (support - (pixel - centre).abs_()).clamp_(min=0).mul_(inside)  # (B, size, length)
+    return weights.div_(weights.sum(-1, keepdim=True))
+
+
+def _resample(batch: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """rows @ image @ colsᵀ per image and channel. (B, 3, S_y, S_x)
+
+    batch (B, 3, H, W); rows (B, S_y, H) or (S_y, H) and cols (B, S_x, W) or (S_x, W) from
+    `_resize_weights`, covering at most the whole axis. The column pass is a matrix product on the
+    small source. The row pass writes the large output; a row of `rows` has at most
+    ceil(2 · max(H / S_y, 1)) nonzero weights, consecutive, so it is that many weighted source rows
+    summed per output row: an embedding bag over the source rows, a fraction of a dense product's work.
+    """
+    count, channels, height, _ = batch.shape
+    size_y, size_x = rows.shape[-2], cols.shape[-2]
+    wide = batch.flatten(1, 2) @ cols.transpose(-1, -2)  # (B, 3·H, S_x)
+    taps = min(height, math.ceil(2 * max(height / size_y, 1.0)))
+    first = (rows > 0).int().argmax(-1, keepdim=True)  # (..., S_y, 1)
+    source = first + torch.arange(taps, device=rows.device)  # (..., S_y, taps)
+    weights = rows.gather(-1, source.clamp(max=height - 1)) * (source < height)  # beyond the edge: weight 0
+    image = torch.arange(count * channels, device=rows.device).view(count, channels, 1, 1)
+    index = source.clamp(max=height - 1).unsqueeze(-3) + image * height  # rows of `wide`: (B, 3, S_y, taps)
+    weights = weights.unsqueeze(-3).expand(index.shape)
+    out = F.embedding_bag(index.reshape(-1, taps), wide.view(-1, size_x), mode="sum",
+                          per_sample_weights=weights.reshape(-1, taps))  # (B·3·S_y, S_x)
+    return out.view(count, channels, size_y, size_x)
+
+
 def resize_center_crop(batch: torch.Tensor, size: int) -> torch.Tensor:
     """Resize the shorter side to `size` (bilinear, antialiased), then centre-crop. (B, 3, size, size)"""
     height, width = batch.shape[-2:]
-    if (height, width) != (size, size):
-        scale = size / min(height, width)
-        new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
-        batch = F.interpolate(batch, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
-        top, left = (new_h - size) // 2, (new_w - size) // 2
-        batch = batch[..., top : top + size, left : left + size]
-    return batch
+    if (height, width) == (size, size):
+        return batch
+    scale = size / min(height, width)
+    axes = []
+    for length in (height, width):
+        resized = max(size, round(length * scale))
+        offset = (resized - size) // 2
+        whole = _resize_weights(batch.new_zeros(1), batch.new_full((1,), float(length)), length, resized)
+        axes.append(whole[0, offset : offset + size])  # (size, length)
+    return _resample(batch, *axes)
 
 
 def sample_crop_boxes(
@@ -90,12 +164,11 @@ def sample_crop_flip(
 
 def crop_flip(batch: torch.Tensor, size: int, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     """Crop each image to its box, resize to (size, size) and flip where `flips` says. (B, 3, size, size)"""
-    count = batch.shape[0]
-    rois = torch.cat([torch.arange(count, dtype=torch.float32)[:, None], boxes], dim=1)
-    out = roi_align(batch, rois.to(batch.device, batch.dtype), output_size=(size, size),
-                    spatial_scale=1.0, sampling_ratio=2, aligned=True)
-    flips = flips.to(batch.device)
-    return torch.where(flips[:, None, None, None], out.flip(-1), out)
+    height, width = batch.shape[-2:]
+    x1, y1, x2, y2 = boxes.to(batch.device, batch.dtype).unbind(1)
+    rows = _resize_weights(y1, y2, height, size)
+    cols = _resize_weights(x1, x2, width, size, reverse=flips.to(batch.device))
+    return _resample(batch, rows, cols)
 
 
 def random_resized_crop_flip(batch: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -104,9 +177,13 @@ def random_resized_crop_flip(batch: torch.Tensor, size: int, generator: torch.Ge
     return crop_flip(batch, size, *sample_crop_flip(count, height, width, generator))
 
 
+# Both batch functions normalise the small source before resizing: every resize weight row sums
+# to 1, so resizing commutes with the per-channel affine normalisation.
+
+
 def eval_batch(images, size: int, device: torch.device, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """uint8 (B, H, W, 3) → normalised eval tensor (B, 3, size, size)."""
-    return normalize(resize_center_crop(to_tensor(images, device), size), mean, std)
+    return resize_center_crop(normalize(to_tensor(images, device), mean, std), size)
 
 
 def train_batch(images, size: int, device: torch.device, generator: torch.Generator | None,
@@ -116,7 +193,7 @@ def train_batch(images, size: int, device: torch.device, generator: torch.Genera
 
     `draws` (boxes, flips) from `sample_crop_flip` replace drawing from `generator`.
     """
-    batch = to_tensor(images, device)
+    batch = normalize(to_tensor(images, device), mean, std)
     if draws is None:
-        return normalize(random_resized_crop_flip(batch, size, generator), mean, std)
-    return normalize(crop_flip(batch, size, *draws), mean, std)
+        return random_resized_crop_flip(batch, size, generator)
+    return crop_flip(batch, size, *draws)

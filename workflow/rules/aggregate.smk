@@ -23,13 +23,15 @@ rule aggregate:
             )
             for table in TABLES
         ],
-    params:
-        settings=get_aggregate_settings,
-        out_dir="results/tables/{experiment}",
     log:
         "results/logs/aggregate/{experiment}.log",
+    conda:
+        "../../envs/vitplasticity.yaml"
+    params:
+        settings=get_aggregate_settings,
+        out_dir=get_tables_dir,
     shell:
-        "{VITPLASTICITY} aggregate --settings {params.settings:q} --runs {input.runs} "
+        "vitplasticity aggregate --settings {params.settings:q} --runs {input.runs} "
         "--probes {input.probes} --plasticity {input.plasticity} --bounds {input.bounds} "
         "--out-dir {params.out_dir} 2> {log}"
 
@@ -48,13 +50,15 @@ rule figures:
             for figure in FIGURES
         ],
         pdfs=[f"results/figures/{{experiment}}/{figure}.pdf" for figure in FIGURES],
-    params:
-        tables="results/tables/{experiment}",
-        out_dir="results/figures/{experiment}",
     log:
         "results/logs/figures/{experiment}.log",
+    conda:
+        "../../envs/vitplasticity.yaml"
+    params:
+        tables=get_tables_dir,
+        figures=get_figures_dir,
     shell:
-        "{VITPLASTICITY} figures --tables {params.tables} --out-dir {params.out_dir} 2> {log}"
+        "vitplasticity figures --tables {params.tables} --out-dir {params.figures} 2> {log}"
 
 
 rule compare_to_paper:
@@ -74,10 +78,12 @@ rule compare_to_paper:
             category="Figures",
             subcategory="{experiment}",
         ),
-    params:
-        tables="results/tables/{experiment}",
     log:
         "results/logs/compare_to_paper/{experiment}.log",
+    conda:
+        "../../envs/vitplasticity.yaml"
+    params:
+        tables=get_tables_dir,
     shell:
-        "{VITPLASTICITY} compare-paper --tables {params.tables} --probes {input.probes} "
+        "vitplasticity compare-paper --tables {params.tables} --probes {input.probes} "
         "--out-table {output.table} --out-figure {output.figure} 2> {log}"

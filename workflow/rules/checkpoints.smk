@@ -9,18 +9,20 @@ rule fetch_checkpoint:
     output:
         weights="data/checkpoints/{model}.safetensors",
         sidecar="data/checkpoints/{model}.json",
-    wildcard_constraints:
-        model=_alternatives(FETCHED),
-    params:
-        settings=get_fetch_settings,
     log:
         "results/logs/fetch_checkpoint/{model}.log",
+    wildcard_constraints:
+        model=_alternatives(FETCHED),
+    conda:
+        "../../envs/vitplasticity.yaml"
     threads: 1
     resources:
         mem_mb=8000,
         runtime=60,
+    params:
+        settings=get_fetch_settings,
     shell:
-        "{VITPLASTICITY} fetch --settings {params.settings:q} --out {output.weights} 2> {log}"
+        "vitplasticity fetch --settings {params.settings:q} --out {output.weights} 2> {log}"
 
 
 rule pretrain_checkpoint:
@@ -32,21 +34,23 @@ rule pretrain_checkpoint:
         sidecar="data/checkpoints/{model}.json",
         metrics="results/pretrain/{model}/metrics.json",
         history="results/pretrain/{model}/history.csv",
-    wildcard_constraints:
-        model=_alternatives(PRETRAINED),
-    params:
-        settings=get_pretrain_settings,
-        runtime=get_runtime(),
-        tracking=get_tracking,
     log:
         "results/logs/pretrain_checkpoint/{model}.log",
     benchmark:
         "results/benchmarks/pretrain_checkpoint/{model}.tsv"
+    wildcard_constraints:
+        model=_alternatives(PRETRAINED),
+    conda:
+        "../../envs/vitplasticity.yaml"
     threads: 2
     resources:
         mem_mb=4000,
         runtime=60,
+    params:
+        settings=get_pretrain_settings,
+        runtime=get_runtime(),
+        tracking=tracking_params("pretrain_checkpoint"),
     shell:
-        "{VITPLASTICITY} pretrain --settings {params.settings:q} --runtime {params.runtime:q} "
+        "vitplasticity pretrain --settings {params.settings:q} --runtime {params.runtime:q} "
         "--tracking {params.tracking:q} --threads {threads} --task {input.task} "
         "--out {output.weights} --run-dir results/pretrain/{wildcards.model} 2> {log}"

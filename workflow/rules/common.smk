@@ -1,4 +1,4 @@
-# Helpers shared by every rule file: config checks, target lists and per-job settings.
+# Helpers shared by the workflow: config checks, target lists and per-job settings.
 import json
 import os
 import sys
@@ -15,8 +15,10 @@ except UserError as error:
     sys.exit(1)
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 
-# The package's command line, run by the Python that runs this workflow.
-VITPLASTICITY = f"{sys.executable} -m vitplasticity"
+# Jobs run the `vitplasticity` command of the environment that runs this workflow.
+os.environ["PATH"] = (
+    f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"
+)
 EXPERIMENTS = config["experiments"]
 MODELS = config["models"]
 TASKS = config["tasks"]
@@ -50,16 +52,6 @@ def _alternatives(names):
     return "|".join(sorted(names)) or "(?!)"
 
 
-wildcard_constraints:
-    model=_alternatives(MODELS),
-    task=_alternatives(TASKS),
-    experiment=_alternatives(EXPERIMENTS),
-    optimizer="sgd|adamw",
-    arm=_alternatives(ARMS),
-    seed=r"\d+",
-    lr=r"[0-9.e+-]+",
-
-
 def fmt_lr(lr):
     """The lr as it appears in paths: shortest round-trip form (0.01, 1e-05)."""
     return f"{lr:g}"
@@ -90,12 +82,17 @@ def get_experiment_probes(wildcards):
     exp = EXPERIMENTS[wildcards.experiment]
     if not exp.get("probe", True):
         return []
-    return [f"results/probes/{exp['model']}/{task}/metrics.json" for task in exp["tasks"]]
+    return [
+        f"results/probes/{exp['model']}/{task}/metrics.json" for task in exp["tasks"]
+    ]
 
 
 def get_experiment_plasticity(wildcards):
     exp = EXPERIMENTS[wildcards.experiment]
-    return [f"results/plasticity/{exp['model']}/{task}/plasticity.csv" for task in exp["tasks"]]
+    return [
+        f"results/plasticity/{exp['model']}/{task}/plasticity.csv"
+        for task in exp["tasks"]
+    ]
 
 
 def get_experiment_bounds(wildcards):
@@ -106,15 +103,21 @@ def get_experiment_bounds(wildcards):
 def get_all_targets():
     targets = []
     for name in EXPERIMENTS:
-        targets += expand("results/tables/{experiment}/{table}.csv", experiment=name, table=TABLES)
-        targets += expand("results/figures/{experiment}/{figure}.png", experiment=name, figure=FIGURES)
+        targets += expand(
+            "results/tables/{experiment}/{table}.csv", experiment=name, table=TABLES
+        )
+        targets += expand(
+            "results/figures/{experiment}/{figure}.png", experiment=name, figure=FIGURES
+        )
         if EXPERIMENTS[name].get("compare_to_paper", False):
             targets.append(f"results/tables/{name}/paper_comparison.csv")
     return targets
 
 
 def get_prepare_settings(wildcards):
-    return json.dumps({"name": wildcards.task, "data": TASKS[wildcards.task]["data"]}, sort_keys=True)
+    return json.dumps(
+        {"name": wildcards.task, "data": TASKS[wildcards.task]["data"]}, sort_keys=True
+    )
 
 
 def get_raw_dir(wildcards):
@@ -128,7 +131,10 @@ def get_checkpoint(wildcards):
 
 def get_pretrain_settings(wildcards):
     model = MODELS[wildcards.model]
-    settings = {"clip_norm": config["finetune"].get("clip_norm", 1.0), "betas": [0.9, 0.999]}
+    settings = {
+        "clip_norm": config["finetune"].get("clip_norm", 1.0),
+        "betas": [0.9, 0.999],
+    }
     settings.update(model["pretrain"])
     settings.update(
         model=wildcards.model,
@@ -172,7 +178,11 @@ def get_plasticity_settings(wildcards):
 
 
 def get_probe_settings(wildcards):
-    settings = dict(config.get("probe", {"max_iter": 5000}), model=wildcards.model, task=wildcards.task)
+    settings = dict(
+        config.get("probe", {"max_iter": 5000}),
+        model=wildcards.model,
+        task=wildcards.task,
+    )
     return json.dumps(settings, sort_keys=True)
 
 
@@ -183,7 +193,17 @@ def get_runtime():
 def get_aggregate_settings(wildcards):
     exp = EXPERIMENTS[wildcards.experiment]
     arms = {arm: ARMS[arm] for arm in experiment_arms(exp)}
-    return json.dumps(dict(exp, experiment=wildcards.experiment, arms=arms), sort_keys=True)
+    return json.dumps(
+        dict(exp, experiment=wildcards.experiment, arms=arms), sort_keys=True
+    )
+
+
+def get_tables_dir(wildcards):
+    return f"results/tables/{wildcards.experiment}"
+
+
+def get_figures_dir(wildcards):
+    return f"results/figures/{wildcards.experiment}"
 
 
 def get_finetune_runtime_minutes(wildcards):
@@ -195,7 +215,10 @@ def get_tracking_uri():
     """config tracking.uri, else MLFLOW_TRACKING_URI, else a SQLite store in results/."""
     if TRACKING.get("uri"):
         return TRACKING["uri"]
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('results/mlflow.db')}"
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{os.path.abspath('results/mlflow.db')}"
+    )
 
 
 def get_tracking_parents():
@@ -207,25 +230,28 @@ def get_tracking_parents():
     return sorted(parents)
 
 
-# ancient(): recreating the store (e.g. after `dvc pull`) must not rerun finished jobs.
-TRACKING_STORE = [ancient("results/tracking.json")] if TRACKING.get("enabled", True) else []
+# Every tracked job reads the store description (URI, experiment and parent run ids) from
+# this file, so tracking settings never enter job params; ancient(): recreating it (after
+# `dvc pull`, or with another URI) reruns no finished job.
+TRACKING_STORE = ancient("results/tracking.json")
 
 
-def get_tracking(wildcards, rule=None):
-    """The job's --tracking JSON: where to log and which tags identify it."""
-    if not TRACKING.get("enabled", True):
-        return json.dumps({"enabled": False})
-    names = dict(wildcards.items())
-    parent = None
-    if {"model", "task", "optimizer"} <= names.keys():
-        parent = f"{names['model']}/{names['task']}/{names['optimizer']}"
-    return json.dumps(
-        {
-            "enabled": True,
-            "uri": get_tracking_uri(),
-            "store": "results/tracking.json",
-            "parent": parent,
-            "tags": {"wildcards": json.dumps(names, sort_keys=True), "study": config["study"]},
-        },
-        sort_keys=True,
-    )
+def tracking_params(rule_name):
+    """A params function giving a job's --tracking JSON: the store file, its parent run and tags."""
+
+    def get_tracking(wildcards):
+        names = dict(wildcards.items())
+        parent = None
+        if {"model", "task", "optimizer"} <= names.keys():
+            parent = f"{names['model']}/{names['task']}/{names['optimizer']}"
+        tags = {
+            "rule": rule_name,
+            "wildcards": json.dumps(names, sort_keys=True),
+            "study": config["study"],
+        }
+        return json.dumps(
+            {"store": "results/tracking.json", "parent": parent, "tags": tags},
+            sort_keys=True,
+        )
+
+    return get_tracking

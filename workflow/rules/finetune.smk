@@ -12,20 +12,22 @@ rule finetune:
         metrics="results/runs/{model}/{task}/{optimizer}/{arm}/lr{lr}_seed{seed}/metrics.json",
         history="results/runs/{model}/{task}/{optimizer}/{arm}/lr{lr}_seed{seed}/history.csv",
         config="results/runs/{model}/{task}/{optimizer}/{arm}/lr{lr}_seed{seed}/config.yaml",
-    params:
-        settings=get_finetune_settings,
-        runtime=get_runtime(),
-        tracking=get_tracking,
-        run_dir=subpath(output.metrics, parent=True),
     log:
         "results/logs/finetune/{model}/{task}/{optimizer}/{arm}/lr{lr}_seed{seed}.log",
     benchmark:
         "results/benchmarks/finetune/{model}/{task}/{optimizer}/{arm}/lr{lr}_seed{seed}.tsv"
+    conda:
+        "../../envs/vitplasticity.yaml"
     threads: 1
     resources:
         mem_mb=16000,
         runtime=get_finetune_runtime_minutes,
+    params:
+        settings=get_finetune_settings,
+        runtime=get_runtime(),
+        tracking=tracking_params("finetune"),
+        run_dir=subpath(output.metrics, parent=True),
     shell:
-        "{VITPLASTICITY} finetune --settings {params.settings:q} --runtime {params.runtime:q} "
+        "vitplasticity finetune --settings {params.settings:q} --runtime {params.runtime:q} "
         "--tracking {params.tracking:q} --threads {threads} --checkpoint {input.checkpoint} "
         "--task {input.task} --run-dir {params.run_dir} 2> {log}"

@@ -10,20 +10,22 @@ rule measure_plasticity:
     output:
         table="results/plasticity/{model}/{task}/plasticity.csv",
         stats="results/plasticity/{model}/{task}/embedding.json",
-    params:
-        settings=get_plasticity_settings,
-        runtime=get_runtime(),
-        tracking=get_tracking,
     log:
         "results/logs/measure_plasticity/{model}/{task}.log",
     benchmark:
         "results/benchmarks/measure_plasticity/{model}/{task}.tsv"
+    conda:
+        "../../envs/vitplasticity.yaml"
     threads: 1
     resources:
         mem_mb=8000,
         runtime=60,
+    params:
+        settings=get_plasticity_settings,
+        runtime=get_runtime(),
+        tracking=tracking_params("measure_plasticity"),
     shell:
-        "{VITPLASTICITY} plasticity --settings {params.settings:q} --runtime {params.runtime:q} "
+        "vitplasticity plasticity --settings {params.settings:q} --runtime {params.runtime:q} "
         "--tracking {params.tracking:q} --threads {threads} --checkpoint {input.checkpoint} "
         "--reference {input.reference} --task {input.task} "
         "--out-table {output.table} --out-stats {output.stats} 2> {log}"
@@ -37,10 +39,12 @@ rule compute_bounds:
         "results/bounds/{model}/{task}/bounds.csv",
     log:
         "results/logs/compute_bounds/{model}/{task}.log",
+    conda:
+        "../../envs/vitplasticity.yaml"
     threads: 1
     resources:
         mem_mb=8000,
         runtime=30,
     shell:
-        "{VITPLASTICITY} bounds --checkpoint {input.checkpoint} --stats {input.stats} "
+        "vitplasticity bounds --checkpoint {input.checkpoint} --stats {input.stats} "
         "--out {output} 2> {log}"

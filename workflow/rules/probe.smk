@@ -8,19 +8,21 @@ rule linear_probe:
         tracking=TRACKING_STORE,
     output:
         "results/probes/{model}/{task}/metrics.json",
-    params:
-        settings=get_probe_settings,
-        runtime=get_runtime(),
-        tracking=get_tracking,
     log:
         "results/logs/linear_probe/{model}/{task}.log",
     benchmark:
         "results/benchmarks/linear_probe/{model}/{task}.tsv"
+    conda:
+        "../../envs/vitplasticity.yaml"
     threads: 1
     resources:
         mem_mb=16000,
         runtime=60,
+    params:
+        settings=get_probe_settings,
+        runtime=get_runtime(),
+        tracking=tracking_params("linear_probe"),
     shell:
-        "{VITPLASTICITY} probe --settings {params.settings:q} --runtime {params.runtime:q} "
+        "vitplasticity probe --settings {params.settings:q} --runtime {params.runtime:q} "
         "--tracking {params.tracking:q} --threads {threads} --checkpoint {input.checkpoint} "
         "--task {input.task} --out {output} 2> {log}"

@@ -9,12 +9,15 @@ localrules:
 rule make_tracking_store:
     output:
         "results/tracking.json",
+    log:
+        "results/logs/make_tracking_store.log",
+    conda:
+        "../../envs/vitplasticity.yaml"
     params:
         uri=get_tracking_uri(),
         experiment=config["study"],
         parents=" ".join(get_tracking_parents()),
-    log:
-        "results/logs/make_tracking_store.log",
+        disabled="" if TRACKING.get("enabled", True) else "--disabled",
     shell:
-        "{VITPLASTICITY} tracking prepare --uri {params.uri:q} --experiment {params.experiment} "
-        "--parents {params.parents} --out {output} 2> {log}"
+        "vitplasticity tracking prepare {params.disabled} --uri {params.uri:q} "
+        "--experiment {params.experiment} --parents {params.parents} --out {output} 2> {log}"
