@@ -7,9 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import random_split, tiny_vit
+from timm.layers import RmsNorm
 
-from vitplasticity import plasticity
+from vitplasticity import plasticity, transforms
 from vitplasticity.bounds import theoretical_bounds
+from vitplasticity.components import BLOCK_COMPONENTS, apply_component, embed
 from vitplasticity.errors import UserError
 from vitplasticity.prepared import Split
 
@@ -179,6 +181,35 @@ def test_measure_matches_a_brute_force_per_pair_loop(streams):
         assert _value(table, name, layer, column="std") == pytest.approx(np.std(values, ddof=1), rel=1e-3, abs=1e-7)
         assert _value(table, name, layer, column="n") == 6
     assert stats["pairs"] == 6 and stats["num_tokens"] == 17
+
+
+def _applied_to_both_streams(model, reference, downstream, n_pairs):
+    """Mean over pairs of every component applied to E of both streams, as the definition reads."""
+    images = np.concatenate([reference.images[:n_pairs], downstream.images[:n_pairs]])
+    with torch.no_grad():
+        emb = embed(model, transforms.eval_batch(images, 32, CPU))
+        denominator = (emb[:n_pairs] - emb[n_pairs:]).flatten(1).norm(dim=1)
+        means = {}
+        for layer, block in enumerate(model.blocks):
+            for name in BLOCK_COMPONENTS:
+                out = apply_component(block, name, emb)
+                means[(name, layer)] = ((out[:n_pairs] - out[n_pairs:]).flatten(1).norm(dim=1) / denominator).mean()
+    return means
+
+
+def test_measure_agrees_with_applying_each_component_across_block_variants(streams):
+    """LayerScale, LayerNorms with their own eps or no affine, and a norm of another kind (applied as is)."""
+    model = tiny_vit(init_values=0.5)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.ls2.gamma.uniform_(0.2, 3.0)
+            block.norm1.weight.uniform_(0.5, 2.0)
+    model.blocks[0].norm2.eps = 1e-2
+    model.blocks[1].norm1 = torch.nn.LayerNorm(32, eps=1e-3, elementwise_affine=False)
+    model.blocks[1].norm2 = RmsNorm(32)
+    table, _ = _measure(model, *streams)
+    for (name, layer), expected in _applied_to_both_streams(model, *streams, n_pairs=8).items():
+        assert _value(table, name, layer) == pytest.approx(float(expected), rel=1e-5), (name, layer)
 
 
 def test_batching_does_not_change_the_result(streams):

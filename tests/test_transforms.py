@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from vitplasticity import transforms
 
@@ -43,6 +45,17 @@ def test_to_tensor_layout_and_range():
 @pytest.mark.parametrize(("height", "width"), [(20, 30), (30, 20), (16, 16), (64, 48), (9, 12)])
 def test_resize_center_crop_shape(height, width):
     assert transforms.resize_center_crop(torch.rand(2, 3, height, width), 16).shape == (2, 3, 16, 16)
+
+
+@pytest.mark.parametrize(("height", "width"), [(20, 30), (30, 20), (64, 48), (9, 12), (100, 100)])
+def test_resize_center_crop_matches_torch_antialiased_interpolate(height, width):
+    batch = torch.rand(2, 3, height, width, generator=_generator(0))
+    scale = 16 / min(height, width)
+    new_h, new_w = max(16, round(height * scale)), max(16, round(width * scale))
+    resized = F.interpolate(batch, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (new_h - 16) // 2, (new_w - 16) // 2
+    expected = resized[..., top : top + 16, left : left + 16]
+    torch.testing.assert_close(transforms.resize_center_crop(batch, 16), expected, rtol=0, atol=1e-5)
 
 
 def test_resize_center_crop_keeps_the_centre():
@@ -145,3 +158,37 @@ def test_train_batch_with_whole_batch_draws_is_split_invariant():
     parts = [transforms.train_batch(images[a:b], 16, CPU, None, draws=(draws[0][a:b], draws[1][a:b]))
              for a, b in ((0, 3), (3, 7), (7, 10))]
     torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=1e-6)
+
+
+def _interpolated_crops(batch, size, boxes, flips):
+    """Each crop resized on its own by torch's antialiased bilinear interpolate, and flipped where drawn."""
+    out = []
+    for image, (x1, y1, x2, y2), flip in zip(batch, boxes.long().tolist(), flips.tolist(), strict=True):
+        crop = F.interpolate(image[None, :, y1:y2, x1:x2], size=(size, size), mode="bilinear", antialias=True,
+                             align_corners=False)[0]
+        out.append(crop.flip(-1) if flip else crop)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(("height", "width", "size"), [(12, 12, 32), (40, 40, 16), (20, 36, 24), (36, 20, 24)])
+def test_crop_flip_matches_torch_antialiased_interpolate_of_each_crop(height, width, size):
+    """Upsampling (two taps per output pixel), downsampling (wider filters) and non-square sources."""
+    batch = torch.rand(64, 3, height, width, generator=_generator(0))
+    boxes, flips = transforms.sample_crop_flip(64, height, width, _generator(1))
+    out = transforms.crop_flip(batch, size, boxes, flips)
+    torch.testing.assert_close(out, _interpolated_crops(batch, size, boxes, flips), rtol=0, atol=1e-5)
+
+
+def test_train_batch_matches_the_per_sample_pil_pipeline_within_one_level():
+    """PIL's crop + bilinear resize + flip of the same boxes; PIL rounds to uint8 after each axis."""
+    images = np.random.default_rng(3).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    boxes, flips = transforms.sample_crop_flip(16, 32, 32, _generator(4))
+    out = transforms.train_batch(images, 48, CPU, None, draws=(boxes, flips))
+    expected = []
+    for image, box, flip in zip(images, boxes.long().tolist(), flips.tolist(), strict=True):
+        crop = Image.fromarray(image).crop(box).resize((48, 48), Image.BILINEAR)
+        expected.append(np.asarray(crop.transpose(Image.FLIP_LEFT_RIGHT) if flip else crop))
+    expected = transforms.normalize(transforms.to_tensor(np.stack(expected), CPU))
+    level = 1 / 255 / min(STD)
+    assert (out - expected).abs().max() <= level + 1e-5
+    assert (out - expected).abs().mean() < level / 2

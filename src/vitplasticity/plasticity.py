@@ -104,28 +104,25 @@ class _EmbeddingNumerators:
 
     def __call__(self, emb: torch.Tensor, half: int) -> dict[tuple[str, int], torch.Tensor]:
         """`emb` (2B, N, D): stream a then stream b. Returns {(component, layer): (B,)}."""
-        delta = (emb[:half] - emb[half:]).double()  # (B, N, D)
+        out = {}
         if self.grams is not None:
+            delta = (emb[:half] - emb[half:]).double()  # (B, N, D)
             tokens_gram = (delta.transpose(1, 2) @ delta).flatten(1)  # (B, D, D) → (B, D·D)
             linear = (tokens_gram @ self.grams).clamp_(min=0).sqrt_().float()  # (B, maps)
-            found = dict(zip(self.linear, linear.T, strict=True))
+            out.update(zip(self.linear, linear.T, strict=True))
         spread: dict[float, torch.Tensor] = {}  # eps → Σ_tokens (n_a - n_b)², (B, D)
         for eps in {eps for eps, _ in self.norms.values()}:
             normed = F.layer_norm(emb, emb.shape[-1:], eps=eps)
             spread[eps] = (normed[:half] - normed[half:]).square().sum(1)
-        out = {}
+        for (component, layer), (eps, gamma_sq) in self.norms.items():
+            out[(component, layer)] = (spread[eps] @ gamma_sq).sqrt()
         for layer, block in enumerate(self.model.blocks):
             for component in BLOCK_COMPONENTS:
-                key = (component, layer)
-                if key in self.norms:
-                    eps, gamma_sq = self.norms[key]
-                    out[key] = (spread[eps] @ gamma_sq).sqrt()
-                elif self.grams is not None and key in found:
-                    out[key] = found[key]
-                else:
+                if (component, layer) not in out:
                     applied = apply_component(block, component, emb)
-                    out[key] = _frobenius(applied[:half] - applied[half:])
-        return out
+                    out[(component, layer)] = _frobenius(applied[:half] - applied[half:])
+        return {(component, layer): out[(component, layer)]
+                for layer in range(len(self.model.blocks)) for component in BLOCK_COMPONENTS}
 
 
 @torch.no_grad()

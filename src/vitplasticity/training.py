@@ -45,6 +45,7 @@ class TrainConfig:
     clip_norm: float = 1.0
     micro_batch: int | None = None  # None: automatic (whole batch on CPU, largest that fits on GPU)
     compile: bool = False  # torch.compile the forward pass
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
     eval_batch: int = 256
     mean: tuple[float, ...] = transforms.IMAGENET_MEAN
     std: tuple[float, ...] = transforms.IMAGENET_STD
@@ -235,8 +236,9 @@ def train(
         index = batch_indices(len(train_split.labels), cfg.batch_size, step, cfg.seed)
         # Augmentation is drawn for the whole batch, so the micro-batch size cannot change it.
         height, width = train_images.shape[1:3]
-        boxes, flips = transforms.sample_crop_flip(cfg.batch_size, height, width,
-                                                   step_generator(cfg.seed, step, stream=1))
+        generator = step_generator(cfg.seed, step, stream=1)
+        boxes = transforms.sample_crop_boxes(cfg.batch_size, height, width, generator, scale=cfg.crop_scale)
+        flips = torch.rand(cfg.batch_size, generator=generator) < 0.5
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for start in range(0, cfg.batch_size, micro):
@@ -289,4 +291,5 @@ def train(
 def config_record(cfg: TrainConfig) -> dict:
     record = asdict(cfg)
     record["betas"], record["mean"], record["std"] = list(cfg.betas), list(cfg.mean), list(cfg.std)
+    record["crop_scale"] = list(cfg.crop_scale)
     return record

@@ -4,9 +4,9 @@ Semantics follow torchvision's: eval is Resize(size) (shorter side) + CenterCrop
 train is RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3)) + horizontal flip;
 both end with mean/std normalisation. Resizing is bilinear and antialiased as PIL's and
 ``F.interpolate(..., antialias=True)``: each output axis is a weight matrix over the source
-axis (a triangle filter widened by the shrink factor, taps only inside the crop), so a
-crop, resize and flip of a whole batch is two batched matrix products, with no per-sample
-Python in the hot loop.
+axis (a triangle filter widened by the shrink factor, taps only inside the crop, mirrored
+for a flip), so a crop, resize and flip of a whole batch is one pass per axis (`_resample`),
+with no per-sample Python in the hot loop.
 """
 
 from __future__ import annotations
@@ -164,11 +164,13 @@ def sample_crop_flip(
 
 def crop_flip(batch: torch.Tensor, size: int, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     """Crop each image to its box, resize to (size, size) and flip where `flips` says. (B, 3, size, size)"""
-    height, width = batch.shape[-2:]
+    count, _, height, width = batch.shape
     x1, y1, x2, y2 = boxes.to(batch.device, batch.dtype).unbind(1)
-    rows = _resize_weights(y1, y2, height, size)
-    cols = _resize_weights(x1, x2, width, size, reverse=flips.to(batch.device))
-    return _resample(batch, rows, cols)
+    flips = flips.to(batch.device)
+    # Both axes in one call, rows then columns: (2B, size, max(H, W)); a flip mirrors the columns.
+    weights = _resize_weights(torch.cat([y1, x1]), torch.cat([y2, x2]), max(height, width), size,
+                              reverse=torch.cat([torch.zeros_like(flips), flips]))
+    return _resample(batch, weights[:count, :, :height], weights[count:, :, :width])
 
 
 def random_resized_crop_flip(batch: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:

@@ -80,8 +80,8 @@ def render(
     count = len(labels)
     grid = (np.arange(size) + 0.5) / size * 2 - 1  # pixel centres in [-1, 1]
     gy, gx = np.meshgrid(grid, grid, indexing="ij")
-    scale = rng.uniform(0.3, 0.55, count)[:, None, None]
-    cx, cy = (rng.uniform(-0.35, 0.35, (2, count)))[:, :, None, None]
+    scale = rng.uniform(0.4, 0.7, count)[:, None, None]
+    cx, cy = (rng.uniform(-0.3, 0.3, (2, count)))[:, :, None, None]
     angle = rng.uniform(0, 2 * np.pi, count)[:, None, None]
     dx, dy = gx[None] - cx, gy[None] - cy
     u = (np.cos(angle) * dx + np.sin(angle) * dy) / scale
@@ -102,7 +102,9 @@ def render(
     else:
         alpha = np.clip(0.5 - distance_px, 0, 1)[..., None]
         background = _smooth_noise(rng, count, size, 4)
-        colour = (background.mean((1, 2))[:, None, None, :] + rng.uniform(0.3, 0.7, (count, 1, 1, 3))) % 1.0
+        # Per channel, the shape is dark on a light background and light on a dark one.
+        light = background.mean((1, 2))[:, None, None, :] > 0.5
+        colour = np.where(light, rng.uniform(0.0, 0.3, (count, 1, 1, 3)), rng.uniform(0.7, 1.0, (count, 1, 1, 3)))
         image = background * (1 - alpha) + colour * alpha
         image = _add_clutter(rng, image, gx, gy)
     image = image + rng.normal(0, 0.04, image.shape)
@@ -114,7 +116,7 @@ def _add_clutter(rng: np.random.Generator, image: np.ndarray, gx: np.ndarray, gy
     count = image.shape[0]
     for _ in range(2):
         cx, cy = rng.uniform(-0.9, 0.9, (2, count))[:, :, None, None]
-        radius = rng.uniform(0.06, 0.14, count)[:, None, None]
+        radius = rng.uniform(0.05, 0.1, count)[:, None, None]
         inside = np.sqrt((gx[None] - cx) ** 2 + (gy[None] - cy) ** 2) < radius
         colour = rng.random((count, 1, 1, 3))
         image = np.where(inside[..., None], colour, image)
