@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plasticity", type=Path, nargs="*", default=[])
     p.add_argument("--bounds", type=Path, nargs="*", default=[])
     p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--tracking", default='{"enabled": false}', help="MLflow settings as JSON")
 
     p = sub.add_parser("compare-paper", help="the reproduction beside the authors' main table")
     p.add_argument("--tables", type=Path, required=True)
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("figures", help="figures of one experiment from its tables")
     p.add_argument("--tables", type=Path, required=True)
     p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--tracking", default='{"enabled": false}', help="MLflow settings as JSON")
     return parser
 
 
@@ -161,13 +163,9 @@ def run(args: argparse.Namespace) -> None:
         metrics = jobs.linear_probe(settings, runtime, args.checkpoint, args.task, args.out, track)
         jobs.log(f"linear probe: test accuracy {metrics['test_acc']:.4f}")
     elif args.command == "aggregate":
-        from vitplasticity.aggregate import aggregate
-
-        aggregate(settings, args.runs, args.probes, args.plasticity, args.bounds, args.out_dir)
+        jobs.aggregate_experiment(settings, args.runs, args.probes, args.plasticity, args.bounds, args.out_dir, track)
     elif args.command == "figures":
-        from vitplasticity.figures import make_figures
-
-        make_figures(args.tables, args.out_dir)
+        jobs.draw_figures(args.tables, args.out_dir, track)
     elif args.command == "bench":
         from vitplasticity.bench import main as bench
 

@@ -229,3 +229,28 @@ def load_settings(text: str) -> dict:
     except json.JSONDecodeError as exc:
         raise UserError(f"--settings is not valid JSON ({exc})") from exc
 
+
+
+def aggregate_experiment(settings: dict, runs: list[Path], probes: list[Path], plasticity_tables: list[Path],
+                         bounds_tables: list[Path], out_dir: Path, track: dict) -> None:
+    """Tables of one experiment, mirrored to MLflow with the tables as artifacts."""
+    from vitplasticity.aggregate import aggregate
+
+    name = f"aggregate/{settings['experiment']}"
+    with tracking.track_job(resolve_tracking(track), run_dir=out_dir, run_name=name, kind="aggregate",
+                            params={k: v for k, v in settings.items() if k != "arms"}, tags={}) as run:
+        tables = aggregate(settings, runs, probes, plasticity_tables, bounds_tables, out_dir)
+        average = tables["main_table"].groupby("arm")["mean"].mean()
+        run.log_metrics({f"average_acc/{arm}": value for arm, value in average.items()})
+        run.log_artifacts(sorted(Path(out_dir).glob("*.csv")) + sorted(Path(out_dir).glob("*.md")))
+
+
+def draw_figures(tables_dir: Path, out_dir: Path, track: dict) -> None:
+    """Figures of one experiment, mirrored to MLflow as artifacts."""
+    from vitplasticity.figures import make_figures
+
+    name = f"figures/{Path(out_dir).name}"
+    with tracking.track_job(resolve_tracking(track), run_dir=out_dir, run_name=name, kind="figures",
+                            params={"tables": str(tables_dir)}, tags={}) as run:
+        make_figures(tables_dir, out_dir)
+        run.log_artifacts(sorted(Path(out_dir).glob("*.png")) + sorted(Path(out_dir).glob("*.pdf")))
