@@ -209,6 +209,7 @@ def _jobs_in_log(text: str) -> list[Job]:
 def _submissions(text: str) -> dict[str, str]:
     """Snakemake job id -> SLURM job id, from the plugin's submission messages."""
     pairs = re.findall(r"^Job (\d+) has been submitted with SLURM jobid (\d+)", text, re.MULTILINE)
+    assert len(dict(pairs)) == len(pairs), f"a Snakemake job was submitted twice: {pairs}"
     return dict(pairs)
 
 
