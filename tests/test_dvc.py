@@ -22,7 +22,7 @@ STAGE = "quick_study"
 # .dvc/config's default remote, `../../vitplasticity-dvc-storage` from .dvc/: a sibling of the repository.
 REMOTE = "vitplasticity-dvc-storage"
 PROJECT_FILES = ["Snakefile", "dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"]
-PROJECT_DIRS = ["workflow", "config", "scripts", "src/vitplasticity"]
+PROJECT_DIRS = ["workflow", "config", "envs", "scripts", "src/vitplasticity"]
 REMADE = ["results/tables", "results/figures"]
 NOTHING_TO_DO = "Nothing to be done"
 

@@ -92,6 +92,16 @@ def case(kit, tmp_path) -> Path:
     return tmp_path / "case"
 
 
+@pytest.fixture
+def settled_copy(smoke_copy) -> Path:
+    """The smoke copy after a plain rerun, so a test sees only the effect of its own change.
+
+    (Moving a study changes the absolute default tracking URI in make_tracking_store's params.)
+    """
+    snakemake(smoke_copy, "--cores", "2")
+    return smoke_copy
+
+
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """Every path under `root` (hidden ones too) with its size and modification time."""
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
@@ -676,27 +686,27 @@ def test_divergence_is_recorded_in_metrics_json_and_mlflow(kit, tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_a_diverging_learning_rate_is_shown_as_such_and_the_study_goes_on(smoke_copy, tmp_path, monkeypatch):
+def test_a_diverging_learning_rate_is_shown_as_such_and_the_study_goes_on(settled_copy, tmp_path, monkeypatch):
     config = copy.deepcopy(SMOKE)
     config["tasks"]["novel"]["lrs"] = [0.01, 0.03, 1e30]
     diverging = tmp_path / "diverging.yaml"
     diverging.write_text(yaml.safe_dump(config))
-    kept = smoke_copy / "results/runs/vit_smoke/novel/sgd/mha/lr0.01_seed0/metrics.json"
+    kept = settled_copy / "results/runs/vit_smoke/novel/sgd/mha/lr0.01_seed0/metrics.json"
     kept_mtime = kept.stat().st_mtime_ns
-    figure = smoke_copy / "results/figures/main/lr_robustness.png"
+    figure = settled_copy / "results/figures/main/lr_robustness.png"
     figure_mtime = figure.stat().st_mtime_ns
 
-    snakemake(smoke_copy, "--cores", "2", config=diverging)  # exit 0: the study goes on
+    snakemake(settled_copy, "--cores", "2", config=diverging)  # exit 0: the study goes on
 
     arms = sorted(SMOKE["arms"])
     for arm in arms:
-        run = smoke_copy / f"results/runs/vit_smoke/novel/sgd/{arm}/lr1e+30_seed0"
+        run = settled_copy / f"results/runs/vit_smoke/novel/sgd/{arm}/lr1e+30_seed0"
         metrics = json.loads((run / "metrics.json").read_text())
         assert (metrics["status"], metrics["diverged_step"], metrics["test_acc"]) == ("diverged", 2, None), arm
         assert not (run / "state.pt").exists()
     assert kept.stat().st_mtime_ns == kept_mtime  # the other runs were not redone
 
-    tables = smoke_copy / "results/tables/main"
+    tables = settled_copy / "results/tables/main"
     runs = pd.read_csv(tables / "runs.csv")
     diverged = runs[runs["lr"] == 1e30]
     assert sorted(diverged["arm"]) == arms and set(diverged["status"]) == {"diverged"}
@@ -859,8 +869,8 @@ def test_no_two_jobs_of_the_paper_study_write_the_same_file_or_run_folder(tmp_pa
 
 
 @pytest.mark.slow
-def test_a_second_workflow_on_the_same_folder_is_refused_and_changes_nothing(smoke_copy, tmp_path):
-    first = start_workflow(smoke_copy, tmp_path / "first.log", "--cores", "1", "--forcerun", "figures")
+def test_a_second_workflow_on_the_same_folder_is_refused_and_changes_nothing(settled_copy, tmp_path):
+    first = start_workflow(settled_copy, tmp_path / "first.log", "--cores", "1", "--forcerun", "figures")
     root = psutil.Process(first.pid)
     deadline = time.monotonic() + KILL_TIMEOUT_S
     while not (running := vitplasticity_jobs(root, "figures")):
@@ -869,20 +879,20 @@ def test_a_second_workflow_on_the_same_folder_is_refused_and_changes_nothing(smo
     job = running[0][0]
     job.suspend()  # hold the first workflow in the middle of its job
     try:
-        tables = snapshot(smoke_copy / "results" / "tables")
-        second = snakemake(smoke_copy, "--cores", "1", "--forcerun", "figures", check=False)
+        tables = snapshot(settled_copy / "results" / "tables")
+        second = snakemake(settled_copy, "--cores", "1", "--forcerun", "figures", check=False)
         assert second.returncode != 0
         assert "Directory cannot be locked" in second.stdout + second.stderr
         assert len(vitplasticity_jobs(root, "figures")) == 1  # the second started no job of its own
-        assert snapshot(smoke_copy / "results" / "tables") == tables
-        assert any((smoke_copy / ".snakemake" / "locks").iterdir())  # the first one's lock is still there
+        assert snapshot(settled_copy / "results" / "tables") == tables
+        assert any((settled_copy / ".snakemake" / "locks").iterdir())  # the first one's lock is still there
     finally:
         job.resume()
     assert first.wait(KILL_TIMEOUT_S) == 0, (tmp_path / "first.log").read_text()
-    assert "Nothing to be done" in snakemake(smoke_copy, "-n").stdout
+    assert "Nothing to be done" in snakemake(settled_copy, "-n").stdout
     for name in FIGURES:
         for suffix in ("png", "pdf"):
-            assert (smoke_copy / "results" / "figures" / "main" / f"{name}.{suffix}").stat().st_size > 1000
+            assert (settled_copy / "results" / "figures" / "main" / f"{name}.{suffix}").stat().st_size > 1000
 
 
 def test_results_folder_is_checked_before_any_work(case, capsys, monkeypatch):

@@ -26,10 +26,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def _keep_freed_memory_for_reuse() -> None:
     """Have glibc serve large blocks from its heap and keep them after `free`.
 
-    By default glibc maps each block over 32 MB afresh and unmaps it on `free`, so every batch
-    of that size page-faults its whole output again (a 128-image 224 px batch is 77 MB, and
-    faulting costs as much as computing it). A cache of reused output buffers would avoid this
-    too, but would hand callers tensors that the next batch overwrites. No effect off glibc.
+    By default glibc maps large blocks (above a threshold that adapts up to 32 MB) afresh and
+    returns them on `free`, so every batch page-faults its whole output again: a 128-image 224 px
+    batch (77 MB) took 3-4x as long on a 2-core CPU. A cache of reused output buffers would avoid
+    this too, but would hand callers tensors that the next batch overwrites. No effect off glibc.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return
