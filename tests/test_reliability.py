@@ -39,7 +39,7 @@ import torch
 import yaml
 from conftest import ROOT, SMOKE_CONFIG, snakemake
 
-from vitplasticity import cli, figures, jobs, models, tracking, training
+from vitplasticity import cli, figures, jobs, models, training
 from vitplasticity.components import set_trainable
 from vitplasticity.config import check_config
 from vitplasticity.datasets.synthetic import generate
@@ -655,10 +655,10 @@ def test_divergence_is_recorded_in_metrics_json_and_mlflow(kit, tmp_path, monkey
     secret = "hf_" + "Zq8x" * 6
     monkeypatch.setenv("HF_TOKEN", secret)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secret)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    store = tracking.prepare_store(uri, "reliability", ["vit/novel/sgd"])
-    track = {"enabled": True, "uri": uri, "experiment_id": store["experiment_id"],
-             "parent_run_id": store["parent_run_ids"]["vit/novel/sgd"]}
+    uri, store = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "tracking.json"
+    assert cli.main(["tracking", "prepare", "--uri", uri, "--experiment", "reliability", "--parents", "vit/novel/sgd",
+                     "--out", str(store)]) == 0  # as the workflow's make_tracking_store does
+    track = {"store": str(store), "parent": "vit/novel/sgd", "tags": {}}
     run_dir = tmp_path / "run"
 
     metrics = jobs.finetune({**FINETUNE, "lr": 1e30}, RUNTIME, kit / TASK, kit / CKPT, run_dir, track)
@@ -730,6 +730,7 @@ def test_a_diverging_learning_rate_is_shown_as_such_and_the_study_goes_on(settle
     assert "MHA\n(1 diverged)" in [t.get_text() for t in axes["novel (5 diverged runs not drawn)"].get_xticklabels()]
 
     monkeypatch.undo()
+    monkeypatch.chdir(settled_copy)  # runs.csv names run folders relative to the study
     broken = tmp_path / "tables"
     shutil.copytree(tables, broken)
     all_ln1 = runs["arm"] == "ln1"
