@@ -386,7 +386,8 @@ def test_smoke_workflow_with_parallel_jobs_mirrors_every_run_folder(server, tmp_
         ("probe", "probes/**/metrics.json"), ("plasticity", "plasticity/**/plasticity.csv"))}
     assert len(folders["finetune"]) == 2 * 5 * 2
     assert {kind: kinds.count(kind) for kind in set(kinds)} == {
-        "parent": len(record["parent_run_ids"]), **{kind: len(found) for kind, found in folders.items()}}
+        "parent": len(record["parent_run_ids"]), "aggregate": 1, "figures": 1,
+        **{kind: len(found) for kind, found in folders.items()}}
     for folder in folders["finetune"]:
         run = client.get_run(recorded_id(folder))
         settings = yaml.safe_load((folder / "config.yaml").read_text())["settings"]

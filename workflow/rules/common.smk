@@ -212,13 +212,10 @@ def get_finetune_runtime_minutes(wildcards):
 
 
 def get_tracking_uri():
-    """config tracking.uri, else MLFLOW_TRACKING_URI, else a SQLite store in results/."""
-    if TRACKING.get("uri"):
-        return TRACKING["uri"]
-    return (
-        os.environ.get("MLFLOW_TRACKING_URI")
-        or f"sqlite:///{os.path.abspath('results/mlflow.db')}"
-    )
+    """config tracking.uri, else MLFLOW_TRACKING_URI; empty means the SQLite store in results/
+    (resolved by the command, so the param does not change when the study folder moves).
+    """
+    return TRACKING.get("uri") or os.environ.get("MLFLOW_TRACKING_URI") or ""
 
 
 def get_tracking_parents():

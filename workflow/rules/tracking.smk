@@ -19,5 +19,5 @@ rule make_tracking_store:
         parents=" ".join(get_tracking_parents()),
         disabled="" if TRACKING.get("enabled", True) else "--disabled",
     shell:
-        "vitplasticity tracking prepare {params.disabled} --uri {params.uri:q} "
+        "vitplasticity tracking prepare {params.disabled} --uri={params.uri:q} "
         "--experiment {params.experiment} --parents {params.parents} --out {output} 2> {log}"
