@@ -141,7 +141,7 @@ def test_crop_takes_the_pixels_of_its_box(monkeypatch):
     ramp = torch.arange(24.0)[None, :] + 100.0 * torch.arange(24.0)[:, None]  # value = x + 100 y
     batch = ramp.expand(3, 3, 24, 24).clone()
     boxes = torch.tensor([[4.0, 4.0, 12.0, 12.0], [12.0, 6.0, 20.0, 14.0], [8.0, 12.0, 16.0, 20.0]])
-    monkeypatch.setattr(transforms, "sample_crop_boxes", lambda count, height, width, generator: boxes)
+    monkeypatch.setattr(transforms, "sample_crop_boxes", lambda count, height, width, generator, **options: boxes)
     out = transforms.random_resized_crop_flip(batch, 8, _generator(2))
     flips = torch.rand(3, generator=_generator(2)) < 0.5
     assert 0 < flips.sum() < 3

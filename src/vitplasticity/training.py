@@ -236,9 +236,8 @@ def train(
         index = batch_indices(len(train_split.labels), cfg.batch_size, step, cfg.seed)
         # Augmentation is drawn for the whole batch, so the micro-batch size cannot change it.
         height, width = train_images.shape[1:3]
-        generator = step_generator(cfg.seed, step, stream=1)
-        boxes = transforms.sample_crop_boxes(cfg.batch_size, height, width, generator, scale=cfg.crop_scale)
-        flips = torch.rand(cfg.batch_size, generator=generator) < 0.5
+        boxes, flips = transforms.sample_crop_flip(cfg.batch_size, height, width,
+                                                   step_generator(cfg.seed, step, stream=1), scale=cfg.crop_scale)
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for start in range(0, cfg.batch_size, micro):

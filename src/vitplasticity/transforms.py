@@ -150,14 +150,14 @@ def sample_crop_boxes(
 
 
 def sample_crop_flip(
-    count: int, height: int, width: int, generator: torch.Generator
+    count: int, height: int, width: int, generator: torch.Generator, scale=(0.08, 1.0)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The random draws of `random_resized_crop_flip` for `count` images: crop boxes (count, 4) and flips (count,).
 
     Drawing them for a whole batch at once makes the augmentation independent of how the
     batch is later split into micro-batches.
     """
-    boxes = sample_crop_boxes(count, height, width, generator)
+    boxes = sample_crop_boxes(count, height, width, generator, scale=scale)
     flips = torch.rand(count, generator=generator) < 0.5
     return boxes, flips
 
