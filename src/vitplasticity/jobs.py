@@ -6,7 +6,6 @@ record per job, built by the workflow from the study config.
 
 from __future__ import annotations
 
-import json
 import socket
 import sys
 import time
@@ -221,14 +220,6 @@ def linear_probe(settings: dict, runtime: dict, weights: Path, task_dir: Path, o
 def parameter_counts(weights: Path) -> dict:
     model, _ = models.load_checkpoint(weights, num_classes=0)
     return count_by_component(model)
-
-
-def load_settings(text: str) -> dict:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"--settings is not valid JSON ({exc})") from exc
-
 
 
 def aggregate_experiment(settings: dict, runs: list[Path], probes: list[Path], plasticity_tables: list[Path],
