@@ -17,7 +17,7 @@ CPU = torch.device("cpu")
 FINAL_LINE = re.compile(r"data speedup \d+\.\d\d, finetune speedup \d+\.\d\d, plasticity speedup \d+\.\d\d")
 # Every stage at toy sizes, DataLoader workers included (a few seconds).
 TINY = dict(source_size=16, img_size=32, num_images=16, workers=1, plasticity_workers=1, data_batch=4, data_steps=1,
-            depth=1, train_batch=4, micro_batch=2, train_steps=1, pair_batch=2, pairs=3)
+            depth=1, train_batch=4, micro_batch=2, train_steps=1, pair_batch=2, pairs=3, min_window_s=0.01)
 
 
 def test_tiny_benchmark_runs_and_ends_with_the_summary_line(tmp_path, capsys):
@@ -72,6 +72,15 @@ def test_reference_plasticity_equals_plasticity_measure_on_the_same_pairs():
 def test_peak_flops_uses_the_override_and_knows_no_cpu_peak():
     assert bench.peak_flops(CPU, 2.5) == 2.5e12
     assert bench.peak_flops(CPU, None) is None
+
+
+@pytest.mark.parametrize(("elapsed", "expected"), [(0.02, 10), (0.05, 4), (1.0, 2)])
+def test_short_windows_are_lengthened_to_the_minimum_duration(monkeypatch, elapsed, expected):
+    """2 batches took `elapsed` s; a window of at least 0.1 s needs ceil(2 * 0.1 / elapsed) of them, never fewer."""
+    calls = []
+    monkeypatch.setattr(bench, "_timed", lambda window, device: (window()(), elapsed))
+    assert bench._batches_for(0.1, 2, lambda n: calls.append(n) or n, CPU) == expected
+    assert calls == [2]
 
 
 def test_random_split_is_prepared_format():

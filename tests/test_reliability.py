@@ -669,8 +669,8 @@ def test_divergence_is_recorded_in_metrics_json_and_mlflow(kit, tmp_path, monkey
     monkeypatch.setenv("HF_TOKEN", secret)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secret)
     uri, store = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "tracking.json"
-    assert cli.main(["tracking", "prepare", "--uri", uri, "--experiment", "reliability", "--parents", "vit/novel/sgd",
-                     "--out", str(store)]) == 0  # as the workflow's make_tracking_store does
+    # as the workflow's make_tracking_store does
+    assert cli.main(["tracking", "prepare", "--uri", uri, "--experiment", "reliability", "--out", str(store)]) == 0
     track = {"store": str(store), "parent": "vit/novel/sgd", "tags": {}}
     run_dir = tmp_path / "run"
 

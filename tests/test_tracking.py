@@ -270,6 +270,20 @@ def test_parallel_processes_lose_no_run_and_no_point(server, prepared, tmp_path)
         assert len(runs_named(client, prepared["experiment_id"], f"parallel/{index}")) == 1
 
 
+def test_parallel_jobs_of_a_new_task_create_its_parent_run_once(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    prepared = tracking.prepare_store(uri, "tests")  # as the workflow does: no parent runs yet
+    settings = {"enabled": True, "uri": uri, "experiment_id": prepared["experiment_id"], "parent": "vit/new/sgd",
+                "lock": str(tmp_path / "tracking.lock"), "tags": {}}
+    jobs = [(settings, str(tmp_path / f"run{i}"), i) for i in range(4)]
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        run_ids = pool.map(parallel_job, jobs)
+    client = MlflowClient(uri)
+    (parent,) = runs_named(client, prepared["experiment_id"], "vit/new/sgd")
+    assert parent.data.tags["kind"] == "parent"
+    assert {client.get_run(run_id).data.tags["mlflow.parentRunId"] for run_id in run_ids} == {parent.info.run_id}
+
+
 def test_embedded_sqlite_store(tmp_path):
     uri = f"sqlite:///{tmp_path}/results/mlflow.db"
     settings = {"enabled": True, "uri": uri, "experiment_id": "1", "tags": {}}
@@ -385,14 +399,17 @@ def test_smoke_workflow_with_parallel_jobs_mirrors_every_run_folder(server, tmp_
         ("finetune", "runs/**/metrics.json"), ("pretrain", "pretrain/*/metrics.json"),
         ("probe", "probes/**/metrics.json"), ("plasticity", "plasticity/**/plasticity.csv"))}
     assert len(folders["finetune"]) == 2 * 5 * 2
+    finetune_settings = {folder: yaml.safe_load((folder / "config.yaml").read_text())["settings"]
+                         for folder in folders["finetune"]}
+    # One parent per model/task/optimizer, created by the first of its (parallel) jobs, never twice.
+    parents = {r.info.run_name: r.info.run_id for r in runs if r.data.tags["kind"] == "parent"}
+    assert sorted(parents) == sorted({tracking.parent_name(s) for s in finetune_settings.values()})
     assert {kind: kinds.count(kind) for kind in set(kinds)} == {
-        "parent": len(record["parent_run_ids"]), "aggregate": 1, "figures": 1,
-        **{kind: len(found) for kind, found in folders.items()}}
-    for folder in folders["finetune"]:
+        "parent": len(parents), "aggregate": 1, "figures": 1, **{kind: len(found) for kind, found in folders.items()}}
+    for folder, settings in finetune_settings.items():
         run = client.get_run(recorded_id(folder))
-        settings = yaml.safe_load((folder / "config.yaml").read_text())["settings"]
         assert run.info.run_name == tracking.run_name("finetune", settings)
-        assert run.data.tags["mlflow.parentRunId"] == record["parent_run_ids"][tracking.parent_name(settings)]
+        assert run.data.tags["mlflow.parentRunId"] == parents[tracking.parent_name(settings)]
         assert json.loads(run.data.tags["wildcards"])["arm"] == settings["arm"]
         steps = len((folder / "history.csv").read_text().splitlines()) - 1
         assert count(client, run.info.run_id, "loss") == steps == settings["steps"]

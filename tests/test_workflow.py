@@ -50,6 +50,34 @@ def test_changing_one_learning_rate_reruns_only_its_jobs_and_the_aggregation(smo
 
 
 @pytest.mark.slow
+def test_adding_a_task_plans_its_jobs_in_one_invocation(smoke_copy, tmp_path):
+    config = yaml.safe_load(SMOKE_CONFIG.read_text())
+    config["tasks"]["noise"] = {**config["tasks"]["novel"], "data": {**config["tasks"]["source"]["data"],
+                                                                     "kind": "corrupt", "corruption": "gaussian_noise"}}
+    config["experiments"]["main"]["tasks"].append("noise")
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    result = snakemake(smoke_copy, "-n", config=changed)
+    arms, lrs, seeds = len(config["arms"]), len(config["tasks"]["noise"]["lrs"]), len(config["finetune"]["seeds"])
+    assert planned_jobs(result.stdout + result.stderr) == {
+        "prepare_dataset": 1, "finetune": arms * lrs * seeds, "linear_probe": 1, "measure_plasticity": 1,
+        "compute_bounds": 1, "aggregate": 1, "figures": 1, "all": 1}, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_changed_tracking_settings_are_announced(smoke_copy, tmp_path):
+    config = yaml.safe_load(SMOKE_CONFIG.read_text())
+    config["tracking"] = {"enabled": True, "uri": None}
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    result = snakemake(smoke_copy, "-n", config=changed)
+    assert planned_jobs(result.stdout + result.stderr) == {"make_tracking_store": 1}
+    assert ("vitplasticity: the tracking settings changed since results/tracking.json was written; this invocation "
+            "re-creates it and runs no other job: run snakemake again for the rest") in result.stderr
+    assert "tracking settings changed" not in snakemake(smoke_copy, "-n").stderr
+
+
+@pytest.mark.slow
 def test_a_changed_table_reruns_only_the_figures(smoke_copy):
     runs = smoke_copy / "results" / "tables" / "main" / "runs.csv"
     runs.write_text(runs.read_text() + "\n")

@@ -14,7 +14,9 @@ Each comparison uses the same model shape, batch and output shape on both sides.
 
 Timed windows of the two sides alternate (``rounds``) so that a change in machine load hits both;
 warm-up is excluded, and so is starting a DataLoader's workers (its first batch is fetched before the
-clock starts; the data path does not count that batch either).
+clock starts; the data path does not count that batch either). The project's data-path windows are
+lengthened to at least ``min_window_s``, since its few-millisecond windows would otherwise swing with a
+single scheduler stall; images/s are per window, so window lengths need not match.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import os
 import platform
 import resource
@@ -63,7 +66,8 @@ class BenchConfig:
     plasticity_workers: int = 0  # per stream (two loaders)
     rounds: int = 2  # alternating timed windows per side
     data_batch: int = 32
-    data_steps: int = 16  # batches per timed window
+    data_steps: int = 16  # batches per baseline window
+    min_window_s: float = 0.5  # the project's data windows are lengthened to at least this
     arch: str = "vit_tiny_patch16_224"  # finetuning model
     depth: int | None = None  # None: the architecture's own
     train_batch: int = 8
@@ -207,8 +211,18 @@ def bench_data(cfg: BenchConfig, device: torch.device) -> dict:
     def project_window(batches: int) -> Callable[[], int]:
         return lambda: project_run(batches)
 
-    return compare("data path", lambda: baseline_window(cfg.data_steps), lambda: project_window(cfg.data_steps),
+    project_batches = _batches_for(cfg.min_window_s, cfg.data_steps, project_run, device)
+    return compare("data path", lambda: baseline_window(cfg.data_steps), lambda: project_window(project_batches),
                    (lambda: baseline_window(1), lambda: project_window(1)), cfg.rounds, device)
+
+
+def _batches_for(seconds: float, batches: int, run: Callable[[int], int], device: torch.device) -> int:
+    """How many batches `run` needs to last at least `seconds`, from one untimed run of `batches`.
+
+    A window of a few milliseconds would be at the mercy of one scheduler stall.
+    """
+    _, elapsed = _timed(lambda: lambda: run(batches), device)
+    return max(batches, math.ceil(batches * seconds / max(elapsed, 1e-6)))
 
 
 # --- (b) finetuning step ---------------------------------------------------------------------

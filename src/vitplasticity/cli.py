@@ -92,10 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tracking", help="MLflow store: create it before the jobs, or rebuild it from run folders")
     actions = p.add_subparsers(dest="action", required=True)
     uri_help = "tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///<abs>/results/mlflow.db)"
-    a = actions.add_parser("prepare", help="create the store, the experiment and the parent runs, once before jobs")
+    a = actions.add_parser("prepare", help="create the store and the experiment, once before the jobs")
     a.add_argument("--uri", default=None, help=uri_help)
     a.add_argument("--experiment", required=True, help="experiment name (the study name)")
-    a.add_argument("--parents", nargs="*", default=[], help="parent-run names (model/task/optimizer)")
     a.add_argument("--out", type=Path, required=True, help="JSON record the jobs read (results/tracking.json)")
     a.add_argument("--disabled", action="store_true", help="tracking is off: record that, create no store")
     a = actions.add_parser("rebuild", help="recreate the MLflow runs from the run folders")
@@ -185,11 +184,14 @@ def _tracking(args: argparse.Namespace) -> None:
     if args.action == "rebuild":
         done = tracking.rebuild(results, uri, args.experiment)
         print(f"rebuilt {len(done)} runs in {uri}", file=sys.stderr)
-    elif args.disabled:
-        write_json(args.out, {"enabled": False})
+        return
+    # What was asked for, so that the workflow can tell when the record is out of date.
+    requested = {"requested": {"uri": args.uri or "", "experiment": args.experiment, "enabled": not args.disabled}}
+    if args.disabled:
+        write_json(args.out, {"enabled": False} | requested)
     else:
-        record = tracking.prepare_store(uri, args.experiment, args.parents)
-        write_json(args.out, {"enabled": True, "uri": uri, "experiment": args.experiment} | record)
+        record = tracking.prepare_store(uri, args.experiment)
+        write_json(args.out, {"enabled": True, "uri": uri, "experiment": args.experiment} | record | requested)
 
 
 def main(argv: list[str] | None = None) -> int:

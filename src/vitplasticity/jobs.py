@@ -45,7 +45,8 @@ def prepare(name: str, data: dict, out: Path, raw: Path) -> dict:
 
 def resolve_tracking(track: dict) -> dict:
     """Job-side tracking settings: the store description file (written once by the workflow)
-    plus this job's parent run and tags. No store named → tracking off."""
+    plus this job's parent run (by name; jobs create it under a lock beside the file) and tags.
+    No store named → tracking off."""
     store = track.get("store")
     if not store:
         return {"enabled": False}
@@ -56,7 +57,7 @@ def resolve_tracking(track: dict) -> dict:
     if not record.get("enabled"):
         return {"enabled": False}
     return {"enabled": True, "uri": record["uri"], "experiment_id": record["experiment_id"],
-            "parent_run_id": record.get("parent_run_ids", {}).get(track.get("parent")),
+            "parent": track.get("parent"), "lock": str(Path(store).with_suffix(".lock")),
             "tags": track.get("tags", {})}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import getpass
 import json
 import math
@@ -122,9 +123,9 @@ def track_job(settings: dict | None, *, run_dir: Path, run_name: str, kind: str,
               tags: dict) -> Iterator[JobRun]:
     """Mirror one job into MLflow; the run is closed FINISHED, FAILED or KILLED as the block ends.
 
-    `settings`: `enabled`, `uri` (None: MLFLOW_TRACKING_URI), `experiment_id` and `parent_run_id`
-    (from `prepare_store`), `tags`. The store is checked before the block runs; an unreachable
-    one raises `UserError`.
+    `settings`: `enabled`, `uri` (None: MLFLOW_TRACKING_URI), `experiment_id` (from `prepare_store`),
+    `parent` (a parent-run name, created on first use under the file lock `lock`) or `parent_run_id`,
+    `tags`. The store is checked before the block runs; an unreachable one raises `UserError`.
     """
     if not settings or not settings.get("enabled"):
         yield JobRun()
@@ -136,6 +137,9 @@ def track_job(settings: dict | None, *, run_dir: Path, run_name: str, kind: str,
     experiment_id, parent_id = str(settings["experiment_id"]), settings.get("parent_run_id")
     client = _client(uri)
     _check_experiment(client, uri, experiment_id)
+    if parent_id is None and settings.get("parent"):
+        with _exclusive(settings.get("lock")):
+            parent_id = parent_runs(client, experiment_id, [settings["parent"]])[settings["parent"]]
     all_tags = environment_tags() | {"kind": kind} | dict(settings.get("tags") or {}) | dict(tags)
     job = open_run(client, Path(run_dir), run_name=run_name, experiment_id=experiment_id, parent_id=parent_id,
                    params=params, tags=all_tags, uri=uri)
@@ -201,7 +205,7 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(unquote(uri[len(prefix):].split("?", 1)[0]))
 
 
-def prepare_store(uri: str, experiment_name: str, parents: list[str]) -> dict:
+def prepare_store(uri: str, experiment_name: str, parents: Iterable[str] = ()) -> dict:
     """Create the store, the experiment and the named parent runs once; reuse whatever exists.
 
     Returns {"experiment_id": ..., "parent_run_ids": {name: run id}}.
@@ -217,17 +221,23 @@ def prepare_store(uri: str, experiment_name: str, parents: list[str]) -> dict:
         experiment_id = experiment.experiment_id
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment_id)
-    existing = {}
+    return {"experiment_id": experiment_id, "parent_run_ids": parent_runs(client, experiment_id, parents)}
+
+
+def parent_runs(client: MlflowClient, experiment_id: str, names: Iterable[str]) -> dict[str, str]:
+    """{name: run id} of the named parent runs, creating those not in the experiment yet.
+
+    Parallel callers must hold one lock (see `_exclusive`), or a parent could be created twice.
+    """
+    existing: dict[str, str] = {}
     for run in _search(client, experiment_id, "tags.kind = 'parent'"):
         existing.setdefault(run.info.run_name, run.info.run_id)
-    parent_ids = {}
-    for name in parents:
+    for name in names:
         if name not in existing:
             run = client.create_run(experiment_id, run_name=name, tags={"kind": "parent"})
             client.set_terminated(run.info.run_id, status="FINISHED")
             existing[name] = run.info.run_id
-        parent_ids[name] = existing[name]
-    return {"experiment_id": experiment_id, "parent_run_ids": parent_ids}
+    return {name: existing[name] for name in names}
 
 
 def open_run(client: MlflowClient, run_dir: Path, *, run_name: str, experiment_id: str, parent_id: str | None,
@@ -434,6 +444,20 @@ def _tag_entities(tags: dict) -> list:
     from mlflow.entities import RunTag
 
     return [RunTag(k[:MAX_KEY_LENGTH], _truncate(str(v), MAX_TAG_LENGTH)) for k, v in tags.items()]
+
+
+@contextlib.contextmanager
+def _exclusive(lock: str | None) -> Iterator[None]:
+    """Hold an exclusive lock on the file `lock` (created if missing); no file, no lock."""
+    if not lock:
+        yield
+        return
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _client(uri: str) -> MlflowClient:

@@ -218,18 +218,39 @@ def get_tracking_uri():
     return TRACKING.get("uri") or os.environ.get("MLFLOW_TRACKING_URI") or ""
 
 
-def get_tracking_parents():
-    """One parent run per (model, task, optimizer) groups its finetuning runs."""
-    parents = set()
-    for exp in EXPERIMENTS.values():
-        for task in exp["tasks"]:
-            parents.add(f"{exp['model']}/{task}/{exp.get('optimizer', 'sgd')}")
-    return sorted(parents)
+TRACKING_REQUEST = {
+    "uri": get_tracking_uri(),
+    "experiment": config["study"],
+    "enabled": TRACKING.get("enabled", True),
+}
 
 
-# Every tracked job reads the store description (URI, experiment and parent run ids) from
-# this file, so tracking settings never enter job params; ancient(): recreating it (after
-# `dvc pull`, or with another URI) reruns no finished job.
+def warn_if_tracking_store_outdated(path="results/tracking.json"):
+    """Jobs take the record as ancient(); when make_tracking_store must re-make it, Snakemake
+    (9.x) schedules only that rule and leaves other pending jobs to the next invocation. Say so.
+    """
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as handle:
+            recorded = json.load(handle).get("requested")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded != TRACKING_REQUEST:
+        print(
+            f"vitplasticity: the tracking settings changed since {path} was written; "
+            "this invocation re-creates it and runs no other job: run snakemake again "
+            "for the rest",
+            file=sys.stderr,
+        )
+
+
+warn_if_tracking_store_outdated()
+
+
+# Every tracked job reads the store description (URI and experiment id) from this file,
+# so tracking settings never enter job params; ancient(): recreating it (after `dvc pull`,
+# or with another URI) reruns no finished job.
 TRACKING_STORE = ancient("results/tracking.json")
 
 

@@ -1,5 +1,6 @@
-# MLflow mirror: the store, the experiment and the per-task parent runs are created once,
-# before any parallel job, so jobs never race on schema migration or experiment creation.
+# MLflow mirror: the store and the experiment are created once, before any parallel job, so
+# jobs never race on schema migration or experiment creation. Jobs create their parent run
+# (one per model/task/optimizer) on first use, under a lock beside results/tracking.json.
 
 
 localrules:
@@ -14,10 +15,9 @@ rule make_tracking_store:
     conda:
         "../../envs/vitplasticity.yaml"
     params:
-        uri=get_tracking_uri(),
-        experiment=config["study"],
-        parents=" ".join(get_tracking_parents()),
-        disabled="" if TRACKING.get("enabled", True) else "--disabled",
+        uri=TRACKING_REQUEST["uri"],
+        experiment=TRACKING_REQUEST["experiment"],
+        disabled="" if TRACKING_REQUEST["enabled"] else "--disabled",
     shell:
         "vitplasticity tracking prepare {params.disabled} --uri={params.uri:q} "
-        "--experiment {params.experiment} --parents {params.parents} --out {output} 2> {log}"
+        "--experiment {params.experiment} --out {output} 2> {log}"
