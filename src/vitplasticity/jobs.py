@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from vitplasticity import bounds, models, plasticity, probe, tracking, training
+from vitplasticity import bounds, models, plasticity, tracking, training
 from vitplasticity.components import count_by_component, set_trainable
 from vitplasticity.datasets.synthetic import generate
 from vitplasticity.errors import UserError
@@ -200,6 +200,8 @@ def compute_bounds(weights: Path, stats_path: Path, out: Path) -> pd.DataFrame:
 
 
 def linear_probe(settings: dict, runtime: dict, weights: Path, task_dir: Path, out: Path, track: dict) -> dict:
+    from vitplasticity import probe  # scikit-learn: 0.7 s of start-up the other jobs need not pay
+
     device = pick_device(runtime.get("device", "auto"))
     model, record = models.load_checkpoint(weights, num_classes=0)
     train, test = load_split(task_dir, "train", verify=True), load_split(task_dir, "test", verify=True)
