@@ -25,7 +25,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
@@ -205,7 +205,7 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(unquote(uri[len(prefix):].split("?", 1)[0]))
 
 
-def prepare_store(uri: str, experiment_name: str, parents: Iterable[str] = ()) -> dict:
+def prepare_store(uri: str, experiment_name: str, parents: Sequence[str] = ()) -> dict:
     """Create the store, the experiment and the named parent runs once; reuse whatever exists.
 
     Returns {"experiment_id": ..., "parent_run_ids": {name: run id}}.
@@ -224,7 +224,7 @@ def prepare_store(uri: str, experiment_name: str, parents: Iterable[str] = ()) -
     return {"experiment_id": experiment_id, "parent_run_ids": parent_runs(client, experiment_id, parents)}
 
 
-def parent_runs(client: MlflowClient, experiment_id: str, names: Iterable[str]) -> dict[str, str]:
+def parent_runs(client: MlflowClient, experiment_id: str, names: Sequence[str]) -> dict[str, str]:
     """{name: run id} of the named parent runs, creating those not in the experiment yet.
 
     Parallel callers must hold one lock (see `_exclusive`), or a parent could be created twice.

@@ -108,7 +108,8 @@ def evaluate(model: torch.nn.Module, split: Split, cfg: TrainConfig, device: tor
     for start in range(0, len(split.labels), cfg.eval_batch):
         chunk = split.images[start : start + cfg.eval_batch]
         images = transforms.eval_batch(chunk, cfg.img_size, device, cfg.mean, cfg.std)
-        labels = torch.as_tensor(np.asarray(split.labels[start : start + cfg.eval_batch]), device=device)
+        labels = np.array(split.labels[start : start + cfg.eval_batch])  # a copy: memmaps are read-only
+        labels = torch.as_tensor(labels, device=device)
         with autocast(device):
             logits = model(images)
         total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
