@@ -7,9 +7,21 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_CONFIG = ROOT / "tests" / "data" / "smoke.yaml"
+
+
+def smoke_config() -> dict:
+    """A fresh copy of the smoke study's config, to change."""
+    return yaml.safe_load(SMOKE_CONFIG.read_text())
+
+
+def write_config(path: Path, config: dict) -> Path:
+    """Write a changed config for `snakemake(..., config=path)`."""
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def snakemake(workdir: Path, *args: str, config: Path = SMOKE_CONFIG, check: bool = True, timeout: int = 900):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SMOKE_CONFIG, snakemake
+from conftest import smoke_config, snakemake, write_config
 from mlflow.tracking import MlflowClient
 
 from vitplasticity import tracking
@@ -383,10 +383,9 @@ def test_rebuild_recreates_the_store_from_run_folders(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_workflow_with_parallel_jobs_mirrors_every_run_folder(server, tmp_path):
-    config = yaml.safe_load(SMOKE_CONFIG.read_text())
+    config = smoke_config()
     config["tracking"] = {"enabled": True, "uri": server}
-    config_path = tmp_path / "smoke.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+    config_path = write_config(tmp_path / "smoke.yaml", config)
     workdir = tmp_path / "study"
     snakemake(workdir, "--cores", "2", config=config_path, timeout=1800)
     results = workdir / "results"

@@ -4,8 +4,7 @@ import shutil
 
 import pandas as pd
 import pytest
-import yaml
-from conftest import ROOT, SMOKE_CONFIG, planned_jobs, snakemake
+from conftest import ROOT, planned_jobs, smoke_config, snakemake, write_config
 
 FIGURES = ["plasticity_vs_rank", "plasticity_vs_depth", "bounds_vs_depth", "relative_gain", "accuracy_per_arm",
            "lr_robustness", "training_curves"]
@@ -37,10 +36,9 @@ def test_second_invocation_has_nothing_to_do(smoke_run):
 
 @pytest.mark.slow
 def test_changing_one_learning_rate_reruns_only_its_jobs_and_the_aggregation(smoke_copy, tmp_path):
-    config = yaml.safe_load(SMOKE_CONFIG.read_text())
+    config = smoke_config()
     config["tasks"]["novel"]["lrs"] = [0.01, 0.05]
-    changed = tmp_path / "changed.yaml"
-    changed.write_text(yaml.safe_dump(config))
+    changed = write_config(tmp_path / "changed.yaml", config)
     result = snakemake(smoke_copy, "-n", config=changed)
     jobs = planned_jobs(result.stdout + result.stderr)
     assert jobs, result.stdout + result.stderr
@@ -51,12 +49,11 @@ def test_changing_one_learning_rate_reruns_only_its_jobs_and_the_aggregation(smo
 
 @pytest.mark.slow
 def test_adding_a_task_plans_its_jobs_in_one_invocation(smoke_copy, tmp_path):
-    config = yaml.safe_load(SMOKE_CONFIG.read_text())
+    config = smoke_config()
     config["tasks"]["noise"] = {**config["tasks"]["novel"], "data": {**config["tasks"]["source"]["data"],
                                                                      "kind": "corrupt", "corruption": "gaussian_noise"}}
     config["experiments"]["main"]["tasks"].append("noise")
-    changed = tmp_path / "changed.yaml"
-    changed.write_text(yaml.safe_dump(config))
+    changed = write_config(tmp_path / "changed.yaml", config)
     result = snakemake(smoke_copy, "-n", config=changed)
     arms, lrs, seeds = len(config["arms"]), len(config["tasks"]["noise"]["lrs"]), len(config["finetune"]["seeds"])
     assert planned_jobs(result.stdout + result.stderr) == {
@@ -66,10 +63,9 @@ def test_adding_a_task_plans_its_jobs_in_one_invocation(smoke_copy, tmp_path):
 
 @pytest.mark.slow
 def test_changed_tracking_settings_are_announced(smoke_copy, tmp_path):
-    config = yaml.safe_load(SMOKE_CONFIG.read_text())
+    config = smoke_config()
     config["tracking"] = {"enabled": True, "uri": None}
-    changed = tmp_path / "changed.yaml"
-    changed.write_text(yaml.safe_dump(config))
+    changed = write_config(tmp_path / "changed.yaml", config)
     result = snakemake(smoke_copy, "-n", config=changed)
     assert planned_jobs(result.stdout + result.stderr) == {"make_tracking_store": 1}
     assert ("vitplasticity: the tracking settings changed since results/tracking.json was written; this invocation "
@@ -86,10 +82,9 @@ def test_a_changed_table_reruns_only_the_figures(smoke_copy):
 
 
 def test_bad_config_fails_before_any_job_with_one_line(tmp_path):
-    config = yaml.safe_load(SMOKE_CONFIG.read_text())
+    config = smoke_config()
     config["arms"]["mha"] = ["attention"]
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump(config))
+    bad = write_config(tmp_path / "bad.yaml", config)
     result = snakemake(tmp_path, "-n", config=bad, check=False)
     assert result.returncode != 0
     line = [x for x in result.stderr.splitlines() if "config error" in x]
