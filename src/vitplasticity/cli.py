@@ -190,8 +190,9 @@ def _tracking(args: argparse.Namespace) -> None:
     if args.disabled:
         write_json(args.out, {"enabled": False} | requested)
     else:
-        record = tracking.prepare_store(uri, args.experiment)
-        write_json(args.out, {"enabled": True, "uri": uri, "experiment": args.experiment} | record | requested)
+        experiment_id = tracking.prepare_store(uri, args.experiment)["experiment_id"]
+        write_json(args.out, {"enabled": True, "uri": uri, "experiment": args.experiment,
+                              "experiment_id": experiment_id} | requested)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -220,8 +220,9 @@ def train(
     if micro < cfg.batch_size:
         progress(f"micro-batch {micro}, {-(-cfg.batch_size // micro)} accumulation steps per batch of {cfg.batch_size}")
     start_step, best, history = 0, {"val_acc": -1.0, "step": -1, "params": None}, []
+    resume_key = _resume_key(cfg)
     if state_path is not None and state_path.exists():
-        resumed = _load_state(state_path, model, optimizer, _resume_key(cfg))
+        resumed = _load_state(state_path, model, optimizer, resume_key)
         if resumed is None:
             progress(f"{state_path} was saved by a run with other settings or components; starting over")
         else:
@@ -269,7 +270,7 @@ def train(
             rate = (step + 1 - start_step) / max(time.time() - began, 1e-9)
             progress(f"step {step + 1}/{cfg.steps} loss {step_loss:.4f} val_acc {val_acc:.4f} ({rate:.1f} steps/s)")
             if state_path is not None and step + 1 < cfg.steps:
-                _save_state(state_path, step + 1, model, optimizer, best, history, _resume_key(cfg))
+                _save_state(state_path, step + 1, model, optimizer, best, history, resume_key)
             if on_eval is not None:
                 on_eval(history[reported:])
                 reported = len(history)
