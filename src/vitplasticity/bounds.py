@@ -14,7 +14,7 @@ import math
 import pandas as pd
 import torch
 
-from vitplasticity.components import LABELS
+from vitplasticity.components import LABELS, fc1_weight
 
 HEAD_SLICING = "rows of W_Q, W_K, W_V (output features per head), columns of W_O"
 
@@ -49,7 +49,7 @@ def theoretical_bounds(model: torch.nn.Module, radius: float) -> pd.DataFrame:
         values = {
             "ln1": block.norm1.weight.max().item(),
             "ln2": block.norm2.weight.max().item(),
-            "fc1": spectral_norm(block.mlp.fc1.weight),
+            "fc1": spectral_norm(fc1_weight(block.mlp)),
             "fc2": spectral_norm(block.mlp.fc2.weight),
             "mha": mha_bound(block.attn.qkv.weight, block.attn.proj.weight, block.attn.num_heads, n, radius),
         }

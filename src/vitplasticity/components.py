@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
+from timm.layers import GluMlp, Mlp, SwiGLU
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from vitplasticity.errors import UserError
@@ -37,11 +38,14 @@ _PATTERNS = (
     ("ln1", r"blocks\.\d+\.norm1\..*"),
     ("mha", r"blocks\.\d+\.(attn\..*|ls1\..*)"),
     ("ln2", r"blocks\.\d+\.norm2\..*"),
-    ("fc1", r"blocks\.\d+\.mlp\.fc1\..*"),
+    ("fc1", r"blocks\.\d+\.mlp\.(fc1|fc1_g|fc1_x)\..*"),
     ("fc2", r"blocks\.\d+\.(mlp\.fc2\..*|mlp\.norm\..*|ls2\..*)"),
     ("head", r"(norm\..*|fc_norm\..*|head\..*|head_drop\..*|attn_pool\..*)"),
 )
 _COMPILED = tuple((name, re.compile(pattern)) for name, pattern in _PATTERNS)
+# The block MLPs whose FC1 and FC2 are known: plain (fc1 → act → fc2) and gated, with fc1 packing
+# value and gate (GluMlp, also timm's SwiGLUPacked as in DINOv2-giant) or split (SwiGLU: fc1_g, fc1_x).
+MLPS = (Mlp, GluMlp, SwiGLU)
 
 
 def component_of(parameter_name: str) -> str:
@@ -94,17 +98,17 @@ def set_trainable(model: torch.nn.Module, arm_components: Iterable[str]) -> list
 
 
 def check_vit(model: torch.nn.Module) -> VisionTransformer:
-    """The model must be a timm VisionTransformer made of standard pre-norm blocks."""
+    """The model must be a timm VisionTransformer made of standard pre-norm blocks with a known MLP."""
     if not isinstance(model, VisionTransformer):
         raise UserError(
             f"model is a {type(model).__name__}, not a timm VisionTransformer; "
             "choose a timm 'vit_*' architecture"
         )
     for i, block in enumerate(model.blocks):
-        if type(block) is not Block or not hasattr(block.mlp, "fc1"):
+        if type(block) is not Block or type(block.mlp) not in MLPS:
             raise UserError(
                 f"block {i} is a {type(block).__name__} ({type(block.mlp).__name__} MLP); only "
-                "pre-norm timm Blocks with an fc1/fc2 MLP are supported"
+                f"pre-norm timm Blocks with a {', '.join(m.__name__ for m in MLPS)} MLP are supported"
             )
     return model
 
@@ -120,8 +124,9 @@ def embed(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
 def apply_component(block: Block, component: str, tokens: torch.Tensor) -> torch.Tensor:
     """Apply one block component to a token matrix (B, N, D) as plasticity defines it.
 
-    MHA includes its output projection and LayerScale; FC2 takes 4d inputs, so a
-    d-wide input is zero-padded on the feature axis (study-spec §3).
+    MHA includes its output projection and LayerScale; FC1 is the MLP's input projection
+    (value and gate of a gated MLP together); FC2 takes its hidden-width inputs, so a d-wide
+    input is zero-padded on the feature axis (study-spec §3).
     """
     if component == "ln1":
         return block.norm1(tokens)
@@ -130,6 +135,8 @@ def apply_component(block: Block, component: str, tokens: torch.Tensor) -> torch
     if component == "ln2":
         return block.norm2(tokens)
     if component == "fc1":
+        if isinstance(block.mlp, SwiGLU):
+            return torch.cat([block.mlp.fc1_x(tokens), block.mlp.fc1_g(tokens)], dim=-1)
         return block.mlp.fc1(tokens)
     if component == "fc2":
         width = block.mlp.fc2.in_features
@@ -139,12 +146,26 @@ def apply_component(block: Block, component: str, tokens: torch.Tensor) -> torch
     raise UserError(f"'{component}' is not a block component; allowed: {BLOCK_COMPONENTS}")
 
 
+def fc1_weight(mlp: torch.nn.Module) -> torch.Tensor:
+    """FC1's weight as one matrix (hidden outputs, d): a gated MLP's value and gate rows stacked."""
+    if isinstance(mlp, SwiGLU):
+        return torch.cat([mlp.fc1_x.weight, mlp.fc1_g.weight])
+    return mlp.fc1.weight
+
+
 def hidden_inputs(block: Block, hidden: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The actual input each component receives at this depth, and the block's output."""
-    attn_in = block.norm1(hidden)
-    after_attn = hidden + block.drop_path1(block.ls1(block.attn(attn_in)))
-    mlp_in = block.norm2(after_attn)
-    fc2_in = block.mlp.norm(block.mlp.drop1(block.mlp.act(block.mlp.fc1(mlp_in))))
-    out = after_attn + block.drop_path2(block.ls2(block.mlp.drop2(block.mlp.fc2(fc2_in))))
-    inputs = {"ln1": hidden, "mha": attn_in, "ln2": after_attn, "fc1": mlp_in, "fc2": fc2_in}
+    """The input each component receives at this depth, and the block's output. (B, N, ·) each
+
+    The block runs its own forward; the inputs are read on the way by forward pre-hooks, so
+    every MLP variant (gate included) is applied exactly as the block applies it.
+    """
+    inputs = {"ln1": hidden}
+    watched = {"mha": block.attn, "ln2": block.norm2, "fc1": block.mlp, "fc2": block.mlp.fc2}
+    handles = [module.register_forward_pre_hook(lambda _, args, component=component: inputs.update(
+        {component: args[0]})) for component, module in watched.items()]
+    try:
+        out = block(hidden)
+    finally:
+        for handle in handles:
+            handle.remove()
     return inputs, out

@@ -5,6 +5,7 @@ Every failure is one line naming the key and the allowed values, raised before a
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import jsonschema
@@ -72,12 +73,7 @@ def check_references(config: dict) -> None:
     """Names used in one section must exist in another; protocol values must be coherent."""
     models, tasks, arms = config["models"], config["tasks"], config["arms"]
     for name, model in models.items():
-        patch = model.get("kwargs", {}).get("patch_size", model.get("patch_size", 16))
-        _require(type(patch) is int and patch > 0,
-                 f"config key 'models.{name}.kwargs.patch_size': must be a positive integer, got {patch!r}")
-        _require(model["img_size"] % patch == 0,
-                 f"config key 'models.{name}.img_size': {model['img_size']} is not divisible by the patch size "
-                 f"{patch}; choose a multiple of {patch}")
+        check_model_shape(name, model)
         if model["source"] == "pretrain":
             _require("pretrain" in model, f"config key 'models.{name}.pretrain': required when source is pretrain")
             task = model["pretrain"]["task"]
@@ -116,6 +112,45 @@ def check_references(config: dict) -> None:
                          f"'{name}' finetunes on it")
         for arm in experiment.get("arms", list(arms)):
             _require(arm in arms, f"config key '{where}.arms': unknown arm '{arm}'; allowed: {', '.join(arms)}")
+    check_reference_stream(config)
+
+
+def check_model_shape(name: str, model: dict) -> None:
+    """The shape timm builds for `model` fits its images: whole patches, whole heads.
+
+    The patch side is kwargs.patch_size, else the one the timm name states (``..._patch14_...``),
+    which a `patch_size` key, when given, must agree with (timm never reads that key). The model is
+    built at `img_size` (timm resamples a pretrained position embedding), so any size that
+    patches evenly is accepted.
+    """
+    kwargs = model.get("kwargs", {})
+    stated = re.search(r"_patch(\d+)", model["timm_name"])
+    patch = kwargs.get("patch_size", int(stated.group(1)) if stated else model.get("patch_size", 16))
+    _require(type(patch) is int and patch > 0,
+             f"config key 'models.{name}.kwargs.patch_size': must be a positive integer, got {patch!r}")
+    declared = model.get("patch_size", patch)
+    _require("patch_size" in kwargs or declared == patch,
+             f"config key 'models.{name}.patch_size': {declared} differs from the patch size {patch} timm builds "
+             f"{model['timm_name']} with; set patch_size to {patch}, or kwargs.patch_size to {declared} to build "
+             f"{declared}-pixel patches")
+    _require(model["img_size"] % patch == 0,
+             f"config key 'models.{name}.img_size': {model['img_size']} is not divisible by the patch size "
+             f"{patch}; choose a multiple of {patch}")
+    width, heads = kwargs.get("embed_dim"), kwargs.get("num_heads")
+    _require(not (type(width) is int and type(heads) is int and heads > 0 and width % heads),
+             f"config key 'models.{name}.kwargs.num_heads': embed_dim {width} is not divisible by {heads} heads; "
+             "choose a number of heads that divides embed_dim")
+
+
+def check_reference_stream(config: dict) -> None:
+    """The plasticity reference task must not be a downstream task: pairing a task's test
+    images with themselves gives zero input distance for every pair (study-spec §3)."""
+    reference = config["plasticity"]["reference_task"]
+    users = [name for name, experiment in config["experiments"].items() if reference in experiment["tasks"]]
+    _require(not users,
+             f"config key 'plasticity.reference_task': '{reference}' is also a downstream task of experiment "
+             f"'{users[0] if users else ''}', so plasticity would pair its test images with themselves; choose a "
+             "reference task no experiment finetunes on")
 
 
 def check_config(config: dict, schema_path: str | Path) -> None:

@@ -14,6 +14,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
 from vitplasticity import models
+from vitplasticity.components import check_vit
 from vitplasticity.errors import UserError
 from vitplasticity.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -35,9 +36,16 @@ def fetch_pretrained(settings: dict, weights: Path) -> dict:
             f"{type(exc).__name__}); on a machine with network run `hf download {repo} model.safetensors "
             f"--revision {revision}` and copy the hub cache (HF_HOME) here"
         ) from exc
-    model = timm.create_model(f"{name}.{tag}", pretrained=True, pretrained_cfg_overlay={"file": local},
-                              **settings.get("kwargs", {}))
-    arch = {"timm_name": name, "kwargs": settings.get("kwargs", {})}
+    arch = models.architecture(name, settings.get("kwargs", {}), settings["img_size"])
+    try:
+        model = timm.create_model(f"{name}.{tag}", pretrained=True, pretrained_cfg_overlay={"file": local},
+                                  **arch["kwargs"])
+    except (AssertionError, RuntimeError, TypeError, ValueError) as exc:  # timm asserts shapes
+        raise UserError(
+            f"cannot build timm model {name}.{tag} with {arch['kwargs']} from its pretrained weights ({exc}); "
+            "check the model's img_size and kwargs"
+        ) from exc
+    check_vit(model)
     record = {
         # The study normalises with ImageNet mean/std for every checkpoint (study-spec §3, §5).
         "arch": arch, "img_size": settings["img_size"], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),

@@ -99,7 +99,7 @@ def _result_metrics(result: training.Result) -> dict:
 def pretrain(settings: dict, runtime: dict, task_dir: Path, weights: Path, run_dir: Path, track: dict) -> dict:
     """Train a small timm ViT from scratch on the source task; write checkpoint + run folder."""
     meta = read_meta(task_dir)
-    arch = {"timm_name": settings["timm_name"], "kwargs": settings.get("kwargs", {})}
+    arch = models.architecture(settings["timm_name"], settings.get("kwargs", {}), settings["img_size"])
     seed_everything(settings["seed"])
     model = models.build(arch, num_classes=len(meta["classes"]))
     set_trainable(model, ["emb", "ln1", "mha", "ln2", "fc1", "fc2"])

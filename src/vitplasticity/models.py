@@ -20,12 +20,21 @@ from vitplasticity.errors import UserError
 from vitplasticity.fileio import atomic_path, read_json, sha256_file, write_json
 
 
+def architecture(timm_name: str, kwargs: dict, img_size: int) -> dict:
+    """The architecture record {timm_name, kwargs} of a model run on `img_size`-pixel images.
+
+    The size is passed to timm (it replaces any kwargs.img_size), so the model is built for the
+    images it is given; timm resamples a pretrained position embedding to it on loading.
+    """
+    return {"timm_name": timm_name, "kwargs": {**kwargs, "img_size": img_size}}
+
+
 def build(arch: dict, num_classes: int) -> torch.nn.Module:
     """A timm ViT from an architecture record {timm_name, kwargs} with a fresh head."""
     try:
         model = timm.create_model(arch["timm_name"], pretrained=False, num_classes=num_classes,
                                   drop_rate=0.0, drop_path_rate=0.0, **arch.get("kwargs", {}))
-    except (RuntimeError, TypeError, ValueError) as exc:
+    except (AssertionError, RuntimeError, TypeError, ValueError) as exc:  # timm asserts shapes
         raise UserError(
             f"cannot build timm model '{arch['timm_name']}' ({exc}); check the model's timm_name and kwargs"
         ) from exc
@@ -81,7 +90,8 @@ def load_checkpoint(weights: str | Path, num_classes: int, verify: bool = True) 
         raise UserError(
             f"checkpoint {weights} is not a readable safetensors file ({exc}); delete it and fetch it again"
         ) from exc
-    model = build(record["arch"], num_classes)
+    arch = architecture(record["arch"]["timm_name"], record["arch"].get("kwargs", {}), record["img_size"])
+    model = build(arch, num_classes)
     backbone = {k: v for k, v in state.items() if not k.startswith("head.")}
     expected = model.state_dict()
     wrong = [(k, list(v.shape), list(expected[k].shape)) for k, v in backbone.items()
@@ -89,8 +99,8 @@ def load_checkpoint(weights: str | Path, num_classes: int, verify: bool = True) 
     if wrong:
         name, have, want = wrong[0]
         raise UserError(
-            f"checkpoint {weights} does not fit the architecture in its sidecar ({record['arch']['timm_name']} "
-            f"{record['arch'].get('kwargs', {})}): {len(wrong)} tensor(s) of the wrong shape, e.g. {name} is "
+            f"checkpoint {weights} does not fit the architecture in its sidecar ({arch['timm_name']} "
+            f"{dict(sorted(arch['kwargs'].items()))}): {len(wrong)} tensor(s) of the wrong shape, e.g. {name} is "
             f"{have} in the file but {want} in the model; delete both files and fetch or pretrain it again"
         )
     missing, unexpected = model.load_state_dict(backbone, strict=False)

@@ -49,8 +49,10 @@ class RunningStats:
         self.squares[key] = self.squares.get(key, 0.0) + values.square().sum().item()
 
     def summary(self, key: tuple) -> tuple[float, float, int]:
-        """Mean, sample standard deviation and count."""
-        n = self.count[key]
+        """Mean, sample standard deviation and count; NaN, NaN, 0 when no value was added."""
+        n = self.count.get(key, 0)
+        if n == 0:
+            return math.nan, math.nan, 0
         mean = self.total[key] / n
         var = max(0.0, (self.squares[key] - n * mean * mean) / (n - 1)) if n > 1 else 0.0
         return mean, math.sqrt(var), n
@@ -93,7 +95,7 @@ class _EmbeddingNumerators:
                 if type(norm) in _PLAIN_LAYER_NORMS and tuple(norm.normalized_shape) == (width,):
                     gamma = norm.weight if norm.weight is not None else torch.ones(width, device=device)
                     self.norms[(component, layer)] = (norm.eps, gamma.float().square())
-            fc1, fc2, scale = block.mlp.fc1, block.mlp.fc2, block.ls2
+            fc1, fc2, scale = getattr(block.mlp, "fc1", None), block.mlp.fc2, block.ls2  # SwiGLU: fc1_g, fc1_x
             if type(fc1) is torch.nn.Linear:
                 maps[("fc1", layer)] = fc1.weight.double().T
             if type(fc2) is torch.nn.Linear and fc2.in_features >= width and type(scale) in _CHANNEL_SCALES:
@@ -160,10 +162,11 @@ def measure(
         for stream, part in (("reference", token_norms[:half]), ("downstream", token_norms[half:])):
             tokens.add((stream, "mean_token_norm"), part.mean(dim=1))
             tokens.add((stream, "rms_token_norm"), part.square().mean(dim=1).sqrt())
+        distance = _frobenius(emb[:half] - emb[half:])  # (B,): pairs at distance 0 have no ratio
+        skipped += int((distance == 0).sum())
         if "embedding" in modes:
-            denominator = _frobenius(emb[:half] - emb[half:])
+            denominator = distance
             keep = denominator > 0
-            skipped += int((~keep).sum())
             found = numerators(emb, half)
             keys = list(found)
             batch_ratios = (torch.stack([found[k] for k in keys]) / denominator)[:, keep].cpu()  # (keys, kept)
@@ -181,6 +184,11 @@ def measure(
                     ratios.add(("hidden", component, layer), _pair_ratios(out, half, denominator)[keep])
                 hidden = hidden_next
         progress(f"plasticity: {stop}/{pairs} pairs")
+    if skipped == pairs:
+        raise UserError(
+            f"plasticity: all {pairs} image pairs have identical embeddings (zero input distance), so no rate "
+            "of change is defined; choose a plasticity.reference_task whose images differ from the downstream task's"
+        )
     rows = []
     depth = len(model.blocks)
     for mode, component, layer in ratios.count:
@@ -188,7 +196,7 @@ def measure(
         rows.append({
             "mode": mode, "component": component, "label": LABELS[component], "layer": layer,
             "depth_pct": 100.0 * (layer + 1) / depth, "mean": value, "std": spread, "n": n,
-            "ci95": 1.96 * spread / math.sqrt(n),
+            "ci95": 1.96 * spread / math.sqrt(n) if n else math.nan,
         })
     stats = {"pairs": pairs, "skipped_identical_pairs": skipped, "num_tokens": int(emb.shape[1]),
              "embed_dim": int(emb.shape[2])}

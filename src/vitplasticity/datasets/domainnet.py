@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vitplasticity.datasets.download import Resource, fetch, locked, resolve
 from vitplasticity.datasets.imagefiles import ImageFiles
-from vitplasticity.datasets.images import write_splits
+from vitplasticity.datasets.images import Decoding, write_splits
 from vitplasticity.datasets.splits import train_val_test
 from vitplasticity.errors import UserError
 
@@ -35,9 +35,9 @@ def prepare(task: dict, out_dir: Path, raw_dir: Path, provenance: dict) -> dict:
     (resource,) = resolve([Resource(f"{domain}.zip", BASE_URL + path, f"md5:{md5}")], task)
     with locked(raw_dir):
         archive = fetch(resource, raw_dir)
-    with ImageFiles(archive, root=domain) as dataset:
+    with ImageFiles(archive, root=domain, decoding=Decoding.of_task(task)) as dataset:
         splits = train_val_test(len(dataset), task["val_fraction"], task["test_fraction"],
                                 task["split_seed"])
         parts = {split: (dataset, rows) for split, rows in splits.items()}
-        provenance = provenance | {"files": [vars(resource)]}
+        provenance = provenance | {"files": [vars(resource)], "skipped": dict(dataset.skipped)}
         return write_splits(out_dir, parts, dataset.classes, provenance, task["store_size"])

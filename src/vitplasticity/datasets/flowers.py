@@ -13,7 +13,7 @@ from torchvision.datasets import Flowers102
 
 from vitplasticity.datasets.archives import extract
 from vitplasticity.datasets.download import Resource, fetch, locked, resolve
-from vitplasticity.datasets.images import write_splits
+from vitplasticity.datasets.images import Decoding, read_image, write_splits
 from vitplasticity.errors import UserError
 
 REQUIRED = ("store_size",)
@@ -28,7 +28,14 @@ FOLDER = "flowers-102"  # where torchvision's reader looks, below its root
 
 
 class _Flowers102(Flowers102):
+    """torchvision's reader, decoding its images with `read_image`."""
+
     _file_dict = {key: (filename, None) for key, (filename, _) in Flowers102._file_dict.items()}
+    decoding = Decoding()
+
+    def __getitem__(self, index: int) -> tuple:
+        path = self._image_files[index]
+        return read_image(path, str(path), self.decoding), self._labels[index]
 
 
 def prepare(task: dict, out_dir: Path, raw_dir: Path, provenance: dict) -> dict:
@@ -39,6 +46,8 @@ def prepare(task: dict, out_dir: Path, raw_dir: Path, provenance: dict) -> dict:
         extract(paths["102flowers.tgz"], folder, resources[0].checksum)
     try:
         datasets = {split: _Flowers102(raw_dir, split=split) for split in ("train", "val", "test")}
+        for dataset in datasets.values():
+            dataset.decoding = Decoding.of_task(task)
     except (RuntimeError, KeyError, ValueError) as exc:
         raise UserError(
             f"{folder} does not hold Flowers102's files ({exc!r}); delete {raw_dir} and run again"

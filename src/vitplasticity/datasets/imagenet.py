@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from vitplasticity.datasets.imagefiles import ImageFiles
-from vitplasticity.datasets.images import write_splits
+from vitplasticity.datasets.images import Decoding, write_splits
 from vitplasticity.errors import UserError
 
 REQUIRED = ("store_size", "split_seed")
@@ -31,12 +31,12 @@ def prepare(task: dict, out_dir: Path, raw_dir: Path, provenance: dict) -> dict:
         raise UserError(
             f"ImageNet val path {path} does not exist; fix `path` of the imagenet_val task"
         )
-    with ImageFiles(path, flat_class="imagenet") as dataset:
+    with ImageFiles(path, flat_class="imagenet", decoding=Decoding.of_task(task)) as dataset:
         rows = np.arange(len(dataset))
         limit = task.get("max_images")
         if limit is not None and limit < len(rows):
             rng = np.random.default_rng(task["split_seed"])
             rows = np.sort(rng.choice(rows, limit, replace=False))
-        provenance = provenance | {"images_found": len(dataset)}
+        provenance = provenance | {"images_found": len(dataset), "skipped": dict(dataset.skipped)}
         return write_splits(out_dir, {"test": (dataset, rows)}, dataset.classes, provenance,
                             task["store_size"])

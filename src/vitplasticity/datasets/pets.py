@@ -13,7 +13,7 @@ from torchvision.datasets import OxfordIIITPet
 
 from vitplasticity.datasets.archives import extract
 from vitplasticity.datasets.download import Resource, fetch, locked, resolve
-from vitplasticity.datasets.images import write_splits
+from vitplasticity.datasets.images import Decoding, read_image, write_splits
 from vitplasticity.datasets.splits import holdout
 from vitplasticity.errors import UserError
 
@@ -27,6 +27,16 @@ OFFICIAL = [
 FOLDER = "oxford-iiit-pet"  # where torchvision's reader looks, below its root
 
 
+class _OxfordIIITPet(OxfordIIITPet):
+    """torchvision's reader (category labels), decoding its images with `read_image`."""
+
+    decoding = Decoding()
+
+    def __getitem__(self, index: int) -> tuple:
+        path = self._images[index]
+        return read_image(path, str(path), self.decoding), self._labels[index]
+
+
 def prepare(task: dict, out_dir: Path, raw_dir: Path, provenance: dict) -> dict:
     resources = resolve(OFFICIAL, task)
     folder = raw_dir / FOLDER
@@ -34,8 +44,9 @@ def prepare(task: dict, out_dir: Path, raw_dir: Path, provenance: dict) -> dict:
         for resource in resources:
             extract(fetch(resource, folder), folder, resource.checksum)
     try:
-        trainval = OxfordIIITPet(raw_dir, split="trainval")
-        test = OxfordIIITPet(raw_dir, split="test")
+        trainval = _OxfordIIITPet(raw_dir, split="trainval")
+        test = _OxfordIIITPet(raw_dir, split="test")
+        trainval.decoding = test.decoding = Decoding.of_task(task)
     except (RuntimeError, OSError, ValueError) as exc:
         raise UserError(
             f"{folder} lacks Oxford-IIIT Pet's files ({exc!r}); delete {raw_dir} and run again"

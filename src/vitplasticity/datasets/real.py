@@ -7,6 +7,8 @@ A task's config keys (see each source's module for its split rule and official f
 - ``split_seed``, ``val_fraction``, ``test_fraction``: the fixed random splits
 - ``corruption``, ``severity`` (cifar10c); ``domain`` (domainnet);
   ``path``, ``max_images`` (imagenet_val)
+- ``max_image_pixels``, ``pixel_range`` (sources read from image files: domainnet, flowers102,
+  oxford_pets, imagenet_val): how images are decoded (`vitplasticity.datasets.images.Decoding`)
 - ``url`` and ``checksum`` (``md5:<hex>`` or ``sha256:<hex>``) replace the official URL and
   checksum of a single-file source; ``urls`` and ``checksums`` ({filename: value}) those of
   any source's named files (flowers102: 102flowers.tgz, imagelabels.mat, setid.mat;
@@ -31,7 +33,7 @@ SOURCES = {
 }
 # The keys that shape the prepared data; they are recorded in its provenance.
 DATA_KEYS = ("source", "store_size", "split_seed", "val_fraction", "test_fraction", "corruption",
-             "severity", "domain", "path", "max_images")
+             "severity", "domain", "path", "max_images", "max_image_pixels", "pixel_range")
 
 
 def prepare_real(name: str, task: dict, out_dir: Path, raw_dir: Path) -> dict:
