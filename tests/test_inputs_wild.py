@@ -46,6 +46,7 @@ from torchvision.datasets import ImageFolder
 
 from vitplasticity import cli, components, jobs, models, plasticity
 from vitplasticity.config import check_config
+from vitplasticity.datasets.archives import extract
 from vitplasticity.datasets.imagefiles import ImageFiles
 from vitplasticity.datasets.images import Decoding, read_image, to_rgb
 from vitplasticity.datasets.real import prepare_real
@@ -237,6 +238,29 @@ def test_a_bad_tar_member_is_one_line_naming_it(name, tmp_path):
     with pytest.raises(UserError) as error:
         ImageFiles(archive, root="train")
     assert one_line(error) == message.format(a=archive)
+
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("symbolic link out of the archive", "'train/cat/evil.png' would link to '{d}/etc/x.png', which is outside the "
+                                         "destination"),
+    ("dangling hard link", "\"linkname 'train/cat/none.png' not found\""),
+])
+def test_unpacking_a_tar_with_a_bad_link_is_one_line_naming_it(name, reason, tmp_path):
+    archive = tmp_path / "train.tar"
+    archive.write_bytes(tar_with([*LINKED_TAR, TAR_CASES[name][0]]))
+    with pytest.raises(UserError) as error:
+        extract(archive, tmp_path, "stamp")
+    assert one_line(error) == (f"cannot unpack {archive} ({reason.format(d=tmp_path)}); delete it and run again to "
+                               "download it afresh")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.tar"]  # nothing unpacked, no temporary left
+
+
+def test_unpacking_a_tar_keeps_its_links_inside_it(tmp_path):
+    archive = tmp_path / "train.tar"
+    archive.write_bytes(tar_with(LINKED_TAR))
+    extract(archive, tmp_path, "stamp")
+    assert [len(ImageFolder(str(tmp_path / "train")).samples)] == [5]
+    assert (tmp_path / "train" / "dog").is_symlink() and (tmp_path / "train" / "cat" / "2.png").stat().st_nlink == 2
 
 
 def zip_with(files: dict[str, bytes], links: dict[str, str]) -> bytes:
@@ -432,6 +456,9 @@ def test_a_model_runs_at_its_img_size_not_at_kwargs_img_size(tasks, tmp_path):
     table = jobs.measure_plasticity(measure, {}, weights, tasks / "source", tasks / "novel", tmp_path / "p.csv",
                                     tmp_path / "p.json", {})
     assert len(table) == 2 * 5 * 2 and table["mean"].notna().all()
+    assert len(jobs.compute_bounds(weights, tmp_path / "p.json", tmp_path / "bounds.csv")) == 5 * 2
+    probe = {"model": "vit", "task": "novel", "max_iter": 50}
+    assert 0 <= jobs.linear_probe(probe, {}, weights, tasks / "novel", tmp_path / "probe.json", {})["test_acc"] <= 1
 
 
 def test_a_checkpoint_of_another_size_is_one_line_before_any_run_folder(tasks, tmp_path, capsys):

@@ -35,7 +35,9 @@ def extract(archive: Path, dest: Path, stamp: str) -> None:
             else:
                 with tarfile.open(archive) as handle:
                     handle.extractall(tmp, filter="data")
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+        # TarError covers the "data" filter's refusals (links leaving `dest`, special files);
+        # KeyError is tarfile's for a hard link to a member the archive lacks.
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, KeyError) as exc:
             raise UserError(
                 f"cannot unpack {archive} ({exc}); delete it and run again to download it afresh"
             ) from exc

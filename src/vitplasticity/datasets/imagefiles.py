@@ -295,7 +295,7 @@ class _ArchiveTree:
         images: dict[str, Entry] = {}
         folders: set[str] = set()
         start = self._resolve(top) if top else ""
-        if start not in self.children:
+        if top and start not in self.children:
             raise UserError(f"{self.archive} has no folder '{top}'; check its root")
 
         def visit(folder: str, shown: str, chain: tuple[str, ...]) -> None:
