@@ -372,6 +372,9 @@ def test_a_32_bit_tiff_is_refused_then_read_with_its_declared_range(tmp_path):
         prepare(imagenet_task(data), tmp_path)
     assert one_line(error).startswith(f"image {data / 'scan.tif'} has 32-bit integer pixels (PIL mode I)")
     assert not any((tmp_path / "prepared").iterdir())  # nothing published, no temporary left
+    with pytest.raises(UserError) as error:
+        prepare(imagenet_task(data, pixel_range=[4095, 0]), tmp_path)
+    assert one_line(error) == "task key pixel_range: [4095, 0] must be [low, high] with low < high; fix it"
     _, out = prepare(imagenet_task(data, pixel_range=[0, 4095]), tmp_path)
     assert (load_split(out, "test").images == 187).all()  # 3000 / 4095 · 255 = 186.8
 

@@ -58,6 +58,8 @@ class Decoding:
     @classmethod
     def of_task(cls, task: dict) -> Decoding:
         pixel_range = task.get("pixel_range")
+        if pixel_range is not None and not pixel_range[0] < pixel_range[1]:
+            raise UserError(f"task key pixel_range: {list(pixel_range)} must be [low, high] with low < high; fix it")
         return cls(max_image_pixels=task.get("max_image_pixels") or DEFAULT_MAX_PIXELS,
                    pixel_range=tuple(pixel_range) if pixel_range is not None else None)
 
