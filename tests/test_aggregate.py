@@ -207,7 +207,7 @@ def test_aggregate_writes_every_table(tmp_path):
     assert set(tables) >= {"main_table", "relative_gain", "lr_gap", "stat_tests"}
 
     markdown = (out / "main_table.md").read_text().splitlines()
-    assert markdown[0] == "| task | mha | fc1 | ln1 | LP |"  # 'all' has no runs, so no column
+    assert markdown[0] == "| task | MHA (%) | FC1 (%) | LN1 (%) | LP (%) |"  # 'all' has no runs, so no column
     assert "| t1 | 85.00 ± 5.00 | 83.00 ± 1.00 | 71.00 ± 1.00 | 50.00 |" in markdown
     assert "| t2 | 68.00 ± 2.00 | 65.00 ± 1.00 | 58.00 ± 0.00 | 40.00 |" in markdown
     # Average over tasks: (85 + 68 + 46) / 3, (83 + 65 + 47) / 3, (71 + 58 + 37) / 3; LP (50 + 40 + 20) / 3.
@@ -219,7 +219,42 @@ def test_aggregate_writes_every_table(tmp_path):
     assert "| t3 | 5.00 | 17.00 | 15.00 |" in gap
     assert gap[-1] == "| Average | 4.83 | 11.67 | 8.67 |"
     tests_md = (out / "stat_tests.md").read_text()
-    assert "| mha | fc1 | 3 |" in tests_md and "0.125" in tests_md
+    assert tests_md.splitlines()[0] == ("| arm | versus | tasks | mean difference (points) | paired t-test p (two-sided)"
+                                        " | Wilcoxon p (one-sided: arm > versus) |")
+    assert "| MHA | FC1 | 3 | 1.33 |" in tests_md and "| 0.125 |" in tests_md
+    stat = pd.read_csv(out / "stat_tests.csv")
+    assert set(stat["t_alternative"]) == {"two-sided"} and set(stat["wilcoxon_alternative"]) == {"greater"}
+    # Best − worst arm per task over the mean seed std: t1 (85 − 71) / mean(5, 1, 1) = 14 / (7/3) = 6.
+    separation = (out / "separation.md").read_text().splitlines()
+    assert separation[0] == ("| task | best arm | best (%) | worst arm | worst (%) | gap (points) "
+                             "| mean seed std (points) | gap / std (ratio) |")
+    assert "| t1 | MHA | 85.00 | LN1 | 71.00 | 14.00 | 2.33 | 6.00 |" in separation
+    assert "| t2 | MHA | 68.00 | LN1 | 58.00 | 10.00 | 1.00 | 10.00 |" in separation
+
+
+def test_tables_are_rounded_at_write(tmp_path):
+    """No binary float artefacts in any CSV (38.800000000000004 is written 38.8); ranks are integers."""
+    files = _write_runs(tmp_path / "runs")
+    settings = yaml.safe_load((files[0].parent / "config.yaml").read_text())
+    metrics = json.loads(files[0].read_text()) | {"test_acc": 0.38800000000000004}
+    files[0].write_text(json.dumps(metrics))
+    plasticity = tmp_path / "plasticity.csv"
+    pd.DataFrame({"mode": ["embedding"] * 3, "component": ["mha", "fc1", "ln1"], "layer": [0, 0, 0],
+                  "mean": [0.1 + 0.2, 0.7, 0.5]}).to_csv(plasticity, index=False)
+    out = tmp_path / "tables"
+    agg.aggregate({"arms": ARMS}, files, _probe_files(tmp_path), [plasticity], [], out)
+    assert settings["settings"]["seed"] == 0
+    runs_text = (out / "runs.csv").read_text()
+    assert ",38.8," in runs_text and "38.800000000000004" not in runs_text
+    for path in out.glob("*.csv"):
+        for cell in path.read_text().replace("\n", ",").split(","):
+            significant = cell.split("e")[0].lstrip("-").replace(".", "").lstrip("0")
+            assert not (significant.isdigit() and len(significant) > 10), (path.name, cell)
+    assert "0.3," in (out / "plasticity_rank.csv").read_text()  # 0.1 + 0.2 = 0.30000000000000004 in binary
+    ranks = pd.read_csv(out / "plasticity_rank.csv")
+    assert ranks["plasticity_rank"].tolist() == [3, 1, 2] and ranks["finetune_rank"].dtype.kind == "i"
+    rank_md = (out / "plasticity_rank.md").read_text()
+    assert "| embedding | MHA | 0.3 | 3 | 1 |" in rank_md
 
 
 def test_markdown_marks_a_fully_diverged_cell(tmp_path):
@@ -228,7 +263,7 @@ def test_markdown_marks_a_fully_diverged_cell(tmp_path):
     markdown = (tmp_path / "out" / "main_table.md").read_text().splitlines()
     assert "| t2 | 68.00 ± 2.00 | 65.00 ± 1.00 | diverged |" in markdown
     assert markdown[-1] == "| Average | 66.33 | 65.00 | — |"
-    assert markdown[0] == "| task | mha | fc1 | ln1 |"  # no probes, no LP column
+    assert markdown[0] == "| task | MHA (%) | FC1 (%) | LN1 (%) |"  # no probes, no LP column
 
 
 def test_plasticity_rank_beside_finetuning_rank(runs):

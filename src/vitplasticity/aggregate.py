@@ -15,7 +15,7 @@ import pandas as pd
 import yaml
 from scipy import stats
 
-from vitplasticity.components import THEORETICAL_RANK
+from vitplasticity.components import THEORETICAL_RANK, arm_label
 from vitplasticity.errors import UserError
 from vitplasticity.fileio import read_json, write_csv, write_text
 
@@ -89,7 +89,10 @@ def lr_gap(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def paired_tests(table: pd.DataFrame, pairs: list[tuple[str, str]]) -> pd.DataFrame:
-    """Paired two-sided t-test and Wilcoxon signed-rank (first arm greater) over tasks."""
+    """Paired two-sided t-test and one-sided Wilcoxon signed-rank (first arm greater) over tasks.
+
+    Each row states both tests' alternatives, since a two-sided p near 1 and a one-sided p
+    near 1 mean different things (no difference; the difference goes the other way)."""
     wide = table.pivot(index="task", columns="arm", values="mean")
     rows = []
     for first, second in pairs:
@@ -98,7 +101,8 @@ def paired_tests(table: pd.DataFrame, pairs: list[tuple[str, str]]) -> pd.DataFr
         both = wide[[first, second]].dropna()
         diff = both[first] - both[second]
         row = {"arm": first, "versus": second, "n_tasks": len(both), "mean_diff": diff.mean(),
-               "t_stat": math.nan, "t_pvalue": math.nan, "wilcoxon_stat": math.nan, "wilcoxon_pvalue": math.nan}
+               "t_stat": math.nan, "t_pvalue": math.nan, "t_alternative": "two-sided",
+               "wilcoxon_stat": math.nan, "wilcoxon_pvalue": math.nan, "wilcoxon_alternative": "greater"}
         if len(both) >= 2 and diff.std() > 0:
             t = stats.ttest_rel(both[first], both[second])
             row.update(t_stat=t.statistic, t_pvalue=t.pvalue)
@@ -106,8 +110,8 @@ def paired_tests(table: pd.DataFrame, pairs: list[tuple[str, str]]) -> pd.DataFr
             w = stats.wilcoxon(both[first], both[second], alternative="greater")
             row.update(wilcoxon_stat=w.statistic, wilcoxon_pvalue=w.pvalue)
         rows.append(row)
-    return pd.DataFrame(rows, columns=["arm", "versus", "n_tasks", "mean_diff", "t_stat", "t_pvalue",
-                                       "wilcoxon_stat", "wilcoxon_pvalue"])
+    return pd.DataFrame(rows, columns=["arm", "versus", "n_tasks", "mean_diff", "t_stat", "t_pvalue", "t_alternative",
+                                       "wilcoxon_stat", "wilcoxon_pvalue", "wilcoxon_alternative"])
 
 
 def test_pairs(arms: list[str]) -> list[tuple[str, str]]:
@@ -124,12 +128,33 @@ def plasticity_rank(plasticity: pd.DataFrame, table: pd.DataFrame) -> pd.DataFra
         return pd.DataFrame()
     per_component = plasticity.groupby(["mode", "component"], as_index=False)["mean"].mean()
     per_component = per_component.rename(columns={"mean": "plasticity"})
-    per_component["plasticity_rank"] = per_component.groupby("mode")["plasticity"].rank(ascending=False)
+    # Ranks are integers (ties share the better rank, as in sports rankings).
+    per_component["plasticity_rank"] = (per_component.groupby("mode")["plasticity"]
+                                        .rank(ascending=False, method="min").astype("Int64"))
     per_component["theoretical_rank"] = per_component["component"].map(THEORETICAL_RANK)
     accuracy = table[table["arm"].isin(THEORETICAL_RANK)].groupby("arm")["mean"].mean()
     per_component["finetune_acc"] = per_component["component"].map(accuracy)
-    per_component["finetune_rank"] = per_component["component"].map(accuracy.rank(ascending=False))
+    per_component["finetune_rank"] = per_component["component"].map(
+        accuracy.rank(ascending=False, method="min")).astype("Int64")
     return per_component.sort_values(["mode", "theoretical_rank"]).reset_index(drop=True)
+
+
+def separation(table: pd.DataFrame, arm_order: list[str]) -> pd.DataFrame:
+    """Per task: best and worst arm, their gap and the gap over the mean seed std (points / points).
+
+    A ratio well above 1 means the table separates arms; near or below 1, seed noise can
+    reorder them."""
+    rows = []
+    for task, part in table.dropna(subset=["mean"]).groupby("task", sort=False):
+        part = part[part["arm"].isin(arm_order)]
+        best, worst = part.loc[part["mean"].idxmax()], part.loc[part["mean"].idxmin()]
+        noise = part["std"].mean()
+        gap = best["mean"] - worst["mean"]
+        rows.append({"task": task, "best_arm": best["arm"], "best_acc": best["mean"], "worst_arm": worst["arm"],
+                     "worst_acc": worst["mean"], "gap": gap, "mean_seed_std": noise,
+                     "gap_over_std": gap / noise if noise > 0 else math.nan})
+    return pd.DataFrame(rows, columns=["task", "best_arm", "best_acc", "worst_arm", "worst_acc", "gap",
+                                       "mean_seed_std", "gap_over_std"])
 
 
 def _with_average(frame: pd.DataFrame, value: str) -> pd.DataFrame:
@@ -139,13 +164,18 @@ def _with_average(frame: pd.DataFrame, value: str) -> pd.DataFrame:
     return wide
 
 
-def _markdown(wide: pd.DataFrame, fmt: str = "{:.2f}") -> str:
-    header = "| " + " | ".join([wide.index.name or "task", *map(str, wide.columns)]) + " |"
+def _markdown(wide: pd.DataFrame, fmt: str = "{:.2f}", index_name: str = "task") -> str:
+    header = "| " + " | ".join([index_name, *map(str, wide.columns)]) + " |"
     lines = [header, "|" + "---|" * (len(wide.columns) + 1)]
     for index, row in wide.iterrows():
         cells = [cell if isinstance(cell, str) else ("—" if pd.isna(cell) else fmt.format(cell)) for cell in row]
         lines.append("| " + " | ".join([str(index), *cells]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _arm_columns(wide: pd.DataFrame, arm_order: list[str], unit: str) -> pd.DataFrame:
+    """The arms' columns in the experiment's order, headed by their label and unit."""
+    return wide[arm_order].rename(columns=lambda arm: f"{arm_label(arm)} ({unit})")
 
 
 def _main_markdown(table: pd.DataFrame, probes: dict[str, float], arm_order: list[str]) -> str:
@@ -158,8 +188,44 @@ def _main_markdown(table: pd.DataFrame, probes: dict[str, float], arm_order: lis
     if probes:
         wide["LP"] = [f"{probes[t]:.2f}" if t in probes else "—" for t in wide.index[:-1]] + [
             f"{np.mean(list(probes.values())):.2f}"]
-    wide.index.name = "task"
-    return _markdown(wide)
+    return _markdown(_arm_columns(wide, [*arm_order, *(["LP"] if probes else [])], "%"))
+
+
+def _stat_tests_markdown(tests: pd.DataFrame) -> str:
+    shown = pd.DataFrame({
+        "versus": tests["versus"].map(arm_label), "tasks": tests["n_tasks"].astype(str),
+        "mean difference (points)": tests["mean_diff"],
+        "paired t-test p (two-sided)": tests["t_pvalue"],
+        "Wilcoxon p (one-sided: arm > versus)": tests["wilcoxon_pvalue"],
+    }).set_axis(tests["arm"].map(arm_label))
+    return _markdown(shown, "{:.3g}", index_name="arm")
+
+
+def _rank_markdown(ranks: pd.DataFrame) -> str:
+    shown = pd.DataFrame({
+        "component": ranks["component"].map(arm_label),
+        "plasticity (ratio)": ranks["plasticity"].map("{:.4g}".format),
+        "plasticity rank": ranks["plasticity_rank"].astype(str),
+        "theoretical rank": ranks["theoretical_rank"].astype(str),
+        "finetuning accuracy (%)": ranks["finetune_acc"].map("{:.2f}".format),
+        "finetuning rank": ranks["finetune_rank"].astype(str).replace("<NA>", "—"),
+    }).set_axis(ranks["mode"])
+    return _markdown(shown, index_name="mode")
+
+
+def _separation_markdown(frame: pd.DataFrame) -> str:
+    shown = pd.DataFrame({
+        "best arm": frame["best_arm"].map(arm_label), "best (%)": frame["best_acc"],
+        "worst arm": frame["worst_arm"].map(arm_label), "worst (%)": frame["worst_acc"],
+        "gap (points)": frame["gap"], "mean seed std (points)": frame["mean_seed_std"],
+        "gap / std (ratio)": frame["gap_over_std"],
+    }).set_axis(frame["task"])
+    return _markdown(shown)
+
+
+# CSVs keep ten significant digits: enough for any measurement here, none of a float's
+# binary artefacts (38.800000000000004 is written 38.8).
+FLOAT_FORMAT = "%.10g"
 
 
 def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], plasticity_files: list[Path],
@@ -176,6 +242,7 @@ def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], p
         "relative_gain": relative_gain(table, probes) if probes else pd.DataFrame(columns=["task", "arm", "gain_pct"]),
         "lr_gap": lr_gap(runs),
         "stat_tests": paired_tests(table, test_pairs(arm_order)),
+        "separation": separation(table, arm_order),
         "plasticity_rank": plasticity_rank(plasticity, table),
         "plasticity": plasticity,
         "bounds": bounds,
@@ -183,13 +250,15 @@ def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], p
     }
     out_dir = Path(out_dir)
     for name, frame in tables.items():
-        write_csv(out_dir / f"{name}.csv", frame)
+        write_csv(out_dir / f"{name}.csv", frame, float_format=FLOAT_FORMAT)
     write_text(out_dir / "main_table.md", _main_markdown(table, probes, arm_order))
     if probes:
-        gains = _with_average(tables["relative_gain"], "gain_pct")[arm_order]
-        write_text(out_dir / "relative_gain.md", _markdown(gains))
-    write_text(out_dir / "lr_gap.md", _markdown(_with_average(tables["lr_gap"], "lr_gap")[arm_order]))
-    write_text(out_dir / "stat_tests.md", _markdown(tables["stat_tests"].set_index("arm"), "{:.4g}"))
+        gains = _with_average(tables["relative_gain"], "gain_pct")
+        write_text(out_dir / "relative_gain.md", _markdown(_arm_columns(gains, arm_order, "%")))
+    lr_gaps = _with_average(tables["lr_gap"], "lr_gap")
+    write_text(out_dir / "lr_gap.md", _markdown(_arm_columns(lr_gaps, arm_order, "points")))
+    write_text(out_dir / "stat_tests.md", _stat_tests_markdown(tables["stat_tests"]))
+    write_text(out_dir / "separation.md", _separation_markdown(tables["separation"]))
     if not tables["plasticity_rank"].empty:
-        write_text(out_dir / "plasticity_rank.md", _markdown(tables["plasticity_rank"].set_index("mode"), "{:.4g}"))
+        write_text(out_dir / "plasticity_rank.md", _rank_markdown(tables["plasticity_rank"]))
     return tables

@@ -32,6 +32,11 @@ LABELS = {
 THEORETICAL_RANK = {"mha": 1, "fc1": 2, "fc2": 3, "ln2": 4, "ln1": 5}
 ALWAYS_TRAINED = ("head",)
 
+
+def arm_label(name: str) -> str:
+    """How tables and figures name an arm or component: the paper's label, else the config's name."""
+    return LABELS.get(name, name)
+
 # LayerScale and optional in-module norms go with the sub-layer they scale or normalise.
 _PATTERNS = (
     ("emb", r"(patch_embed\..*|cls_token|reg_token|pos_embed|norm_pre\..*)"),

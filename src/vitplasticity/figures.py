@@ -1,6 +1,9 @@
 """Figures of one experiment (study-spec §6), each drawn by one small function from the tables.
 
-Every figure is written as PNG and PDF; components and arms keep one colour everywhere.
+Every figure is written as PNG and PDF with a constrained layout and at most one legend.
+Components and arms keep one colour, marker and line style everywhere (LN1 and LN2 differ
+in all three), and arms appear in the experiment's order (that of `main_table.csv`) under
+the labels the Markdown tables use (`components.arm_label`).
 """
 
 from __future__ import annotations
@@ -11,21 +14,33 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
-from vitplasticity.components import LABELS, THEORETICAL_RANK  # noqa: E402
+from vitplasticity.components import THEORETICAL_RANK, arm_label  # noqa: E402
 from vitplasticity.fileio import atomic_path  # noqa: E402
 
 PALETTE = {
-    "mha": "#d62728", "fc1": "#ff7f0e", "fc2": "#8c564b", "ln2": "#1f77b4", "ln1": "#17becf",
+    "mha": "#d62728", "fc1": "#ff7f0e", "fc2": "#8c564b", "ln2": "#1f77b4", "ln1": "#e377c2",
     "emb": "#7f7f7f", "all": "#000000", "smooth": "#2ca02c", "non_smooth": "#9467bd", "head": "#bcbd22",
 }
+MARKERS = {
+    "mha": "o", "fc1": "s", "fc2": "D", "ln2": "^", "ln1": "v", "emb": "P", "all": "*", "smooth": "X",
+    "non_smooth": "h", "head": "p",
+}
+LINESTYLES = {"ln1": (0, (4, 2)), "fc2": (0, (1, 1)), "emb": (0, (6, 2, 1, 2))}
+TASK_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h", "*", "<", ">")
 BY_THEORY = sorted(THEORETICAL_RANK, key=THEORETICAL_RANK.get)
 
 
 def colour(name: str) -> str:
-    return PALETTE.get(name, "#e377c2")
+    return PALETTE.get(name, "#17becf")
+
+
+def style(name: str) -> dict:
+    """Line2D keyword arguments of a component or arm: colour, marker, line style."""
+    return {"color": colour(name), "marker": MARKERS.get(name, "o"), "linestyle": LINESTYLES.get(name, "-")}
 
 
 def _save(fig: plt.Figure, out_dir: Path, name: str) -> None:
@@ -40,13 +55,9 @@ def _empty(ax: plt.Axes, message: str) -> None:
     ax.set_axis_off()
 
 
-def _label(name: str) -> str:
-    return LABELS.get(name, name)
-
-
 def _diverged_label(name: str, diverged: int) -> str:
     """An arm's tick label, noting its diverged runs (they have no accuracy to draw)."""
-    return _label(name) + (f"\n({diverged} diverged)" if diverged else "")
+    return arm_label(name) + (f"\n({diverged} diverged)" if diverged else "")
 
 
 def _diverged_counts(frame: pd.DataFrame, column: str) -> dict[str, int]:
@@ -58,31 +69,64 @@ def _diverged_counts(frame: pd.DataFrame, column: str) -> dict[str, int]:
     return {}
 
 
+def _arm_ticks(ax: plt.Axes, order: list[str], diverged: dict[str, int]) -> None:
+    ax.set_xticks(range(len(order)), [_diverged_label(a, diverged.get(a, 0)) for a in order],
+                  rotation=40, ha="right", rotation_mode="anchor")
+    ax.set_xlim(-0.6, len(order) - 0.4)
+
+
+def _legend_below(fig: plt.Figure, handles: list, ncol: int) -> None:
+    """The figure's one legend, outside and below every panel."""
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=max(1, min(ncol, len(handles))), fontsize=8)
+
+
+def _component_handles(components: list[str]) -> list[Line2D]:
+    return [Line2D([], [], label=arm_label(c), **style(c)) for c in components]
+
+
+def _grid(count: int, width: float, height: float, cols: int = 3) -> tuple[plt.Figure, np.ndarray]:
+    cols = max(1, min(cols, count))
+    rows = -(-count // cols)
+    return plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, layout="constrained")
+
+
+def _modes(plasticity: pd.DataFrame) -> list[str]:
+    return sorted(plasticity["mode"].unique()) if not plasticity.empty else ["embedding"]
+
+
 def plasticity_vs_rank(plasticity: pd.DataFrame, out_dir: Path) -> None:
-    """Boxplot over layers of each component's plasticity, ordered by theoretical rank."""
-    modes = sorted(plasticity["mode"].unique()) if not plasticity.empty else ["embedding"]
-    fig, axes = plt.subplots(1, len(modes), figsize=(4.5 * len(modes), 3.6), squeeze=False)
-    for ax, mode in zip(axes[0], modes, strict=True):
+    """Each component's plasticity over layers (box) and per layer (dots), ordered by theoretical rank."""
+    modes = _modes(plasticity)
+    fig, axes = _grid(len(modes), 4.6, 3.6)
+    for ax, mode in zip(axes.flat, modes, strict=False):
         data = plasticity[plasticity["mode"] == mode] if not plasticity.empty else plasticity
         if data.empty:
             _empty(ax, "no plasticity measured")
             continue
         per_layer = data.groupby(["component", "layer"], as_index=False)["mean"].mean()
         order = [c for c in BY_THEORY if c in set(per_layer["component"])]
-        sns.boxplot(per_layer, x="component", y="mean", hue="component", order=order, hue_order=order,
-                    palette=PALETTE, legend=False, ax=ax)
-        ax.set_xticks(range(len(order)), [f"{_label(c)}\n(rank {THEORETICAL_RANK[c]})" for c in order])
+        values = [per_layer.loc[per_layer["component"] == c, "mean"].to_numpy() for c in order]
+        boxes = ax.boxplot(values, positions=range(len(order)), widths=0.6, patch_artist=True, showfliers=False)
+        for patch, component in zip(boxes["boxes"], order, strict=True):
+            patch.set(facecolor=colour(component), alpha=0.35, edgecolor=colour(component))
+        for index, (component, points) in enumerate(zip(order, values, strict=True)):
+            ax.plot(np.full(len(points), index), points, ls="none", ms=4, **{**style(component), "linestyle": "none"})
+        ax.set_xticks(range(len(order)), [f"{arm_label(c)}\n(rank {THEORETICAL_RANK[c]})" for c in order])
         ax.set_xlabel("component (theoretical rank, 1 = most plastic)")
-        ax.set_ylabel("plasticity (rate of change, ratio)")
-        ax.set_title(f"{mode} mode: one box per component, over layers")
+        ax.set_ylabel("plasticity (ratio)")
+        ax.set_title(f"{mode} mode (dots: layers)")
+    for ax in list(axes.flat)[len(modes):]:
+        ax.set_axis_off()
     _save(fig, out_dir, "plasticity_vs_rank")
 
 
 def plasticity_vs_depth(plasticity: pd.DataFrame, out_dir: Path) -> None:
     """Plasticity against layer depth (%) with its 95% CI, averaged over tasks."""
-    modes = sorted(plasticity["mode"].unique()) if not plasticity.empty else ["embedding"]
-    fig, axes = plt.subplots(1, len(modes), figsize=(4.8 * len(modes), 3.6), squeeze=False)
-    for ax, mode in zip(axes[0], modes, strict=True):
+    modes = _modes(plasticity)
+    fig, axes = _grid(len(modes), 4.6, 3.4)
+    drawn = []
+    for ax, mode in zip(axes.flat, modes, strict=False):
         data = plasticity[plasticity["mode"] == mode] if not plasticity.empty else plasticity
         if data.empty:
             _empty(ax, "no plasticity measured")
@@ -90,83 +134,144 @@ def plasticity_vs_depth(plasticity: pd.DataFrame, out_dir: Path) -> None:
         curve = data.groupby(["component", "depth_pct"], as_index=False)[["mean", "ci95"]].mean()
         for component in BY_THEORY:
             part = curve[curve["component"] == component]
-            ax.plot(part["depth_pct"], part["mean"], marker="o", color=colour(component), label=_label(component))
+            if part.empty:
+                continue
+            ax.plot(part["depth_pct"], part["mean"], ms=5, **style(component))
             ax.fill_between(part["depth_pct"], part["mean"] - part["ci95"], part["mean"] + part["ci95"],
-                            color=colour(component), alpha=0.2)
+                            color=colour(component), alpha=0.15, lw=0)
+            drawn.append(component)
         ax.set_xlabel("layer depth (% of blocks)")
-        ax.set_ylabel("plasticity (ratio, mean ± 95% CI)")
+        ax.set_ylabel("plasticity (ratio, ± 95% CI)")
         ax.set_title(f"{mode} mode")
-        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(modes):]:
+        ax.set_axis_off()
+    _legend_below(fig, _component_handles([c for c in BY_THEORY if c in drawn]), 5)
     _save(fig, out_dir, "plasticity_vs_depth")
 
 
 def bounds_vs_depth(bounds: pd.DataFrame, out_dir: Path) -> None:
-    """Theoretical upper bounds per component against depth, log scale."""
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    """Theoretical upper bounds per component against depth, log scale; LN2 drawn hollow over LN1."""
+    fig, ax = plt.subplots(figsize=(5, 3.8), layout="constrained")
+    drawn = []
     if bounds.empty:
         _empty(ax, "no bounds computed")
     else:
         curve = bounds.groupby(["component", "depth_pct"], as_index=False)["bound"].mean()
         for component in BY_THEORY:
             part = curve[curve["component"] == component]
-            ax.plot(part["depth_pct"], part["bound"], marker="o", color=colour(component), label=_label(component))
+            if part.empty:
+                continue
+            hollow = {"markerfacecolor": "none", "markersize": 8} if component == "ln2" else {"markersize": 5}
+            ax.plot(part["depth_pct"], part["bound"], **style(component), **hollow)
+            drawn.append(component)
         ax.set_yscale("log")
         ax.set_xlabel("layer depth (% of blocks)")
         ax.set_ylabel("upper bound on rate of change (log)")
-        ax.legend(fontsize=8)
+    _legend_below(fig, _component_handles(drawn), 5)
     _save(fig, out_dir, "bounds_vs_depth")
 
 
-def _arm_bars(frame: pd.DataFrame, value: str, ylabel: str, out_dir: Path, name: str) -> None:
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    if frame.empty or frame[value].isna().all():
-        _empty(ax, f"no {ylabel}")
-    else:
-        order = list(frame.groupby("arm")[value].mean().sort_values(ascending=False).index)
-        diverged = _diverged_counts(frame, "diverged_runs")
-        sns.barplot(frame, x="arm", y=value, hue="arm", order=order, hue_order=order, palette=PALETTE,
-                    errorbar="sd", legend=False, ax=ax)
-        sns.stripplot(frame, x="arm", y=value, order=order, color="black", size=3, ax=ax)
-        ax.set_xticks(range(len(order)), [_diverged_label(a, diverged.get(a, 0)) for a in order], rotation=30)
-        ax.set_xlabel("finetuned arm (bars: mean over tasks ± sd; dots: tasks)")
-        ax.set_ylabel(ylabel)
-    _save(fig, out_dir, name)
+def _arm_order(frame: pd.DataFrame) -> list[str]:
+    """Arms in the experiment's order: their first appearance in the table."""
+    return list(dict.fromkeys(frame["arm"])) if not frame.empty else []
+
+
+def accuracy_per_arm(table: pd.DataFrame, probes: dict[str, float], out_dir: Path) -> None:
+    """Per task: each arm's test accuracy at its best lr (mean ± seed std), the linear probe as a line."""
+    tasks = list(dict.fromkeys(table["task"])) if not table.empty else []
+    fig, axes = _grid(max(1, len(tasks)), 4.2, 3.4)
+    if not tasks:
+        _empty(axes.flat[0], "no test accuracy")
+    order = _arm_order(table)
+    diverged = _diverged_counts(table, "diverged_runs")
+    for ax, task in zip(axes.flat, tasks, strict=False):
+        part = table[table["task"] == task].set_index("arm")
+        for index, arm in enumerate(order):
+            if arm in part.index and pd.notna(part.loc[arm, "mean"]):
+                ax.errorbar(index, part.loc[arm, "mean"], yerr=part.loc[arm, "std"], capsize=3, ms=6,
+                            **{**style(arm), "linestyle": "none"})
+        if task in probes:
+            ax.axhline(probes[task], color="#555555", ls="--", lw=1)
+        ax.set_title(task)
+        _arm_ticks(ax, order, diverged)
+        ax.set_ylabel("test accuracy (%)")
+    for ax in list(axes.flat)[max(1, len(tasks)):]:
+        ax.set_axis_off()
+    handles = [Line2D([], [], color="#555555", ls="--", label="linear probe")] if probes else []
+    handles.append(Line2D([], [], color="black", marker="o", ls="none", label="arm at its best lr (± seed std)"))
+    _legend_below(fig, handles, 2)
+    _save(fig, out_dir, "accuracy_per_arm")
 
 
 def relative_gain(gains: pd.DataFrame, out_dir: Path) -> None:
-    _arm_bars(gains, "gain_pct", "relative gain over linear probe (%)", out_dir, "relative_gain")
-
-
-def accuracy_per_arm(table: pd.DataFrame, out_dir: Path) -> None:
-    _arm_bars(table, "mean", "test accuracy at best lr (%)", out_dir, "accuracy_per_arm")
+    """Relative gain over the linear probe per arm: one marker per task, a bar at the task mean."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
+    handles = []
+    if gains.empty or gains["gain_pct"].isna().all():
+        _empty(ax, "no relative gain (no linear probe)")
+    else:
+        order = _arm_order(gains)
+        tasks = list(dict.fromkeys(gains["task"]))
+        offsets = np.linspace(-0.25, 0.25, len(tasks)) if len(tasks) > 1 else [0.0]
+        for task, marker, offset in zip(tasks, TASK_MARKERS * len(tasks), offsets, strict=False):
+            part = gains[gains["task"] == task].set_index("arm").reindex(order)
+            ax.scatter(np.arange(len(order)) + offset, part["gain_pct"], marker=marker, s=28,
+                       c=[colour(a) for a in order], edgecolors="black", linewidths=0.4, zorder=3)
+            handles.append(Line2D([], [], marker=marker, color="black", ls="none", mfc="white", label=task))
+        mean = gains.groupby("arm")["gain_pct"].mean().reindex(order)
+        ax.hlines(mean, np.arange(len(order)) - 0.35, np.arange(len(order)) + 0.35, color="black", lw=2)
+        ax.axhline(0, color="#555555", ls="--", lw=1)
+        handles += [Line2D([], [], color="black", lw=2, label="mean over tasks"),
+                    Line2D([], [], color="#555555", ls="--", label="linear probe (0%)")]
+        _arm_ticks(ax, order, _diverged_counts(gains, "diverged_runs"))
+        ax.set_ylabel("gain over linear probe (%)")
+    _legend_below(fig, handles, 3)
+    _save(fig, out_dir, "relative_gain")
 
 
 def lr_robustness(runs: pd.DataFrame, out_dir: Path) -> None:
-    """Boxplots of every lr × seed run's test accuracy per arm, one panel per task."""
+    """Per task and arm: every run's test accuracy, side by side per learning rate (seeds as dots)."""
     tasks = sorted(runs["task"].unique())
-    cols = min(3, len(tasks))
-    rows = -(-len(tasks) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = _grid(len(tasks), 4.6, 3.4)
+    lrs = sorted(runs["lr"].unique())
+    shades = plt.get_cmap("viridis")(np.linspace(0.0, 0.85, len(lrs)))
+    width = 0.7 / len(lrs)
+    order = _arm_order(runs)
     for ax, task in zip(axes.flat, tasks, strict=False):
         data = runs[runs["task"] == task]
-        order = list(dict.fromkeys(data["arm"]))
         diverged = _diverged_counts(data, "status")
-        sns.boxplot(data, x="arm", y="test_acc", hue="arm", order=order, hue_order=order, palette=PALETTE,
-                    legend=False, ax=ax)
-        ax.set_xticks(range(len(order)), [_diverged_label(a, diverged.get(a, 0)) for a in order], rotation=30)
+        for (lr_index, lr), shade in zip(enumerate(lrs), shades, strict=True):
+            x_shift = (lr_index - (len(lrs) - 1) / 2) * width
+            for index, arm in enumerate(order):
+                accs = data[(data["arm"] == arm) & (data["lr"] == lr)]["test_acc"].dropna()
+                if accs.empty:
+                    continue
+                ax.plot(np.full(len(accs), index + x_shift), accs, ls="none", marker=".", ms=4, color=shade,
+                        alpha=0.6)
+                ax.plot(index + x_shift, accs.mean(), ls="none", marker="_", ms=10, mew=2, color=shade)
+        _arm_ticks(ax, order, diverged)
         total = sum(diverged.values())
         ax.set_title(task + (f" ({total} diverged runs not drawn)" if total else ""))
-        ax.set_xlabel("arm (all learning rates × seeds)")
         ax.set_ylabel("test accuracy (%)")
     for ax in list(axes.flat)[len(tasks):]:
         ax.set_axis_off()
+    handles = [Line2D([], [], color=shade, marker="_", ms=10, mew=2, ls="none", label=f"lr {lr:g}")
+               for lr, shade in zip(lrs, shades, strict=True)]
+    handles.append(Line2D([], [], color="gray", marker=".", ls="none", label="one seed (bar: seed mean)"))
+    _legend_below(fig, handles, len(handles))
     _save(fig, out_dir, "lr_robustness")
 
 
+def _smooth(values: pd.Series, steps: int) -> pd.Series:
+    """Rolling mean over about a twentieth of the run, so many arms' noisy gradient norms stay readable."""
+    return values.rolling(max(1, steps // 20), min_periods=1, center=True).mean()
+
+
 def training_curves(runs: pd.DataFrame, table: pd.DataFrame, out_dir: Path) -> None:
-    """Gradient norm and validation loss over training, per arm at its best lr (seed mean)."""
+    """Gradient norm (smoothed) and validation loss over training, per arm at its best lr (seed mean)."""
     tasks = sorted(runs["task"].unique())
-    fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 3.2 * len(tasks)), squeeze=False)
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(9, 2.9 * len(tasks)), squeeze=False, layout="constrained")
+    drawn = []
     for (ax_grad, ax_loss), task in zip(axes, tasks, strict=True):
         for best in table[table["task"] == task].itertuples():
             chosen = runs[(runs["task"] == task) & (runs["arm"] == best.arm) & (runs["lr"] == best.best_lr)]
@@ -174,18 +279,20 @@ def training_curves(runs: pd.DataFrame, table: pd.DataFrame, out_dir: Path) -> N
                 continue
             history = pd.concat([pd.read_csv(Path(d) / "history.csv") for d in chosen["run_dir"]])
             curve = history.groupby("step", as_index=False)[["grad_norm", "val_loss"]].mean()
-            ax_grad.plot(curve["step"], curve["grad_norm"], color=colour(best.arm), label=_label(best.arm), lw=1)
+            line = {**style(best.arm), "marker": None}
+            ax_grad.plot(curve["step"], _smooth(curve["grad_norm"], len(curve)), lw=1.2, **line)
             evals = curve.dropna(subset=["val_loss"])
-            ax_loss.plot(evals["step"], evals["val_loss"], color=colour(best.arm), marker="o", ms=3,
-                         label=_label(best.arm))
-        ax_grad.set_title(f"{task}: gradient norm (before clipping)")
+            ax_loss.plot(evals["step"], evals["val_loss"], ms=4, lw=1.2, **style(best.arm))
+            if best.arm not in drawn:
+                drawn.append(best.arm)
+        ax_grad.set_title(f"{task}: gradient norm (smoothed)")
         ax_grad.set_xlabel("optimizer step")
-        ax_grad.set_ylabel("global gradient L2 norm")
+        ax_grad.set_ylabel("L2 norm before clipping")
         ax_grad.set_yscale("log")
         ax_loss.set_title(f"{task}: validation loss")
         ax_loss.set_xlabel("optimizer step")
         ax_loss.set_ylabel("cross-entropy (nats)")
-        ax_loss.legend(fontsize=7, ncol=2)
+    _legend_below(fig, _component_handles(drawn), 5)
     _save(fig, out_dir, "training_curves")
 
 
@@ -196,16 +303,25 @@ def _read(path: Path) -> pd.DataFrame:
         return pd.DataFrame()
 
 
+def _probes(gains: pd.DataFrame) -> dict[str, float]:
+    """Linear-probe accuracy per task, as the relative-gain table records it."""
+    if gains.empty or "probe_acc" not in gains:
+        return {}
+    return gains.groupby("task", sort=False)["probe_acc"].first().dropna().to_dict()
+
+
 def make_figures(tables_dir: Path, out_dir: Path) -> None:
     """Draw every figure of an experiment from its tables folder."""
-    sns.set_theme(style="whitegrid", context="paper")
+    plt.style.use("seaborn-v0_8-whitegrid")
+    plt.rcParams.update({"font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "legend.fontsize": 8})
     tables_dir, out_dir = Path(tables_dir), Path(out_dir)
     runs, table = _read(tables_dir / "runs.csv"), _read(tables_dir / "main_table.csv")
+    gains = _read(tables_dir / "relative_gain.csv")
     plasticity = _read(tables_dir / "plasticity.csv")
     plasticity_vs_rank(plasticity, out_dir)
     plasticity_vs_depth(plasticity, out_dir)
     bounds_vs_depth(_read(tables_dir / "bounds.csv"), out_dir)
-    relative_gain(_read(tables_dir / "relative_gain.csv"), out_dir)
-    accuracy_per_arm(table, out_dir)
+    relative_gain(gains, out_dir)
+    accuracy_per_arm(table, _probes(gains), out_dir)
     lr_robustness(runs, out_dir)
     training_curves(runs, table, out_dir)

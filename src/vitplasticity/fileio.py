@@ -129,9 +129,10 @@ def write_yaml(path: str | Path, payload: object) -> None:
     write_text(path, yaml.safe_dump(payload, sort_keys=False))
 
 
-def write_csv(path: str | Path, frame) -> None:
+def write_csv(path: str | Path, frame, float_format: str | None = None) -> None:
+    """A DataFrame as CSV, atomically; `float_format` (e.g. "%.10g") rounds floats at write."""
     with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
+        frame.to_csv(tmp, index=False, float_format=float_format)
 
 
 def read_json(path: str | Path) -> dict:

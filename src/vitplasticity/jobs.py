@@ -10,16 +10,20 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-
-from vitplasticity import bounds, models, plasticity, tracking, training
+from vitplasticity import models, tracking, training
 from vitplasticity.components import count_by_component, set_trainable
-from vitplasticity.datasets.synthetic import generate
 from vitplasticity.errors import UserError
 from vitplasticity.fileio import read_json, write_csv, write_json, write_yaml
 from vitplasticity.prepared import load_split, read_meta, write_prepared
 from vitplasticity.runtime import pick_device, seed_everything
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# Start-up time is paid by every job, so each job imports only what it uses: pandas, scipy,
+# scikit-learn and the measurement modules load inside the functions that need them.
 
 
 def log(message: str) -> None:
@@ -29,6 +33,8 @@ def log(message: str) -> None:
 def prepare(name: str, data: dict, out: Path, raw: Path) -> dict:
     """Generate or download a task into the prepared format."""
     if data["source"] == "synthetic":
+        from vitplasticity.datasets.synthetic import generate
+
         splits, classes = {}, []
         for split in ("train", "val", "test"):
             images, labels, classes = generate(
@@ -62,6 +68,8 @@ def resolve_tracking(track: dict) -> dict:
 
 
 def _history_frame(history: list[dict]) -> pd.DataFrame:
+    import pandas as pd
+
     return pd.DataFrame(history, columns=list(training.HISTORY_COLUMNS))
 
 
@@ -169,6 +177,8 @@ def finetune(settings: dict, runtime: dict, task_dir: Path, weights: Path, run_d
 
 def measure_plasticity(settings: dict, runtime: dict, weights: Path, reference_dir: Path, task_dir: Path,
                        out_table: Path, out_stats: Path, track: dict) -> pd.DataFrame:
+    from vitplasticity import plasticity
+
     device = pick_device(runtime.get("device", "auto"))
     model, record = models.load_checkpoint(weights, num_classes=0)
     reference, downstream = load_split(reference_dir, "test", verify=True), load_split(task_dir, "test", verify=True)
@@ -189,6 +199,8 @@ def measure_plasticity(settings: dict, runtime: dict, weights: Path, reference_d
 
 
 def compute_bounds(weights: Path, stats_path: Path, out: Path) -> pd.DataFrame:
+    from vitplasticity import bounds
+
     model, _ = models.load_checkpoint(weights, num_classes=0)
     stats = read_json(stats_path)
     table = bounds.theoretical_bounds(model, radius=stats["downstream_rms_token_norm"])
