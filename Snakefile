@@ -16,6 +16,10 @@ envvars:
     "PATH",
 
 
+# The landing page of `snakemake --report`: what the study asks and how to read it.
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 
 

@@ -219,8 +219,8 @@ def test_aggregate_writes_every_table(tmp_path):
     assert "| t3 | 5.00 | 17.00 | 15.00 |" in gap
     assert gap[-1] == "| Average | 4.83 | 11.67 | 8.67 |"
     tests_md = (out / "stat_tests.md").read_text()
-    assert tests_md.splitlines()[0] == ("| arm | versus | tasks | mean difference (points) | paired t-test p (two-sided)"
-                                        " | Wilcoxon p (one-sided: arm > versus) |")
+    assert tests_md.splitlines()[0] == ("| arm | versus | tasks | mean difference (points) "
+                                        "| paired t-test p (two-sided) | Wilcoxon p (one-sided: arm > versus) |")
     assert "| MHA | FC1 | 3 | 1.33 |" in tests_md and "| 0.125 |" in tests_md
     stat = pd.read_csv(out / "stat_tests.csv")
     assert set(stat["t_alternative"]) == {"two-sided"} and set(stat["wilcoxon_alternative"]) == {"greater"}
@@ -230,6 +230,13 @@ def test_aggregate_writes_every_table(tmp_path):
                              "| mean seed std (points) | gap / std (ratio) |")
     assert "| t1 | MHA | 85.00 | LN1 | 71.00 | 14.00 | 2.33 | 6.00 |" in separation
     assert "| t2 | MHA | 68.00 | LN1 | 58.00 | 10.00 | 1.00 | 10.00 |" in separation
+    # Every table also as HTML for the workflow report, with the cells the Markdown shows.
+    html = " ".join((out / "main_table.html").read_text().split())
+    assert "<th>task</th> <th>MHA (%)</th> <th>FC1 (%)</th> <th>LN1 (%)</th> <th>LP (%)</th>" in html
+    assert "<td>t1</td> <td>85.00 ± 5.00</td> <td>83.00 ± 1.00</td> <td>71.00 ± 1.00</td> <td>50.00</td>" in html
+    for name in ("relative_gain", "lr_gap", "stat_tests", "separation", "plasticity_rank", "plasticity", "bounds",
+                 "runs"):
+        assert (out / f"{name}.html").read_text().strip(), name
 
 
 def test_tables_are_rounded_at_write(tmp_path):

@@ -164,13 +164,34 @@ def _with_average(frame: pd.DataFrame, value: str) -> pd.DataFrame:
     return wide
 
 
+def _cells(wide: pd.DataFrame, fmt: str = "{:.2f}") -> pd.DataFrame:
+    """Every cell as the text a reader sees: numbers formatted, missing values as a dash."""
+    def show(cell: object) -> str:
+        return cell if isinstance(cell, str) else ("—" if pd.isna(cell) else fmt.format(cell))
+
+    return pd.DataFrame({column: [show(cell) for cell in wide[column]] for column in wide.columns},
+                        index=wide.index, columns=wide.columns)
+
+
 def _markdown(wide: pd.DataFrame, fmt: str = "{:.2f}", index_name: str = "task") -> str:
-    header = "| " + " | ".join([index_name, *map(str, wide.columns)]) + " |"
-    lines = [header, "|" + "---|" * (len(wide.columns) + 1)]
-    for index, row in wide.iterrows():
-        cells = [cell if isinstance(cell, str) else ("—" if pd.isna(cell) else fmt.format(cell)) for cell in row]
-        lines.append("| " + " | ".join([str(index), *cells]) + " |")
+    cells = _cells(wide, fmt)
+    header = "| " + " | ".join([index_name, *map(str, cells.columns)]) + " |"
+    lines = [header, "|" + "---|" * (len(cells.columns) + 1)]
+    lines += ["| " + " | ".join([str(index), *row]) + " |" for index, row in cells.iterrows()]
     return "\n".join(lines) + "\n"
+
+
+def _html(wide: pd.DataFrame, fmt: str = "{:.2f}", index_name: str = "task") -> str:
+    """The table as one HTML page, as the Markdown shows it (the workflow report displays it inline)."""
+    cells = _cells(wide, fmt).rename_axis(index_name).reset_index()
+    table = cells.to_html(index=False, border=0, classes="table table-sm table-striped")
+    return f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"></head><body>\n{table}\n</body></html>\n"
+
+
+def _write_view(out_dir: Path, name: str, wide: pd.DataFrame, fmt: str = "{:.2f}", index_name: str = "task") -> None:
+    """A table for readers: Markdown (for the README and terminals) and HTML (for the report)."""
+    write_text(out_dir / f"{name}.md", _markdown(wide, fmt, index_name))
+    write_text(out_dir / f"{name}.html", _html(wide, fmt, index_name))
 
 
 def _arm_columns(wide: pd.DataFrame, arm_order: list[str], unit: str) -> pd.DataFrame:
@@ -178,7 +199,7 @@ def _arm_columns(wide: pd.DataFrame, arm_order: list[str], unit: str) -> pd.Data
     return wide[arm_order].rename(columns=lambda arm: f"{arm_label(arm)} ({unit})")
 
 
-def _main_markdown(table: pd.DataFrame, probes: dict[str, float], arm_order: list[str]) -> str:
+def _main_view(table: pd.DataFrame, probes: dict[str, float], arm_order: list[str]) -> pd.DataFrame:
     cells = table.assign(cell=[
         "diverged" if pd.isna(m) else f"{m:.2f} ± {s:.2f}" + (f" ({d} diverged)" if d else "")
         for m, s, d in zip(table["mean"], table["std"], table["diverged_runs"], strict=True)])
@@ -188,20 +209,20 @@ def _main_markdown(table: pd.DataFrame, probes: dict[str, float], arm_order: lis
     if probes:
         wide["LP"] = [f"{probes[t]:.2f}" if t in probes else "—" for t in wide.index[:-1]] + [
             f"{np.mean(list(probes.values())):.2f}"]
-    return _markdown(_arm_columns(wide, [*arm_order, *(["LP"] if probes else [])], "%"))
+    return _arm_columns(wide, [*arm_order, *(["LP"] if probes else [])], "%")
 
 
-def _stat_tests_markdown(tests: pd.DataFrame) -> str:
+def _stat_tests_view(tests: pd.DataFrame) -> pd.DataFrame:
     shown = pd.DataFrame({
         "versus": tests["versus"].map(arm_label), "tasks": tests["n_tasks"].astype(str),
         "mean difference (points)": tests["mean_diff"],
         "paired t-test p (two-sided)": tests["t_pvalue"],
         "Wilcoxon p (one-sided: arm > versus)": tests["wilcoxon_pvalue"],
     }).set_axis(tests["arm"].map(arm_label))
-    return _markdown(shown, "{:.3g}", index_name="arm")
+    return shown
 
 
-def _rank_markdown(ranks: pd.DataFrame) -> str:
+def _rank_view(ranks: pd.DataFrame) -> pd.DataFrame:
     shown = pd.DataFrame({
         "component": ranks["component"].map(arm_label),
         "plasticity (ratio)": ranks["plasticity"].map("{:.4g}".format),
@@ -210,17 +231,17 @@ def _rank_markdown(ranks: pd.DataFrame) -> str:
         "finetuning accuracy (%)": ranks["finetune_acc"].map("{:.2f}".format),
         "finetuning rank": ranks["finetune_rank"].astype(str).replace("<NA>", "—"),
     }).set_axis(ranks["mode"])
-    return _markdown(shown, index_name="mode")
+    return shown
 
 
-def _separation_markdown(frame: pd.DataFrame) -> str:
+def _separation_view(frame: pd.DataFrame) -> pd.DataFrame:
     shown = pd.DataFrame({
         "best arm": frame["best_arm"].map(arm_label), "best (%)": frame["best_acc"],
         "worst arm": frame["worst_arm"].map(arm_label), "worst (%)": frame["worst_acc"],
         "gap (points)": frame["gap"], "mean seed std (points)": frame["mean_seed_std"],
         "gap / std (ratio)": frame["gap_over_std"],
     }).set_axis(frame["task"])
-    return _markdown(shown)
+    return shown
 
 
 # CSVs keep ten significant digits: enough for any measurement here, none of a float's
@@ -228,19 +249,27 @@ def _separation_markdown(frame: pd.DataFrame) -> str:
 FLOAT_FORMAT = "%.10g"
 
 
+def _in_arm_order(frame: pd.DataFrame, arm_order: list[str]) -> pd.DataFrame:
+    """Rows by task, then arms in the experiment's order (that of its config), so that every
+    table and figure lists arms alike."""
+    rank = {arm: index for index, arm in enumerate(arm_order)}
+    return frame.sort_values(["task", "arm"], key=lambda column: column.map(rank) if column.name == "arm" else column,
+                             kind="stable").reset_index(drop=True)
+
+
 def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], plasticity_files: list[Path],
               bounds_files: list[Path], out_dir: Path) -> dict[str, pd.DataFrame]:
-    """Write every table of an experiment into out_dir (CSV + Markdown)."""
+    """Write every table of an experiment into out_dir: CSV (the data), Markdown and HTML (for reading)."""
     runs = load_runs(runs_files)
     arm_order = [arm for arm in settings["arms"] if arm in set(runs["arm"])]
     probes = {read_json(p)["task"]: 100.0 * read_json(p)["test_acc"] for p in probe_files}
-    table = main_table(runs)
+    table = _in_arm_order(main_table(runs), arm_order)
     plasticity = pd.concat([pd.read_csv(p) for p in plasticity_files]) if plasticity_files else pd.DataFrame()
     bounds = pd.concat([pd.read_csv(p) for p in bounds_files]) if bounds_files else pd.DataFrame()
     tables = {
         "main_table": table,
         "relative_gain": relative_gain(table, probes) if probes else pd.DataFrame(columns=["task", "arm", "gain_pct"]),
-        "lr_gap": lr_gap(runs),
+        "lr_gap": _in_arm_order(lr_gap(runs), arm_order),
         "stat_tests": paired_tests(table, test_pairs(arm_order)),
         "separation": separation(table, arm_order),
         "plasticity_rank": plasticity_rank(plasticity, table),
@@ -251,14 +280,21 @@ def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], p
     out_dir = Path(out_dir)
     for name, frame in tables.items():
         write_csv(out_dir / f"{name}.csv", frame, float_format=FLOAT_FORMAT)
-    write_text(out_dir / "main_table.md", _main_markdown(table, probes, arm_order))
+    _write_view(out_dir, "main_table", _main_view(table, probes, arm_order))
     if probes:
         gains = _with_average(tables["relative_gain"], "gain_pct")
-        write_text(out_dir / "relative_gain.md", _markdown(_arm_columns(gains, arm_order, "%")))
+        _write_view(out_dir, "relative_gain", _arm_columns(gains, arm_order, "%"))
+    else:
+        write_text(out_dir / "relative_gain.html", "<p>No linear probe in this experiment: no relative gain.</p>\n")
     lr_gaps = _with_average(tables["lr_gap"], "lr_gap")
-    write_text(out_dir / "lr_gap.md", _markdown(_arm_columns(lr_gaps, arm_order, "points")))
-    write_text(out_dir / "stat_tests.md", _stat_tests_markdown(tables["stat_tests"]))
-    write_text(out_dir / "separation.md", _separation_markdown(tables["separation"]))
+    _write_view(out_dir, "lr_gap", _arm_columns(lr_gaps, arm_order, "points"))
+    _write_view(out_dir, "stat_tests", _stat_tests_view(tables["stat_tests"]), "{:.3g}", index_name="arm")
+    _write_view(out_dir, "separation", _separation_view(tables["separation"]))
     if not tables["plasticity_rank"].empty:
-        write_text(out_dir / "plasticity_rank.md", _rank_markdown(tables["plasticity_rank"]))
+        _write_view(out_dir, "plasticity_rank", _rank_view(tables["plasticity_rank"]), index_name="mode")
+    else:
+        write_text(out_dir / "plasticity_rank.html", "<p>No plasticity measured in this experiment.</p>\n")
+    for name in ("plasticity", "bounds", "runs"):  # long tables: every row, as the CSV has it
+        _write_view(out_dir, name, tables[name].set_index(tables[name].columns[0]) if not tables[name].empty
+                    else tables[name], "{:.4g}", index_name=tables[name].columns[0] if not tables[name].empty else "")
     return tables

@@ -71,7 +71,7 @@ def _diverged_counts(frame: pd.DataFrame, column: str) -> dict[str, int]:
 
 def _arm_ticks(ax: plt.Axes, order: list[str], diverged: dict[str, int]) -> None:
     ax.set_xticks(range(len(order)), [_diverged_label(a, diverged.get(a, 0)) for a in order],
-                  rotation=40, ha="right", rotation_mode="anchor")
+                  rotation=90)
     ax.set_xlim(-0.6, len(order) - 0.4)
 
 
@@ -111,7 +111,7 @@ def plasticity_vs_rank(plasticity: pd.DataFrame, out_dir: Path) -> None:
         for patch, component in zip(boxes["boxes"], order, strict=True):
             patch.set(facecolor=colour(component), alpha=0.35, edgecolor=colour(component))
         for index, (component, points) in enumerate(zip(order, values, strict=True)):
-            ax.plot(np.full(len(points), index), points, ls="none", ms=4, **{**style(component), "linestyle": "none"})
+            ax.plot(np.full(len(points), index), points, ms=4, **{**style(component), "linestyle": "none"})
         ax.set_xticks(range(len(order)), [f"{arm_label(c)}\n(rank {THEORETICAL_RANK[c]})" for c in order])
         ax.set_xlabel("component (theoretical rank, 1 = most plastic)")
         ax.set_ylabel("plasticity (ratio)")

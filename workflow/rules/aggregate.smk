@@ -15,12 +15,15 @@ rule aggregate:
         bounds=get_experiment_bounds,
         tracking=TRACKING_STORE,
     output:
-        tables=[
+        tables=[f"results/tables/{{experiment}}/{table}.csv" for table in TABLES],
+        # The same tables as HTML, shown inline by `snakemake --report`.
+        pages=[
             report(
-                f"results/tables/{{experiment}}/{table}.csv",
+                f"results/tables/{{experiment}}/{table}.html",
                 caption=f"../report/table_{table}.rst",
                 category="Tables",
                 subcategory="{experiment}",
+                labels={"table": table, "experiment": "{experiment}"},
             )
             for table in TABLES
         ],
@@ -49,6 +52,7 @@ rule figures:
                 caption=f"../report/figure_{figure}.rst",
                 category="Figures",
                 subcategory="{experiment}",
+                labels={"figure": figure, "experiment": "{experiment}"},
             )
             for figure in FIGURES
         ],

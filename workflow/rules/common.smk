@@ -40,6 +40,7 @@ TABLES = [
     "relative_gain",
     "lr_gap",
     "stat_tests",
+    "separation",
     "plasticity_rank",
     "plasticity",
     "bounds",

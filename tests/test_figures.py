@@ -1,0 +1,176 @@
+"""Every figure reads at a glance: no text drawn over other text, legends outside the panels.
+
+The figures are drawn from a hand-made results set the size of the quick study (3 tasks,
+9 arms, 2 learning rates, 3 seeds, 6 layers), rendered, and the extents matplotlib reports
+for titles, axis labels, tick labels, annotations and legends are checked pairwise.
+"""
+
+import itertools
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from matplotlib.transforms import Bbox
+
+from vitplasticity import aggregate, figures
+
+TASKS = ("shapes_noise", "shapes_novel", "shapes_sketch")
+ARMS = ("all", "emb", "ln1", "mha", "ln2", "fc1", "fc2", "smooth", "non_smooth")
+COMPONENTS = ("ln1", "mha", "ln2", "fc1", "fc2")
+LRS, SEEDS, STEPS = (0.01, 0.03), (0, 1, 2), 60
+
+
+@pytest.fixture(scope="module")
+def drawn(tmp_path_factory):
+    """Every figure of a hand-made experiment, rendered: {name: Figure}."""
+    root = tmp_path_factory.mktemp("figures")
+    rng = np.random.default_rng(0)
+    runs = []
+    for task, arm, lr, seed in itertools.product(TASKS, ARMS, LRS, SEEDS):
+        run = root / "runs" / task / arm / f"lr{lr}_seed{seed}"
+        run.mkdir(parents=True)
+        settings = {"model": "vit", "task": task, "optimizer": "sgd", "arm": arm, "lr": lr, "seed": seed}
+        (run / "config.yaml").write_text(yaml.safe_dump({"settings": settings}))
+        steps = np.arange(1, STEPS + 1)
+        history = pd.DataFrame({"step": steps, "loss": 1.6 - steps / 100, "lr": lr,
+                                "grad_norm": rng.lognormal(0, 0.5, STEPS),
+                                "val_loss": np.where(steps % 20 == 0, 1.5 - steps / 80, np.nan),
+                                "val_acc": np.where(steps % 20 == 0, 0.5, np.nan)})
+        history.to_csv(run / "history.csv", index=False)
+        acc = 0.6 + 0.03 * ARMS.index(arm) / len(ARMS) + rng.normal(0, 0.01)
+        (run / "metrics.json").write_text(json.dumps({
+            "status": "completed", "test_acc": acc, "best_val_acc": acc, "best_step": STEPS,
+            "diverged_step": None, "trainable_params": 1000, "wall_time_s": 2.0}))
+        runs.append(run / "metrics.json")
+    probes = []
+    for index, task in enumerate(TASKS):
+        probe = root / "probes" / f"{task}.json"
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text(json.dumps({"task": task, "test_acc": 0.55 + 0.05 * index}))
+        probes.append(probe)
+    layers = range(6)
+    plasticity = pd.DataFrame([
+        {"model": "vit", "task": task, "mode": mode, "component": component, "layer": layer,
+         "depth_pct": 100 * (layer + 1) / 6, "mean": 1.0 + COMPONENTS.index(component) + 0.1 * layer,
+         "ci95": 0.05} for task in TASKS for mode in ("embedding", "hidden") for component in COMPONENTS
+        for layer in layers])
+    bounds = pd.DataFrame([
+        {"component": component, "layer": layer, "depth_pct": 100 * (layer + 1) / 6,
+         "bound": 1.0 if component.startswith("ln") else 10.0 ** (1 + COMPONENTS.index(component))}
+        for component in COMPONENTS for layer in layers])
+    plasticity.to_csv(root / "plasticity.csv", index=False)
+    bounds.to_csv(root / "bounds.csv", index=False)
+    tables = root / "tables"
+    aggregate.aggregate({"arms": list(ARMS)}, runs, probes, [root / "plasticity.csv"], [root / "bounds.csv"], tables)
+
+    drawn = {}
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(figures, "_save", lambda fig, out_dir, name: drawn.__setitem__(name, fig))
+    figures.make_figures(tables, root / "figures")
+    monkeypatch.undo()
+    for fig in drawn.values():
+        fig.canvas.draw()
+    return drawn
+
+
+def _text_boxes(fig) -> list[tuple[str, Bbox]]:
+    """(what, extent in pixels) of every visible piece of text; a legend counts as one box."""
+    renderer = fig.canvas.get_renderer()
+    boxes = []
+
+    def add(what, artist):
+        if artist.get_visible() and (not hasattr(artist, "get_text") or artist.get_text().strip()):
+            boxes.append((what, artist.get_window_extent(renderer)))
+
+    for text in fig.texts:
+        add("figure text", text)
+    for legend in fig.legends:
+        add("figure legend", legend)
+    for index, ax in enumerate(fig.axes):
+        if not ax.axison and not ax.texts:
+            continue
+        for title in (ax.title, ax._left_title, ax._right_title):
+            add(f"axes {index} title", title)
+        if ax.axison:
+            add(f"axes {index} x label", ax.xaxis.label)
+            add(f"axes {index} y label", ax.yaxis.label)
+            for axis in (ax.xaxis, ax.yaxis):
+                low, high = sorted(axis.get_view_interval())
+                span = high - low
+                for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                    if low - 1e-9 * span <= tick.get_loc() <= high + 1e-9 * span:  # drawn: inside the view
+                        add(f"axes {index} tick '{tick.label1.get_text()}'", tick.label1)
+        for text in ax.texts:
+            add(f"axes {index} text", text)
+        if ax.get_legend() is not None:
+            add(f"axes {index} legend", ax.get_legend())
+    return boxes
+
+
+def _overlap(a: Bbox, b: Bbox, tolerance: float = 1.0) -> bool:
+    """Whether two extents share more than a `tolerance`-pixel border."""
+    return (min(a.x1, b.x1) - max(a.x0, b.x0) > tolerance) and (min(a.y1, b.y1) - max(a.y0, b.y0) > tolerance)
+
+
+def test_every_figure_is_drawn(drawn):
+    assert set(drawn) == {"plasticity_vs_rank", "plasticity_vs_depth", "bounds_vs_depth", "relative_gain",
+                          "accuracy_per_arm", "lr_robustness", "training_curves"}
+
+
+@pytest.mark.parametrize("name", ["plasticity_vs_rank", "plasticity_vs_depth", "bounds_vs_depth", "relative_gain",
+                                  "accuracy_per_arm", "lr_robustness", "training_curves"])
+def test_no_text_overlaps_other_text_and_legends_sit_outside_the_panels(drawn, name):
+    fig = drawn[name]
+    boxes = _text_boxes(fig)
+    assert boxes, name
+    clashes = [(a, b) for (a, box_a), (b, box_b) in itertools.combinations(boxes, 2) if _overlap(box_a, box_b)]
+    assert not clashes, f"{name}: overlapping text {clashes[:5]}"
+    renderer = fig.canvas.get_renderer()
+    panels = [ax.get_window_extent(renderer) for ax in fig.axes if ax.axison]
+    assert len(fig.legends) <= 1 and not any(ax.get_legend() for ax in fig.axes), f"{name}: more than one legend"
+    for legend in fig.legends:
+        extent = legend.get_window_extent(renderer)
+        assert not any(_overlap(extent, panel) for panel in panels), f"{name}: the legend covers a panel"
+
+
+def test_overlap_check_catches_colliding_tick_labels(drawn):
+    """The check can fail: long labels on a narrow axis collide and are reported."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.set_xticks(range(6), ["Embedding"] * 6)
+    fig.canvas.draw()
+    boxes = _text_boxes(fig)
+    assert any(_overlap(a, b) for (_, a), (_, b) in itertools.combinations(boxes, 2))
+    plt.close(fig)
+
+
+def test_ln1_and_ln2_differ_in_colour_marker_and_line_style():
+    ln1, ln2 = figures.style("ln1"), figures.style("ln2")
+    assert all(ln1[key] != ln2[key] for key in ("color", "marker", "linestyle"))
+
+
+def test_arms_keep_the_experiment_order_and_table_labels(drawn):
+    """lr_robustness and accuracy_per_arm name arms as the Markdown tables do, in the config's order."""
+    expected = ["all", "Embedding", "LN1", "MHA", "LN2", "FC1", "FC2", "smooth", "non_smooth"]
+    for name in ("lr_robustness", "accuracy_per_arm", "relative_gain"):
+        ticks = [t.get_text() for t in drawn[name].axes[0].get_xticklabels()]
+        assert ticks == expected, name
+
+
+def test_lr_robustness_names_each_learning_rate(drawn):
+    labels = [t.get_text() for t in drawn["lr_robustness"].legends[0].get_texts()]
+    assert labels[:2] == ["lr 0.01", "lr 0.03"]
+
+
+def test_accuracy_per_arm_shows_the_probe_per_task(drawn):
+    fig = drawn["accuracy_per_arm"]
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == list(TASKS)
+    probe_lines = [[line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"]
+                   for ax in fig.axes]
+    assert probe_lines == [[55.0], [60.0], [65.0]]
+    low, high = fig.axes[0].get_ylim()
+    assert low > 40  # not a bar from 0: the arms' differences stay visible
