@@ -152,7 +152,7 @@ def plasticity_vs_depth(plasticity: pd.DataFrame, out_dir: Path) -> None:
 def bounds_vs_depth(bounds: pd.DataFrame, out_dir: Path) -> None:
     """Theoretical upper bounds per component against depth, log scale; LN2 drawn hollow over LN1."""
     fig, ax = plt.subplots(figsize=(5, 3.8), layout="constrained")
-    drawn = []
+    handles = []
     if bounds.empty:
         _empty(ax, "no bounds computed")
     else:
@@ -162,12 +162,12 @@ def bounds_vs_depth(bounds: pd.DataFrame, out_dir: Path) -> None:
             if part.empty:
                 continue
             hollow = {"markerfacecolor": "none", "markersize": 8} if component == "ln2" else {"markersize": 5}
-            ax.plot(part["depth_pct"], part["bound"], **style(component), **hollow)
-            drawn.append(component)
+            handles += ax.plot(part["depth_pct"], part["bound"], label=arm_label(component), **style(component),
+                               **hollow)
         ax.set_yscale("log")
         ax.set_xlabel("layer depth (% of blocks)")
         ax.set_ylabel("upper bound on rate of change (log)")
-    _legend_below(fig, _component_handles(drawn), 5)
+    _legend_below(fig, handles, 5)
     _save(fig, out_dir, "bounds_vs_depth")
 
 
