@@ -298,3 +298,13 @@ def test_std_uses_ddof_zero_on_three_seeds():
                          "status": ["completed"] * 3})
     row = agg.main_table(runs).iloc[0]
     assert row["mean"] == 3.0 and row["std"] == pytest.approx(np.std([1, 2, 6]))
+
+
+def test_arms_keep_the_config_order_given_beside_sorted_settings(tmp_path):
+    """The workflow's settings JSON sorts the arms mapping; `arm_order` carries the config's order."""
+    settings = {"arms": {"fc1": ["fc1"], "ln1": ["ln1"], "mha": ["mha"]}, "arm_order": ["mha", "ln1", "fc1"]}
+    tables = agg.aggregate(settings, _write_runs(tmp_path / "runs"), _probe_files(tmp_path), [], [], tmp_path / "out")
+    assert (tmp_path / "out" / "main_table.md").read_text().splitlines()[0] == (
+        "| task | MHA (%) | LN1 (%) | FC1 (%) | LP (%) |")
+    assert tables["main_table"]["arm"].tolist()[:3] == ["mha", "ln1", "fc1"]
+    assert list(dict.fromkeys(tables["lr_gap"]["arm"])) == ["mha", "ln1", "fc1"]

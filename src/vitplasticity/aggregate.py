@@ -228,7 +228,7 @@ def _rank_view(ranks: pd.DataFrame) -> pd.DataFrame:
         "plasticity (ratio)": ranks["plasticity"].map("{:.4g}".format),
         "plasticity rank": ranks["plasticity_rank"].astype(str),
         "theoretical rank": ranks["theoretical_rank"].astype(str),
-        "finetuning accuracy (%)": ranks["finetune_acc"].map("{:.2f}".format),
+        "finetuning accuracy (%)": ranks["finetune_acc"],
         "finetuning rank": ranks["finetune_rank"].astype(str).replace("<NA>", "—"),
     }).set_axis(ranks["mode"])
     return shown
@@ -261,7 +261,7 @@ def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], p
               bounds_files: list[Path], out_dir: Path) -> dict[str, pd.DataFrame]:
     """Write every table of an experiment into out_dir: CSV (the data), Markdown and HTML (for reading)."""
     runs = load_runs(runs_files)
-    arm_order = [arm for arm in settings["arms"] if arm in set(runs["arm"])]
+    arm_order = [arm for arm in settings.get("arm_order", settings["arms"]) if arm in set(runs["arm"])]
     probes = {read_json(p)["task"]: 100.0 * read_json(p)["test_acc"] for p in probe_files}
     table = _in_arm_order(main_table(runs), arm_order)
     plasticity = pd.concat([pd.read_csv(p) for p in plasticity_files]) if plasticity_files else pd.DataFrame()

@@ -194,8 +194,10 @@ def get_runtime():
 def get_aggregate_settings(wildcards):
     exp = EXPERIMENTS[wildcards.experiment]
     arms = {arm: ARMS[arm] for arm in experiment_arms(exp)}
+    # The arms' order in the config, which every table and figure keeps (keys get sorted).
     return json.dumps(
-        dict(exp, experiment=wildcards.experiment, arms=arms), sort_keys=True
+        dict(exp, experiment=wildcards.experiment, arms=arms, arm_order=list(arms)),
+        sort_keys=True,
     )
 
 
