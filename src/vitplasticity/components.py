@@ -3,6 +3,14 @@
 Components (study-spec §2): ``emb ln1 mha ln2 fc1 fc2 head``. This module decides which
 parameters belong to each (for freezing and counting) and how each block component is
 applied to a token matrix (for plasticity). Nothing else spells parameter-name patterns.
+
+Families covered (timm classes `VisionTransformer` and `VisionTransformerDistilled` with
+pre-norm `Block`s): the paper's ViTs and AugReg; DeiT (distillation token and head) and
+DeiT3 (LayerScale ``ls1``/``ls2``, which go with MHA and FC2); DINOv2 (register tokens,
+LayerScale, patch 14); CLIP ViTs, whose ``norm_pre`` LayerNorm is applied to E before
+block 0 and so belongs to ``emb`` (it sets the token scale every LayerNorm sees); SigLIP
+and other class-token-free models with an attention-pool (MAP) head, ``attn_pool``, which
+belongs to ``head`` (`describe` says what ``head`` holds for a given model).
 """
 
 from __future__ import annotations
@@ -39,13 +47,13 @@ def arm_label(name: str) -> str:
 
 # LayerScale and optional in-module norms go with the sub-layer they scale or normalise.
 _PATTERNS = (
-    ("emb", r"(patch_embed\..*|cls_token|reg_token|pos_embed|norm_pre\..*)"),
+    ("emb", r"(patch_embed\..*|cls_token|reg_token|dist_token|pos_embed|norm_pre\..*)"),
     ("ln1", r"blocks\.\d+\.norm1\..*"),
     ("mha", r"blocks\.\d+\.(attn\..*|ls1\..*)"),
     ("ln2", r"blocks\.\d+\.norm2\..*"),
     ("fc1", r"blocks\.\d+\.mlp\.(fc1|fc1_g|fc1_x)\..*"),
     ("fc2", r"blocks\.\d+\.(mlp\.fc2\..*|mlp\.norm\..*|ls2\..*)"),
-    ("head", r"(norm\..*|fc_norm\..*|head\..*|head_drop\..*|attn_pool\..*)"),
+    ("head", r"(norm\..*|fc_norm\..*|head\..*|head_dist\..*|attn_pool\..*)"),
 )
 _COMPILED = tuple((name, re.compile(pattern)) for name, pattern in _PATTERNS)
 # The block MLPs whose FC1 and FC2 are known: plain (fc1 → act → fc2) and gated, with fc1 packing
@@ -102,20 +110,76 @@ def set_trainable(model: torch.nn.Module, arm_components: Iterable[str]) -> list
     return names
 
 
-def check_vit(model: torch.nn.Module) -> VisionTransformer:
-    """The model must be a timm VisionTransformer made of standard pre-norm blocks with a known MLP."""
+def check_vit(model: torch.nn.Module, name: str | None = None) -> VisionTransformer:
+    """The model must be a timm VisionTransformer of pre-norm Blocks whose parameters all map to a component.
+
+    Errors: one `UserError` line naming what the map does not cover.
+    """
+    name = name or type(model).__name__
     if not isinstance(model, VisionTransformer):
         raise UserError(
-            f"model is a {type(model).__name__}, not a timm VisionTransformer; "
-            "choose a timm 'vit_*' architecture"
+            f"{name} is a {type(model).__name__}, not a timm VisionTransformer; the component map covers "
+            "timm 'vit_*' and 'deit*' models (ViT, AugReg, DeiT/DeiT3, DINOv2, CLIP, SigLIP); choose one of those"
         )
     for i, block in enumerate(model.blocks):
         if type(block) is not Block or type(block.mlp) not in MLPS:
             raise UserError(
-                f"block {i} is a {type(block).__name__} ({type(block.mlp).__name__} MLP); only "
-                f"pre-norm timm Blocks with a {', '.join(m.__name__ for m in MLPS)} MLP are supported"
+                f"{name}: block {i} is a {type(block).__name__} ({type(block.mlp).__name__} MLP); the "
+                f"component map covers pre-norm timm Blocks with a {', '.join(m.__name__ for m in MLPS)} MLP"
             )
+    unmapped = [n for n, _ in model.named_parameters() if not any(p.fullmatch(n) for _, p in _COMPILED)]
+    if unmapped:
+        raise UserError(
+            f"{name}: {len(unmapped)} parameter(s) belong to no component (e.g. {', '.join(unmapped[:3])}); "
+            "the component map (vitplasticity.components) does not cover this ViT variant"
+        )
     return model
+
+
+def has_attention_pool(model: torch.nn.Module) -> bool:
+    """Whether the model pools tokens with an attention-pool (MAP) head, as SigLIP does."""
+    return getattr(model, "attn_pool", None) is not None
+
+
+def use_linear_head(model: VisionTransformer) -> VisionTransformer:
+    """Replace an attention-pool (MAP) head by mean pooling + the final norm + a linear classifier.
+
+    The head then has the paper's size (a LayerNorm and a d × classes matrix) instead of a
+    whole attention block (7 M parameters in SigLIP-B/16). No change for other models.
+    """
+    if has_attention_pool(model):
+        model.reset_classifier(model.num_classes, global_pool="avg")
+    return model
+
+
+def describe(model: VisionTransformer) -> dict[str, str]:
+    """What `emb` and `head` hold in this model, in words (for reports and the README)."""
+    counts = count_by_component(model)
+    extra = [f"{model.num_reg_tokens} register tokens" if getattr(model, "num_reg_tokens", 0) else "",
+             "distillation token" if hasattr(model, "dist_token") else ""]
+    tokens = "class token" if model.cls_token is not None else "no class token"
+    emb = f"patch embedding ({model.patch_embed.patch_size[0]} px patches), {tokens}"
+    emb += "".join(f", {e}" for e in extra if e) + ", position embedding"
+    if not isinstance(model.norm_pre, torch.nn.Identity):
+        emb += (" and norm_pre, a LayerNorm applied to E before block 0 (CLIP): it is part of E, so it "
+                "sets the token scale every LayerNorm's plasticity depends on")
+    final = "final LayerNorm `norm`" if not isinstance(model.norm, torch.nn.Identity) else ""
+    if not isinstance(model.fc_norm, torch.nn.Identity):
+        final = "LayerNorm `fc_norm` after pooling"
+    if has_attention_pool(model):
+        pooled = "an attention-pool (MAP) block `attn_pool` over all tokens"
+    elif model.global_pool == "token":
+        pooled = "the class token"
+    else:
+        pooled = f"{model.global_pool or 'no'}-pooled patch tokens"
+    head = f"{final + ' + ' if final else ''}{pooled} + linear classifier `head`"
+    if hasattr(model, "head_dist"):
+        head += " (and the distillation head `head_dist`)"
+    head += f": {counts['head']:,} parameters"
+    if has_attention_pool(model):
+        head += (f", against {counts['ln1']:,} in the LN1 arm: the attention pool dwarfs the small arms; "
+                 "the linear head (mean-pooled tokens + linear) restores the paper's comparison")
+    return {"emb": emb, "head": head}
 
 
 def embed(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:

@@ -1,22 +1,19 @@
-"""Fetch pretrained timm weights from the Hugging Face hub into a checkpoint file.
+"""Pretrained timm weights from the Hugging Face hub: the local cache first, then a download.
 
-The weights are downloaded (or taken from the local hub cache) at a pinned revision,
-loaded through timm (which applies its checkpoint conversions) and saved as
-safetensors with a sidecar recording hub id, revision and sha256.
+The weights are taken at a pinned revision and loaded through `models.open_pretrained`
+(timm's checkpoint conversions included); `fetch_pretrained` saves them as a checkpoint
+whose sidecar records hub id, revision and sha256.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import timm
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
 from vitplasticity import models
-from vitplasticity.components import check_vit
 from vitplasticity.errors import UserError
-from vitplasticity.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def hub_id(timm_name: str, tag: str) -> str:
@@ -24,32 +21,31 @@ def hub_id(timm_name: str, tag: str) -> str:
     return f"timm/{timm_name}.{tag}"
 
 
+def cached_weights(timm_name: str, tag: str | None, revision: str = "main") -> tuple[Path, dict]:
+    """The local file of `timm_name.tag`'s weights (hub cache, else a download) and its provenance."""
+    if not tag:
+        raise UserError(f"timm model {timm_name} needs a pretrained tag (e.g. {timm_name}.augreg_in21k); "
+                        f"list them with timm.list_pretrained('{timm_name}*')")
+    repo = hub_id(timm_name, tag)
+    try:
+        local = hf_hub_download(repo, "model.safetensors", revision=revision, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError):
+        try:
+            local = hf_hub_download(repo, "model.safetensors", revision=revision)
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+            raise UserError(
+                f"cannot get weights of {timm_name}.{tag} from {repo}@{revision} (no network and no cached copy: "
+                f"{type(exc).__name__}); on a machine with network run `hf download {repo} model.safetensors "
+                f"--revision {revision}` and copy the hub cache (HF_HOME) here"
+            ) from exc
+    return Path(local), {"kind": "hub", "hub_id": repo, "revision": revision, "timm_tag": tag}
+
+
 def fetch_pretrained(settings: dict, weights: Path) -> dict:
-    """Download `settings` (timm_name, pretrained_tag, revision) and write the checkpoint."""
-    name, tag = settings["timm_name"], settings["pretrained_tag"]
-    repo, revision = hub_id(name, tag), settings.get("revision", "main")
-    try:
-        local = hf_hub_download(repo, "model.safetensors", revision=revision)
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        raise UserError(
-            f"cannot get weights of {name}.{tag} from {repo}@{revision} (no network and no cached copy: "
-            f"{type(exc).__name__}); on a machine with network run `hf download {repo} model.safetensors "
-            f"--revision {revision}` and copy the hub cache (HF_HOME) here"
-        ) from exc
-    arch = models.architecture(name, settings.get("kwargs", {}), settings["img_size"])
-    try:
-        model = timm.create_model(f"{name}.{tag}", pretrained=True, pretrained_cfg_overlay={"file": local},
-                                  **arch["kwargs"])
-    except (AssertionError, RuntimeError, TypeError, ValueError) as exc:  # timm asserts shapes
-        raise UserError(
-            f"cannot build timm model {name}.{tag} with {arch['kwargs']} from its pretrained weights ({exc}); "
-            "check the model's img_size and kwargs"
-        ) from exc
-    check_vit(model)
-    record = {
-        # The study normalises with ImageNet mean/std for every checkpoint (study-spec §3, §5).
-        "arch": arch, "img_size": settings["img_size"], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-        "provenance": {"kind": "hub", "hub_id": repo, "revision": revision, "timm_tag": tag,
-                       "pretrained_num_classes": model.num_classes},
-    }
+    """Write the checkpoint of a `timm` or `local` model config entry (settings: its keys)."""
+    model, record = models.open_pretrained(
+        settings.get("source", "timm"), settings["timm_name"], path=settings.get("path"),
+        pretrained_tag=settings.get("pretrained_tag"), revision=settings.get("revision", "main"),
+        kwargs=settings.get("kwargs", {}), img_size=settings["img_size"], head=settings.get("head", "native"))
+    # The study normalises with ImageNet mean/std for every checkpoint (study-spec §3, §5).
     return models.save_checkpoint(weights, model, record)

@@ -1,9 +1,14 @@
-"""Model construction and checkpoint files (safetensors + a JSON sidecar).
+"""Model construction, model sources, and checkpoint files (safetensors + a JSON sidecar).
 
 A checkpoint is ``{name}.safetensors`` (the backbone's state dict, classifier included
-as pretrained) and ``{name}.json``: architecture (timm name and keyword arguments),
-normalisation, sha256 of the weights, and provenance (hub id and revision, or the
-pretraining run's source accuracy).
+as pretrained) and ``{name}.json``: architecture (timm name, keyword arguments, head),
+normalisation, sha256 of the weights, and provenance (hub id and revision, the user's
+weights file and its sha256, or the pretraining run's source accuracy). Every sidecar is
+written by this module; nobody writes one by hand.
+
+Model sources (`open_pretrained`): ``timm`` (a hub name and tag, taken from the local hub
+cache or downloaded), ``local`` (a ``.safetensors`` file or a timm/PyTorch checkpoint plus
+its timm architecture), and ``pretrain`` (trained by the workflow, `vitplasticity.jobs`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from vitplasticity.components import check_vit
+from vitplasticity.components import check_vit, use_linear_head
 from vitplasticity.errors import UserError
 from vitplasticity.fileio import atomic_path, read_json, sha256_file, write_json
 
@@ -29,8 +34,16 @@ def architecture(timm_name: str, kwargs: dict, img_size: int) -> dict:
     return {"timm_name": timm_name, "kwargs": {**kwargs, "img_size": img_size}}
 
 
+HEADS = ("native", "linear")
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
 def build(arch: dict, num_classes: int) -> torch.nn.Module:
-    """A timm ViT from an architecture record {timm_name, kwargs} with a fresh head."""
+    """A timm ViT from an architecture record {timm_name, kwargs, head} with a fresh head.
+
+    ``head: linear`` replaces an attention-pool (MAP) head by mean pooling and a linear
+    classifier (`components.use_linear_head`); ``native`` (the default) keeps timm's head.
+    """
     try:
         model = timm.create_model(arch["timm_name"], pretrained=False, num_classes=num_classes,
                                   drop_rate=0.0, drop_path_rate=0.0, **arch.get("kwargs", {}))
@@ -38,7 +51,10 @@ def build(arch: dict, num_classes: int) -> torch.nn.Module:
         raise UserError(
             f"cannot build timm model '{arch['timm_name']}' ({exc}); check the model's timm_name and kwargs"
         ) from exc
-    return check_vit(model)
+    model = check_vit(model, arch["timm_name"])
+    if arch.get("head", "native") == "linear":
+        use_linear_head(model)
+    return model
 
 
 def sidecar_path(weights: str | Path) -> Path:
@@ -63,6 +79,103 @@ def _record_problem(record: object) -> str | None:
     if not absent and not (isinstance(record["arch"], dict) and "timm_name" in record["arch"]):
         absent = ["arch.timm_name"]
     return f"lacks {', '.join(absent)}" if absent else None
+
+
+def _load_backbone(model: torch.nn.Module, state: dict, where: str, fix: str) -> None:
+    """Load every non-classifier tensor of `state` into `model`; one line naming the first misfit."""
+    drop = ("head.", "attn_pool.") if getattr(model, "attn_pool", None) is None else ("head.",)
+    backbone = {k: v for k, v in state.items() if not k.startswith(drop)}
+    expected = model.state_dict()
+    wrong = [(k, list(v.shape), list(expected[k].shape)) for k, v in backbone.items()
+             if k in expected and v.shape != expected[k].shape]
+    if wrong:
+        name, have, want = wrong[0]
+        raise UserError(f"{where}: {len(wrong)} tensor(s) of the wrong shape, e.g. {name} is {have} in the file "
+                        f"but {want} in the model; {fix}")
+    missing, unexpected = model.load_state_dict(backbone, strict=False)
+    missing = [k for k in missing if not k.startswith("head.")]
+    if missing or unexpected:
+        raise UserError(f"{where}: missing {missing[:3]}, unexpected {unexpected[:3]}; {fix}")
+
+
+def split_timm_name(name: str) -> tuple[str, str]:
+    """'vit_base_patch16_224.augreg_in21k' → (architecture, tag); a bare name gets timm's default tag."""
+    arch, tag = name.split(".", 1) if "." in name else (name, "")
+    if not timm.is_model(arch):
+        raise UserError(f"'{arch}' is not a timm model name; list them with timm.list_models('vit_*')")
+    if not tag:
+        cfg = timm.models.get_pretrained_cfg(arch)
+        tag = getattr(cfg, "tag", None) or ""
+    return arch, tag
+
+
+def normalisation(timm_name: str, tag: str | None) -> tuple[list[float], list[float]]:
+    """Mean and std (per RGB channel, on [0, 1] pixels) timm records for `name.tag`; ImageNet's if none."""
+    from vitplasticity.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    cfg = timm.models.get_pretrained_cfg(f"{timm_name}.{tag}" if tag else timm_name)
+    if cfg is None:
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return list(cfg.mean), list(cfg.std)
+
+
+def open_pretrained(source: str, timm_name: str, *, path: str | Path | None = None, pretrained_tag: str | None = None,
+                    revision: str = "main", kwargs: dict | None = None, img_size: int | None = None,
+                    head: str = "native", mean_std: str = "imagenet") -> tuple[torch.nn.Module, dict]:
+    """The pretrained model of a `timm` or `local` source, and its checkpoint record.
+
+    - ``timm``: ``timm_name.pretrained_tag`` from the local hub cache (downloaded at
+      `revision` when absent and the hub is reachable);
+    - ``local``: `path`, a ``.safetensors`` file or a torch checkpoint (a state dict, or a
+      dict holding one under ``state_dict``/``model``), with architecture `timm_name`.
+
+    `img_size` (pixels), when given, builds the model for that input size (`architecture`).
+    The model keeps the file's classifier when it has one (``num_classes`` = its rows) and
+    is in eval mode. The record's provenance holds the weights file's sha256. `mean_std`:
+    ``imagenet`` (the study's protocol, study-spec §3) or ``timm`` (the normalisation timm
+    records for the pretrained tag, which is what the model saw in pretraining).
+    Errors: `UserError` naming the file or name and the fix.
+    """
+    from vitplasticity.fileio import sha256_file
+    from vitplasticity.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    kwargs = architecture(timm_name, kwargs or {}, img_size)["kwargs"] if img_size else dict(kwargs or {})
+    if head not in HEADS:
+        raise UserError(f"head '{head}' unknown; allowed: {', '.join(HEADS)}")
+    if source == "timm":
+        from vitplasticity.hub import cached_weights
+
+        file, provenance = cached_weights(timm_name, pretrained_tag, revision)
+    elif source == "local":
+        file = Path(path or "").expanduser()
+        if not file.is_file():
+            raise UserError(f"weights file {file} does not exist; give the path of a .safetensors or .pth file")
+        if not file.name.endswith(WEIGHT_SUFFIXES):
+            raise UserError(f"weights file {file} is not one of {', '.join(WEIGHT_SUFFIXES)}; "
+                            "save the state dict with safetensors or torch.save")
+        provenance = {"kind": "local", "path": str(file)}
+    else:
+        raise UserError(f"model source '{source}' cannot be opened here; allowed: timm, local")
+    try:
+        state = timm.models.load_state_dict(str(file), use_ema=False, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - safetensors, pickle and zip readers raise unrelated types
+        raise UserError(f"cannot read weights {file} ({type(exc).__name__}: {exc}); "
+                        "give a .safetensors file or a torch.save'd state dict") from exc
+    classes = int(state["head.weight"].shape[0]) if "head.weight" in state else 0
+    arch = {"timm_name": timm_name, "kwargs": kwargs, "head": head}
+    model = build(arch | {"head": "native"}, num_classes=classes)
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    where = f"weights {file} do not fit timm architecture {timm_name} {kwargs}"
+    _load_backbone(model, checkpoint_filter_fn(state, model), where,
+                   "name the architecture they were trained with (--arch / timm_name) and its kwargs")
+    if head == "linear":
+        use_linear_head(model)
+    mean, std = ((list(IMAGENET_MEAN), list(IMAGENET_STD)) if mean_std == "imagenet"
+                 else normalisation(timm_name, pretrained_tag))
+    record = {"arch": arch, "img_size": int(model.patch_embed.img_size[0]), "mean": mean, "std": std,
+              "provenance": provenance | {"sha256": sha256_file(file), "pretrained_num_classes": classes}}
+    return model.eval(), record
 
 
 def load_checkpoint(weights: str | Path, num_classes: int, verify: bool = True) -> tuple[torch.nn.Module, dict]:
@@ -91,23 +204,8 @@ def load_checkpoint(weights: str | Path, num_classes: int, verify: bool = True) 
             f"checkpoint {weights} is not a readable safetensors file ({exc}); delete it and fetch it again"
         ) from exc
     arch = architecture(record["arch"]["timm_name"], record["arch"].get("kwargs", {}), record["img_size"])
-    model = build(arch, num_classes)
-    backbone = {k: v for k, v in state.items() if not k.startswith("head.")}
-    expected = model.state_dict()
-    wrong = [(k, list(v.shape), list(expected[k].shape)) for k, v in backbone.items()
-             if k in expected and v.shape != expected[k].shape]
-    if wrong:
-        name, have, want = wrong[0]
-        raise UserError(
-            f"checkpoint {weights} does not fit the architecture in its sidecar ({arch['timm_name']} "
-            f"{dict(sorted(arch['kwargs'].items()))}): {len(wrong)} tensor(s) of the wrong shape, e.g. {name} is "
-            f"{have} in the file but {want} in the model; delete both files and fetch or pretrain it again"
-        )
-    missing, unexpected = model.load_state_dict(backbone, strict=False)
-    missing = [k for k in missing if not k.startswith("head.")]
-    if missing or unexpected:
-        raise UserError(
-            f"checkpoint {weights} does not fit architecture {record['arch']['timm_name']} "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); fetch it again"
-        )
+    model = build(arch | {"head": record["arch"].get("head", "native")}, num_classes)
+    _load_backbone(model, state, f"checkpoint {weights} does not fit the architecture in its sidecar "
+                   f"({arch['timm_name']} {dict(sorted(arch['kwargs'].items()))})",
+                   "delete both files and fetch or pretrain it again")
     return model, record
