@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="generate or download a task into the prepared format")
     p.add_argument("--settings", required=True, help="the task's data config as JSON, plus 'name'")
     p.add_argument("--out", type=Path, required=True, help="prepared folder to create")
-    p.add_argument("--raw", type=Path, required=True, help="download/extraction folder")
+    p.add_argument("--raw", type=Path, default=None,
+                   help="download/extraction folder (needed by downloaded sources only, not by synthetic, "
+                        "imagefolder or imagenet_val)")
 
     p = sub.add_parser("pretrain", help="pretrain a small ViT on a synthetic source task")
     _common(p)
@@ -39,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="checkpoint .safetensors to write")
     p.add_argument("--run-dir", type=Path, required=True)
 
-    p = sub.add_parser("fetch", help="download pretrained weights through timm / the hub")
+    p = sub.add_parser("fetch", help="pretrained weights from the hub (cache first) or a local file, as a checkpoint")
     p.add_argument("--settings", required=True)
     p.add_argument("--out", type=Path, required=True)
 
@@ -102,6 +104,33 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--experiment", required=True, help="experiment name (the study name)")
     a.add_argument("--results", type=Path, default=Path("results"), help="the study's results folder")
 
+    p = sub.add_parser("recommend", help="which components to finetune: plasticity of a pretrained ViT on your images",
+                       description="Rank the block components of a pretrained timm ViT by plasticity on your images "
+                                   "and write a report folder: ranking, figure, parameters to unfreeze, a peft "
+                                   "LoraConfig and a workflow config comparing the arms by finetuning.")
+    p.add_argument("--model", required=True,
+                   help="timm name with tag (vit_base_patch16_224.augreg_in21k; hub cache first), a weights file "
+                        "(.safetensors, .pth, ...; give --arch), or a checkpoint written by fetch/pretrain")
+    p.add_argument("--arch", default=None, help="timm architecture of a weights file, e.g. vit_base_patch16_224")
+    p.add_argument("--arch-kwargs", default="{}",
+                   help='timm.create_model keyword arguments of that architecture as JSON, e.g. \'{"img_size": 384}\'')
+    p.add_argument("--data", type=Path, required=True,
+                   help="your images: a folder, with class sub-folders (and train/val/test sub-folders) or flat")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="images like the pretraining data (the paper: ImageNet val); without it pairs are two "
+                        "different images of --data")
+    p.add_argument("--pairs", type=int, default=2000, help="image pairs measured (default: 2000)")
+    p.add_argument("--modes", default="embedding",
+                   help="comma-separated: embedding (the paper's), hidden (each component's real input); "
+                        "default: embedding")
+    p.add_argument("--head", choices=("linear", "native"), default="linear",
+                   help="head of the training artefacts: linear (default; replaces an attention-pool MAP head "
+                        "by mean pooling + linear) or native (the architecture's own)")
+    p.add_argument("--batch-size", type=int, default=32, help="pairs per forward pass (default: 32)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image sampling and pairing (default: 0)")
+    p.add_argument("--out", type=Path, required=True, help="report folder to write (replaced whole)")
+
     p = sub.add_parser("figures", help="figures of one experiment from its tables")
     p.add_argument("--tables", type=Path, required=True)
     p.add_argument("--out-dir", type=Path, required=True)
@@ -133,6 +162,9 @@ def check_outputs(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> None:
     if args.command == "tracking":
         _tracking(args)
+        return
+    if args.command == "recommend":
+        _recommend(args)
         return
     settings = json_option("settings", getattr(args, "settings", "{}"))
     runtime = json_option("runtime", getattr(args, "runtime", "{}"))
@@ -173,6 +205,20 @@ def run(args: argparse.Namespace) -> None:
         from vitplasticity.paper import write_comparison
 
         write_comparison(args.tables, args.probes, args.out_table, args.out_figure)
+
+
+def _recommend(args: argparse.Namespace) -> None:
+    from vitplasticity.recommend import Request, run
+
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    arch_kwargs = json_option("arch-kwargs", args.arch_kwargs)
+    result = run(Request(model=args.model, arch=args.arch, arch_kwargs=arch_kwargs, data=args.data, reference=args.reference, pairs=args.pairs,
+                         modes=modes, head=args.head, batch_size=args.batch_size, device=args.device,
+                         seed=args.seed, out=args.out))
+    ranking = result["ranking"][["mode", "rank", "label", "mean", "ci95"]]
+    print(ranking.to_markdown(index=False, floatfmt=".4g"))
+    print("\n" + "\n".join(result["summary"]))
+    print(f"\nreport: {args.out / 'report.md'}")
 
 
 def _tracking(args: argparse.Namespace) -> None:

@@ -172,7 +172,7 @@ def describe(model: VisionTransformer) -> dict[str, str]:
         pooled = "the class token"
     else:
         pooled = f"{model.global_pool or 'no'}-pooled patch tokens"
-    head = f"{final + ' + ' if final else ''}{pooled} + linear classifier `head`"
+    head = f"{pooled}, {final + ', ' if final else ''}linear classifier `head`"
     if hasattr(model, "head_dist"):
         head += " (and the distillation head `head_dist`)"
     head += f": {counts['head']:,} parameters"

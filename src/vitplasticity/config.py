@@ -82,6 +82,9 @@ def check_references(config: dict) -> None:
             _require(model["pretrain"]["eval_every"] <= model["pretrain"]["steps"],
                      f"config key 'models.{name}.pretrain.eval_every': must not exceed steps "
                      f"({model['pretrain']['steps']}); set it to at most steps")
+        elif model["source"] == "local":
+            _require(bool(model.get("path")),
+                     f"config key 'models.{name}.path': required when source is local (the weights file)")
         else:
             _require(bool(model.get("pretrained_tag")),
                      f"config key 'models.{name}.pretrained_tag': required when source is timm (e.g. orig_in21k)")
@@ -94,6 +97,10 @@ def check_references(config: dict) -> None:
                      f"config key 'tasks.{name}.eval_every': {task['eval_every']} exceeds steps ({task['steps']}); "
                      "set it to at most steps")
         data = task["data"]
+        if data["source"] == "imagefolder":
+            for key in ("path", "store_size"):
+                _require(data.get(key) is not None,
+                         f"config key 'tasks.{name}.data.{key}': required for imagefolder tasks; add it")
         if data["source"] == "synthetic":
             for key in ("kind", "image_size", "n_train", "n_val", "n_test"):
                 _require(key in data, f"config key 'tasks.{name}.data.{key}': required for synthetic tasks; add it")

@@ -30,7 +30,7 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def prepare(name: str, data: dict, out: Path, raw: Path) -> dict:
+def prepare(name: str, data: dict, out: Path, raw: Path | None) -> dict:
     """Generate or download a task into the prepared format."""
     if data["source"] == "synthetic":
         from vitplasticity.datasets.synthetic import generate

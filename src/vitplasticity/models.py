@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from vitplasticity.components import check_vit, use_linear_head
+from vitplasticity.components import check_vit, has_attention_pool, use_linear_head
 from vitplasticity.errors import UserError
 from vitplasticity.fileio import atomic_path, read_json, sha256_file, write_json
 
@@ -169,8 +169,10 @@ def open_pretrained(source: str, timm_name: str, *, path: str | Path | None = No
     where = f"weights {file} do not fit timm architecture {timm_name} {kwargs}"
     _load_backbone(model, checkpoint_filter_fn(state, model), where,
                    "name the architecture they were trained with (--arch / timm_name) and its kwargs")
-    if head == "linear":
+    if head == "linear" and has_attention_pool(model):
         use_linear_head(model)
+    else:
+        arch["head"] = "native"  # the linear head differs from the native one only for attention-pool models
     mean, std = ((list(IMAGENET_MEAN), list(IMAGENET_STD)) if mean_std == "imagenet"
                  else normalisation(timm_name, pretrained_tag))
     record = {"arch": arch, "img_size": int(model.patch_embed.img_size[0]), "mean": mean, "std": std,

@@ -1,11 +1,13 @@
-# Stage 2: a pretrained checkpoint per model: fetched from the hub (paper) or
-# pretrained here on the synthetic source task (quick study).
+# Stage 2: a pretrained checkpoint per model: fetched from the hub (paper), imported from
+# a local weights file, or pretrained here on the synthetic source task (quick study).
 
-FETCHED = [name for name, model in MODELS.items() if model["source"] == "timm"]
+FETCHED = [name for name, model in MODELS.items() if model["source"] in ("timm", "local")]
 PRETRAINED = [name for name, model in MODELS.items() if model["source"] == "pretrain"]
 
 
 rule fetch_checkpoint:
+    input:
+        get_local_weights,
     output:
         weights="data/checkpoints/{model}.safetensors",
         sidecar="data/checkpoints/{model}.json",

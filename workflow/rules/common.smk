@@ -150,6 +150,12 @@ def get_pretrain_task(wildcards):
     return f"data/prepared/{MODELS[wildcards.model]['pretrain']['task']}"
 
 
+def get_local_weights(wildcards):
+    """A local model's weights file: an input, so that replacing it remakes the checkpoint."""
+    model = MODELS[wildcards.model]
+    return [model["path"]] if model["source"] == "local" else []
+
+
 def get_fetch_settings(wildcards):
     model = MODELS[wildcards.model]
     return json.dumps(dict(model, model=wildcards.model), sort_keys=True)

@@ -2,13 +2,15 @@
 
 A task's config keys (see each source's module for its split rule and official files):
 
-- ``source``: cifar10, cifar100, cifar10c, domainnet, flowers102, oxford_pets, imagenet_val
+- ``source``: cifar10, cifar100, cifar10c, domainnet, flowers102, oxford_pets, imagenet_val,
+  imagefolder (a user's ImageFolder tree, `vitplasticity.datasets.imagefolder`)
 - ``store_size``: images are stored square: shorter side resized to it, then centre-cropped
 - ``split_seed``, ``val_fraction``, ``test_fraction``: the fixed random splits
 - ``corruption``, ``severity`` (cifar10c); ``domain`` (domainnet);
-  ``path``, ``max_images`` (imagenet_val)
+  ``path``, ``max_images`` (imagenet_val); ``path`` (imagefolder)
 - ``max_image_pixels``, ``pixel_range`` (sources read from image files: domainnet, flowers102,
-  oxford_pets, imagenet_val): how images are decoded (`vitplasticity.datasets.images.Decoding`)
+  oxford_pets, imagenet_val, imagefolder): how images are decoded
+  (`vitplasticity.datasets.images.Decoding`)
 - ``url`` and ``checksum`` (``md5:<hex>`` or ``sha256:<hex>``) replace the official URL and
   checksum of a single-file source; ``urls`` and ``checksums`` ({filename: value}) those of
   any source's named files (flowers102: 102flowers.tgz, imagelabels.mat, setid.mat;
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vitplasticity.datasets import cifar, cifar10c, domainnet, flowers, imagenet, pets
+from vitplasticity.datasets import cifar, cifar10c, domainnet, flowers, imagefolder, imagenet, pets
 from vitplasticity.errors import UserError
 
 SOURCES = {
@@ -30,13 +32,16 @@ SOURCES = {
     "flowers102": flowers,
     "oxford_pets": pets,
     "imagenet_val": imagenet,
+    "imagefolder": imagefolder,
 }
+# Sources read from a local path: they need no download folder.
+LOCAL_SOURCES = ("imagenet_val", "imagefolder")
 # The keys that shape the prepared data; they are recorded in its provenance.
 DATA_KEYS = ("source", "store_size", "split_seed", "val_fraction", "test_fraction", "corruption",
              "severity", "domain", "path", "max_images", "max_image_pixels", "pixel_range")
 
 
-def prepare_real(name: str, task: dict, out_dir: Path, raw_dir: Path) -> dict:
+def prepare_real(name: str, task: dict, out_dir: Path, raw_dir: Path | None) -> dict:
     """Prepare task `name` into `out_dir` (published whole, or not at all); returns its meta.
 
     Downloads and unpacked files go to `raw_dir`, which tasks of the same source may share:
@@ -49,5 +54,8 @@ def prepare_real(name: str, task: dict, out_dir: Path, raw_dir: Path) -> dict:
     missing = [key for key in module.REQUIRED if task.get(key) is None]
     if missing:
         raise UserError(f"task {name} ({source}) needs {', '.join(missing)}; set it in the config")
+    if raw_dir is None and source not in LOCAL_SOURCES:
+        raise UserError(f"task {name} ({source}) is downloaded: give a download folder with --raw, e.g. "
+                        f"--raw data/raw/{source}")
     provenance = {"task": name} | {key: task[key] for key in DATA_KEYS if task.get(key) is not None}
-    return module.prepare(task, Path(out_dir), Path(raw_dir), provenance)
+    return module.prepare(task, Path(out_dir), raw_dir and Path(raw_dir), provenance)
