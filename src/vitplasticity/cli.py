@@ -212,9 +212,9 @@ def _recommend(args: argparse.Namespace) -> None:
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     arch_kwargs = json_option("arch-kwargs", args.arch_kwargs)
-    result = run(Request(model=args.model, arch=args.arch, arch_kwargs=arch_kwargs, data=args.data, reference=args.reference, pairs=args.pairs,
-                         modes=modes, head=args.head, batch_size=args.batch_size, device=args.device,
-                         seed=args.seed, out=args.out))
+    result = run(Request(model=args.model, arch=args.arch, arch_kwargs=arch_kwargs, data=args.data,
+                         reference=args.reference, pairs=args.pairs, modes=modes, head=args.head,
+                         batch_size=args.batch_size, device=args.device, seed=args.seed, out=args.out))
     ranking = result["ranking"][["mode", "rank", "label", "mean", "ci95"]]
     print(ranking.to_markdown(index=False, floatfmt=".4g"))
     print("\n" + "\n".join(result["summary"]))

@@ -100,7 +100,8 @@ def open_model(spec: str, arch: str | None, head: str, arch_kwargs: dict | None 
             create = _create_call(record["arch"]["timm_name"], kwargs, file=path)
             entry = {"source": "local", "path": str(path), "timm_name": record["arch"]["timm_name"],
                      "img_size": record["img_size"], "kwargs": kwargs}
-            return Model(model.eval(), record, path.name, create, entry | {"head": record["arch"].get("head", "native")})
+            entry["head"] = record["arch"].get("head", "native")
+            return Model(model.eval(), record, path.name, create, entry)
         if arch is None:
             raise UserError(f"{path} is a weights file: name its timm architecture with --arch, "
                             "e.g. --arch vit_base_patch16_224 (a tag such as .augreg_in21k picks its normalisation)")
@@ -110,7 +111,8 @@ def open_model(spec: str, arch: str | None, head: str, arch_kwargs: dict | None 
                                                kwargs=kwargs, mean_std="timm")
         entry = {"source": "local", "path": str(path), "timm_name": timm_name, "img_size": record["img_size"]}
         entry |= {"kwargs": kwargs} if kwargs else {}
-        return Model(model, record, path.name, _create_call(timm_name, kwargs, file=path), entry | {"head": record["arch"]["head"]})
+        entry["head"] = record["arch"]["head"]
+        return Model(model, record, path.name, _create_call(timm_name, kwargs, file=path), entry)
     if path.suffix in models.WEIGHT_SUFFIXES or os.sep in spec:
         raise UserError(f"weights file {path} does not exist; check the path given to --model")
     if arch is not None:
@@ -278,7 +280,8 @@ def run(request: Request) -> dict:
         first, second = within_pairs(len(data), request.pairs, rng)
         first_files, first_name = data, "images"
     else:
-        first, second = stream_indices(len(reference), request.pairs, rng), stream_indices(len(data), request.pairs, rng)
+        first = stream_indices(len(reference), request.pairs, rng)
+        second = stream_indices(len(data), request.pairs, rng)
         first_files, first_name = reference, "reference images"
     # Read each image once, then index: pairs may reuse images.
     if reference is None:

@@ -73,7 +73,7 @@ def prepare(task: dict, out_dir: Path, raw_dir: Path, provenance: dict) -> dict:
             rows["train"], rows["test"] = holdout(rows["train"], task.get("test_fraction", 0.2), seed)
         if "val" not in given:
             rows["train"], rows["val"] = holdout(rows["train"], task.get("val_fraction", 0.2), seed)
-        parts = {split: (datasets[split], np.arange(len(datasets[split]))) if split in given
+        parts = {split: (datasets[split], np.arange(len(datasets[split]))) if split in given and split != "train"
                  else (base, rows[split]) for split in SPLITS}
         empty = [split for split, (_, r) in parts.items() if len(r) == 0]
         if empty:

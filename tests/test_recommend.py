@@ -1,0 +1,239 @@
+"""`vitplasticity recommend` end to end, the imagefolder task source and the local model source."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+from conftest import ROOT, planned_jobs, snakemake
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from vitplasticity import cli, components
+from vitplasticity.datasets.real import prepare_real
+from vitplasticity.fileio import sha256_file
+from vitplasticity.hub import fetch_pretrained
+from vitplasticity.models import load_checkpoint
+from vitplasticity.prepared import load_split, read_meta
+from vitplasticity.recommend import within_pairs
+
+TINY = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
+# Shrunk members of each family: timm name, keyword arguments.
+FAMILIES = {
+    "dinov2": ("vit_small_patch14_reg4_dinov2", {"img_size": 28, "depth": 2, "embed_dim": 32, "num_heads": 2}),
+    "deit3": ("deit3_small_patch16_224", {"img_size": 32, "depth": 2, "embed_dim": 32, "num_heads": 2}),
+    "siglip": ("vit_base_patch16_siglip_224", {"img_size": 32, "depth": 2, "embed_dim": 32, "num_heads": 2}),
+    "clip": ("vit_base_patch16_clip_224", {"img_size": 32, "depth": 2, "embed_dim": 32, "num_heads": 2}),
+}
+# The finetuning jobs of the config `recommend` writes: 8 arms × 3 learning rates × 2 seeds.
+SNIPPET_JOBS = {"prepare_dataset": 2, "fetch_checkpoint": 1, "measure_plasticity": 1, "compute_bounds": 1,
+                "finetune": 48, "linear_probe": 1, "aggregate": 1, "figures": 1, "make_tracking_store": 1, "all": 1}
+
+
+def _image_folder(root: Path, classes=("cat", "dog", "fox"), per_class=6, seed=0) -> Path:
+    """Class sub-folders of random images of assorted sizes."""
+    rng = np.random.default_rng(seed)
+    for label in classes:
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (30 + 3 * i, 44, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / label / f"{i}.png")
+    return root
+
+
+def _weights(path: Path, name: str, kwargs: dict, num_classes: int = 10) -> Path:
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def _recommend(capsys, *args: str) -> tuple[int, str, str]:
+    code = cli.main(["recommend", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _code_block(report: str, language: str, index: int = 0) -> str:
+    return re.findall(rf"```{language}\n(.*?)```", report, flags=re.S)[index]
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    """One recommend run on a tiny ViT's weights file and a generated image folder, no reference."""
+    root = tmp_path_factory.mktemp("recommend")
+    data = _image_folder(root / "my_images")
+    weights = _weights(root / "tiny.safetensors", "vit_tiny_patch16_224", TINY)
+    out = root / "report"
+    code = cli.main(["recommend", "--model", str(weights), "--arch", "vit_tiny_patch16_224", "--arch-kwargs",
+                     json.dumps(TINY), "--data", str(data), "--pairs", "40", "--batch-size", "16",
+                     "--modes", "embedding,hidden", "--out", str(out)])
+    assert code == 0
+    return root, out
+
+
+def test_recommend_report_ranks_every_component_in_both_modes(tiny_report):
+    _, out = tiny_report
+    ranking = pd.read_csv(out / "ranking.csv").to_dict("records")
+    for mode in ("embedding", "hidden"):
+        rows = [r for r in ranking if r["mode"] == mode]
+        assert sorted(r["component"] for r in rows) == sorted(components.BLOCK_COMPONENTS)
+        assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
+        assert all(r["layer_min"] <= r["mean"] <= r["layer_max"] and r["ci95"] >= 0 for r in rows)
+    per_layer = pd.read_csv(out / "plasticity_per_layer.csv")
+    assert len(per_layer) == 2 * 5 * 2 and set(per_layer["n"]) == {40}  # modes × components × layers
+    tokens = json.loads((out / "token_norms.json").read_text())
+    assert tokens["pairs"] == 40 and tokens["num_tokens"] == 17 and tokens["embed_dim"] == 32
+    assert (out / "plasticity_vs_depth.png").stat().st_size > 0
+    report = (out / "report.md").read_text()
+    assert "No --reference was given, so each pair is two different images of your folder" in report
+
+
+def test_recommend_never_pairs_an_image_with_itself(tiny_report):
+    _, out = tiny_report
+    pairs = (out / "pairs.csv").read_text().splitlines()[1:]
+    assert len(pairs) == 40
+    assert all(first != second for first, second in (line.split(",") for line in pairs))
+    first, second = within_pairs(5, 23, np.random.default_rng(1))
+    assert len(first) == 23 and not np.any(first == second)
+    assert sorted(first[:5]) == [0, 1, 2, 3, 4]  # each round uses every image once
+
+
+def test_freeze_list_trains_exactly_the_named_parameters(tiny_report):
+    _, out = tiny_report
+    report = (out / "report.md").read_text()
+    names = (out / "trainable_parameters.txt").read_text().split()
+    top = pd.read_csv(out / "ranking.csv").iloc[0]["component"]
+    namespace = {"NUM_CLASSES": 3}
+    exec(_code_block(report, "python"), namespace)  # the 5-line snippet as the report prints it
+    model = namespace["model"]
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained == names
+    assert set(trained) == set(components.parameters_of(model, [top, "head"]))
+    assert model.head.out_features == 3
+
+
+def test_lora_config_applies_to_the_timm_model(tiny_report):
+    from peft import LoraConfig, get_peft_model
+
+    _, out = tiny_report
+    config = LoraConfig.from_pretrained(str(out / "lora"))
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=3, **TINY)
+    peft_model = get_peft_model(model, config)
+    trained = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    targets = re.compile(config.target_modules)
+    adapted = {n.split(".lora_A")[0].removeprefix("base_model.model.") for n in trained if ".lora_A." in n}
+    assert adapted and all(targets.fullmatch(name) for name in adapted)
+    assert len(adapted) == 2 * (2 if "qkv" in config.target_modules else 1)  # every block
+    assert any(n.endswith("head.modules_to_save.default.weight") for n in trained)
+    assert peft_model(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_workflow_config_of_the_report_plans_every_arm(tiny_report, tmp_path):
+    _, out = tiny_report
+    result = snakemake(tmp_path, "-n", "--quiet", "rules", config=out / "workflow_config.yaml")
+    assert planned_jobs(result.stdout + result.stderr) == SNIPPET_JOBS
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_recommend_on_each_family(family, tmp_path, capsys):
+    name, kwargs = FAMILIES[family]
+    weights = _weights(tmp_path / f"{family}.safetensors", name, kwargs)
+    reference = _image_folder(tmp_path / "reference", classes=("a",), per_class=4, seed=1)
+    data = _image_folder(tmp_path / "data", classes=("x", "y"), per_class=3)
+    code, stdout, stderr = _recommend(capsys, "--model", str(weights), "--arch", name, "--arch-kwargs",
+                                      json.dumps(kwargs), "--data", str(data), "--reference", str(reference),
+                                      "--pairs", "10", "--out", str(tmp_path / "report"))
+    assert code == 0, stderr
+    assert "report:" in stdout
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "No --reference" not in report
+    pairs = (tmp_path / "report" / "pairs.csv").read_text().splitlines()
+    assert len(pairs) == 11 and all(line.split(",")[0].startswith("a/") for line in pairs[1:])
+    head = re.search(r"- head \((.*)", report).group(1)
+    if family == "siglip":
+        assert head.startswith("linear: the attention pool replaced by mean pooling + linear")
+        assert "avg-pooled patch tokens" in head
+    else:
+        assert "the class token" in head
+    if family == "clip":
+        assert "norm_pre, a LayerNorm applied to E before block 0 (CLIP): it is part of E" in report
+    if family == "dinov2":
+        assert "(14 px patches), class token, 4 register tokens" in report
+    namespace = {"NUM_CLASSES": 2}
+    exec(_code_block(report, "python"), namespace)
+    trained = [n for n, p in namespace["model"].named_parameters() if p.requires_grad]
+    assert trained == (tmp_path / "report" / "trainable_parameters.txt").read_text().split()
+    assert not any(n.startswith("attn_pool.") for n in namespace["model"].state_dict())
+
+
+def test_a_model_the_map_does_not_cover_is_one_line(tmp_path, capsys):
+    weights = _weights(tmp_path / "relpos.safetensors", "vit_relpos_small_patch16_224",
+                       {"img_size": 32, "depth": 1, "embed_dim": 32, "num_heads": 2})
+    data = _image_folder(tmp_path / "data", classes=("x",), per_class=2)
+    code, _, stderr = _recommend(capsys, "--model", str(weights), "--arch", "vit_relpos_small_patch16_224",
+                                 "--data", str(data), "--out", str(tmp_path / "report"))
+    assert code == 2
+    assert stderr == (
+        "vitplasticity recommend: error: vit_relpos_small_patch16_224 is a VisionTransformerRelPos, not a timm "
+        "VisionTransformer; the component map covers timm 'vit_*' and 'deit*' models (ViT, AugReg, DeiT/DeiT3, "
+        "DINOv2, CLIP, SigLIP); choose one of those\n")
+    assert not (tmp_path / "report").exists()
+
+
+def test_weights_file_without_arch_is_one_line(tmp_path, capsys):
+    weights = _weights(tmp_path / "w.safetensors", "vit_tiny_patch16_224", TINY)
+    data = _image_folder(tmp_path / "data", classes=("x",), per_class=2)
+    code, _, stderr = _recommend(capsys, "--model", str(weights), "--data", str(data), "--out", str(tmp_path / "r"))
+    assert code == 2
+    assert stderr == (f"vitplasticity recommend: error: {weights} is a weights file: name its timm architecture "
+                      "with --arch, e.g. --arch vit_base_patch16_224 (a tag such as .augreg_in21k picks its "
+                      "normalisation)\n")
+
+
+def test_imagefolder_keeps_given_splits_and_splits_the_rest(tmp_path):
+    root = tmp_path / "images"
+    _image_folder(root / "train", per_class=10)
+    _image_folder(root / "test", classes=("dog", "fox"), per_class=2, seed=3)
+    task = {"source": "imagefolder", "path": str(root), "store_size": 16, "split_seed": 42, "val_fraction": 0.2}
+    meta = prepare_real("mine", task, tmp_path / "prepared", None)
+    assert meta["classes"] == ["cat", "dog", "fox"]
+    assert meta["splits"] == {"train": 24, "val": 6, "test": 4}  # val held out of train/, test/ kept
+    test = load_split(tmp_path / "prepared", "test")
+    assert test.labels.tolist() == [1, 1, 2, 2]  # test/ has no cat: labels follow train/'s classes
+    again = prepare_real("mine", task, tmp_path / "again", None)
+    assert again["checksums"] == meta["checksums"]  # the same seed gives the same split
+
+
+def test_imagefolder_without_split_folders_is_split_by_seed(tmp_path):
+    root = _image_folder(tmp_path / "images", per_class=10)
+    task = {"source": "imagefolder", "path": str(root), "store_size": 16, "split_seed": 7}
+    meta = prepare_real("mine", task, tmp_path / "prepared", None)
+    assert meta["splits"] == {"train": 19, "val": 5, "test": 6}  # 30 → 6 test, then 24 → 5 val
+    assert read_meta(tmp_path / "prepared")["provenance"]["split_folders"] == []
+
+
+def test_own_data_example_config_plans_its_jobs(tmp_path):
+    _image_folder(tmp_path / "my_images")
+    result = snakemake(tmp_path, "-n", "--quiet", "rules", config=ROOT / "config" / "own_data.yaml")
+    assert planned_jobs(result.stdout + result.stderr) == SNIPPET_JOBS
+
+
+def test_local_model_source_records_the_file_sha256(tmp_path):
+    weights = _weights(tmp_path / "mine.safetensors", "vit_tiny_patch16_224", TINY)
+    settings = {"source": "local", "path": str(weights), "timm_name": "vit_tiny_patch16_224", "kwargs": TINY,
+                "img_size": 32}
+    record = fetch_pretrained(settings, tmp_path / "ckpt" / "mine.safetensors")
+    assert record["provenance"]["sha256"] == sha256_file(weights)
+    assert record["provenance"]["kind"] == "local" and record["provenance"]["pretrained_num_classes"] == 10
+    model, _ = load_checkpoint(tmp_path / "ckpt" / "mine.safetensors", num_classes=4)
+    original = timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY)
+    original.load_state_dict(load_file(str(weights)))
+    assert torch.equal(model.blocks[1].mlp.fc2.weight, original.blocks[1].mlp.fc2.weight)
