@@ -24,8 +24,21 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
 
 
+class _Subcommands(argparse._SubParsersAction):
+    """Subcommands whose --help ends with their --settings keys, generated from the config schema."""
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        from vitplasticity.settings import help_text
+
+        epilog = help_text(name)
+        if epilog:
+            kwargs.update(epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+        return super().add_parser(name, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitplasticity", description=__doc__)
+    parser.register("action", "parsers", _Subcommands)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="generate or download a task into the prepared format")
@@ -166,7 +179,9 @@ def run(args: argparse.Namespace) -> None:
     if args.command == "recommend":
         _recommend(args)
         return
-    settings = json_option("settings", getattr(args, "settings", "{}"))
+    from vitplasticity.settings import check
+
+    settings = check(args.command, json_option("settings", getattr(args, "settings", "{}")))
     runtime = json_option("runtime", getattr(args, "runtime", "{}"))
     track = json_option("tracking", getattr(args, "tracking", '{"enabled": false}'))
     check_outputs(args)

@@ -1,0 +1,129 @@
+"""What each command's ``--settings`` JSON holds, read from the study-config schema.
+
+The workflow builds a job's settings from sections of the study config plus the keys that
+name the job (model, task, arm...). `KEYS` says, per command, where each key comes from:
+a dotted schema path (``*`` = any entry of a mapping; an empty key merges the properties
+of that section), or, for a key the workflow adds, its description. `help_text` documents
+every key with its type and default; `check` fills the schema's defaults and refuses a
+missing, unknown or ill-typed key in one line, before any work.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from vitplasticity.errors import UserError
+
+SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+_MODEL = "the model's name (a key of models)"
+_TASK = "the task's name (a key of tasks)"
+KEYS: dict[str, dict[str, str]] = {
+    "prepare": {"name": _TASK, "data": "tasks.*.data"},
+    "pretrain": {"model": _MODEL, "": "models.*.pretrain", "timm_name": "models.*.timm_name",
+                 "kwargs": "models.*.kwargs", "img_size": "models.*.img_size", "clip_norm": "finetune.clip_norm",
+                 "betas": "finetune.betas"},
+    "fetch": {"model": _MODEL, "": "models.*"},
+    "plasticity": {"model": _MODEL, "task": _TASK, "": "plasticity"},
+    "finetune": {"model": _MODEL, "task": _TASK, "arm": "the arm's name (a key of arms)",
+                 "components": "arms.*", "lr": "the learning rate (one of the task's lrs, times lr_scale)",
+                 "seed": "the replicate seed (one of finetune.seeds)", "optimizer": "experiments.*.optimizer",
+                 "steps": "tasks.*.steps", "eval_every": "tasks.*.eval_every", "": "finetune"},
+    "probe": {"model": _MODEL, "task": _TASK, "": "probe"},
+    "aggregate": {"experiment": "the experiment's name (a key of experiments)", "": "experiments.*",
+                  "arms": "the experiment's arms: {arm name: its components} (from arms)"},
+}
+# Config keys the workflow keeps out of a job's settings (one job = one seed).
+_DROPPED = {"finetune": ("seeds",)}
+
+
+@cache
+def _schema() -> dict | None:
+    return yaml.safe_load(SCHEMA.read_text()) if SCHEMA.exists() else None
+
+
+def _node(path: str) -> dict:
+    node = _schema()
+    for part in path.split("."):
+        node = node["additionalProperties"] if part == "*" else node["properties"][part]
+    return node
+
+
+def _is_path(source: str) -> bool:
+    return " " not in source
+
+
+def fields(command: str) -> dict[str, tuple[dict, bool]]:
+    """{key: (schema node, required)} of a command's settings; a job key gets a node of its description."""
+    out: dict[str, tuple[dict, bool]] = {}
+    for key, source in KEYS[command].items():
+        if not _is_path(source):
+            out[key] = ({"description": source}, True)
+        elif key:
+            node = _node(source)
+            out[key] = (node, "default" not in node)
+        else:
+            section = _node(source)
+            required = set(section.get("required", ()))
+            for name, node in section.get("properties", {}).items():
+                if name not in _DROPPED.get(command, ()):
+                    out[name] = (node, name in required and "default" not in node)
+    return out
+
+
+def _type(node: dict) -> str:
+    if "enum" in node:
+        return " | ".join(map(str, node["enum"]))
+    kind = node.get("type", "any")
+    return " or ".join(kind) if isinstance(kind, list) else kind
+
+
+def _line(key: str, node: dict, required: bool) -> str:
+    default = "required" if required else f"default {node['default']!r}" if "default" in node else "optional"
+    kind = "" if node.get("description") and "type" not in node and "enum" not in node else f"{_type(node)}, "
+    return f"  {key} ({kind}{default}): {' '.join(str(node.get('description', '')).split())}"
+
+
+def help_text(command: str) -> str:
+    """The settings keys of `command`, one a line, with type, default and description."""
+    if command not in KEYS or _schema() is None:
+        return ""
+    lines = [f"--settings keys (JSON object; the workflow builds it from {SCHEMA.parent.name}/{SCHEMA.name}):"]
+    for key, (node, required) in fields(command).items():
+        lines.append(_line(key, node, required))
+        if node.get("type") == "object" and "properties" in node:
+            required = set(node.get("required", ()))
+            for name, sub in node["properties"].items():
+                lines.append("  " + _line(f"{key}.{name}", sub, name in required))
+    return "\n".join(lines)
+
+
+def check(command: str, settings: dict) -> dict:
+    """`settings` with the schema's defaults filled in; one-line `UserError` for a missing, unknown
+    or ill-typed key."""
+    if command not in KEYS or _schema() is None:
+        return settings
+    known = fields(command)
+    where = f"--settings of `vitplasticity {command}`"
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(known)}")
+    missing = [key for key, (_, required) in known.items() if required and key not in settings]
+    if missing:
+        raise UserError(f"{where} lacks {', '.join(map(repr, missing))}; add them (see vitplasticity {command} --help)")
+    filled = dict(settings)
+    for key, (node, _) in known.items():
+        if key not in filled and "default" in node:
+            filled[key] = node["default"]
+        if key in filled and "description" in node and len(node) > 1:
+            error = next(iter(jsonschema.Draft202012Validator(node).iter_errors(filled[key])), None)
+            if error is not None:
+                raise UserError(f"{where}: key '{key}': {error.message}; see vitplasticity {command} --help")
+        if isinstance(filled.get(key), dict) and "properties" in node:
+            defaults = {k: sub["default"] for k, sub in node["properties"].items() if "default" in sub}
+            filled[key] = defaults | filled[key]
+    return filled

@@ -1,0 +1,58 @@
+"""Each command's --settings: documented from the config schema, checked in one line."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vitplasticity import cli, settings
+from vitplasticity.errors import UserError
+
+
+@pytest.mark.parametrize("command", sorted(settings.KEYS))
+def test_help_lists_every_settings_key_with_type_and_default(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = capsys.readouterr().out
+    for key in settings.fields(command):
+        assert f"\n  {key} (" in text
+
+
+def test_help_line_comes_from_the_schema():
+    text = settings.help_text("plasticity")
+    assert "  n_pairs (integer, required): Image pairs per (model, task)." in text.splitlines()
+    assert "  batch_size (integer, default 64): Pairs per batch." in text.splitlines()
+    assert "    data.split_seed (integer, default 42): Seed of the fixed random splits." in (
+        settings.help_text("prepare").splitlines())
+
+
+def test_defaults_are_filled_and_bad_keys_are_one_line():
+    filled = settings.check("plasticity", {"model": "m", "task": "t", "reference_task": "r", "n_pairs": 10})
+    assert filled["batch_size"] == 64 and filled["modes"] == ["embedding"]
+    assert settings.check("prepare", {"name": "x", "data": {"source": "imagefolder"}})["data"]["split_seed"] == 42
+    with pytest.raises(UserError) as missing:
+        settings.check("probe", {"model": "m"})
+    assert str(missing.value) == ("--settings of `vitplasticity probe` lacks 'task'; add them "
+                                  "(see vitplasticity probe --help)")
+    with pytest.raises(UserError) as unknown:
+        settings.check("probe", {"model": "m", "task": "t", "maxiter": 3})
+    assert str(unknown.value) == ("--settings of `vitplasticity probe`: unknown key(s) 'maxiter'; "
+                                  "allowed: model, task, max_iter")
+
+
+def test_prepare_of_an_image_folder_needs_no_raw_folder_nor_seed(tmp_path):
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(5):
+            pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / label / f"{i}.png")
+    task = {"name": "mine", "data": {"source": "imagefolder", "path": str(tmp_path / "images"), "store_size": 16}}
+    result = subprocess.run([sys.executable, "-m", "vitplasticity.cli", "prepare", "--settings", json.dumps(task),
+                             "--out", str(tmp_path / "prepared")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((tmp_path / "prepared" / "meta.json").read_text())
+    assert meta["splits"] == {"train": 6, "val": 2, "test": 2} and meta["provenance"]["split_seed"] == 42
