@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,7 @@ import pandas as pd
 import pytest
 import timm
 import torch
+import yaml
 from conftest import ROOT, planned_jobs, snakemake
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -237,3 +241,23 @@ def test_local_model_source_records_the_file_sha256(tmp_path):
     original = timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY)
     original.load_state_dict(load_file(str(weights)))
     assert torch.equal(model.blocks[1].mlp.fc2.weight, original.blocks[1].mlp.fc2.weight)
+
+
+def test_recommend_takes_a_timm_name_from_the_hub_cache(tmp_path):
+    name, tag, commit = "vit_tiny_patch16_224", "augreg_in21k", "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "hub" / f"models--timm--{name}.{tag}" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(commit)
+    _weights(snapshot / "model.safetensors", name, {}, num_classes=21843)
+    data = _image_folder(tmp_path / "data", classes=("x",), per_class=3)
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+    result = subprocess.run([sys.executable, "-m", "vitplasticity.cli", "recommend", "--model", f"{name}.{tag}",
+                             "--data", str(data), "--pairs", "4", "--out", str(tmp_path / "report")],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load((tmp_path / "report" / "workflow_config.yaml").read_text())
+    assert config["models"]["model"] == {"source": "timm", "timm_name": name, "pretrained_tag": tag,
+                                         "img_size": 224, "head": "native"}
+    assert f'timm.create_model("{name}.{tag}", pretrained=True, num_classes=NUM_CLASSES)' in (
+        tmp_path / "report" / "report.md").read_text()

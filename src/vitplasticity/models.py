@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from vitplasticity.components import check_vit, has_attention_pool, use_linear_head
+from vitplasticity.components import check_vit, count_by_component, has_attention_pool, use_linear_head
 from vitplasticity.errors import UserError
 from vitplasticity.fileio import atomic_path, read_json, sha256_file, write_json
 
@@ -170,6 +170,7 @@ def open_pretrained(source: str, timm_name: str, *, path: str | Path | None = No
     _load_backbone(model, checkpoint_filter_fn(state, model), where,
                    "name the architecture they were trained with (--arch / timm_name) and its kwargs")
     if head == "linear" and has_attention_pool(model):
+        provenance = provenance | {"native_head_params": count_by_component(model)["head"]}
         use_linear_head(model)
     else:
         arch["head"] = "native"  # the linear head differs from the native one only for attention-pool models

@@ -326,8 +326,11 @@ def write_report(request: Request, model: Model, data: ImageFiles, first_files: 
                f'names = set(open("{request.out / "trainable_parameters.txt"}").read().split())\n'
                "for name, parameter in model.named_parameters():\n    parameter.requires_grad_(name in names)\n")
     config = workflow_config(model, Path(request.data), request.reference, request.pairs)
-    head_kind = ("linear: the attention pool replaced by mean pooling + linear" if
-                 model.record["arch"].get("head") == "linear" else "as the architecture defines it")
+    head_kind = "as the architecture defines it"
+    if model.record["arch"].get("head") == "linear":
+        native = model.record["provenance"].get("native_head_params")
+        head_kind = ("linear: the attention pool replaced by mean pooling + linear"
+                     + (f"; the native attention-pool head would train {native:,} parameters" if native else ""))
     pair_kind = "two different images of --data" if within else "a --reference image and a --data image"
     shown_rank = ranking[["mode", "rank", "label", "mean", "ci95", "layer_min", "layer_max", "theoretical_rank"]]
     report = [
