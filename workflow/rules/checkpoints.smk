@@ -1,7 +1,9 @@
 # Stage 2: a pretrained checkpoint per model: fetched from the hub (paper), imported from
 # a local weights file, or pretrained here on the synthetic source task (quick study).
 
-FETCHED = [name for name, model in MODELS.items() if model["source"] in ("timm", "local")]
+FETCHED = [
+    name for name, model in MODELS.items() if model["source"] in ("timm", "local")
+]
 PRETRAINED = [name for name, model in MODELS.items() if model["source"] == "pretrain"]
 
 
