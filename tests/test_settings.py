@@ -33,10 +33,6 @@ def test_defaults_are_filled_and_bad_keys_are_one_line():
     filled = settings.check("plasticity", {"model": "m", "task": "t", "reference_task": "r", "n_pairs": 10})
     assert filled["batch_size"] == 64 and filled["modes"] == ["embedding"]
     assert settings.check("prepare", {"name": "x", "data": {"source": "imagefolder"}})["data"]["split_seed"] == 42
-    with pytest.raises(UserError) as missing:
-        settings.check("probe", {"model": "m"})
-    assert str(missing.value) == ("--settings of `vitplasticity probe` lacks 'task'; add them "
-                                  "(see vitplasticity probe --help)")
     with pytest.raises(UserError) as unknown:
         settings.check("probe", {"model": "m", "task": "t", "maxiter": 3})
     assert str(unknown.value) == ("--settings of `vitplasticity probe`: unknown key(s) 'maxiter'; "
@@ -56,3 +52,11 @@ def test_prepare_of_an_image_folder_needs_no_raw_folder_nor_seed(tmp_path):
     assert result.returncode == 0, result.stderr
     meta = json.loads((tmp_path / "prepared" / "meta.json").read_text())
     assert meta["splits"] == {"train": 6, "val": 2, "test": 2} and meta["provenance"]["split_seed"] == 42
+
+
+def test_a_missing_key_is_one_line_naming_it(tmp_path, capsys):
+    code = cli.main(["prepare", "--settings", '{"name": "x"}', "--out", str(tmp_path / "prepared")])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        "vitplasticity prepare: error: --settings of `vitplasticity prepare` lacks 'data' (Where the task's "
+        "images come from and how they are split); add it (see vitplasticity prepare --help)\n")

@@ -179,9 +179,19 @@ def run(args: argparse.Namespace) -> None:
     if args.command == "recommend":
         _recommend(args)
         return
-    from vitplasticity.settings import check
+    from vitplasticity.settings import check, missing
 
     settings = check(args.command, json_option("settings", getattr(args, "settings", "{}")))
+    try:
+        _dispatch(args, settings)
+    except KeyError as exc:
+        error = missing(args.command, settings, exc)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def _dispatch(args: argparse.Namespace, settings: dict) -> None:
     runtime = json_option("runtime", getattr(args, "runtime", "{}"))
     track = json_option("tracking", getattr(args, "tracking", '{"enabled": false}'))
     check_outputs(args)

@@ -4,8 +4,9 @@ The workflow builds a job's settings from sections of the study config plus the 
 name the job (model, task, arm...). `KEYS` says, per command, where each key comes from:
 a dotted schema path (``*`` = any entry of a mapping; an empty key merges the properties
 of that section), or, for a key the workflow adds, its description. `help_text` documents
-every key with its type and default; `check` fills the schema's defaults and refuses a
-missing, unknown or ill-typed key in one line, before any work.
+every key with its type and default; `check` fills the schema's defaults and refuses an
+unknown or ill-typed key in one line, before any work; `missing` turns the KeyError of a key
+a command reads but was not given into one line.
 """
 
 from __future__ import annotations
@@ -103,8 +104,8 @@ def help_text(command: str) -> str:
 
 
 def check(command: str, settings: dict) -> dict:
-    """`settings` with the schema's defaults filled in; one-line `UserError` for a missing, unknown
-    or ill-typed key."""
+    """`settings` with the schema's defaults filled in; one-line `UserError` for an unknown or
+    ill-typed key (a missing one is named by `missing` when the command reads it)."""
     if command not in KEYS or _schema() is None:
         return settings
     known = fields(command)
@@ -112,9 +113,6 @@ def check(command: str, settings: dict) -> dict:
     unknown = sorted(set(settings) - set(known))
     if unknown:
         raise UserError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(known)}")
-    missing = [key for key, (_, required) in known.items() if required and key not in settings]
-    if missing:
-        raise UserError(f"{where} lacks {', '.join(map(repr, missing))}; add them (see vitplasticity {command} --help)")
     filled = dict(settings)
     for key, (node, _) in known.items():
         if key not in filled and "default" in node:
@@ -127,3 +125,14 @@ def check(command: str, settings: dict) -> dict:
             defaults = {k: sub["default"] for k, sub in node["properties"].items() if "default" in sub}
             filled[key] = defaults | filled[key]
     return filled
+
+
+def missing(command: str, settings: dict, error: KeyError) -> UserError | None:
+    """The one-line error for a settings key `command` read but was not given; None if `error` is another."""
+    key = error.args[0] if error.args else None
+    if command not in KEYS or _schema() is None or key in settings or key not in fields(command):
+        return None
+    node, _ = fields(command)[key]
+    about = " ".join(str(node.get("description", "")).split()).rstrip(".")
+    return UserError(f"--settings of `vitplasticity {command}` lacks '{key}' ({about}); "
+                     f"add it (see vitplasticity {command} --help)")
