@@ -5,7 +5,7 @@ name the job (model, task, arm...). `KEYS` says, per command, where each key com
 a dotted schema path (``*`` = any entry of a mapping; an empty key merges the properties
 of that section), or, for a key the workflow adds, its description. `help_text` documents
 every key with its type and default; `check` fills the schema's defaults and refuses an
-unknown or ill-typed key in one line, before any work; `missing` turns the KeyError of a key
+unknown key in one line, before any work (values are checked by the command itself); `missing` turns the KeyError of a key
 a command reads but was not given into one line.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-import jsonschema
 import yaml
 
 from vitplasticity.errors import UserError
@@ -104,8 +103,8 @@ def help_text(command: str) -> str:
 
 
 def check(command: str, settings: dict) -> dict:
-    """`settings` with the schema's defaults filled in; one-line `UserError` for an unknown or
-    ill-typed key (a missing one is named by `missing` when the command reads it)."""
+    """`settings` with the schema's defaults filled in; one-line `UserError` for an unknown key
+    (a missing one is named by `missing` when the command reads it)."""
     if command not in KEYS or _schema() is None:
         return settings
     known = fields(command)
@@ -117,10 +116,6 @@ def check(command: str, settings: dict) -> dict:
     for key, (node, _) in known.items():
         if key not in filled and "default" in node:
             filled[key] = node["default"]
-        if key in filled and "description" in node and len(node) > 1:
-            error = next(iter(jsonschema.Draft202012Validator(node).iter_errors(filled[key])), None)
-            if error is not None:
-                raise UserError(f"{where}: key '{key}': {error.message}; see vitplasticity {command} --help")
         if isinstance(filled.get(key), dict) and "properties" in node:
             defaults = {k: sub["default"] for k, sub in node["properties"].items() if "default" in sub}
             filled[key] = defaults | filled[key]
