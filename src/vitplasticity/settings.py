@@ -5,8 +5,8 @@ name the job (model, task, arm...). `KEYS` says, per command, where each key com
 a dotted schema path (``*`` = any entry of a mapping; an empty key merges the properties
 of that section), or, for a key the workflow adds, its description. `help_text` documents
 every key with its type and default; `check` fills the schema's defaults and refuses an
-unknown key in one line, before any work (values are checked by the command itself); `missing` turns the KeyError of a key
-a command reads but was not given into one line.
+unknown key in one line, before any work (values are checked by the command itself);
+`missing` turns the KeyError of a key a command reads but was not given into one line.
 """
 
 from __future__ import annotations
