@@ -66,7 +66,8 @@ MALFORMED = {
     "img_size not divisible by patch": (QUICK, "models/vit_quick/img_size", 36, [
         "config key 'models.vit_quick.img_size': 36 is not divisible by the patch size 8; choose a multiple of 8"]),
     "unknown data source": (QUICK, "tasks/shapes/data/source", "mnist", [
-        "config key 'tasks.shapes.data.source': 'mnist' is not allowed; allowed values: synthetic, cifar10"]),
+        "config key 'tasks.shapes.data.source': 'mnist' is not allowed; allowed values: synthetic, imagefolder, "
+        "cifar10"]),
     "unknown synthetic kind": (QUICK, "tasks/shapes/data/kind", "photo", [
         "config key 'tasks.shapes.data.kind': 'photo' is not allowed; allowed values: source, novel, corrupt, sketch"]),
     "synthetic task missing a size": (QUICK, "tasks/shapes/data/n_train", DELETE, [
@@ -93,7 +94,7 @@ MALFORMED = {
     "zero lr": (QUICK, "tasks/shapes_novel/lrs", [0.01, 0], [
         "config key 'tasks.shapes_novel.lrs.1': 0 is less than or equal to the minimum of 0"]),
     "unknown model source": (QUICK, "models/vit_quick/source", "hub", [
-        "config key 'models.vit_quick.source': 'hub' is not allowed; allowed values: timm, pretrain"]),
+        "config key 'models.vit_quick.source': 'hub' is not allowed; allowed values: timm, local, pretrain"]),
     "missing required section": (QUICK, "finetune", DELETE, [
         "config key '<top level>': 'finetune' is a required property"]),
     "unknown optimizer": (PAPER, "experiments/adamw/optimizer", "adam", [

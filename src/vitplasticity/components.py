@@ -124,8 +124,8 @@ def check_vit(model: torch.nn.Module, name: str | None = None) -> VisionTransfor
     for i, block in enumerate(model.blocks):
         if type(block) is not Block or type(block.mlp) not in MLPS:
             raise UserError(
-                f"{name}: block {i} is a {type(block).__name__} ({type(block.mlp).__name__} MLP); the "
-                f"component map covers pre-norm timm Blocks with a {', '.join(m.__name__ for m in MLPS)} MLP"
+                f"block {i} is a {type(block).__name__} ({type(block.mlp).__name__} MLP); only "
+                f"pre-norm timm Blocks with a {', '.join(m.__name__ for m in MLPS)} MLP are supported"
             )
     unmapped = [n for n, _ in model.named_parameters() if not any(p.fullmatch(n) for _, p in _COMPILED)]
     if unmapped:

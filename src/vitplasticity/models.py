@@ -162,18 +162,19 @@ def open_pretrained(source: str, timm_name: str, *, path: str | Path | None = No
         raise UserError(f"cannot read weights {file} ({type(exc).__name__}: {exc}); "
                         "give a .safetensors file or a torch.save'd state dict") from exc
     classes = int(state["head.weight"].shape[0]) if "head.weight" in state else 0
-    arch = {"timm_name": timm_name, "kwargs": kwargs, "head": head}
-    model = build(arch | {"head": "native"}, num_classes=classes)
+    arch = {"timm_name": timm_name, "kwargs": kwargs}
+    model = build(arch, num_classes=classes)
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     where = f"weights {file} do not fit timm architecture {timm_name} {kwargs}"
     _load_backbone(model, checkpoint_filter_fn(state, model), where,
                    "name the architecture they were trained with (--arch / timm_name) and its kwargs")
+    # The linear head differs from the native one only for attention-pool models; the record says
+    # `head: linear` only then (absent: native).
     if head == "linear" and has_attention_pool(model):
         provenance = provenance | {"native_head_params": count_by_component(model)["head"]}
         use_linear_head(model)
-    else:
-        arch["head"] = "native"  # the linear head differs from the native one only for attention-pool models
+        arch["head"] = "linear"
     mean, std = ((list(IMAGENET_MEAN), list(IMAGENET_STD)) if mean_std == "imagenet"
                  else normalisation(timm_name, pretrained_tag))
     record = {"arch": arch, "img_size": int(model.patch_embed.img_size[0]), "mean": mean, "std": std,

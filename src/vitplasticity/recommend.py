@@ -111,7 +111,7 @@ def open_model(spec: str, arch: str | None, head: str, arch_kwargs: dict | None 
                                                kwargs=kwargs, mean_std="timm")
         entry = {"source": "local", "path": str(path), "timm_name": timm_name, "img_size": record["img_size"]}
         entry |= {"kwargs": kwargs} if kwargs else {}
-        entry["head"] = record["arch"]["head"]
+        entry["head"] = record["arch"].get("head", "native")
         return Model(model, record, path.name, _create_call(timm_name, kwargs, file=path), entry)
     if path.suffix in models.WEIGHT_SUFFIXES or os.sep in spec:
         raise UserError(f"weights file {path} does not exist; check the path given to --model")
@@ -121,7 +121,7 @@ def open_model(spec: str, arch: str | None, head: str, arch_kwargs: dict | None 
     model, record = models.open_pretrained("timm", timm_name, pretrained_tag=tag, head=head, mean_std="timm")
     entry = {"source": "timm", "timm_name": timm_name, "pretrained_tag": tag, "img_size": record["img_size"]}
     return Model(model, record, f"{timm_name}.{tag}", _create_call(f"{timm_name}.{tag}", {}),
-                 entry | {"head": record["arch"]["head"]})
+                 entry | {"head": record["arch"].get("head", "native")})
 
 
 def _create_call(name: str, kwargs: dict, file: Path | None = None) -> str:
