@@ -259,7 +259,8 @@ def bench_finetune(cfg: BenchConfig, device: torch.device, override_tflops: floa
     train_cfg = training.TrainConfig(steps=1, eval_every=1, batch_size=cfg.train_batch, lr=cfg.lr, seed=0,
                                      img_size=cfg.img_size, micro_batch=cfg.micro_batch)
     base_opt = torch.optim.SGD(baseline.parameters(), lr=cfg.lr, momentum=0.9)
-    proj_opt = training.make_optimizer(list(project.parameters()), train_cfg, device)
+    proj_params = list(project.parameters())
+    proj_opt = training.make_optimizer(proj_params, train_cfg, device)
     baseline.train()
     project.train()
     step = 0
@@ -284,24 +285,15 @@ def bench_finetune(cfg: BenchConfig, device: torch.device, override_tflops: floa
         return lambda: baseline_run(batches, steps)
 
     def project_run(steps: int) -> int:
-        """As `training.train` does a step."""
+        """The training loop's step (`training.train_step`) on the loop's batches and draws."""
         nonlocal step
         for _ in range(steps):
             index = training.batch_indices(cfg.num_images, cfg.train_batch, step, seed=0)
-            boxes, flips = transforms.sample_crop_flip(cfg.train_batch, cfg.source_size, cfg.source_size,
-                                                       runtime.step_generator(0, step, stream=1))
-            proj_opt.zero_grad(set_to_none=True)
-            for start in range(0, cfg.train_batch, micro):
-                part = index[start : start + micro]
-                draws = (boxes[start : start + micro], flips[start : start + micro])
-                images = transforms.train_batch(train_images[part], cfg.img_size, device, None, draws=draws)
-                labels = torch.as_tensor(split.labels[part], device=device)
-                with runtime.autocast(device):
-                    loss = F.cross_entropy(project(images).float(), labels) * (len(part) / cfg.train_batch)
-                loss.backward()
-                loss.item()
-            torch.nn.utils.clip_grad_norm_(project.parameters(), 1.0)
-            proj_opt.step()
+            draws = transforms.sample_crop_flip(cfg.train_batch, cfg.source_size, cfg.source_size,
+                                                runtime.step_generator(0, step, stream=1))
+            labels = torch.as_tensor(split.labels[index], device=device)
+            training.train_step(project, proj_opt, proj_params, train_images[index], labels, draws, train_cfg, micro,
+                                device)
             step += 1
         return steps * cfg.train_batch
 

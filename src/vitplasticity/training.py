@@ -160,7 +160,7 @@ def largest_micro_batch(forward, model, images, labels, cfg: TrainConfig, device
     return 1
 
 
-def _batch_fetcher(images: np.ndarray | torch.Tensor, labels: np.ndarray, cfg: TrainConfig,
+def batch_fetcher(images: np.ndarray | torch.Tensor, labels: np.ndarray, cfg: TrainConfig,
                    device: torch.device) -> Callable[[int], streaming.Batch]:
     """The function giving step → that step's training batch (uint8 images, labels), drawn by `batch_indices`."""
     if isinstance(images, torch.Tensor):  # resident on the device
@@ -173,6 +173,36 @@ def _batch_fetcher(images: np.ndarray | torch.Tensor, labels: np.ndarray, cfg: T
     else:
         gather = streaming.host_gather(images, labels, device)
     return lambda step: gather(batch_indices(len(labels), cfg.batch_size, step, cfg.seed))
+
+
+def train_step(forward: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
+               params: list[torch.nn.Parameter], images: torch.Tensor, labels: torch.Tensor,
+               draws: tuple[torch.Tensor, torch.Tensor], cfg: TrainConfig, micro: int,
+               device: torch.device) -> tuple[float, float]:
+    """One optimizer step on a batch: uint8 `images` (B, H, W, 3) and `labels` (B,), B = cfg.batch_size.
+
+    Micro-batches of `micro` images are cropped and flipped with the batch's `draws` (boxes (B, 4), flips (B,)
+    from `transforms.sample_crop_flip`), normalised, forwarded under autocast, and their cross-entropy gradients
+    accumulated to the batch mean; then the gradient norm is clipped to `cfg.clip_norm` and the optimizer steps.
+    Returns (mean loss in nats, gradient norm before clipping). A non-finite loss skips the optimizer step: the
+    run has diverged. The host waits for the device once per step, to read the two numbers.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    step_loss = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, cfg.batch_size, micro):
+        part = slice(start, start + micro)
+        batch = transforms.train_batch(images[part], cfg.img_size, device, None, cfg.mean, cfg.std,
+                                       draws=(draws[0][part], draws[1][part]))
+        target = labels[part].to(device, non_blocking=True)
+        with autocast(device):
+            loss = F.cross_entropy(forward(batch).float(), target) * (len(target) / cfg.batch_size)
+        loss.backward()
+        step_loss += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
+    loss_value, norm_value = torch.stack([step_loss, grad_norm.to(step_loss)]).tolist()
+    if math.isfinite(loss_value):
+        optimizer.step()
+    return loss_value, norm_value
 
 
 def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -258,7 +288,7 @@ def train(
             start_step, best, history = resumed
             progress(f"resuming from step {start_step}")
     reported, began, diverged_step = len(history), time.time(), None
-    fetch = _batch_fetcher(train_images, splits["train"].labels, cfg, device)
+    fetch = batch_fetcher(train_images, splits["train"].labels, cfg, device)
     height, width = train_images.shape[1:3]
     with contextlib.ExitStack() as stack:
         if isinstance(train_images, np.ndarray) and cfg.prefetch:  # streamed from the host: gather ahead
@@ -272,24 +302,13 @@ def train(
             # Augmentation is drawn for the whole batch, so the micro-batch size cannot change it.
             boxes, flips = transforms.sample_crop_flip(cfg.batch_size, height, width,
                                                        step_generator(cfg.seed, step, stream=1), scale=cfg.crop_scale)
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for start in range(0, cfg.batch_size, micro):
-                part = slice(start, start + micro)
-                images = transforms.train_batch(batch_images[part], cfg.img_size, device, None,
-                                                cfg.mean, cfg.std, draws=(boxes[part], flips[part]))
-                labels = batch_labels[part].to(device, non_blocking=True)
-                with autocast(device):
-                    loss = F.cross_entropy(forward(images).float(), labels) * (len(labels) / cfg.batch_size)
-                loss.backward()
-                step_loss += loss.item()
+            step_loss, grad_norm = train_step(forward, optimizer, params, batch_images, batch_labels, (boxes, flips),
+                                              cfg, micro, device)
             if not math.isfinite(step_loss):
                 diverged_step = step
                 history.append({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": float("nan")})
                 progress(f"step {step + 1}: loss is {step_loss}; the run diverged")
                 break
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm).item()
-            optimizer.step()
             row = {"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm}
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 val_loss, val_acc = evaluate(model, splits["val"], cfg, device)
