@@ -39,13 +39,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import bench
 import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
 import yaml
 
-from vitplasticity import bench, components, plasticity, runtime, streaming, training, transforms
+from vitplasticity import components, plasticity, runtime, streaming, training, transforms
 from vitplasticity.prepared import Split
 
 ROOT = Path(__file__).resolve().parents[1]

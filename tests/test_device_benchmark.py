@@ -24,7 +24,7 @@ runpy.run_path("benchmarks/device.py", run_name="__main__")
 
 
 def _run(tmp_path, *args):
-    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "MPLBACKEND": "Agg"}
+    env = {"PYTHONPATH": f"{ROOT / 'src'}:{ROOT / 'benchmarks'}", "PATH": "/usr/bin:/bin", "MPLBACKEND": "Agg"}
     return subprocess.run([sys.executable, "-c", RUNNER, "--tiny", "--device", "cpu", "--out",
                            str(tmp_path / "device.json"), *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)

@@ -1,4 +1,7 @@
-"""`vitplasticity bench`: this project's hot paths against the authors' style, side by side in one process.
+"""This project's hot paths against the authors' style, side by side in one process.
+
+    PYTHONPATH=src python3 benchmarks/bench.py --quick     # under a minute on 2 CPU cores
+    PYTHONPATH=src python3 benchmarks/bench.py --out bench.json [--device cuda]
 
 Each comparison uses the same model shape, batch and output shape on both sides.
 
@@ -21,14 +24,14 @@ single scheduler stall; images/s are per window, so window lengths need not matc
 
 from __future__ import annotations
 
+import argparse
 import copy
 import itertools
 import json
 import math
 import os
-import platform
 import resource
-import time
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -38,6 +41,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.benchmark import Timer
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms as T
@@ -144,22 +148,16 @@ def build_models(arch: str, cfg: BenchConfig, device: torch.device) -> tuple[tor
     return baseline, project
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # A window does its untimed set-up and returns the timed part, which returns the number of images it processed.
 Window = Callable[[], Callable[[], int]]
 
 
 def _timed(window: Window, device: torch.device) -> tuple[int, float]:
+    """Run one window's timed part once under `torch.utils.benchmark.Timer` (which waits for the GPU)."""
     run = window()
-    _sync(device)
-    began = time.perf_counter()
-    count = run()
-    _sync(device)
-    return count, time.perf_counter() - began
+    count = []
+    seconds = Timer(stmt="count.append(run())", globals={"run": run, "count": count}).timeit(1).mean
+    return count[0], seconds
 
 
 def _primed(loader: DataLoader) -> Iterator:
@@ -391,12 +389,9 @@ def _peak_rss_mib(who: int) -> float:
 
 
 def _cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    import cpuinfo  # py-cpuinfo: the processor's brand string on any OS
+
+    return cpuinfo.get_cpu_info().get("brand_raw", "unknown CPU")
 
 
 def machine(device: torch.device) -> dict:
@@ -444,7 +439,18 @@ def run(cfg: BenchConfig, device: torch.device, out: Path | None = None, peak_tf
 
 
 def main(quick: bool, device: str, out: Path | None, peak_tflops: float | None = None, **overrides) -> dict:
-    """`vitplasticity bench`: quick (under a minute on 2 CPU cores) or full; `overrides` replace config fields."""
+    """Quick (under a minute on 2 CPU cores) or full; `overrides` replace config fields."""
     target = runtime.pick_device(device)
     cfg = quick_config() if quick else full_config(target)
     return run(replace(cfg, **overrides), target, out, peak_tflops)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="throughput of this project's paths against the authors' approach")
+    parser.add_argument("--quick", action="store_true", help="small sizes: under a minute on a 2-core CPU")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="peak of this accelerator, for FLOPs utilisation")
+    args = parser.parse_args(sys.argv[1:])
+    main(args.quick, args.device, args.out, peak_tflops=args.peak_tflops)
