@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" MPLBACKEND=Agg DVC_NO_ANALYTICS=1
-ruff check src tests
+ruff check src tests benchmarks
 snakemake --lint --configfile config/quick.yaml > /dev/null
 snakefmt --check Snakefile workflow/rules
 # Everything but SLURM first: with SLURM's client installed and no controller up, every

@@ -1,4 +1,4 @@
-"""The benchmark command: it runs end to end, and its two sides compute the same things."""
+"""The CPU benchmark (benchmarks/bench.py): it runs end to end, and its two sides compute the same things."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import json
 import math
 import re
 
+import bench
 import numpy as np
 import pytest
 import torch
 
-from vitplasticity import bench, plasticity, transforms
+from vitplasticity import plasticity, transforms
 from vitplasticity.components import BLOCK_COMPONENTS
 
 CPU = torch.device("cpu")

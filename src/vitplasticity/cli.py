@@ -98,12 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-table", type=Path, required=True)
     p.add_argument("--out-figure", type=Path, required=True)
 
-    p = sub.add_parser("bench", help="throughput of this project's paths against the authors' approach")
-    p.add_argument("--quick", action="store_true", help="small sizes: under a minute on a 2-core CPU")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak of this accelerator, for FLOPs utilisation")
-
     p = sub.add_parser("tracking", help="MLflow store: create it before the jobs, or rebuild it from run folders")
     actions = p.add_subparsers(dest="action", required=True)
     uri_help = "tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///<abs>/results/mlflow.db)"
@@ -222,10 +216,6 @@ def _dispatch(args: argparse.Namespace, settings: dict) -> None:
         jobs.aggregate_experiment(settings, args.runs, args.probes, args.plasticity, args.bounds, args.out_dir, track)
     elif args.command == "figures":
         jobs.draw_figures(args.tables, args.out_dir, track)
-    elif args.command == "bench":
-        from vitplasticity.bench import main as bench
-
-        bench(args.quick, args.device, args.out, peak_tflops=args.peak_tflops)
     elif args.command == "compare-paper":
         from vitplasticity.paper import write_comparison
 

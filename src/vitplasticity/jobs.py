@@ -81,7 +81,7 @@ def _train_config(settings: dict, runtime: dict, img_size: int) -> training.Trai
         betas=tuple(settings.get("betas", (0.9, 0.999))), warmup_steps=settings.get("warmup_steps", 0),
         clip_norm=settings.get("clip_norm", 1.0), micro_batch=runtime.get("micro_batch"),
         compile=runtime.get("compile", False), crop_scale=tuple(settings.get("crop_scale", (0.08, 1.0))),
-        eval_batch=runtime.get("eval_batch", 256),
+        eval_batch=runtime.get("eval_batch", 256), prefetch=runtime.get("prefetch", 2),
     )
 
 

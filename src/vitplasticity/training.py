@@ -8,6 +8,7 @@ metrics of an uninterrupted one, because every random draw depends only on (seed
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitplasticity import transforms
+from vitplasticity import streaming, transforms
 from vitplasticity.errors import UserError
 from vitplasticity.fileio import atomic_path
 from vitplasticity.prepared import Split
@@ -45,6 +46,7 @@ class TrainConfig:
     clip_norm: float = 1.0
     micro_batch: int | None = None  # None: automatic (whole batch on CPU, largest that fits on GPU)
     compile: bool = False  # torch.compile the forward pass
+    prefetch: int = 2  # batches gathered ahead on a worker thread when the split streams from the host; 0: none
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
     eval_batch: int = 256
     mean: tuple[float, ...] = transforms.IMAGENET_MEAN
@@ -67,6 +69,9 @@ class TrainConfig:
         if self.micro_batch is not None and not 0 < self.micro_batch <= self.batch_size:
             raise UserError(f"micro_batch must be in 1..batch_size ({self.batch_size}), got {self.micro_batch}; "
                             "set runtime.micro_batch in that range, or null for automatic")
+        if self.prefetch < 0:
+            raise UserError(f"prefetch must be 0 or more, got {self.prefetch}; set runtime.prefetch to 0 (off) or a "
+                            "number of batches")
 
 
 @dataclass
@@ -118,10 +123,19 @@ def evaluate(model: torch.nn.Module, split: Split, cfg: TrainConfig, device: tor
     return total_loss / count, correct / count
 
 
-def resident(images: np.ndarray, device: torch.device, limit_bytes: int = 4 << 30) -> np.ndarray | torch.Tensor:
-    """Small uint8 splits live on the GPU whole; others stay memory-mapped and are copied per batch."""
-    if device.type == "cuda" and images.nbytes <= limit_bytes:
-        return torch.from_numpy(np.asarray(images)).to(device)
+# Share of the free GPU memory that a split may take when kept there whole; the rest is left to the
+# model, its optimizer state and activations (the micro-batch adapts to what is left).
+RESIDENT_SHARE = 0.4
+
+
+def resident(images: np.ndarray, device: torch.device, share: float = RESIDENT_SHARE) -> np.ndarray | torch.Tensor:
+    """A uint8 split kept on the GPU whole when it fits in `share` of the free device memory, else left on the
+    host (memory-mapped) to be streamed batch by batch. On an H200 (about 139 GiB free) every paper dataset is
+    kept whole; on a 24 GiB GPU, DomainNet sketch at 256 px (about 14 GB) streams."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if images.nbytes <= share * free:
+            return torch.from_numpy(np.asarray(images)).to(device)
     return images
 
 
@@ -146,12 +160,57 @@ def largest_micro_batch(forward, model, images, labels, cfg: TrainConfig, device
     return 1
 
 
+def batch_fetcher(images: np.ndarray | torch.Tensor, labels: np.ndarray, cfg: TrainConfig,
+                   device: torch.device) -> Callable[[int], streaming.Batch]:
+    """The function giving step → that step's training batch (uint8 images, labels), drawn by `batch_indices`."""
+    if isinstance(images, torch.Tensor):  # resident on the device
+        targets = torch.as_tensor(np.asarray(labels), device=images.device)
+
+        def gather_resident(index: np.ndarray) -> streaming.Batch:
+            index = torch.from_numpy(index).to(images.device)
+            return images[index], targets[index]
+        gather = gather_resident
+    else:
+        gather = streaming.host_gather(images, labels, device)
+    return lambda step: gather(batch_indices(len(labels), cfg.batch_size, step, cfg.seed))
+
+
+def train_step(forward: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
+               params: list[torch.nn.Parameter], images: torch.Tensor, labels: torch.Tensor,
+               draws: tuple[torch.Tensor, torch.Tensor], cfg: TrainConfig, micro: int,
+               device: torch.device) -> tuple[float, float]:
+    """One optimizer step on a batch: uint8 `images` (B, H, W, 3) and `labels` (B,), B = cfg.batch_size.
+
+    Micro-batches of `micro` images are cropped and flipped with the batch's `draws` (boxes (B, 4), flips (B,)
+    from `transforms.sample_crop_flip`), normalised, forwarded under autocast, and their cross-entropy gradients
+    accumulated to the batch mean; then the gradient norm is clipped to `cfg.clip_norm` and the optimizer steps.
+    Returns (mean loss in nats, gradient norm before clipping). A non-finite loss skips the optimizer step: the
+    run has diverged. The host waits for the device once per step, to read the two numbers.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    step_loss = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, cfg.batch_size, micro):
+        part = slice(start, start + micro)
+        batch = transforms.train_batch(images[part], cfg.img_size, device, None, cfg.mean, cfg.std,
+                                       draws=(draws[0][part], draws[1][part]))
+        target = labels[part].to(device, non_blocking=True)
+        with autocast(device):
+            loss = F.cross_entropy(forward(batch).float(), target) * (len(target) / cfg.batch_size)
+        loss.backward()
+        step_loss += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
+    loss_value, norm_value = torch.stack([step_loss, grad_norm.to(step_loss)]).tolist()
+    if math.isfinite(loss_value):
+        optimizer.step()
+    return loss_value, norm_value
+
+
 def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 # Machine settings that may change between an interrupted run and its resumption.
-_RESUMABLE_CHANGES = ("micro_batch", "eval_batch", "compile")
+_RESUMABLE_CHANGES = ("micro_batch", "eval_batch", "compile", "prefetch")
 
 
 def _resume_key(cfg: TrainConfig) -> dict:
@@ -228,54 +287,46 @@ def train(
         else:
             start_step, best, history = resumed
             progress(f"resuming from step {start_step}")
-    train_split, reported = splits["train"], len(history)
-    began, diverged_step = time.time(), None
-    for step in range(start_step, cfg.steps):
-        model.train()
-        lr = learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        index = batch_indices(len(train_split.labels), cfg.batch_size, step, cfg.seed)
-        # Augmentation is drawn for the whole batch, so the micro-batch size cannot change it.
-        height, width = train_images.shape[1:3]
-        boxes, flips = transforms.sample_crop_flip(cfg.batch_size, height, width,
-                                                   step_generator(cfg.seed, step, stream=1), scale=cfg.crop_scale)
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for start in range(0, cfg.batch_size, micro):
-            part = index[start : start + micro]
-            draws = (boxes[start : start + micro], flips[start : start + micro])
-            images = transforms.train_batch(train_images[part], cfg.img_size, device, None,
-                                            cfg.mean, cfg.std, draws=draws)
-            labels = torch.as_tensor(np.asarray(train_split.labels[part]), device=device)
-            with autocast(device):
-                loss = F.cross_entropy(forward(images).float(), labels) * (len(part) / cfg.batch_size)
-            loss.backward()
-            step_loss += loss.item()
-        if not math.isfinite(step_loss):
-            diverged_step = step
-            history.append({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": float("nan")})
-            progress(f"step {step + 1}: loss is {step_loss}; the run diverged")
-            break
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm).item()
-        optimizer.step()
-        row = {"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm}
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            val_loss, val_acc = evaluate(model, splits["val"], cfg, device)
-            row.update(val_loss=val_loss, val_acc=val_acc)
-            if val_acc > best["val_acc"]:
-                best = {"val_acc": val_acc, "step": step + 1,
-                        "params": {n: p.detach().cpu().clone() for n, p in _trainable(model).items()}}
-            history.append(row)
-            rate = (step + 1 - start_step) / max(time.time() - began, 1e-9)
-            progress(f"step {step + 1}/{cfg.steps} loss {step_loss:.4f} val_acc {val_acc:.4f} ({rate:.1f} steps/s)")
-            if state_path is not None and step + 1 < cfg.steps:
-                _save_state(state_path, step + 1, model, optimizer, best, history, resume_key)
-            if on_eval is not None:
-                on_eval(history[reported:])
-                reported = len(history)
-        else:
-            history.append(row)
+    reported, began, diverged_step = len(history), time.time(), None
+    fetch = batch_fetcher(train_images, splits["train"].labels, cfg, device)
+    height, width = train_images.shape[1:3]
+    with contextlib.ExitStack() as stack:
+        if isinstance(train_images, np.ndarray) and cfg.prefetch:  # streamed from the host: gather ahead
+            fetch = stack.enter_context(streaming.Prefetcher(fetch, range(start_step, cfg.steps), cfg.prefetch)).get
+        for step in range(start_step, cfg.steps):
+            model.train()
+            lr = learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch_images, batch_labels = fetch(step)  # (B, H, W, 3) uint8, (B,)
+            # Augmentation is drawn for the whole batch, so the micro-batch size cannot change it.
+            boxes, flips = transforms.sample_crop_flip(cfg.batch_size, height, width,
+                                                       step_generator(cfg.seed, step, stream=1), scale=cfg.crop_scale)
+            step_loss, grad_norm = train_step(forward, optimizer, params, batch_images, batch_labels, (boxes, flips),
+                                              cfg, micro, device)
+            if not math.isfinite(step_loss):
+                diverged_step = step
+                history.append({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": float("nan")})
+                progress(f"step {step + 1}: loss is {step_loss}; the run diverged")
+                break
+            row = {"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm}
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                val_loss, val_acc = evaluate(model, splits["val"], cfg, device)
+                row.update(val_loss=val_loss, val_acc=val_acc)
+                if val_acc > best["val_acc"]:
+                    best = {"val_acc": val_acc, "step": step + 1,
+                            "params": {n: p.detach().cpu().clone() for n, p in _trainable(model).items()}}
+                history.append(row)
+                rate = (step + 1 - start_step) / max(time.time() - began, 1e-9)
+                progress(f"step {step + 1}/{cfg.steps} loss {step_loss:.4f} val_acc {val_acc:.4f} "
+                         f"({rate:.1f} steps/s)")
+                if state_path is not None and step + 1 < cfg.steps:
+                    _save_state(state_path, step + 1, model, optimizer, best, history, resume_key)
+                if on_eval is not None:
+                    on_eval(history[reported:])
+                    reported = len(history)
+            else:
+                history.append(row)
     if diverged_step is not None:
         if on_eval is not None:
             on_eval(history[reported:])

@@ -1,4 +1,7 @@
-"""`vitplasticity bench`: this project's hot paths against the authors' style, side by side in one process.
+"""This project's hot paths against the authors' style, side by side in one process.
+
+    PYTHONPATH=src python3 benchmarks/bench.py --quick     # under a minute on 2 CPU cores
+    PYTHONPATH=src python3 benchmarks/bench.py --out bench.json [--device cuda]
 
 Each comparison uses the same model shape, batch and output shape on both sides.
 
@@ -21,14 +24,14 @@ single scheduler stall; images/s are per window, so window lengths need not matc
 
 from __future__ import annotations
 
+import argparse
 import copy
 import itertools
 import json
 import math
 import os
-import platform
 import resource
-import time
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -38,6 +41,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.benchmark import Timer
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms as T
@@ -144,22 +148,16 @@ def build_models(arch: str, cfg: BenchConfig, device: torch.device) -> tuple[tor
     return baseline, project
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # A window does its untimed set-up and returns the timed part, which returns the number of images it processed.
 Window = Callable[[], Callable[[], int]]
 
 
 def _timed(window: Window, device: torch.device) -> tuple[int, float]:
+    """Run one window's timed part once under `torch.utils.benchmark.Timer` (which waits for the GPU)."""
     run = window()
-    _sync(device)
-    began = time.perf_counter()
-    count = run()
-    _sync(device)
-    return count, time.perf_counter() - began
+    count = []
+    seconds = Timer(stmt="count.append(run())", globals={"run": run, "count": count}).timeit(1).mean
+    return count[0], seconds
 
 
 def _primed(loader: DataLoader) -> Iterator:
@@ -259,7 +257,8 @@ def bench_finetune(cfg: BenchConfig, device: torch.device, override_tflops: floa
     train_cfg = training.TrainConfig(steps=1, eval_every=1, batch_size=cfg.train_batch, lr=cfg.lr, seed=0,
                                      img_size=cfg.img_size, micro_batch=cfg.micro_batch)
     base_opt = torch.optim.SGD(baseline.parameters(), lr=cfg.lr, momentum=0.9)
-    proj_opt = training.make_optimizer(list(project.parameters()), train_cfg, device)
+    proj_params = list(project.parameters())
+    proj_opt = training.make_optimizer(proj_params, train_cfg, device)
     baseline.train()
     project.train()
     step = 0
@@ -284,24 +283,15 @@ def bench_finetune(cfg: BenchConfig, device: torch.device, override_tflops: floa
         return lambda: baseline_run(batches, steps)
 
     def project_run(steps: int) -> int:
-        """As `training.train` does a step."""
+        """The training loop's step (`training.train_step`) on the loop's batches and draws."""
         nonlocal step
         for _ in range(steps):
             index = training.batch_indices(cfg.num_images, cfg.train_batch, step, seed=0)
-            boxes, flips = transforms.sample_crop_flip(cfg.train_batch, cfg.source_size, cfg.source_size,
-                                                       runtime.step_generator(0, step, stream=1))
-            proj_opt.zero_grad(set_to_none=True)
-            for start in range(0, cfg.train_batch, micro):
-                part = index[start : start + micro]
-                draws = (boxes[start : start + micro], flips[start : start + micro])
-                images = transforms.train_batch(train_images[part], cfg.img_size, device, None, draws=draws)
-                labels = torch.as_tensor(split.labels[part], device=device)
-                with runtime.autocast(device):
-                    loss = F.cross_entropy(project(images).float(), labels) * (len(part) / cfg.train_batch)
-                loss.backward()
-                loss.item()
-            torch.nn.utils.clip_grad_norm_(project.parameters(), 1.0)
-            proj_opt.step()
+            draws = transforms.sample_crop_flip(cfg.train_batch, cfg.source_size, cfg.source_size,
+                                                runtime.step_generator(0, step, stream=1))
+            labels = torch.as_tensor(split.labels[index], device=device)
+            training.train_step(project, proj_opt, proj_params, train_images[index], labels, draws, train_cfg, micro,
+                                device)
             step += 1
         return steps * cfg.train_batch
 
@@ -399,12 +389,9 @@ def _peak_rss_mib(who: int) -> float:
 
 
 def _cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    import cpuinfo  # py-cpuinfo: the processor's brand string on any OS
+
+    return cpuinfo.get_cpu_info().get("brand_raw", "unknown CPU")
 
 
 def machine(device: torch.device) -> dict:
@@ -452,7 +439,18 @@ def run(cfg: BenchConfig, device: torch.device, out: Path | None = None, peak_tf
 
 
 def main(quick: bool, device: str, out: Path | None, peak_tflops: float | None = None, **overrides) -> dict:
-    """`vitplasticity bench`: quick (under a minute on 2 CPU cores) or full; `overrides` replace config fields."""
+    """Quick (under a minute on 2 CPU cores) or full; `overrides` replace config fields."""
     target = runtime.pick_device(device)
     cfg = quick_config() if quick else full_config(target)
     return run(replace(cfg, **overrides), target, out, peak_tflops)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="throughput of this project's paths against the authors' approach")
+    parser.add_argument("--quick", action="store_true", help="small sizes: under a minute on a 2-core CPU")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="peak of this accelerator, for FLOPs utilisation")
+    args = parser.parse_args(sys.argv[1:])
+    main(args.quick, args.device, args.out, peak_tflops=args.peak_tflops)

@@ -1,0 +1,73 @@
+"""The one-shot device benchmark, in its tiny CPU mode: it runs from a checkout without this project's
+installed extras, writes its JSON stage by stage, and projects the study's runs from the config."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# The device machine has PyTorch, timm, numpy, pandas, pillow, PyYAML, safetensors, but none of these.
+ABSENT_THERE = ("mlflow", "jsonschema", "snakemake")
+RUNNER = f"""
+import runpy, sys
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {ABSENT_THERE!r}:
+            raise ImportError(f"{{name}} is not installed on the device machine")
+sys.meta_path.insert(0, Absent())
+sys.argv = ["benchmarks/device.py", *sys.argv[1:]]
+runpy.run_path("benchmarks/device.py", run_name="__main__")
+"""
+
+
+def _run(tmp_path, *args):
+    env = {"PYTHONPATH": f"{ROOT / 'src'}:{ROOT / 'benchmarks'}", "PATH": "/usr/bin:/bin", "MPLBACKEND": "Agg"}
+    return subprocess.run([sys.executable, "-c", RUNNER, "--tiny", "--device", "cpu", "--out",
+                           str(tmp_path / "device.json"), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_tiny_mode_measures_every_stage_and_projects_the_study(tmp_path):
+    done = _run(tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "device.json").read_text())
+    assert result["errors"] == {} and result["skipped"] == []
+    assert set(result["finetune"]) == {"all", "mha", "ln1"}
+    for arm in ("all", "mha", "ln1"):
+        assert result["finetune"][arm]["images_per_s"] > 0
+    # Fewer trainable parameters, fewer executed FLOPs: no weight gradients outside the arm.
+    flops = {arm: r["flops_per_image"] for arm, r in result["finetune"].items()}
+    assert flops["all"] > flops["mha"] > flops["ln1"] > 0
+    assert result["compile"]["arm"] == "mha" and result["baseline"]["images_per_s"] > 0
+    assert {"resident", "streamed"} <= result["data_path"].keys()
+    assert result["plasticity"]["embedding"]["pairs"] == 8 and result["plasticity"]["hidden"]["seconds"] > 0
+    assert set(result["sizes"]) == {"vit_large_patch16_224", "vit_huge_patch14_224"}
+    gather = result["host_gather"]
+    assert gather["threads_1"]["ratio_to_consumer"] == pytest.approx(
+        gather["threads_1"]["images_per_s"] / gather["consumer_images_per_s"])
+    # The consumer rate is 40% of 989 TFLOP/s over ViT-B/16's forward + backward FLOPs at 224 px (≈105 GFLOP).
+    assert 3000 < gather["consumer_images_per_s"] < 4500
+    # Run counts of config/config.yaml, as README's job table gives them.
+    runs = {name: r["runs"] for name, r in result["projection"].items() if isinstance(r, dict)}
+    assert runs == {"main": 1188, "adamw": 432, "size_large": 108, "size_huge": 108}
+    assert result["projection"]["total_gpu_hours"] > 0
+    assert done.stdout.strip().splitlines()[-1].startswith("summary: device ")
+
+
+def test_a_spent_budget_skips_stages_and_still_writes_the_json(tmp_path):
+    done = _run(tmp_path, "--budget-s", "0", "--stages", "finetune,plasticity")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "device.json").read_text())
+    assert result["skipped"] == ["finetune", "plasticity"] and "projection" not in result
+    assert "finetune: skipped" in done.stdout
+    assert done.stdout.strip().splitlines()[-1].startswith("summary: device ")
+
+
+def test_unknown_stage_is_one_line(tmp_path):
+    done = _run(tmp_path, "--stages", "finetune,warp")
+    assert done.returncode == 2
+    assert "unknown stages warp; choose from finetune, baseline" in done.stderr
