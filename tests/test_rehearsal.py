@@ -90,7 +90,7 @@ def test_max_images_caps_every_split_and_keeps_every_class(tmp_path):
     try:
         url = host.put("clipart.zip", files["domainnet/clipart.zip"])
         config = merged_config([OVERLAY])
-        task = dict(config["tasks"]["clipart"]["data"], url=url, max_images=5)
+        task = dict(config["tasks"]["clipart"]["data"], url=url, max_images=5, val_fraction=0.2, test_fraction=0.2)
         meta = prepare_real("clipart", task, tmp_path / "clipart", tmp_path / "raw")
     finally:
         host.close()
@@ -143,3 +143,16 @@ def test_paper_rehearsal_runs_every_job(tmp_path):
     for experiment in ("main", "adamw", "size_large", "size_huge"):
         assert (results / "figures" / experiment / "plasticity_vs_rank.png").stat().st_size > 0
     assert (results / "tables" / "main" / "paper_comparison.csv").is_file()
+
+
+def test_full_depth_overlay_restores_the_paper_depths():
+    import timm
+    import torch
+
+    config = merged_config([OVERLAY, OVERLAY.with_name("rehearsal-full-depth.yaml")])
+    for name, model in config["models"].items():
+        with torch.device("meta"):  # timm's own architecture, no memory
+            default = timm.create_model(model["timm_name"], pretrained=False)
+        assert model["kwargs"] == {"depth": len(default.blocks)}, name
+    assert {name: model["kwargs"]["depth"] for name, model in config["models"].items()} == {
+        "vit_b16": 12, "vit_l16": 24, "vit_h14": 32}
