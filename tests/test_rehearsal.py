@@ -103,7 +103,7 @@ def test_max_images_caps_every_split_and_keeps_every_class(tmp_path):
 
 @pytest.mark.slow
 def test_paper_rehearsal_runs_every_job(tmp_path):
-    """About 8 minutes on an idle 2-core CPU (218 jobs)."""
+    """About 15 minutes on an idle 2-core CPU: 218 jobs of about 8 s of CPU each, mostly start-up."""
     study = tmp_path / "study"
     config = merged_config([OVERLAY])
     assert checksums_problems(config) == []
