@@ -223,6 +223,8 @@ def test_batching_does_not_change_the_result(streams):
 
 def test_table_columns_and_depth(streams):
     table, _ = _measure(tiny_vit(), *streams)
+    assert list(table.columns) == ["mode", "component", "label", "layer", "depth_pct", "mean", "std", "n", "ci95",
+                                   "pairs", "reference_images", "downstream_images"]
     assert set(table["component"]) == {"ln1", "mha", "ln2", "fc1", "fc2"}
     assert dict(zip(table["layer"], table["depth_pct"], strict=False)) == {0: 50.0, 1: 100.0}
     assert set(table[table["component"] == "mha"]["label"]) == {"MHA"}
