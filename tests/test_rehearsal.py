@@ -164,3 +164,15 @@ def test_full_depth_overlay_restores_the_paper_depths():
         assert model["kwargs"] == {"depth": len(default.blocks)}, name
     assert {name: model["kwargs"]["depth"] for name, model in config["models"].items()} == {
         "vit_b16": 12, "vit_l16": 24, "vit_h14": 32}
+
+
+def test_every_report_caption_is_valid_restructuredtext():
+    """`snakemake --report` renders captions with docutils; "|x|" there is a substitution, an error in the report."""
+    import io
+
+    from docutils.core import publish_doctree
+
+    for caption in sorted((ROOT / "workflow" / "report").glob("*.rst")):
+        warnings = io.StringIO()
+        publish_doctree(caption.read_text(), settings_overrides={"warning_stream": warnings, "report_level": 2})
+        assert warnings.getvalue() == "", f"{caption.name}: {warnings.getvalue()}"
