@@ -61,8 +61,8 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, root: Path, port: int) -> None:
+        super().__init__(("127.0.0.1", port), _Handler)
         self.root = root
         self.requests: list[Request] = []
         self.cut_after: dict[str, int] = {}  # file name → bytes sent before the next reply breaks
@@ -70,12 +70,15 @@ class _Server(ThreadingHTTPServer):
 
 
 class DatasetHost:
-    """The running server: `put` files, take their `url`, inspect `requests`."""
+    """The running server: `put` files, take their `url`, inspect `requests`.
 
-    def __init__(self, root: Path) -> None:
+    It listens on 127.0.0.1 at `port` (0: any free port).
+    """
+
+    def __init__(self, root: Path, port: int = 0) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
-        self._server = _Server(root)
+        self._server = _Server(root, port)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 

@@ -223,6 +223,8 @@ def test_batching_does_not_change_the_result(streams):
 
 def test_table_columns_and_depth(streams):
     table, _ = _measure(tiny_vit(), *streams)
+    assert list(table.columns) == ["mode", "component", "label", "layer", "depth_pct", "mean", "std", "n", "ci95",
+                                   "pairs", "reference_images", "downstream_images"]
     assert set(table["component"]) == {"ln1", "mha", "ln2", "fc1", "fc2"}
     assert dict(zip(table["layer"], table["depth_pct"], strict=False)) == {0: 50.0, 1: 100.0}
     assert set(table[table["component"] == "mha"]["label"]) == {"MHA"}
@@ -267,8 +269,8 @@ def test_running_stats_mean_std_count():
 
 
 def test_too_few_pairs_and_unknown_mode_raise_user_errors(streams):
-    with pytest.raises(UserError, match="at least 2 image pairs"):
-        _measure(tiny_vit(), streams[0], Split(streams[1].images[:1], streams[1].labels[:1]))
+    with pytest.raises(UserError, match="at least 2 image pairs, got n_pairs = 1"):
+        _measure(tiny_vit(), *streams, n_pairs=1)
     with pytest.raises(UserError, match=r"plasticity modes \['deep'\] unknown; allowed: embedding, hidden"):
         _measure(tiny_vit(), *streams, modes=("deep",))
 
@@ -284,3 +286,146 @@ def test_summarise_ranks_components():
     assert list(summary["component"]) == ["ln1", "mha"]
     assert list(summary["mean"]) == [6.0, 2.0]
     assert list(summary["rank"]) == [1, 2]
+
+
+# --- mixed image sizes, pair cycling, float64 norms ---
+
+def _solid(colours, size):
+    """Solid-colour uint8 images of side `size`, one per (r, g, b) colour."""
+    return np.stack([np.broadcast_to(np.array(c, dtype=np.uint8), (size, size, 3)) for c in colours])
+
+
+def test_streams_stored_at_different_sizes_are_each_resized_before_joining():
+    """ImageNet val is stored at 256 px, CIFAR at 32 px: a 256 px reference of solid colours must
+    measure exactly as the same colours stored at 32 px (resizing a solid image keeps it solid)."""
+    model = tiny_vit()
+    colours = [(10 * i, 200 - 15 * i, 7 * i) for i in range(6)]
+    labels = np.zeros(6, dtype=np.int64)
+    downstream = random_split(6, size=32, seed=3)
+    large, _ = _measure(model, Split(_solid(colours, 256), labels), downstream, n_pairs=6, batch_size=4,
+                        modes=("embedding", "hidden"))
+    small, _ = _measure(model, Split(_solid(colours, 32), labels), downstream, n_pairs=6, batch_size=4,
+                        modes=("embedding", "hidden"))
+    assert len(large) == 2 * 2 * len(BLOCK_COMPONENTS)
+    np.testing.assert_allclose(large["mean"], small["mean"], rtol=1e-5)
+
+
+def test_pair_indices_cycle_the_smaller_stream_with_a_shift_per_pass():
+    reference, downstream = plasticity.pair_indices(3, 5, 7)
+    assert reference.tolist() == [0, 1, 2, 1, 2, 0, 2]  # pass 1 starts one image on, pass 2 two
+    assert downstream.tolist() == [0, 1, 2, 3, 4, 0, 1]
+    reference, downstream = plasticity.pair_indices(5, 3, 4)
+    assert (reference.tolist(), downstream.tolist()) == ([0, 1, 2, 3], [0, 1, 2, 1])
+    # The authors' count: 12,800 pairs from the 10,000 CIFAR test images beside 50,000 ImageNet val.
+    reference, downstream = plasticity.pair_indices(50_000, 10_000, 12_800)
+    assert len(set(zip(reference.tolist(), downstream.tolist(), strict=True))) == 12_800
+    assert np.bincount(downstream).tolist().count(2) == 2_800
+
+
+def test_cycled_passes_never_pair_an_image_with_itself():
+    reference, downstream = plasticity.pair_indices(4, 4, 16)
+    pairs = list(zip(reference.tolist(), downstream.tolist(), strict=True))
+    assert [a == b for a, b in pairs[4:]] == [False] * 12  # after the index-by-index pass 0
+    assert len(set(pairs)) == 16  # and no pair repeats
+
+
+def test_a_smaller_stream_is_cycled_to_n_pairs_and_says_so(streams):
+    lines = []
+    downstream = Split(streams[1].images[:3], streams[1].labels[:3])
+    table, stats = plasticity.measure(tiny_vit(), streams[0], downstream, n_pairs=8, batch_size=3, img_size=32,
+                                      device=CPU, progress=lines.append)
+    assert lines[0] == "plasticity: the downstream stream has 3 images; it is cycled to make 8 pairs"
+    assert [line for line in lines if "cycled" in line] == lines[:1]
+    assert set(table["n"]) == {8} and set(table["pairs"]) == {8}
+    assert set(table["reference_images"]) == {8} and set(table["downstream_images"]) == {3}
+    assert (stats["pairs"], stats["reference_images"], stats["downstream_images"]) == (8, 8, 3)
+
+
+def test_the_same_images_in_both_streams_keep_only_the_cycled_pairs():
+    images = random_split(4, seed=5)
+    table, stats = _measure(tiny_vit(), images, images, n_pairs=12, batch_size=5)
+    assert stats["skipped_identical_pairs"] == 4  # pass 0 pairs each image with itself
+    assert set(table["n"]) == {8}
+
+
+def test_no_pair_of_distinct_images_is_a_user_error():
+    images = random_split(4, seed=5)
+    with pytest.raises(UserError, match="all 4 image pairs have identical embeddings"):
+        _measure(tiny_vit(), images, images, n_pairs=4, batch_size=4)
+
+
+def _float64_reference(model, reference, downstream, n_pairs):
+    """Per-pair ratios from float32 activations (E and each component's output), with only the Frobenius
+    norms and the means over pairs in float64: {(mode, component, layer): mean}."""
+    from vitplasticity.components import hidden_inputs
+
+    sums = {}
+    for i in range(n_pairs):
+        pixels = torch.cat([transforms.eval_batch(split.images[i:i + 1], 224, CPU)
+                            for split in (reference, downstream)])
+        emb = embed(model, pixels).float()  # (2, N, D) float32
+        feeds = {("embedding", layer): {c: emb for c in BLOCK_COMPONENTS} for layer in range(len(model.blocks))}
+        hidden = emb
+        for layer, block in enumerate(model.blocks):
+            feeds[("hidden", layer)], hidden = hidden_inputs(block, hidden)
+        for (mode, layer), inputs in feeds.items():
+            block = model.blocks[layer]
+            for component in BLOCK_COMPONENTS:
+                x = inputs[component]
+                if mode == "embedding" and component == "fc2":
+                    x = F.pad(emb, (0, block.mlp.fc2.in_features - emb.shape[-1]))  # [E, 0, 0, 0]
+                out = apply_component(block, component, x) if mode == "hidden" else _embedding_output(
+                    block, component, x)
+                numerator = torch.linalg.vector_norm(out[0].double() - out[1].double())
+                denominator = torch.linalg.vector_norm(x[0].double() - x[1].double())
+                key = (mode, component, layer)
+                sums[key] = sums.get(key, 0.0) + (numerator / denominator).item()
+    return {key: total / n_pairs for key, total in sums.items()}
+
+
+def _embedding_output(block, component, x):
+    """The paper's embedding-mode component outputs, applied to E as written (float32)."""
+    if component == "ln1":
+        return block.norm1(x)
+    if component == "ln2":
+        return block.norm2(x)
+    if component == "mha":
+        return block.attn(x)
+    if component == "fc1":
+        return block.mlp.fc1(x)
+    return block.mlp.fc2(x)
+
+
+def test_vit_b_sized_plasticity_agrees_with_float64_norms_in_both_modes():
+    """ViT-B/16 shapes (197 tokens, width 768, 12 heads, MLP 3072), one block: FC2's Frobenius norm sums
+    600k squares per image, where float32 sums lost 2e-5 relative."""
+    torch.manual_seed(0)
+    import timm
+
+    model = timm.create_model("vit_base_patch16_224", num_classes=0, depth=1).eval()
+    reference, downstream = random_split(6, size=64, seed=7), random_split(6, size=32, seed=8)
+    table, stats = plasticity.measure(model, reference, downstream, n_pairs=6, batch_size=4, img_size=224,
+                                      device=CPU, modes=("embedding", "hidden"), **SILENT)
+    assert (stats["num_tokens"], stats["embed_dim"]) == (197, 768)
+    expected = _float64_reference(model, reference, downstream, 6)
+    assert len(expected) == len(table) == 2 * len(BLOCK_COMPONENTS)
+    for row in table.itertuples():
+        assert row.mean == pytest.approx(expected[(row.mode, row.component, row.layer)], rel=1e-6, abs=0), row
+
+
+def test_plasticity_figures_name_pair_counts_and_stream_sizes(monkeypatch, tmp_path):
+    import pandas as pd
+
+    from vitplasticity import figures
+
+    rows = [{"mode": "embedding", "component": c, "layer": 0, "depth_pct": 100.0, "mean": 1.0, "ci95": 0.1,
+             "pairs": 12_800, "reference_images": 50_000, "downstream_images": images}
+            for images in (10_000, 2_000) for c in BLOCK_COMPONENTS]
+    drawn = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, out_dir, name: drawn.update({name: fig}))
+    figures.plasticity_vs_rank(pd.DataFrame(rows), tmp_path)
+    figures.plasticity_vs_depth(pd.DataFrame(rows[:5]), tmp_path)
+    rank_title = drawn["plasticity_vs_rank"].axes[0].get_title()
+    assert rank_title.endswith("12,800 pairs; images: reference 50,000, downstream 2,000–10,000 (cycled)")
+    assert drawn["plasticity_vs_depth"].axes[0].get_title() == (
+        "embedding mode\n12,800 pairs; images: reference 50,000, downstream 10,000 (cycled)")

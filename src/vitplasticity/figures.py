@@ -95,6 +95,30 @@ def _modes(plasticity: pd.DataFrame) -> list[str]:
     return sorted(plasticity["mode"].unique()) if not plasticity.empty else ["embedding"]
 
 
+def _span(values: pd.Series) -> str:
+    low, high = int(values.min()), int(values.max())
+    return f"{low:,}" if low == high else f"{low:,}–{high:,}"
+
+
+def pair_note(data: pd.DataFrame) -> str:
+    """The pair count and distinct images per stream behind a plasticity panel, for its title.
+
+    Over the panel's tasks: "12,800 pairs; images: reference 50,000, downstream 2,000–10,000
+    (cycled)". Empty for tables without the count columns.
+    """
+    columns = ("pairs", "reference_images", "downstream_images")
+    if data.empty or any(column not in data for column in columns):
+        return ""
+    cycled = (data["reference_images"] < data["pairs"]) | (data["downstream_images"] < data["pairs"])
+    return (f"{_span(data['pairs'])} pairs; images: reference {_span(data['reference_images'])}, "
+            f"downstream {_span(data['downstream_images'])}" + (" (cycled)" if cycled.any() else ""))
+
+
+def _plasticity_title(mode: str, detail: str, data: pd.DataFrame) -> str:
+    note = pair_note(data)
+    return f"{mode} mode{detail}" + (f"\n{note}" if note else "")
+
+
 def plasticity_vs_rank(plasticity: pd.DataFrame, out_dir: Path) -> None:
     """Each component's plasticity over layers (box) and per layer (dots), ordered by theoretical rank."""
     modes = _modes(plasticity)
@@ -115,7 +139,7 @@ def plasticity_vs_rank(plasticity: pd.DataFrame, out_dir: Path) -> None:
         ax.set_xticks(range(len(order)), [f"{arm_label(c)}\n(rank {THEORETICAL_RANK[c]})" for c in order])
         ax.set_xlabel("component (theoretical rank, 1 = most plastic)")
         ax.set_ylabel("plasticity (ratio)")
-        ax.set_title(f"{mode} mode (dots: layers)")
+        ax.set_title(_plasticity_title(mode, " (dots: layers)", data), fontsize=9)
     for ax in list(axes.flat)[len(modes):]:
         ax.set_axis_off()
     _save(fig, out_dir, "plasticity_vs_rank")
@@ -142,7 +166,7 @@ def plasticity_vs_depth(plasticity: pd.DataFrame, out_dir: Path) -> None:
             drawn.append(component)
         ax.set_xlabel("layer depth (% of blocks)")
         ax.set_ylabel("plasticity (ratio, ± 95% CI)")
-        ax.set_title(f"{mode} mode")
+        ax.set_title(_plasticity_title(mode, "", data), fontsize=9)
     for ax in list(axes.flat)[len(modes):]:
         ax.set_axis_off()
     _legend_below(fig, _component_handles([c for c in BY_THEORY if c in drawn]), 5)

@@ -9,7 +9,11 @@ For a component f and image pairs (a, b), P(f) = mean over pairs of
   its depth.
 
 a comes from the pretraining-distribution stream, b from the downstream test split,
-paired index by index. All components of all layers are measured from one embedding
+paired index by index (`pair_indices`: the smaller stream is cycled up to `n_pairs`, as the
+authors' loader does to reach 64 × 200 = 12,800 pairs). Each stream is transformed to the
+model's input before the two are joined, so their stored image sizes may differ (ImageNet val
+at 256 px beside CIFAR at 32 px). Norms, their ratios and the streamed sums are float64
+(a Frobenius norm of a ViT-B FC1 output sums 600k squares). All components of all layers are measured from one embedding
 pass per batch, and the statistics are streamed (memory does not grow with pairs). In
 embedding mode only MHA is applied to both streams; the linear maps and LayerNorms are
 reduced to products with the pair difference (`_EmbeddingNumerators`).
@@ -35,36 +39,73 @@ MODES = ("embedding", "hidden")
 
 
 class RunningStats:
-    """Count, mean and variance of a stream of values (float64 sums per key)."""
+    """Count, mean and variance of a stream of values per key, in float64.
+
+    Batches are merged with Chan, Golub & LeVeque's pairwise update of (count, mean, M2), so
+    the variance has no cancellation of a sum of squares against n·mean² (their 1983 note).
+    """
 
     def __init__(self) -> None:
         self.count: dict[tuple, int] = {}
-        self.total: dict[tuple, float] = {}
-        self.squares: dict[tuple, float] = {}
+        self.mean: dict[tuple, float] = {}
+        self.m2: dict[tuple, float] = {}
 
     def add(self, key: tuple, values: torch.Tensor) -> None:
-        values = values.double()
-        self.count[key] = self.count.get(key, 0) + values.numel()
-        self.total[key] = self.total.get(key, 0.0) + values.sum().item()
-        self.squares[key] = self.squares.get(key, 0.0) + values.square().sum().item()
+        values = values.detach().double().flatten().cpu()
+        m = values.numel()
+        if m == 0:
+            return
+        batch_mean = values.mean().item()
+        batch_m2 = (values - batch_mean).square().sum().item()
+        n = self.count.get(key, 0)
+        if n == 0:
+            self.count[key], self.mean[key], self.m2[key] = m, batch_mean, batch_m2
+            return
+        delta = batch_mean - self.mean[key]
+        total = n + m
+        self.mean[key] += delta * m / total
+        self.m2[key] += batch_m2 + delta * delta * n * m / total
+        self.count[key] = total
 
     def summary(self, key: tuple) -> tuple[float, float, int]:
         """Mean, sample standard deviation and count; NaN, NaN, 0 when no value was added."""
         n = self.count.get(key, 0)
         if n == 0:
             return math.nan, math.nan, 0
-        mean = self.total[key] / n
-        var = max(0.0, (self.squares[key] - n * mean * mean) / (n - 1)) if n > 1 else 0.0
-        return mean, math.sqrt(var), n
+        var = self.m2[key] / (n - 1) if n > 1 else 0.0
+        return self.mean[key], math.sqrt(max(var, 0.0)), n
+
+
+def pair_indices(n_reference: int, n_downstream: int, n_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which reference and downstream image make each of `n_pairs` pairs. Two (n_pairs,) int64 arrays.
+
+    Pairs are formed index by index (study-spec §3). Where a stream has fewer images than
+    `n_pairs`, it is cycled, as the authors' loader cycles its smaller stream to reach
+    64 × 200 = 12,800 pairs. Pass c over the smaller stream (the downstream one on a tie) is
+    rotated by c images: pair k takes image (k + k // n_small) mod n_small of it and image
+    k mod n_large of the other. So no pair repeats before the larger stream runs out as well,
+    and when both streams hold the same images, a cycled pass never pairs an image with
+    itself (pass c pairs image i with image i + c).
+    """
+    if min(n_reference, n_downstream) < 1:
+        raise UserError(f"plasticity needs images in both streams, got {n_reference} reference and "
+                        f"{n_downstream} downstream; check both tasks' test splits")
+    k = np.arange(n_pairs, dtype=np.int64)
+    reference_smaller = n_reference < n_downstream
+    n_small, n_large = sorted((n_reference, n_downstream)) if reference_smaller else (n_downstream, n_reference)
+    small = (k + k // n_small) % n_small
+    large = k % n_large
+    return (small, large) if reference_smaller else (large, small)
 
 
 def _frobenius(x: torch.Tensor) -> torch.Tensor:
-    """Per-sample Frobenius norm of a (B, N, D) token matrix. (B,)"""
-    return x.float().flatten(1).norm(dim=1)
+    """Per-sample Frobenius norm of a (B, N, D) token matrix, summed in float64. (B,) float64"""
+    return x.double().flatten(1).norm(dim=1)
 
 
-def _pair_ratios(out: torch.Tensor, half: int, denominator: torch.Tensor) -> torch.Tensor:
-    return _frobenius(out[:half] - out[half:]) / denominator
+def _pair_difference_norms(x: torch.Tensor, half: int) -> torch.Tensor:
+    """||x_a - x_b||_F per pair of a (2B, N, D) stack (stream a, then stream b), in float64. (B,)"""
+    return _frobenius(x[:half].double() - x[half:].double())
 
 
 _PLAIN_LAYER_NORMS = (torch.nn.LayerNorm, LayerNorm)
@@ -94,7 +135,7 @@ class _EmbeddingNumerators:
             for component, norm in (("ln1", block.norm1), ("ln2", block.norm2)):
                 if type(norm) in _PLAIN_LAYER_NORMS and tuple(norm.normalized_shape) == (width,):
                     gamma = norm.weight if norm.weight is not None else torch.ones(width, device=device)
-                    self.norms[(component, layer)] = (norm.eps, gamma.float().square())
+                    self.norms[(component, layer)] = (norm.eps, gamma.double().square())
             fc1, fc2, scale = getattr(block.mlp, "fc1", None), block.mlp.fc2, block.ls2  # SwiGLU: fc1_g, fc1_x
             if type(fc1) is torch.nn.Linear:
                 maps[("fc1", layer)] = fc1.weight.double().T
@@ -105,24 +146,24 @@ class _EmbeddingNumerators:
         self.grams = torch.stack(grams, dim=1) if grams else None  # (D·D, maps)
 
     def __call__(self, emb: torch.Tensor, half: int) -> dict[tuple[str, int], torch.Tensor]:
-        """`emb` (2B, N, D): stream a then stream b. Returns {(component, layer): (B,)}."""
+        """`emb` (2B, N, D): stream a then stream b. Returns {(component, layer): (B,) float64}."""
         out = {}
         if self.grams is not None:
-            delta = (emb[:half] - emb[half:]).double()  # (B, N, D)
+            delta = emb[:half].double() - emb[half:].double()  # (B, N, D)
             tokens_gram = (delta.transpose(1, 2) @ delta).flatten(1)  # (B, D, D) → (B, D·D)
-            linear = (tokens_gram @ self.grams).clamp_(min=0).sqrt_().float()  # (B, maps)
+            linear = (tokens_gram @ self.grams).clamp_(min=0).sqrt_()  # (B, maps), float64
             out.update(zip(self.linear, linear.T, strict=True))
         spread: dict[float, torch.Tensor] = {}  # eps → Σ_tokens (n_a - n_b)², (B, D)
         for eps in {eps for eps, _ in self.norms.values()}:
-            normed = F.layer_norm(emb, emb.shape[-1:], eps=eps)
+            normed = F.layer_norm(emb, emb.shape[-1:], eps=eps).double()
             spread[eps] = (normed[:half] - normed[half:]).square().sum(1)
         for (component, layer), (eps, gamma_sq) in self.norms.items():
-            out[(component, layer)] = (spread[eps] @ gamma_sq).sqrt()
+            out[(component, layer)] = (spread[eps] @ gamma_sq.double()).sqrt()
         for layer, block in enumerate(self.model.blocks):
             for component in BLOCK_COMPONENTS:
                 if (component, layer) not in out:
                     applied = apply_component(block, component, emb)
-                    out[(component, layer)] = _frobenius(applied[:half] - applied[half:])
+                    out[(component, layer)] = _pair_difference_norms(applied, half)
         return {(component, layer): out[(component, layer)]
                 for layer in range(len(self.model.blocks)) for component in BLOCK_COMPONENTS}
 
@@ -141,28 +182,42 @@ def measure(
     std=transforms.IMAGENET_STD,
     progress: Callable[[str], None] = print,
 ) -> tuple[pd.DataFrame, dict]:
-    """Plasticity per (mode, component, layer) and token-norm statistics of E per stream."""
+    """Plasticity per (mode, component, layer) and token-norm statistics of E per stream.
+
+    `reference` and `downstream` hold uint8 (N, H, W, 3) images whose sizes may differ; each
+    batch of each stream is resized and centre-cropped to `img_size` before the two are
+    joined. `n_pairs` pairs are formed by `pair_indices` (a smaller stream is cycled; one
+    line says so). Pairs of identical images (zero denominator) are left out and counted.
+
+    Returns the table (one row per mode, component and layer: mean, std, n kept pairs, 95%
+    CI, and the pair count and distinct images of each stream) and the stats record.
+    Raises UserError for an unknown mode or fewer than 2 pairs.
+    """
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise UserError(f"plasticity modes {unknown} unknown; allowed: {', '.join(MODES)}")
-    pairs = min(n_pairs, len(reference.labels), len(downstream.labels))
-    if pairs < 2:
-        raise UserError(
-            f"plasticity needs at least 2 image pairs, the streams give {pairs}; raise n_pairs or use larger splits"
-        )
+    if n_pairs < 2:
+        raise UserError(f"plasticity needs at least 2 image pairs, got n_pairs = {n_pairs}; raise n_pairs")
+    counts = {"reference": len(reference.labels), "downstream": len(downstream.labels)}
+    reference_rows, downstream_rows = pair_indices(counts["reference"], counts["downstream"], n_pairs)
+    for stream, count in counts.items():
+        if count < n_pairs:
+            progress(f"plasticity: the {stream} stream has {count} images; it is cycled to make {n_pairs} pairs")
     model.eval().to(device)
     numerators = _EmbeddingNumerators(model, model.embed_dim, device) if "embedding" in modes else None
     ratios, tokens, skipped = RunningStats(), RunningStats(), 0
-    for start in range(0, pairs, batch_size):
-        stop = min(start + batch_size, pairs)
-        images = np.concatenate([reference.images[start:stop], downstream.images[start:stop]])
-        emb = embed(model, transforms.eval_batch(images, img_size, device, mean, std)).float()  # (2B, N, D)
+    for start in range(0, n_pairs, batch_size):
+        stop = min(start + batch_size, n_pairs)
+        # Each stream to the model's input first: their stored sizes may differ.
+        inputs = [transforms.eval_batch(split.images[rows[start:stop]], img_size, device, mean, std)
+                  for split, rows in ((reference, reference_rows), (downstream, downstream_rows))]
+        emb = embed(model, torch.cat(inputs)).float()  # (2B, N, D)
         half = stop - start
-        token_norms = emb.norm(dim=-1)  # (2B, N)
+        token_norms = emb.double().norm(dim=-1)  # (2B, N)
         for stream, part in (("reference", token_norms[:half]), ("downstream", token_norms[half:])):
             tokens.add((stream, "mean_token_norm"), part.mean(dim=1))
             tokens.add((stream, "rms_token_norm"), part.square().mean(dim=1).sqrt())
-        distance = _frobenius(emb[:half] - emb[half:])  # (B,): pairs at distance 0 have no ratio
+        distance = _pair_difference_norms(emb, half)  # (B,): pairs at distance 0 have no ratio
         skipped += int((distance == 0).sum())
         if "embedding" in modes:
             denominator = distance
@@ -178,15 +233,15 @@ def measure(
                 inputs, hidden_next = hidden_inputs(block, hidden)
                 for component in BLOCK_COMPONENTS:
                     x = inputs[component]
-                    denominator = _frobenius(x[:half] - x[half:])
+                    denominator = _pair_difference_norms(x, half)
                     keep = denominator > 0
-                    out = apply_component(block, component, x)
-                    ratios.add(("hidden", component, layer), _pair_ratios(out, half, denominator)[keep])
+                    numerator = _pair_difference_norms(apply_component(block, component, x), half)
+                    ratios.add(("hidden", component, layer), (numerator / denominator)[keep])
                 hidden = hidden_next
-        progress(f"plasticity: {stop}/{pairs} pairs")
-    if skipped == pairs:
+        progress(f"plasticity: {stop}/{n_pairs} pairs")
+    if skipped == n_pairs:
         raise UserError(
-            f"plasticity: all {pairs} image pairs have identical embeddings (zero input distance), so no rate "
+            f"plasticity: all {n_pairs} image pairs have identical embeddings (zero input distance), so no rate "
             "of change is defined; choose a plasticity.reference_task whose images differ from the downstream task's"
         )
     rows = []
@@ -196,10 +251,12 @@ def measure(
         rows.append({
             "mode": mode, "component": component, "label": LABELS[component], "layer": layer,
             "depth_pct": 100.0 * (layer + 1) / depth, "mean": value, "std": spread, "n": n,
-            "ci95": 1.96 * spread / math.sqrt(n) if n else math.nan,
+            "ci95": 1.96 * spread / math.sqrt(n) if n else math.nan, "pairs": n_pairs,
+            "reference_images": counts["reference"], "downstream_images": counts["downstream"],
         })
-    stats = {"pairs": pairs, "skipped_identical_pairs": skipped, "num_tokens": int(emb.shape[1]),
-             "embed_dim": int(emb.shape[2])}
+    stats = {"pairs": n_pairs, "skipped_identical_pairs": skipped, "num_tokens": int(emb.shape[1]),
+             "embed_dim": int(emb.shape[2]), "reference_images": counts["reference"],
+             "downstream_images": counts["downstream"]}
     for key in tokens.count:
         stats[f"{key[0]}_{key[1]}"] = tokens.summary(key)[0]
     return pd.DataFrame(rows), stats

@@ -48,4 +48,5 @@ def prepare(task: dict, out_dir: Path, raw_dir: Path, provenance: dict) -> dict:
     kept, val = holdout(np.arange(len(train)), task["val_fraction"], task["split_seed"])
     parts = {"train": (train, kept), "val": (train, val), "test": (test, np.arange(len(test)))}
     provenance = provenance | {"files": [vars(resource)]}
-    return write_splits(out_dir, parts, list(train.classes), provenance, task["store_size"])
+    return write_splits(out_dir, parts, list(train.classes), provenance, task["store_size"],
+                        max_images=task.get("max_images"), seed=task.get("split_seed", 0))

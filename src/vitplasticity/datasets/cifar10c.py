@@ -38,7 +38,8 @@ def prepare(task: dict, out_dir: Path, raw_dir: Path, provenance: dict) -> dict:
                             task["split_seed"])
     parts = {split: (dataset, rows) for split, rows in splits.items()}
     provenance = provenance | {"files": [vars(resource)]}
-    return write_splits(out_dir, parts, CLASSES, provenance, task["store_size"])
+    return write_splits(out_dir, parts, CLASSES, provenance, task["store_size"],
+                        max_images=task.get("max_images"), seed=task.get("split_seed", 0))
 
 
 def read_severity(archive: Path, corruption: str, severity: int) -> tuple[np.ndarray, np.ndarray]:

@@ -40,4 +40,5 @@ def prepare(task: dict, out_dir: Path, raw_dir: Path, provenance: dict) -> dict:
                                 task["split_seed"])
         parts = {split: (dataset, rows) for split, rows in splits.items()}
         provenance = provenance | {"files": [vars(resource)], "skipped": dict(dataset.skipped)}
-        return write_splits(out_dir, parts, dataset.classes, provenance, task["store_size"])
+        return write_splits(out_dir, parts, dataset.classes, provenance, task["store_size"],
+                            max_images=task.get("max_images"), seed=task.get("split_seed", 0))

@@ -54,4 +54,5 @@ def prepare(task: dict, out_dir: Path, raw_dir: Path, provenance: dict) -> dict:
         ) from exc
     parts = {split: (data, np.arange(len(data))) for split, data in datasets.items()}
     provenance = provenance | {"files": [vars(resource) for resource in resources]}
-    return write_splits(out_dir, parts, list(Flowers102.classes), provenance, task["store_size"])
+    return write_splits(out_dir, parts, list(Flowers102.classes), provenance, task["store_size"],
+                        max_images=task.get("max_images"), seed=task.get("split_seed", 0))

@@ -81,7 +81,8 @@ def prepare(task: dict, out_dir: Path, raw_dir: Path, provenance: dict) -> dict:
                             f"({len(base)} images); add images or raise val_fraction/test_fraction")
         provenance = provenance | {"split_folders": given, "images_found": {s: len(d) for s, d in datasets.items()},
                                    "skipped": {s: dict(files.skipped) for s, files in opened.items()}}
-        return write_splits(out_dir, parts, classes, provenance, task["store_size"])
+        return write_splits(out_dir, parts, classes, provenance, task["store_size"],
+                            max_images=task.get("max_images"), seed=task.get("split_seed", 0))
     finally:
         for files in opened.values():
             files.close()

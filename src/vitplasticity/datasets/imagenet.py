@@ -3,7 +3,7 @@
 ImageNet cannot be downloaded without an account, so the task's `path` names a local copy:
 the official ``ILSVRC2012_img_val.tar`` or a folder of its images. Images in class
 sub-folders are labelled by them; otherwise all take label 0 of the class "imagenet".
-`max_images` keeps a seeded random subset (in path order).
+`max_images` keeps a seeded random subset (in path order), as for every source.
 """
 
 from __future__ import annotations
@@ -32,11 +32,6 @@ def prepare(task: dict, out_dir: Path, raw_dir: Path, provenance: dict) -> dict:
             f"ImageNet val path {path} does not exist; fix `path` of the imagenet_val task"
         )
     with ImageFiles(path, flat_class="imagenet", decoding=Decoding.of_task(task)) as dataset:
-        rows = np.arange(len(dataset))
-        limit = task.get("max_images")
-        if limit is not None and limit < len(rows):
-            rng = np.random.default_rng(task["split_seed"])
-            rows = np.sort(rng.choice(rows, limit, replace=False))
         provenance = provenance | {"images_found": len(dataset), "skipped": dict(dataset.skipped)}
-        return write_splits(out_dir, {"test": (dataset, rows)}, dataset.classes, provenance,
-                            task["store_size"])
+        return write_splits(out_dir, {"test": (dataset, np.arange(len(dataset)))}, dataset.classes, provenance,
+                            task["store_size"], max_images=task.get("max_images"), seed=task["split_seed"])

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms
 
+from vitplasticity.datasets.splits import cap
 from vitplasticity.errors import UserError
 from vitplasticity.prepared import prepared_writer
 
@@ -143,9 +144,12 @@ def fit_square(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
 
 def write_splits(
     out_dir: Path, parts: dict[str, Part], classes: list[str], provenance: dict, size: int,
-    workers: int | None = None,
+    workers: int | None = None, max_images: int | None = None, seed: int = 0,
 ) -> dict:
     """Fit and store each split's rows of its dataset as a prepared task; returns its meta.
+
+    `max_images` keeps at most that many rows of each split (`splits.cap`, seeded by `seed`);
+    the classes stay those of the whole dataset, so a model's head keeps its size.
 
     Images are decoded by a thread pool (PIL releases the GIL) a chunk at a time, so only
     one chunk is ever in memory.
@@ -157,6 +161,7 @@ def write_splits(
         ThreadPoolExecutor(workers) as pool,
     ):
         for split, (dataset, rows) in parts.items():
+            rows = cap(rows, max_images, seed)
             writer.add_split(split, len(rows))
             load = functools.partial(_load, dataset, size)
             last = time.monotonic()

@@ -55,4 +55,5 @@ def prepare(task: dict, out_dir: Path, raw_dir: Path, provenance: dict) -> dict:
     parts = {"train": (trainval, kept), "val": (trainval, val),
              "test": (test, np.arange(len(test)))}
     provenance = provenance | {"files": [vars(resource) for resource in resources]}
-    return write_splits(out_dir, parts, list(trainval.classes), provenance, task["store_size"])
+    return write_splits(out_dir, parts, list(trainval.classes), provenance, task["store_size"],
+                        max_images=task.get("max_images"), seed=task.get("split_seed", 0))

@@ -6,8 +6,10 @@ A task's config keys (see each source's module for its split rule and official f
   imagefolder (a user's ImageFolder tree, `vitplasticity.datasets.imagefolder`)
 - ``store_size``: images are stored square: shorter side resized to it, then centre-cropped
 - ``split_seed``, ``val_fraction``, ``test_fraction``: the fixed random splits
-- ``corruption``, ``severity`` (cifar10c); ``domain`` (domainnet);
-  ``path``, ``max_images`` (imagenet_val); ``path`` (imagefolder)
+- ``max_images``: keep at most this many images of each split (a seeded random subset, in
+  order); the classes stay all of the dataset's
+- ``corruption``, ``severity`` (cifar10c); ``domain`` (domainnet); ``path`` (imagenet_val,
+  imagefolder)
 - ``max_image_pixels``, ``pixel_range`` (sources read from image files: domainnet, flowers102,
   oxford_pets, imagenet_val, imagefolder): how images are decoded
   (`vitplasticity.datasets.images.Decoding`)
