@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from vitplasticity import transforms
-from vitplasticity.components import BLOCK_COMPONENTS, component_of
+from vitplasticity.components import block_parameters
 from vitplasticity.prepared import Split
 from vitplasticity.training import batch_indices
 
@@ -77,21 +77,10 @@ def cost(device: torch.device) -> Iterator[Cost]:
     measured.wall_s = time.perf_counter() - began
 
 
-def _block_parameters(model: torch.nn.Module) -> dict[tuple[str, int], list[torch.nn.Parameter]]:
-    """(component, layer) → that block component's parameters, for the five block components."""
-    groups: dict[tuple[str, int], list[torch.nn.Parameter]] = {}
-    for layer, block in enumerate(model.blocks):
-        for name, param in block.named_parameters():
-            component = component_of(f"blocks.{layer}.{name}")
-            if component in BLOCK_COMPONENTS:
-                groups.setdefault((component, layer), []).append(param)
-    return groups
-
-
 def trainable_params(model: torch.nn.Module) -> pd.DataFrame:
     """Parameter count per (component, layer). Columns component, layer, value."""
-    rows = [{"component": c, "layer": layer, "value": float(sum(p.numel() for p in params))}
-            for (c, layer), params in _block_parameters(model).items()]
+    rows = [{"component": c, "layer": layer, "value": float(sum(p.numel() for _, p in params))}
+            for (c, layer), params in block_parameters(model).items()]
     return pd.DataFrame(rows)
 
 
@@ -107,7 +96,7 @@ def relative_gradient_norms(model: torch.nn.Module, train: Split, num_classes: i
     torch.manual_seed(seed)
     model.reset_classifier(num_classes)
     model.to(device).eval()
-    groups = _block_parameters(model)
+    groups = {key: [p for _, p in params] for key, params in block_parameters(model).items()}
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(True)
