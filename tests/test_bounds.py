@@ -96,3 +96,70 @@ def test_bounds_table_shape_and_depth():
     assert sorted(set(table["depth_pct"])) == [50.0, 100.0]
     assert set(table["n"]) == {N}
     assert (table["bound"] > 0).all()
+
+
+def _pair_ratios(model, images_a, images_b):
+    """Per pair and (component, layer): ||f(E_a) - f(E_b)||_F / ||E_a - E_b||_F, written plainly."""
+    from vitplasticity.components import BLOCK_COMPONENTS, apply_component, embed
+
+    with torch.no_grad():
+        e_a, e_b = embed(model, images_a), embed(model, images_b)
+        denominator = (e_a - e_b).flatten(1).norm(dim=1)
+        ratios = {}
+        for layer, block in enumerate(model.blocks):
+            for component in BLOCK_COMPONENTS:
+                diff = apply_component(block, component, e_a) - apply_component(block, component, e_b)
+                ratios[(component, layer)] = diff.flatten(1).norm(dim=1) / denominator
+    return ratios, torch.cat([e_a, e_b])
+
+
+def _trained_vit():
+    from helpers import random_split
+
+    from vitplasticity.prepared import Split
+    from vitplasticity.training import TrainConfig, train
+
+    model = tiny_vit()
+    split = random_split(64, num_classes=5)
+    splits = {"train": split, "val": Split(split.images[:16], split.labels[:16]),
+              "test": Split(split.images[:16], split.labels[:16])}
+    train(model, splits, TrainConfig(steps=20, eval_every=20, batch_size=16, lr=0.3, seed=0, img_size=32,
+                                     eval_batch=16), torch.device("cpu"), progress=lambda _: None)
+    return model.eval()
+
+
+def _large_token_vit():
+    model = tiny_vit(seed=3)
+    with torch.no_grad():
+        model.patch_embed.proj.weight.mul_(40.0)
+        model.pos_embed.mul_(40.0)
+    return model
+
+
+@pytest.mark.parametrize("make", [tiny_vit, _trained_vit, _large_token_vit], ids=["random", "trained", "large_tokens"])
+def test_measured_rates_never_exceed_the_holding_bound(make):
+    from vitplasticity.bounds import token_extremes
+
+    model = make()
+    torch.manual_seed(11)
+    images_a, images_b = torch.randn(24, 3, 32, 32), torch.randn(24, 3, 32, 32) * 0.5 + 0.3
+    ratios, streams = _pair_ratios(model, images_a, images_b)
+    table = theoretical_bounds(model, radius=1.0, extremes=token_extremes(streams)).set_index(["component", "layer"])
+    for key, values in ratios.items():
+        assert values.max().item() <= table.loc[key, "holding_bound"] * (1 + 1e-6), key
+
+
+def test_paper_layernorm_bound_is_exceeded_by_small_tokens_and_the_holding_one_is_not():
+    from vitplasticity.bounds import token_extremes
+
+    model = tiny_vit()  # timm's initialisation: tokens of E have standard deviation well below 1
+    torch.manual_seed(11)
+    ratios, streams = _pair_ratios(model, torch.randn(24, 3, 32, 32), torch.randn(24, 3, 32, 32))
+    extremes = token_extremes(streams)
+    assert extremes["min_token_std"] < 1
+    table = theoretical_bounds(model, radius=1.0, extremes=extremes).set_index(["component", "layer"])
+    worst = ratios[("ln1", 0)].max().item()
+    assert worst > table.loc[("ln1", 0), "bound"] == 1.0  # max(γ) = 1 at timm's initialisation
+    assert worst <= table.loc[("ln1", 0), "holding_bound"]
+    expected = 1.0 / math.sqrt(extremes["min_token_std"] ** 2 + model.blocks[0].norm1.eps)
+    assert table.loc[("ln1", 0), "holding_bound"] == pytest.approx(expected)

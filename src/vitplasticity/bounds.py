@@ -1,5 +1,23 @@
 """Theoretical upper bounds on each component's rate of change, per block (study-spec §4).
 
+Column ``bound`` is the paper's; column ``holding_bound`` is one that holds for the measured inputs
+(embedding mode: every component fed E of both streams), from their extreme token statistics:
+
+- LN1, LN2: the paper's max(γ) is not an upper bound when tokens are small. Per token,
+  LN(a) − LN(b) = γ ⊙ (f(u) − f(v)) with u, v the centred tokens and f(u) = u / sqrt(‖u‖²/d + ε).
+  f is √d times the first d coordinates of the unit vector along (u, sqrt(dε)), and for vectors
+  ‖x/‖x‖ − y/‖y‖‖ ≤ ‖x − y‖ / min(‖x‖, ‖y‖) (scale the longer one onto the shorter one's sphere:
+  a projection onto a ball, which does not expand distances). So
+  ‖LN(a) − LN(b)‖ ≤ max|γ| ‖a − b‖ / min(σ_a, σ_b), σ = sqrt(Var(token) + ε), and over token matrices
+  ‖LN(E_a) − LN(E_b)‖_F ≤ max|γ| / σ_min · ‖E_a − E_b‖_F with σ_min the smallest σ of any token of
+  either stream. At σ_min = 1 it is the paper's max(γ); at small tokens it exceeds it.
+- MHA: the same formula with r the largest token norm of either stream (the bound is for tokens in
+  the ball of radius r; the paper's r is a mean), times max|γ| of LayerScale where a model has it.
+- FC1, FC2: the spectral norm holds as it is (FC2's input is zero-padded: only d of its columns act),
+  times max|γ| of LayerScale after FC2 where a model has it.
+
+The paper's bounds:
+
 - LN1, LN2: the largest entry of the LayerNorm gain γ (the authors' max(γ)).
 - FC1, FC2: spectral norm of the weight.
 - MHA: Σ_h ||W_O^h||₂ ||W_V^h||₂ sqrt(3n + (12n + 3) r⁴ ||W_Q^h W_K^hᵀ / sqrt(d_h)||₂²)
@@ -40,8 +58,29 @@ def mha_bound(qkv_weight: torch.Tensor, proj_weight: torch.Tensor, num_heads: in
 
 
 @torch.no_grad()
-def theoretical_bounds(model: torch.nn.Module, radius: float) -> pd.DataFrame:
-    """One row per (layer, component): the bound, with n and r used."""
+def token_extremes(emb: torch.Tensor) -> dict[str, float]:
+    """Smallest token standard deviation (over features, population) and largest token norm of E (B, N, D)."""
+    emb = emb.double()
+    return {"min_token_std": emb.var(dim=-1, unbiased=False).sqrt().min().item(),
+            "max_token_norm": emb.norm(dim=-1).max().item()}
+
+
+def _scale_max(module: torch.nn.Module) -> float:
+    """max|γ| of a LayerScale; 1 for an identity."""
+    gamma = getattr(module, "gamma", None)
+    return gamma.abs().max().item() if gamma is not None else 1.0
+
+
+def layernorm_holding_bound(norm: torch.nn.Module, min_token_std: float) -> float:
+    """max|γ| / sqrt(σ_min² + ε): a LayerNorm's rate of change on tokens of standard deviation ≥ σ_min."""
+    gamma = norm.weight.abs().max().item() if norm.weight is not None else 1.0
+    return gamma / math.sqrt(min_token_std**2 + norm.eps)
+
+
+@torch.no_grad()
+def theoretical_bounds(model: torch.nn.Module, radius: float, extremes: dict[str, float] | None = None) -> pd.DataFrame:
+    """One row per (layer, component): the paper's bound, with n and r used, and, given the streams' token
+    `extremes` (`token_extremes`), the bound that holds for them."""
     n = model.patch_embed.num_patches + model.num_prefix_tokens
     rows = []
     depth = len(model.blocks)
@@ -53,7 +92,18 @@ def theoretical_bounds(model: torch.nn.Module, radius: float) -> pd.DataFrame:
             "fc2": spectral_norm(block.mlp.fc2.weight),
             "mha": mha_bound(block.attn.qkv.weight, block.attn.proj.weight, block.attn.num_heads, n, radius),
         }
+        holding = dict.fromkeys(values, math.nan)
+        if extremes is not None:
+            holding = {
+                "ln1": layernorm_holding_bound(block.norm1, extremes["min_token_std"]),
+                "ln2": layernorm_holding_bound(block.norm2, extremes["min_token_std"]),
+                "fc1": values["fc1"],
+                "fc2": values["fc2"] * _scale_max(block.ls2),
+                "mha": mha_bound(block.attn.qkv.weight, block.attn.proj.weight, block.attn.num_heads, n,
+                                 extremes["max_token_norm"]) * _scale_max(block.ls1),
+            }
         for component, bound in values.items():
             rows.append({"component": component, "label": LABELS[component], "layer": layer,
-                         "depth_pct": 100.0 * (layer + 1) / depth, "bound": bound, "n": n, "r": radius})
+                         "depth_pct": 100.0 * (layer + 1) / depth, "bound": bound, "holding_bound": holding[component],
+                         "n": n, "r": radius})
     return pd.DataFrame(rows)

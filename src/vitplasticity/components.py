@@ -238,3 +238,15 @@ def hidden_inputs(block: Block, hidden: torch.Tensor) -> tuple[dict[str, torch.T
         for handle in handles:
             handle.remove()
     return inputs, out
+
+
+def block_parameters(model: torch.nn.Module) -> dict[tuple[str, int], list[tuple[str, torch.nn.Parameter]]]:
+    """(component, layer) → the (name, parameter) pairs of that block component, for the block components."""
+    groups: dict[tuple[str, int], list[tuple[str, torch.nn.Parameter]]] = {}
+    for layer, block in enumerate(model.blocks):
+        for name, param in block.named_parameters():
+            full = f"blocks.{layer}.{name}"
+            component = component_of(full)
+            if component in BLOCK_COMPONENTS:
+                groups.setdefault((component, layer), []).append((full, param))
+    return groups
