@@ -1,5 +1,7 @@
 """Selection criteria: parameter counts by hand, relative gradient norms against a direct computation, costs."""
 
+import mmap
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -48,12 +50,11 @@ def test_relative_gradient_norm_matches_a_direct_computation():
 
 
 def test_cost_reports_the_memory_a_criterion_adds():
-    with criteria.cost(CPU) as spent:
-        block = np.ones(300 * 2**20 // 8)  # 300 MiB, touched
-        block.sum()
+    size = 300 * 2**20
+    with criteria.cost(CPU) as spent, mmap.mmap(-1, size) as block:  # fresh pages, not the allocator's free ones
+        block.write(b"x" * size)  # touched: resident
     assert spent.wall_s > 0
-    assert 250 <= spent.peak_mib <= 600
-    del block
+    assert 280 <= spent.peak_mib <= 900
 
 
 def test_measure_collects_scores_and_costs_and_component_means():

@@ -429,3 +429,25 @@ def test_plasticity_figures_name_pair_counts_and_stream_sizes(monkeypatch, tmp_p
     assert rank_title.endswith("12,800 pairs; images: reference 50,000, downstream 2,000–10,000 (cycled)")
     assert drawn["plasticity_vs_depth"].axes[0].get_title() == (
         "embedding mode\n12,800 pairs; images: reference 50,000, downstream 10,000 (cycled)")
+
+
+def test_scale_free_mode_is_invariant_to_the_scale_of_e_while_layernorm_values_scale_by_one_over_c():
+    def measured(c):
+        model = tiny_vit(seed=4)
+        with torch.no_grad():  # E = patch embedding + class token + position embedding, all times c
+            for tensor in (model.patch_embed.proj.weight, model.patch_embed.proj.bias, model.cls_token,
+                           model.pos_embed):
+                tensor.mul_(c)
+        table, stats = plasticity.measure(model, random_split(12, seed=1), random_split(12, seed=2), 12, 6, 32,
+                                          torch.device("cpu"), modes=("embedding", "scale_free"),
+                                          progress=lambda _: None)
+        return table.set_index(["mode", "component", "layer"])["mean"], stats
+
+    base, base_stats = measured(1.0)
+    scaled, scaled_stats = measured(8.0)
+    for key in base["scale_free"].index:
+        assert scaled["scale_free"][key] == pytest.approx(base["scale_free"][key], rel=1e-5), key
+    assert scaled["embedding"][("ln1", 0)] == pytest.approx(base["embedding"][("ln1", 0)] / 8, rel=1e-3)
+    assert scaled["embedding"][("fc1", 1)] == pytest.approx(base["embedding"][("fc1", 1)], rel=1e-5)
+    assert scaled_stats["max_token_norm"] == pytest.approx(8 * base_stats["max_token_norm"], rel=1e-5)
+    assert scaled_stats["min_token_std"] == pytest.approx(8 * base_stats["min_token_std"], rel=1e-5)

@@ -15,7 +15,8 @@ this one". `selection` compares their rankings with the finetuning ranking.
 
 Every criterion also reports its cost: wall time and the peak memory it adds above the loaded model
 (`cost`): on a GPU from PyTorch's allocator statistics, on Linux from the process's peak resident set
-(reset through ``/proc/self/clear_refs`` before each criterion); elsewhere not measured.
+(reset through ``/proc/self/clear_refs`` before each criterion; memory the allocator already holds
+from earlier work is reused without being counted again); elsewhere not measured.
 """
 
 from __future__ import annotations

@@ -203,7 +203,8 @@ def compute_bounds(weights: Path, stats_path: Path, out: Path) -> pd.DataFrame:
 
     model, _ = models.load_checkpoint(weights, num_classes=0)
     stats = read_json(stats_path)
-    table = bounds.theoretical_bounds(model, radius=stats["downstream_rms_token_norm"])
+    extremes = {key: stats[key] for key in ("min_token_std", "max_token_norm")}
+    table = bounds.theoretical_bounds(model, radius=stats["downstream_rms_token_norm"], extremes=extremes)
     table.insert(0, "task", stats["task"])
     table.insert(0, "model", stats["model"])
     table["head_slicing"] = bounds.HEAD_SLICING

@@ -6,7 +6,14 @@ For a component f and image pairs (a, b), P(f) = mean over pairs of
 - ``embedding`` mode (the paper's): the pretrained embedding E(image), fed to every
   component of every block (FC2 receives E zero-padded to 4d);
 - ``hidden`` mode (an extension): the input that actually reaches the component at
-  its depth.
+  its depth;
+- ``scale_free`` mode (an extension): embedding mode with each image's E rescaled to unit
+  token RMS, x = E / rms(E), rms(E) = ||E||_F / sqrt(N·D). A LayerNorm's rate of change
+  scales as 1/||token|| and a linear map's does not, so the embedding-mode ranking depends
+  on the scale of E; this one does not: E → cE leaves x, hence every value, unchanged, while
+  the paper's LayerNorm values scale by 1/c. For maps whose output ignores input scale
+  (LayerNorm) or is linear in it (FC1, FC2 up to biases, which cancel) it is the embedding
+  value at unit token RMS.
 
 a comes from the pretraining-distribution stream, b from the downstream test split,
 paired index by index (`pair_indices`: the smaller stream is cycled up to `n_pairs`, as the
@@ -35,7 +42,7 @@ from vitplasticity.components import BLOCK_COMPONENTS, LABELS, apply_component, 
 from vitplasticity.errors import UserError
 from vitplasticity.prepared import Split
 
-MODES = ("embedding", "hidden")
+MODES = ("embedding", "hidden", "scale_free")
 
 
 class RunningStats:
@@ -204,8 +211,10 @@ def measure(
         if count < n_pairs:
             progress(f"plasticity: the {stream} stream has {count} images; it is cycled to make {n_pairs} pairs")
     model.eval().to(device)
-    numerators = _EmbeddingNumerators(model, model.embed_dim, device) if "embedding" in modes else None
+    wants_numerators = "embedding" in modes or "scale_free" in modes
+    numerators = _EmbeddingNumerators(model, model.embed_dim, device) if wants_numerators else None
     ratios, tokens, skipped = RunningStats(), RunningStats(), 0
+    extremes = {"min_token_std": math.inf, "max_token_norm": 0.0}  # over every token of both streams
     for start in range(0, n_pairs, batch_size):
         stop = min(start + batch_size, n_pairs)
         # Each stream to the model's input first: their stored sizes may differ.
@@ -217,16 +226,23 @@ def measure(
         for stream, part in (("reference", token_norms[:half]), ("downstream", token_norms[half:])):
             tokens.add((stream, "mean_token_norm"), part.mean(dim=1))
             tokens.add((stream, "rms_token_norm"), part.square().mean(dim=1).sqrt())
+        extremes["max_token_norm"] = max(extremes["max_token_norm"], token_norms.max().item())
+        extremes["min_token_std"] = min(extremes["min_token_std"],
+                                        emb.double().var(dim=-1, unbiased=False).min().sqrt().item())
         distance = _pair_difference_norms(emb, half)  # (B,): pairs at distance 0 have no ratio
         skipped += int((distance == 0).sum())
-        if "embedding" in modes:
-            denominator = distance
+        for mode in ("embedding", "scale_free"):
+            if mode not in modes:
+                continue
+            # scale_free: each image's E at unit token RMS (rms over its N x D entries)
+            x = emb if mode == "embedding" else emb / emb.double().square().mean((1, 2), keepdim=True).sqrt().float()
+            denominator = distance if mode == "embedding" else _pair_difference_norms(x, half)
             keep = denominator > 0
-            found = numerators(emb, half)
+            found = numerators(x, half)
             keys = list(found)
             batch_ratios = (torch.stack([found[k] for k in keys]) / denominator)[:, keep].cpu()  # (keys, kept)
             for (component, layer), values in zip(keys, batch_ratios, strict=True):
-                ratios.add(("embedding", component, layer), values)
+                ratios.add((mode, component, layer), values)
         if "hidden" in modes:
             hidden = emb
             for layer, block in enumerate(model.blocks):
@@ -256,7 +272,7 @@ def measure(
         })
     stats = {"pairs": n_pairs, "skipped_identical_pairs": skipped, "num_tokens": int(emb.shape[1]),
              "embed_dim": int(emb.shape[2]), "reference_images": counts["reference"],
-             "downstream_images": counts["downstream"]}
+             "downstream_images": counts["downstream"], **extremes}
     for key in tokens.count:
         stats[f"{key[0]}_{key[1]}"] = tokens.summary(key)[0]
     return pd.DataFrame(rows), stats
