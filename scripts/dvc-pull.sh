@@ -1,20 +1,31 @@
 #!/usr/bin/env bash
-# Fetch the study's versioned data and results from the DVC remote, then mark them up to date
-# for Snakemake. DVC does not keep file times, so right after a pull Snakemake would see inputs
-# newer than outputs and rerun the study; `snakemake --touch` fixes the times without running
-# anything.
+# Fetch the study's versioned data and results from the DVC remote, then record them as
+# up to date for Snakemake.
 #
-#   bash scripts/dvc-pull.sh                      # the quick study (config/quick.yaml)
-#   bash scripts/dvc-pull.sh config/config.yaml   # another study's config file
+# DVC keeps neither file times nor Snakemake's provenance (.snakemake/metadata: each output's
+# params, code and inputs). Once `dvc status` confirms that the pulled files are those dvc.lock
+# recorded with this checkout's config and code, `snakemake --touch --forceall` orders the file
+# times and writes that provenance for every output, without running anything. From then on a
+# changed parameter reruns exactly the jobs it touches (docs/dvc.md, "After a pull").
+#
+#   bash scripts/dvc-pull.sh                                   # the quick study (config/quick.yaml)
+#   bash scripts/dvc-pull.sh config/config.yaml paper_study    # another study's config and stage
 #
 # VITPLASTICITY_PYTHON picks the interpreter (default: .venv/bin/python, else python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 configfile="${1:-config/quick.yaml}"
+stage="${2:-quick_study}"
 python="${VITPLASTICITY_PYTHON:-}"
 if [ -z "$python" ]; then
     if [ -x .venv/bin/python ]; then python=.venv/bin/python; else python=python3; fi
 fi
 export DVC_NO_ANALYTICS=1
-"$python" -m dvc pull
-"$python" -m snakemake --touch --cores 1 --configfile "$configfile"
+"$python" -m dvc pull "$stage"
+status="$("$python" -m dvc status "$stage")"
+if ! grep -q "up to date" <<<"$status"; then
+    printf '%s\n' "$status" >&2
+    echo "dvc-pull: the config or code differs from what dvc.lock recorded (above); check out the commit that made it, then run this again" >&2
+    exit 1
+fi
+"$python" -m snakemake --touch --forceall --cores 1 --configfile "$configfile"

@@ -6,7 +6,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vitplasticity.config import check_config, load_config
+from vitplasticity.config import (
+    MACHINE_ENV,
+    Machine,
+    Runtime,
+    Tracking,
+    check_config,
+    load_config,
+    machine,
+    machine_from_env,
+)
 from vitplasticity.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +111,11 @@ MALFORMED = {
     "duplicate seeds": (QUICK, "finetune/seeds", [0, 0], ["config key 'finetune.seeds'", "non-unique elements"]),
     "severity out of range": (QUICK, "tasks/shapes_noise/data/severity", 6, [
         "config key 'tasks.shapes_noise.data.severity': 6 is greater than the maximum of 5"]),
+    "machine setting out of range": (QUICK, "runtime/eval_batch", 0, [
+        "config key 'runtime.eval_batch': 0 is less than the minimum of 1; set it to at least 1"]),
+    "unknown machine setting": (QUICK, "runtime/batch", 8, [
+        "config key 'runtime': unknown key(s) 'batch'",
+        "allowed keys: compile, device, eval_batch, micro_batch, plasticity_batch"]),
 }
 
 
@@ -146,3 +160,25 @@ def test_quick_config_content_matches_the_study_design():
     assert PAPER["finetune"]["seeds"] == [0, 42, 3407]
     assert PAPER["tasks"]["clipart"]["lrs"] == [0.003, 0.01, 0.03, 0.06]
     assert PAPER["experiments"]["adamw"]["lr_scale"] == 0.01
+
+
+def test_the_loader_fills_schema_defaults_once_and_splits_off_the_machine(tmp_path):
+    config = yaml.safe_load((ROOT / "tests" / "data" / "smoke.yaml").read_text())
+    del config["probe"], config["experiments"]["main"]["optimizer"]
+    config["runtime"] = {"micro_batch": 8}
+    config["tracking"] = {}
+    check_config(config, SCHEMA)
+    assert config["probe"] == {"max_iter": 5000}
+    assert config["experiments"]["main"] | {"tasks": None} == {
+        "model": "vit_smoke", "tasks": None, "optimizer": "sgd", "lr_scale": 1.0, "probe": True,
+        "compare_to_paper": False}
+    assert config["finetune"]["betas"] == [0.9, 0.999] and config["finetune"]["crop_scale"] == [0.08, 1.0]
+    assert config["tasks"]["novel"]["data"]["severity"] == 5
+    assert config["models"]["vit_smoke"]["pretrain"]["betas"] == [0.9, 0.999]
+    settings = machine(config)
+    assert settings == Machine(Runtime(device="auto", micro_batch=8, eval_batch=256, compile=False,
+                                       plasticity_batch=64), Tracking(enabled=True, uri=None, experiment="smoke"))
+    assert machine_from_env({MACHINE_ENV: settings.to_env()}) == settings
+    assert machine_from_env({}) == Machine(Runtime(), Tracking(enabled=False, uri=None, experiment=""))
+    with pytest.raises(UserError, match=f"^{MACHINE_ENV} is not the JSON of the machine settings"):
+        machine_from_env({MACHINE_ENV: '{"runtime": {"gpu": 1}, "tracking": {}}'})

@@ -1,8 +1,9 @@
-"""DVC versioning of the study: `dvc repro` through Snakemake, params, push/pull round trip, --touch.
+"""DVC versioning of the study: the README's push sequence, params, pull into a fresh clone, then
+the exact Snakemake plans after a science change.
 
 The repository is copied into a temporary git repository whose config/quick.yaml is the smoke
 study. To keep the test short, the outputs of the session's smoke run are copied in and only
-the tables and figures are left for `dvc repro` to make.
+the tables and figures are left for Snakemake to make.
 """
 
 import hashlib
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, SMOKE_CONFIG
+from conftest import ROOT, SMOKE_CONFIG, planned_jobs
 
 STAGE = "quick_study"
 # .dvc/config's default remote, `../../vitplasticity-dvc-storage` from .dvc/: a sibling of the repository.
@@ -39,9 +40,17 @@ def dvc(cwd: Path, env: dict, *args: str, **kwargs):
     return run(cwd, env, sys.executable, "-m", "dvc", *args, **kwargs)
 
 
-def snakemake_dry_run(cwd: Path, env: dict) -> str:
-    result = run(cwd, env, sys.executable, "-m", "snakemake", "-n", "--configfile", "config/quick.yaml")
+def snakemake_dry_run(cwd: Path, env: dict, config: str = "config/quick.yaml") -> str:
+    result = run(cwd, env, sys.executable, "-m", "snakemake", "-n", "--configfile", config)
     return result.stdout + result.stderr
+
+
+def changed_config(repo: Path, path: Path, change) -> str:
+    """A copy of the repository's quick config with `change(config)` applied; its path."""
+    config = yaml.safe_load((repo / "config" / "quick.yaml").read_text())
+    change(config)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return str(path)
 
 
 def status(cwd: Path, env: dict) -> dict:
@@ -102,7 +111,7 @@ def make_repo(repo: Path, env: dict, site_cache: Path) -> None:
 
 
 @pytest.mark.slow
-def test_repro_params_and_push_pull_round_trip(smoke_run, tmp_path, env):
+def test_push_after_a_study_then_pull_into_a_fresh_clone_and_change_it(smoke_run, tmp_path, env):
     repo, site_cache = tmp_path / "repo", tmp_path / "site-cache"
     make_repo(repo, env, site_cache)
 
@@ -125,17 +134,29 @@ def test_repro_params_and_push_pull_round_trip(smoke_run, tmp_path, env):
     before = mtimes(repo, kept)
     assert before
 
-    # dvc repro runs Snakemake: it remakes only what is missing; persist keeps DVC from deleting the rest.
-    result = dvc(repo, env, "repro")
-    assert f"Running stage '{STAGE}'" in result.stdout
+    # Pushing an unfinished study is refused with one line.
+    refused = run(repo, env, "bash", "scripts/dvc-push.sh", check=False)
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines()[-1] == ("dvc-push: the study is not finished (snakemake -n --configfile "
+                                               "config/quick.yaml plans jobs); run snakemake, then push")
+    assert not (repo / "dvc.lock").exists()
+
+    # The README's sequence: the quick study with plain Snakemake (it remakes only what is missing),
+    # then the push script, which records dvc.lock and pushes everything.
+    run(repo, env, sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "config/quick.yaml")
     assert (repo / "results" / "tables" / "main" / "main_table.csv").is_file()
-    assert (repo / "results" / "figures" / "main" / "relative_gain.png").is_file()
     assert mtimes(repo, kept) == before
-    assert all((repo / out).is_dir() for out in out_paths(repo))
+    run(repo, env, "bash", "scripts/dvc-push.sh")
     assert status(repo, env) == {}
+    workspace = digests(repo)
+    recorded = {path: digest for path, digest in workspace.items() if not path.endswith("/mlflow_run.json")}
+    for path in recorded:  # every output file's content is on the remote (DVC 3 layout: files/md5/ab/cdef...)
+        md5 = hashlib.md5((repo / path).read_bytes()).hexdigest()
+        assert (tmp_path / REMOTE / "files" / "md5" / md5[:2] / md5[2:]).is_file(), path
+    assert "data/checkpoints/vit_smoke.safetensors" in recorded
+    assert "results/tables/main/main_table.csv" in recorded
     mirror.write_text('{"run_id": "b"}')
     assert status(repo, env) == {}
-    assert NOTHING_TO_DO in snakemake_dry_run(repo, env)
     # The root .gitignore already covers every output: DVC adds no .gitignore files of its own.
     assert run(repo, env, "git", "status", "--porcelain").stdout.splitlines() == ["?? dvc.lock"]
     run(repo, env, "git", "add", "dvc.lock")
@@ -151,31 +172,17 @@ def test_repro_params_and_push_pull_round_trip(smoke_run, tmp_path, env):
     assert status(repo, env) == {STAGE: [{"changed deps": {"config/quick.yaml": {"plasticity": "modified"}}}]}
     diff = json.loads(dvc(repo, env, "params", "diff", "--json").stdout)
     assert diff == {"config/quick.yaml": {"plasticity.n_pairs": {"old": old, "new": old * 2, "diff": old}}}
+    # A machine setting is no parameter of the stage.
+    config["plasticity"]["n_pairs"] = old
+    config["runtime"]["eval_batch"] = 32
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    assert status(repo, env) == {}
     config_path.write_text(original)
     assert status(repo, env) == {}
     assert json.loads(dvc(repo, env, "params", "diff", "--json").stdout) == {}
 
-    # Push to the default remote: a folder beside the repository, outside its working tree.
-    dvc(repo, env, "push")
-    remote = tmp_path / REMOTE
-    assert any(p.is_file() for p in remote.rglob("*"))
-    workspace = digests(repo)
-    assert mirror.relative_to(repo).as_posix() in workspace
-    recorded = {path: digest for path, digest in workspace.items() if not path.endswith("/mlflow_run.json")}
-    assert "data/checkpoints/vit_smoke.safetensors" in recorded
-    assert "results/tables/main/main_table.csv" in recorded
-
-    # Delete the local copies and every cache, pull: the same bytes, and Snakemake has nothing to do.
-    for out in out_paths(repo):
-        shutil.rmtree(repo / out)
-    shutil.rmtree(repo / ".dvc" / "cache")
-    shutil.rmtree(site_cache)
-    run(repo, env, "bash", "scripts/dvc-pull.sh")
-    assert digests(repo) == recorded
-    assert status(repo, env) == {}
-    assert NOTHING_TO_DO in snakemake_dry_run(repo, env)
-
-    # A fresh clone (no outputs, no cache, no .snakemake) finds the same remote with no setup.
+    # A fresh clone (no outputs, no cache, no .snakemake) finds the same remote with no setup; after the
+    # pull script Snakemake has nothing to do, and a science change plans exactly what it touches.
     clone = tmp_path / "clone"
     run(tmp_path, env, "git", "clone", "-q", str(repo), str(clone))
     dvc(clone, env, "config", "--local", "core.site_cache_dir", str(tmp_path / "clone-site-cache"))
@@ -183,3 +190,18 @@ def test_repro_params_and_push_pull_round_trip(smoke_run, tmp_path, env):
     assert digests(clone) == recorded
     assert status(clone, env) == {}
     assert NOTHING_TO_DO in snakemake_dry_run(clone, env)
+
+    def more_training_images(config):
+        config["tasks"]["novel"]["data"]["n_train"] += 1
+
+    plan = planned_jobs(snakemake_dry_run(clone, env, changed_config(clone, tmp_path / "n_train.yaml",
+                                                                     more_training_images)))
+    arms, lrs, seeds = len(config["arms"]), len(config["tasks"]["novel"]["lrs"]), len(config["finetune"]["seeds"])
+    assert plan == {"prepare_dataset": 1, "finetune": arms * lrs * seeds, "linear_probe": 1, "measure_plasticity": 1,
+                    "compute_bounds": 1, "aggregate": 1, "figures": 1, "all": 1}
+
+    def one_more_rate(config):
+        config["tasks"]["novel"]["lrs"].append(0.05)
+
+    plan = planned_jobs(snakemake_dry_run(clone, env, changed_config(clone, tmp_path / "lr.yaml", one_more_rate)))
+    assert plan == {"finetune": arms * seeds, "aggregate": 1, "figures": 1, "all": 1}

@@ -39,9 +39,9 @@ import torch
 import yaml
 from conftest import ROOT, SMOKE_CONFIG, snakemake
 
-from vitplasticity import cli, figures, jobs, models, training
+from vitplasticity import cli, figures, jobs, models, tracking, training
 from vitplasticity.components import set_trainable
-from vitplasticity.config import check_config
+from vitplasticity.config import Runtime, Tracking, check_config
 from vitplasticity.datasets.synthetic import generate
 from vitplasticity.errors import UserError
 from vitplasticity.fileio import sha256_file, write_json
@@ -61,8 +61,9 @@ SIDECAR = "data/checkpoints/vit.json"
 ARCH = {"timm_name": "vit_tiny_patch16_224",
         "kwargs": {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}}
 FINETUNE = {"model": "vit", "task": "novel", "optimizer": "sgd", "arm": "mha", "components": ["mha"], "lr": 0.01,
-            "seed": 0, "steps": 8, "eval_every": 4, "batch_size": 32, "warmup_steps": 2}
-RUNTIME = {"eval_batch": 64}
+            "seed": 0, "steps": 8, "eval_every": 4, "batch_size": 32, "warmup_steps": 2, "momentum": 0.9,
+            "weight_decay": 0.0, "betas": [0.9, 0.999], "clip_norm": 1.0, "crop_scale": [0.08, 1.0]}
+RUNTIME = Runtime(eval_batch=64)
 FIGURES = ["plasticity_vs_rank", "plasticity_vs_depth", "bounds_vs_depth", "relative_gain", "accuracy_per_arm",
            "lr_robustness", "training_curves"]
 
@@ -96,7 +97,6 @@ def case(kit, tmp_path) -> Path:
 def settled_copy(smoke_copy) -> Path:
     """The smoke copy after a plain rerun, so a test sees only the effect of its own change.
 
-    (Moving a study changes the absolute default tracking URI in make_tracking_store's params.)
     """
     snakemake(smoke_copy, "--cores", "2")
     return smoke_copy
@@ -123,7 +123,7 @@ def cli_command(*argv: str) -> list[str]:
 
 
 def finetune_argv(root: Path, run_dir: Path | None = None, threads: int | None = None, **changes) -> list[str]:
-    argv = ["finetune", "--settings", json.dumps({**FINETUNE, **changes}), "--runtime", json.dumps(RUNTIME),
+    argv = ["finetune", "--settings", json.dumps({**FINETUNE, **changes}),
             "--checkpoint", str(root / CKPT), "--task", str(root / TASK),
             "--run-dir", str(run_dir or root / "results" / "run")]
     return argv + (["--threads", str(threads)] if threads else [])
@@ -668,10 +668,9 @@ def test_divergence_is_recorded_in_metrics_json_and_mlflow(kit, tmp_path, monkey
     secret = "hf_" + "Zq8x" * 6
     monkeypatch.setenv("HF_TOKEN", secret)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secret)
-    uri, store = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "tracking.json"
-    # as the workflow's make_tracking_store does
-    assert cli.main(["tracking", "prepare", "--uri", uri, "--experiment", "reliability", "--out", str(store)]) == 0
-    track = {"store": str(store), "parent": "vit/novel/sgd", "tags": {}}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    track = Tracking(enabled=True, uri=uri, experiment="reliability")
+    tracking.prepare_study(track, ["vit/novel/sgd"], tmp_path / "results")  # as the workflow's onstart does
     run_dir = tmp_path / "run"
 
     metrics = jobs.finetune({**FINETUNE, "lr": 1e30}, RUNTIME, kit / TASK, kit / CKPT, run_dir, track)

@@ -1,5 +1,6 @@
 """MLflow mirror: one run per job, resume/rerun without duplicates, failure states, parallel jobs, rebuild."""
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -68,8 +69,8 @@ def prepared(server):
 
 
 def job_settings(uri: str, prepared: dict) -> dict:
-    return {"enabled": True, "uri": uri, "experiment_id": prepared["experiment_id"],
-            "parent_run_id": prepared["parent_run_ids"][PARENT], "tags": {"rule": "finetune", "config_hash": "abc"}}
+    return {"enabled": True, "uri": uri, "experiment": "tests", "parent_run_id": prepared["parent_run_ids"][PARENT],
+            "tags": {"rule": "finetune", "config_hash": "abc"}}
 
 
 def history(first: int, last: int, eval_every: int = 10) -> list[dict]:
@@ -231,7 +232,7 @@ def test_changed_params_replace_the_recorded_run(server, prepared, tmp_path):
 
 def test_unreachable_server_fails_before_the_job_with_one_line(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
-    settings = {"enabled": True, "uri": uri, "experiment_id": "1", "parent_run_id": None, "tags": {}}
+    settings = {"enabled": True, "uri": uri, "experiment": "tests", "parent_run_id": None, "tags": {}}
     entered = False
     with pytest.raises(UserError) as caught, tracking.track_job(settings, run_dir=tmp_path, run_name="x",
                                                                 kind="finetune", params={}, tags={}):
@@ -273,7 +274,7 @@ def test_parallel_processes_lose_no_run_and_no_point(server, prepared, tmp_path)
 def test_parallel_jobs_of_a_new_task_create_its_parent_run_once(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     prepared = tracking.prepare_store(uri, "tests")  # as the workflow does: no parent runs yet
-    settings = {"enabled": True, "uri": uri, "experiment_id": prepared["experiment_id"], "parent": "vit/new/sgd",
+    settings = {"enabled": True, "uri": uri, "experiment": "tests", "parent": "vit/new/sgd",
                 "lock": str(tmp_path / "tracking.lock"), "tags": {}}
     jobs = [(settings, str(tmp_path / f"run{i}"), i) for i in range(4)]
     with multiprocessing.get_context("spawn").Pool(4) as pool:
@@ -286,7 +287,7 @@ def test_parallel_jobs_of_a_new_task_create_its_parent_run_once(tmp_path):
 
 def test_embedded_sqlite_store(tmp_path):
     uri = f"sqlite:///{tmp_path}/results/mlflow.db"
-    settings = {"enabled": True, "uri": uri, "experiment_id": "1", "tags": {}}
+    settings = {"enabled": True, "uri": uri, "experiment": "tests", "tags": {}}
     with pytest.raises(UserError, match="does not exist"), tracking.track_job(
             settings, run_dir=tmp_path, run_name="x", kind="probe", params={}, tags={}):
         pass
@@ -389,9 +390,8 @@ def test_smoke_workflow_with_parallel_jobs_mirrors_every_run_folder(server, tmp_
     workdir = tmp_path / "study"
     snakemake(workdir, "--cores", "2", config=config_path, timeout=1800)
     results = workdir / "results"
-    record = json.loads((results / "tracking.json").read_text())
     client = MlflowClient(server)
-    runs = client.search_runs([record["experiment_id"]], max_results=1000)
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id], max_results=1000)
     assert all(r.info.status == "FINISHED" for r in runs)
     kinds = [r.data.tags["kind"] for r in runs]
     folders = {kind: [p.parent for p in results.glob(pattern)] for kind, pattern in (
@@ -400,7 +400,7 @@ def test_smoke_workflow_with_parallel_jobs_mirrors_every_run_folder(server, tmp_
     assert len(folders["finetune"]) == 2 * 5 * 2
     finetune_settings = {folder: yaml.safe_load((folder / "config.yaml").read_text())["settings"]
                          for folder in folders["finetune"]}
-    # One parent per model/task/optimizer, created by the first of its (parallel) jobs, never twice.
+    # One parent per model/task/optimizer, made before the jobs by the workflow's onstart.
     parents = {r.info.run_name: r.info.run_id for r in runs if r.data.tags["kind"] == "parent"}
     assert sorted(parents) == sorted({tracking.parent_name(s) for s in finetune_settings.values()})
     assert {kind: kinds.count(kind) for kind in set(kinds)} == {
@@ -409,9 +409,52 @@ def test_smoke_workflow_with_parallel_jobs_mirrors_every_run_folder(server, tmp_
         run = client.get_run(recorded_id(folder))
         assert run.info.run_name == tracking.run_name("finetune", settings)
         assert run.data.tags["mlflow.parentRunId"] == parents[tracking.parent_name(settings)]
-        assert json.loads(run.data.tags["wildcards"])["arm"] == settings["arm"]
+        assert run.data.params["arm"] == settings["arm"]
         steps = len((folder / "history.csv").read_text().splitlines()) - 1
         assert count(client, run.info.run_id, "loss") == steps == settings["steps"]
         assert run.data.metrics["test_acc"] == json.loads((folder / "metrics.json").read_text())["test_acc"]
         assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "history.csv",
                                                                            "metrics.json"}
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root`, by relative path."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_copied_study_tracks_into_its_own_store(smoke_copy, tmp_path):
+    config = smoke_config()
+    config["tracking"]["enabled"] = True
+    # A finished study tracked into its default store: tracking switched on, then the one-line advice followed.
+    rebuilt = subprocess.run([sys.executable, "-m", "vitplasticity", "tracking", "rebuild", "--experiment", "smoke"],
+                             cwd=smoke_copy, capture_output=True, text=True, check=True)
+    assert "rebuilt 25 runs" in rebuilt.stderr
+    original = {"db": tree_digest(smoke_copy / "results")["mlflow.db"],
+                "artifacts": tree_digest(smoke_copy / "results" / "mlartifacts")}
+
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(smoke_copy), str(copy)], check=True)
+    config["tasks"]["novel"]["steps"] = 6
+    changed = write_config(tmp_path / "changed.yaml", config)
+    snakemake(copy, "--cores", "2", config=changed)
+
+    assert tree_digest(smoke_copy / "results")["mlflow.db"] == original["db"]
+    assert tree_digest(smoke_copy / "results" / "mlartifacts") == original["artifacts"]
+    assert len(list((copy / "results").glob("mlflow.copied-*.db"))) == 1  # the copied store, set aside
+    client = MlflowClient(f"sqlite:///{copy}/results/mlflow.db")
+    experiment = client.get_experiment_by_name("smoke")
+    assert experiment.artifact_location == (copy / "results" / "mlartifacts").as_uri()
+    runs = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id], max_results=1000)}
+    folders = [p.parent for p in (copy / "results" / "runs").rglob("metrics.json")]
+    assert len(folders) == 20
+    for folder in folders:
+        run = runs[recorded_id(folder)]
+        assert run.info.status == "FINISHED"
+        steps = yaml.safe_load((folder / "config.yaml").read_text())["settings"]["steps"]
+        assert run.data.params["steps"] == str(steps) == ("6" if "/novel/" in str(folder) else "8")
+        assert count(client, run.info.run_id, "loss") == steps
+    kinds = [r.data.tags["kind"] for r in runs.values()]
+    assert {kind: kinds.count(kind) for kind in set(kinds)} == {
+        "finetune": 20, "pretrain": 1, "probe": 2, "plasticity": 2, "parent": 2, "aggregate": 1, "figures": 1}

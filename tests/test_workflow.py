@@ -61,16 +61,45 @@ def test_adding_a_task_plans_its_jobs_in_one_invocation(smoke_copy, tmp_path):
         "compute_bounds": 1, "aggregate": 1, "figures": 1, "all": 1}, result.stdout + result.stderr
 
 
+# Every machine setting of a study config (README: "What reruns after which change"): each key of
+# `runtime`, `tracking`, the study name, and the profile's threads.
+MACHINE_CHANGES = {
+    "runtime.device": ("runtime", "device", "cpu"),
+    "runtime.micro_batch": ("runtime", "micro_batch", 8),
+    "runtime.eval_batch": ("runtime", "eval_batch", 32),
+    "runtime.compile": ("runtime", "compile", True),
+    "runtime.plasticity_batch": ("runtime", "plasticity_batch", 16),
+    "tracking.enabled": ("tracking", "enabled", True),
+    "tracking.uri": ("tracking", "uri", "sqlite:////elsewhere/mlflow.db"),
+}
+
+
 @pytest.mark.slow
-def test_changed_tracking_settings_are_announced(smoke_copy, tmp_path):
+def test_changing_a_machine_setting_reruns_nothing(smoke_run, tmp_path):
+    for name, (section, key, value) in MACHINE_CHANGES.items():
+        config = smoke_config()
+        config[section][key] = value
+        changed = write_config(tmp_path / f"{name}.yaml", config)
+        result = snakemake(smoke_run, "-n", config=changed)
+        assert "Nothing to be done" in result.stdout, (name, result.stdout + result.stderr)
     config = smoke_config()
-    config["tracking"] = {"enabled": True, "uri": None}
-    changed = write_config(tmp_path / "changed.yaml", config)
-    result = snakemake(smoke_copy, "-n", config=changed)
-    assert planned_jobs(result.stdout + result.stderr) == {"make_tracking_store": 1}
-    assert ("vitplasticity: the tracking settings changed since results/tracking.json was written; this invocation "
-            "re-creates it and runs no other job: run snakemake again for the rest") in result.stderr
-    assert "tracking settings changed" not in snakemake(smoke_copy, "-n").stderr
+    config["study"] = "renamed"
+    result = snakemake(smoke_run, "-n", config=write_config(tmp_path / "study.yaml", config))
+    assert "Nothing to be done" in result.stdout, result.stdout + result.stderr
+    result = snakemake(smoke_run, "-n", "--set-threads", "finetune=2", "measure_plasticity=2", "pretrain_checkpoint=1")
+    assert "Nothing to be done" in result.stdout, result.stdout + result.stderr
+    assert not (smoke_run / "results" / "mlflow.db").exists()  # a dry run creates no store
+
+
+@pytest.mark.slow
+def test_switching_tracking_on_says_how_to_fill_the_experiment(smoke_copy, tmp_path):
+    config = smoke_config()
+    config["tracking"]["enabled"] = True
+    result = snakemake(smoke_copy, "-n", config=write_config(tmp_path / "tracked.yaml", config))
+    assert "Nothing to be done" in result.stdout
+    assert ("vitplasticity: 25 finished run folders are not in MLflow experiment 'smoke' yet; snakemake mirrors "
+            "them before it runs any job, or now: vitplasticity tracking rebuild --experiment smoke"
+            ) in result.stderr.splitlines()
 
 
 @pytest.mark.slow

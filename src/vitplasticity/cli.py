@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from vitplasticity.config import MACHINE_ENV, machine_from_env
 from vitplasticity.errors import UserError, redact
 
 # The paths each command writes; they are checked before any work so a bad one fails at once.
@@ -19,8 +20,6 @@ OUTPUTS = {
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--settings", required=True, help="the job's settings as one JSON object")
-    parser.add_argument("--runtime", default="{}", help="machine settings as JSON (device, micro_batch, eval_batch)")
-    parser.add_argument("--tracking", default='{"enabled": false}', help="MLflow settings as JSON")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
 
 
@@ -90,7 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plasticity", type=Path, nargs="*", default=[])
     p.add_argument("--bounds", type=Path, nargs="*", default=[])
     p.add_argument("--out-dir", type=Path, required=True)
-    p.add_argument("--tracking", default='{"enabled": false}', help="MLflow settings as JSON")
 
     p = sub.add_parser("compare-paper", help="the reproduction beside the authors' main table")
     p.add_argument("--tables", type=Path, required=True)
@@ -98,16 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-table", type=Path, required=True)
     p.add_argument("--out-figure", type=Path, required=True)
 
-    p = sub.add_parser("tracking", help="MLflow store: create it before the jobs, or rebuild it from run folders")
+    p = sub.add_parser("tracking", help="MLflow store: rebuild it from the run folders")
     actions = p.add_subparsers(dest="action", required=True)
-    uri_help = "tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///<abs>/results/mlflow.db)"
-    a = actions.add_parser("prepare", help="create the store and the experiment, once before the jobs")
-    a.add_argument("--uri", default=None, help=uri_help)
-    a.add_argument("--experiment", required=True, help="experiment name (the study name)")
-    a.add_argument("--out", type=Path, required=True, help="JSON record the jobs read (results/tracking.json)")
-    a.add_argument("--disabled", action="store_true", help="tracking is off: record that, create no store")
     a = actions.add_parser("rebuild", help="recreate the MLflow runs from the run folders")
-    a.add_argument("--uri", default=None, help=uri_help)
+    a.add_argument("--uri", default=None,
+                   help="tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///<abs>/results/mlflow.db)")
     a.add_argument("--experiment", required=True, help="experiment name (the study name)")
     a.add_argument("--results", type=Path, default=Path("results"), help="the study's results folder")
 
@@ -141,12 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("figures", help="figures of one experiment from its tables")
     p.add_argument("--tables", type=Path, required=True)
     p.add_argument("--out-dir", type=Path, required=True)
-    p.add_argument("--tracking", default='{"enabled": false}', help="MLflow settings as JSON")
+    parser.epilog = (f"Machine settings (device, batch sizes, MLflow) come from the environment variable "
+                     f"{MACHINE_ENV}, which the workflow sets from the study config; without it jobs use "
+                     "the defaults and do not track.")
     return parser
 
 
 def json_option(name: str, text: str) -> dict:
-    """A JSON-object option (--settings, --runtime, --tracking) or a UserError naming it."""
+    """A JSON-object option (--settings) or a UserError naming it."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -186,8 +181,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _dispatch(args: argparse.Namespace, settings: dict) -> None:
-    runtime = json_option("runtime", getattr(args, "runtime", "{}"))
-    track = json_option("tracking", getattr(args, "tracking", '{"enabled": false}'))
+    machine = machine_from_env()
+    runtime, track = machine.runtime, machine.tracking
     check_outputs(args)
 
     from vitplasticity import jobs
@@ -238,22 +233,10 @@ def _recommend(args: argparse.Namespace) -> None:
 
 def _tracking(args: argparse.Namespace) -> None:
     from vitplasticity import tracking
-    from vitplasticity.fileio import write_json
 
-    results = args.results if args.action == "rebuild" else Path("results")
-    uri = tracking.resolve_uri(args.uri, f"sqlite:///{results.resolve() / 'mlflow.db'}")
-    if args.action == "rebuild":
-        done = tracking.rebuild(results, uri, args.experiment)
-        print(f"rebuilt {len(done)} runs in {uri}", file=sys.stderr)
-        return
-    # What was asked for, so that the workflow can tell when the record is out of date.
-    requested = {"requested": {"uri": args.uri or "", "experiment": args.experiment, "enabled": not args.disabled}}
-    if args.disabled:
-        write_json(args.out, {"enabled": False} | requested)
-    else:
-        experiment_id = tracking.prepare_store(uri, args.experiment)["experiment_id"]
-        write_json(args.out, {"enabled": True, "uri": uri, "experiment": args.experiment,
-                              "experiment_id": experiment_id} | requested)
+    uri = tracking.study_uri(args.uri, args.results.resolve().parent)
+    done = tracking.rebuild(args.results, uri, args.experiment)
+    print(f"rebuilt {len(done)} runs in {uri}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

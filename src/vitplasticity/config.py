@@ -1,11 +1,23 @@
-"""Study-config checks: the JSON schema, then the cross-references it cannot express.
+"""The study config: one loader that validates it, fills its defaults and splits off the machine.
 
-Every failure is one line naming the key and the allowed values, raised before any job.
+The JSON schema is checked once, filling every default it declares (the schema is the one home
+of defaults), then the cross-references it cannot express. Every failure is one line naming the
+key and the allowed values, raised before any job.
+
+A study config holds science (what the results mean) and machine settings (`runtime`,
+`tracking`, `study`: how and where jobs run and are mirrored). Science reaches jobs as
+Snakemake params, which are rerun triggers; machine settings reach them through the
+environment (`MACHINE_ENV`), which Snakemake does not record, so changing them reruns nothing.
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import os
 import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import jsonschema
@@ -56,9 +68,30 @@ _SCHEMA_FIXES = {
 }
 
 
+def _filling_defaults(validator_class):
+    """`validator_class` that also sets each missing property to its schema default (a deep copy),
+    before checking that property, so defaults of nested objects are filled too
+    (the python-jsonschema FAQ's "set default values" extension).
+    """
+    check_properties = validator_class.VALIDATORS["properties"]
+
+    def properties(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = copy.deepcopy(subschema["default"])
+        yield from check_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": properties})
+
+
+_Validator = _filling_defaults(jsonschema.Draft202012Validator)
+
+
 def validate_schema(config: dict, schema_path: str | Path) -> None:
+    """Check `config` against the schema and fill in every default it declares (in place)."""
     schema = yaml.safe_load(Path(schema_path).read_text())
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = _Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: [len(e.absolute_path), *map(str, e.absolute_path)])
     if errors:
         raise UserError(_schema_message(errors[0]))
@@ -161,11 +194,13 @@ def check_reference_stream(config: dict) -> None:
 
 
 def check_config(config: dict, schema_path: str | Path) -> None:
+    """Validate `config` once, filling its defaults in place, then check its cross-references."""
     validate_schema(config, schema_path)
     check_references(config)
 
 
 def load_config(path: str | Path, schema_path: str | Path) -> dict:
+    """Read, validate and complete a study config file (see `check_config`)."""
     try:
         config = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -173,3 +208,61 @@ def load_config(path: str | Path, schema_path: str | Path) -> dict:
         raise UserError(f"cannot read config {path} ({reason}); fix the file") from exc
     check_config(config, schema_path)
     return config
+
+
+# The environment variable through which the workflow hands machine settings to its jobs.
+MACHINE_ENV = "VITPLASTICITY_MACHINE"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a job computes; none of it changes what a result means (config section `runtime`).
+
+    These defaults are the only ones: jobs also run outside the workflow (the schema lives with it).
+    """
+
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    micro_batch: int | None = None  # micro-batch of gradient accumulation; None: the largest that fits
+    eval_batch: int = 256  # images per evaluation forward pass
+    compile: bool = False  # torch.compile the training forward pass
+    plasticity_batch: int = 64  # image pairs per plasticity forward pass
+    prefetch: int = 2  # training batches gathered ahead on a worker thread (0: none)
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where a job is mirrored (config section `tracking`, experiment = `study`)."""
+
+    enabled: bool = True
+    uri: str | None = None  # None: MLFLOW_TRACKING_URI, else the study's own results/mlflow.db
+    experiment: str = ""
+
+
+@dataclass(frozen=True)
+class Machine:
+    runtime: Runtime = Runtime()
+    tracking: Tracking = Tracking(enabled=False)
+
+    def to_env(self) -> str:
+        """The JSON the workflow exports as `MACHINE_ENV`."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def machine(config: Mapping) -> Machine:
+    """The machine settings of a validated study config."""
+    return Machine(Runtime(**config.get("runtime", {})), Tracking(**config.get("tracking", {}),
+                                                                  experiment=config["study"]))
+
+
+def machine_from_env(environ: Mapping[str, str] = os.environ) -> Machine:
+    """The machine settings the workflow exported to this job; outside the workflow the defaults,
+    tracking off. A value that is not the workflow's JSON raises UserError."""
+    text = environ.get(MACHINE_ENV)
+    if not text:
+        return Machine()
+    try:
+        values = json.loads(text)
+        return Machine(Runtime(**values["runtime"]), Tracking(**values["tracking"]))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"{MACHINE_ENV} is not the JSON of the machine settings ({exc}); unset it "
+                        "(jobs run through snakemake get it from the study config)") from exc

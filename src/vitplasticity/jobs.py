@@ -1,7 +1,8 @@
 """The study's jobs: each reads explicit inputs, writes its outputs atomically, mirrors to MLflow.
 
-The workflow calls these through the command line (`cli`); settings arrive as one JSON
-record per job, built by the workflow from the study config.
+The workflow calls these through the command line (`cli`); science arrives as one JSON record
+per job (`settings`, built by the workflow from the study config: rerun triggers), machine
+settings as `config.Machine` (from the environment: never rerun triggers).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from vitplasticity.runtime import pick_device, seed_everything
 if TYPE_CHECKING:
     import pandas as pd
 
+    from vitplasticity.config import Runtime, Tracking
+
 # Start-up time is paid by every job, so each job imports only what it uses: pandas, scipy,
 # scikit-learn and the measurement modules load inside the functions that need them.
 
@@ -38,8 +41,8 @@ def prepare(name: str, data: dict, out: Path, raw: Path | None) -> dict:
         splits, classes = {}, []
         for split in ("train", "val", "test"):
             images, labels, classes = generate(
-                name, data["kind"], split, data[f"n_{split}"], data["image_size"], data.get("seed", 0),
-                corruption=data.get("corruption"), severity=data.get("severity", 5))
+                name, data["kind"], split, data[f"n_{split}"], data["image_size"], data["seed"],
+                corruption=data.get("corruption"), severity=data["severity"])
             splits[split] = (images, labels)
             log(f"{name}: generated {split} ({len(labels)} images)")
         provenance = {"generator": "vitplasticity.datasets.synthetic", **data}
@@ -49,39 +52,22 @@ def prepare(name: str, data: dict, out: Path, raw: Path | None) -> dict:
     return prepare_real(name, data, out, raw)
 
 
-def resolve_tracking(track: dict) -> dict:
-    """Job-side tracking settings: the store description file (written once by the workflow)
-    plus this job's parent run (by name; jobs create it under a lock beside the file) and tags.
-    No store named → tracking off."""
-    store = track.get("store")
-    if not store:
-        return {"enabled": False}
-    try:
-        record = read_json(store)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"tracking store description {store} is unreadable ({exc}); delete it and rerun") from exc
-    if not record.get("enabled"):
-        return {"enabled": False}
-    return {"enabled": True, "uri": record["uri"], "experiment_id": record["experiment_id"],
-            "parent": track.get("parent"), "lock": str(Path(store).with_suffix(".lock")),
-            "tags": track.get("tags", {})}
-
-
 def _history_frame(history: list[dict]) -> pd.DataFrame:
     import pandas as pd
 
     return pd.DataFrame(history, columns=list(training.HISTORY_COLUMNS))
 
 
-def _train_config(settings: dict, runtime: dict, img_size: int) -> training.TrainConfig:
+def _train_config(settings: dict, runtime: Runtime, img_size: int) -> training.TrainConfig:
+    """Training settings from a job's science (every key filled by the config loader) and machine."""
     return training.TrainConfig(
         steps=settings["steps"], eval_every=settings["eval_every"], batch_size=settings["batch_size"],
         lr=settings["lr"], seed=settings["seed"], img_size=img_size, optimizer=settings["optimizer"],
-        momentum=settings.get("momentum", 0.9), weight_decay=settings.get("weight_decay", 0.0),
-        betas=tuple(settings.get("betas", (0.9, 0.999))), warmup_steps=settings.get("warmup_steps", 0),
-        clip_norm=settings.get("clip_norm", 1.0), micro_batch=runtime.get("micro_batch"),
-        compile=runtime.get("compile", False), crop_scale=tuple(settings.get("crop_scale", (0.08, 1.0))),
-        eval_batch=runtime.get("eval_batch", 256), prefetch=runtime.get("prefetch", 2),
+        momentum=settings.get("momentum", 0.9), weight_decay=settings["weight_decay"],
+        betas=tuple(settings["betas"]), warmup_steps=settings["warmup_steps"],
+        clip_norm=settings["clip_norm"], micro_batch=runtime.micro_batch,
+        compile=runtime.compile, crop_scale=tuple(settings["crop_scale"]),
+        eval_batch=runtime.eval_batch, prefetch=runtime.prefetch,
     )
 
 
@@ -104,19 +90,20 @@ def _result_metrics(result: training.Result) -> dict:
             "steps_done": result.steps_done}
 
 
-def pretrain(settings: dict, runtime: dict, task_dir: Path, weights: Path, run_dir: Path, track: dict) -> dict:
+def pretrain(settings: dict, runtime: Runtime, task_dir: Path, weights: Path, run_dir: Path, track: Tracking) -> dict:
     """Train a small timm ViT from scratch on the source task; write checkpoint + run folder."""
     meta = read_meta(task_dir)
-    arch = models.architecture(settings["timm_name"], settings.get("kwargs", {}), settings["img_size"])
+    arch = models.architecture(settings["timm_name"], settings["kwargs"], settings["img_size"])
     seed_everything(settings["seed"])
     model = models.build(arch, num_classes=len(meta["classes"]))
     set_trainable(model, ["emb", "ln1", "mha", "ln2", "fc1", "fc2"])
     cfg = _train_config(settings, runtime, settings["img_size"])
     cfg.check()
     splits = _splits(task_dir)
-    device = pick_device(runtime.get("device", "auto"))
+    device = pick_device(runtime.device)
     write_yaml(run_dir / "config.yaml", {"job": "pretrain", "settings": settings, "train": training.config_record(cfg)})
-    with tracking.track_job(resolve_tracking(track), run_dir=run_dir, run_name=tracking.run_name("pretrain", settings),
+    with tracking.track_job(tracking.job_tracking(track, "pretrain", settings), run_dir=run_dir,
+                            run_name=tracking.run_name("pretrain", settings),
                             kind="pretrain",
                             params=settings, tags={"device": str(device)}) as run:
         began = time.time()
@@ -143,10 +130,10 @@ def fetch(settings: dict, weights: Path) -> dict:
     return fetch_pretrained(settings, weights)
 
 
-def finetune(settings: dict, runtime: dict, task_dir: Path, weights: Path, run_dir: Path, track: dict) -> dict:
+def finetune(settings: dict, runtime: Runtime, task_dir: Path, weights: Path, run_dir: Path, track: Tracking) -> dict:
     """One finetuning run of one arm; resumes from run_dir/state.pt when present."""
     meta = read_meta(task_dir)
-    device = pick_device(runtime.get("device", "auto"))
+    device = pick_device(runtime.device)
     seed_everything(settings["seed"])
     model, record = models.load_checkpoint(weights, num_classes=len(meta["classes"]))
     trainable = set_trainable(model, settings["components"])
@@ -157,7 +144,8 @@ def finetune(settings: dict, runtime: dict, task_dir: Path, weights: Path, run_d
     write_yaml(run_dir / "config.yaml", {"job": "finetune", "settings": settings, "train": training.config_record(cfg),
                                          "checkpoint_sha256": record["sha256"]})
     name = tracking.run_name("finetune", settings)
-    with tracking.track_job(resolve_tracking(track), run_dir=run_dir, run_name=name, kind="finetune", params=settings,
+    with tracking.track_job(tracking.job_tracking(track, "finetune", settings), run_dir=run_dir, run_name=name,
+                            kind="finetune", params=settings,
                             tags={"device": str(device)}) as run:
         began = time.time()
         result = training.train(model, splits, cfg, device, state_path=run_dir / "state.pt",
@@ -175,19 +163,19 @@ def finetune(settings: dict, runtime: dict, task_dir: Path, weights: Path, run_d
     return metrics
 
 
-def measure_plasticity(settings: dict, runtime: dict, weights: Path, reference_dir: Path, task_dir: Path,
-                       out_table: Path, out_stats: Path, track: dict) -> pd.DataFrame:
+def measure_plasticity(settings: dict, runtime: Runtime, weights: Path, reference_dir: Path, task_dir: Path,
+                       out_table: Path, out_stats: Path, track: Tracking) -> pd.DataFrame:
     from vitplasticity import plasticity
 
-    device = pick_device(runtime.get("device", "auto"))
+    device = pick_device(runtime.device)
     model, record = models.load_checkpoint(weights, num_classes=0)
     reference, downstream = load_split(reference_dir, "test", verify=True), load_split(task_dir, "test", verify=True)
     run_dir = out_table.parent
     name = tracking.run_name("plasticity", settings)
-    with tracking.track_job(resolve_tracking(track), run_dir=run_dir, run_name=name,
+    with tracking.track_job(tracking.job_tracking(track, "plasticity", settings), run_dir=run_dir, run_name=name,
                             kind="plasticity", params=settings, tags={"device": str(device)}) as run:
         table, stats = plasticity.measure(
-            model, reference, downstream, settings["n_pairs"], settings["batch_size"], record["img_size"], device,
+            model, reference, downstream, settings["n_pairs"], runtime.plasticity_batch, record["img_size"], device,
             tuple(settings["modes"]), tuple(record["mean"]), tuple(record["std"]), progress=log)
         table.insert(0, "task", settings["task"])
         table.insert(0, "model", settings["model"])
@@ -212,14 +200,15 @@ def compute_bounds(weights: Path, stats_path: Path, out: Path) -> pd.DataFrame:
     return table
 
 
-def linear_probe(settings: dict, runtime: dict, weights: Path, task_dir: Path, out: Path, track: dict) -> dict:
+def linear_probe(settings: dict, runtime: Runtime, weights: Path, task_dir: Path, out: Path, track: Tracking) -> dict:
     from vitplasticity import probe  # scikit-learn: 0.7 s of start-up the other jobs need not pay
 
-    device = pick_device(runtime.get("device", "auto"))
+    device = pick_device(runtime.device)
     model, record = models.load_checkpoint(weights, num_classes=0)
     train, test = load_split(task_dir, "train", verify=True), load_split(task_dir, "test", verify=True)
-    batch = runtime.get("eval_batch", 256)
-    with tracking.track_job(resolve_tracking(track), run_dir=out.parent, run_name=tracking.run_name("probe", settings),
+    batch = runtime.eval_batch
+    with tracking.track_job(tracking.job_tracking(track, "probe", settings), run_dir=out.parent,
+                            run_name=tracking.run_name("probe", settings),
                             kind="probe", params=settings, tags={"device": str(device)}) as run:
         began = time.time()
         args = (record["img_size"], batch, device, tuple(record["mean"]), tuple(record["std"]))
@@ -239,12 +228,13 @@ def parameter_counts(weights: Path) -> dict:
 
 
 def aggregate_experiment(settings: dict, runs: list[Path], probes: list[Path], plasticity_tables: list[Path],
-                         bounds_tables: list[Path], out_dir: Path, track: dict) -> None:
+                         bounds_tables: list[Path], out_dir: Path, track: Tracking) -> None:
     """Tables of one experiment, mirrored to MLflow with the tables as artifacts."""
     from vitplasticity.aggregate import aggregate
 
     name = f"aggregate/{settings['experiment']}"
-    with tracking.track_job(resolve_tracking(track), run_dir=out_dir, run_name=name, kind="aggregate",
+    with tracking.track_job(tracking.job_tracking(track, "aggregate", settings), run_dir=out_dir, run_name=name,
+                            kind="aggregate",
                             params={k: v for k, v in settings.items() if k != "arms"}, tags={}) as run:
         tables = aggregate(settings, runs, probes, plasticity_tables, bounds_tables, out_dir)
         average = tables["main_table"].groupby("arm")["mean"].mean()
@@ -252,12 +242,13 @@ def aggregate_experiment(settings: dict, runs: list[Path], probes: list[Path], p
         run.log_artifacts(sorted(Path(out_dir).glob("*.csv")) + sorted(Path(out_dir).glob("*.md")))
 
 
-def draw_figures(tables_dir: Path, out_dir: Path, track: dict) -> None:
+def draw_figures(tables_dir: Path, out_dir: Path, track: Tracking) -> None:
     """Figures of one experiment, mirrored to MLflow as artifacts."""
     from vitplasticity.figures import make_figures
 
     name = f"figures/{Path(out_dir).name}"
-    with tracking.track_job(resolve_tracking(track), run_dir=out_dir, run_name=name, kind="figures",
+    with tracking.track_job(tracking.job_tracking(track, "figures", {}), run_dir=out_dir, run_name=name,
+                            kind="figures",
                             params={"tables": str(tables_dir)}, tags={}) as run:
         make_figures(tables_dir, out_dir)
         run.log_artifacts(sorted(Path(out_dir).glob("*.png")) + sorted(Path(out_dir).glob("*.pdf")))

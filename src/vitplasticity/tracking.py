@@ -2,15 +2,17 @@
 
 The run folder stays the record; MLflow is a view of it that can always be rebuilt from the
 folders (`rebuild`). Every call names its run id explicitly (`MlflowClient`), so parallel jobs
-share no state. The store, the experiment and the parent runs are created once beforehand
-(`prepare_store`) so that parallel jobs never race on schema migration or experiment creation.
+share no state. The workflow makes the store, the experiment and the parent runs once before
+any job (`prepare_study`, from Snakemake's `onstart`), so parallel jobs never race on schema
+migration or experiment creation; jobs find them by name. Nothing is recorded in a file: the
+default store is resolved from the folder a job runs in (`study_uri`), so a copied study
+tracks into its own store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import getpass
 import json
 import math
@@ -19,6 +21,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -39,7 +42,13 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
+    from vitplasticity.config import Tracking
+
 RUN_RECORD = "mlflow_run.json"
+# The study's own store, relative to the folder the workflow and its jobs run in.
+DEFAULT_STORE = Path("results") / "mlflow.db"
+# Held while a job creates a missing parent run (the workflow normally made them all before).
+PARENT_LOCK = Path("results") / "tracking.lock"
 HISTORY_KEYS = ("loss", "lr", "grad_norm", "val_loss", "val_acc")
 HEALTH_TIMEOUT_S = 5.0
 # MLflow's documented limits (mlflow.utils.validation), fixed here to keep mlflow imports lazy.
@@ -123,20 +132,18 @@ def track_job(settings: dict | None, *, run_dir: Path, run_name: str, kind: str,
               tags: dict) -> Iterator[JobRun]:
     """Mirror one job into MLflow; the run is closed FINISHED, FAILED or KILLED as the block ends.
 
-    `settings`: `enabled`, `uri` (None: MLFLOW_TRACKING_URI), `experiment_id` (from `prepare_store`),
-    `parent` (a parent-run name, created on first use under the file lock `lock`) or `parent_run_id`,
-    `tags`. The store is checked before the block runs; an unreachable one raises `UserError`.
+    `settings`: `enabled`, `uri` (None: `study_uri`), `experiment` (its name; it must exist), `parent`
+    (a parent-run name, created if missing under the file lock `lock`) or `parent_run_id`, `tags`.
+    The store and the experiment are checked before the block runs; a failure raises `UserError`.
     """
     if not settings or not settings.get("enabled"):
         yield JobRun()
         return
-    uri = resolve_uri(settings.get("uri"))
+    uri = study_uri(settings.get("uri"))
     check_store(uri, create=False)
-    if not settings.get("experiment_id"):
-        raise UserError("tracking settings name no experiment_id; run `vitplasticity tracking prepare` first")
-    experiment_id, parent_id = str(settings["experiment_id"]), settings.get("parent_run_id")
     client = _client(uri)
-    _check_experiment(client, uri, experiment_id)
+    experiment_id = _experiment_id(client, uri, settings.get("experiment"))
+    parent_id = settings.get("parent_run_id")
     if parent_id is None and settings.get("parent"):
         with _exclusive(settings.get("lock")):
             parent_id = parent_runs(client, experiment_id, [settings["parent"]])[settings["parent"]]
@@ -155,12 +162,68 @@ def track_job(settings: dict | None, *, run_dir: Path, run_name: str, kind: str,
     job.close("FINISHED")
 
 
-def resolve_uri(uri: str | None, default: str | None = None) -> str:
-    """The tracking URI: `uri`, else MLFLOW_TRACKING_URI, else `default`."""
-    resolved = uri or os.environ.get("MLFLOW_TRACKING_URI") or default
-    if not resolved:
-        raise UserError("no MLflow tracking URI: set tracking.uri in the config or MLFLOW_TRACKING_URI")
-    return resolved
+def study_uri(uri: str | None, cwd: Path | None = None) -> str:
+    """The tracking URI: `uri`, else MLFLOW_TRACKING_URI, else the SQLite store `results/mlflow.db` of
+    the study folder `cwd` (default: the working directory, where Snakemake runs its jobs).
+
+    Resolved afresh by every process and never recorded, so a copied study folder tracks into its
+    own store, and a job writes outside its study only to a store the user named.
+    """
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(cwd or Path.cwd()).resolve() / DEFAULT_STORE}"
+
+
+def job_tracking(settings: Tracking, kind: str, job: dict) -> dict:
+    """`track_job` settings of one job: the study's store and experiment, and for a finetuning
+    run its parent (`parent_name`); the experiment and parents exist once `prepare_study` ran."""
+    if not settings.enabled:
+        return {"enabled": False}
+    return {"enabled": True, "uri": settings.uri, "experiment": settings.experiment,
+            "parent": parent_name(job) if kind == "finetune" else None, "lock": str(PARENT_LOCK)}
+
+
+def prepare_study(settings: Tracking, parents: Sequence[str], results_dir: Path = Path("results")) -> str:
+    """Before a workflow's jobs: make the store, the experiment and its parent runs, and mirror every
+    finished run folder the experiment lacks (tracking switched on, study renamed, store lost, pulled
+    or copied); returns the URI. A SQLite store copied from another study folder (its experiment's
+    artifacts live elsewhere) is set aside first, so nothing here or in a job writes into another study.
+    """
+    uri = study_uri(settings.uri)
+    check_store(uri, create=True)
+    _set_aside_copied_store(uri, settings.experiment)
+    prepare_store(uri, settings.experiment, parents)
+    mirrored = rebuild(results_dir, uri, settings.experiment, only_missing=True)
+    if mirrored:
+        print(f"vitplasticity: mirrored {len(mirrored)} finished run folders into MLflow experiment "
+              f"'{settings.experiment}' at {_redact(uri)}", file=sys.stderr, flush=True)
+    return uri
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Where a SQLite store keeps its experiments' artifacts: `mlartifacts` beside the database."""
+    path = sqlite_path(uri)
+    return (path.parent.resolve() / "mlartifacts").as_uri() if path else None
+
+
+def _set_aside_copied_store(uri: str, experiment: str) -> None:
+    """Rename a SQLite store whose experiment keeps its artifacts outside this store's folder (a copy
+    of another study's store: writing to it would write into the other study's `mlartifacts`).
+
+    Read with sqlite3, not MLflow, which would keep the renamed file open in its engine cache.
+    """
+    path, expected = sqlite_path(uri), _artifact_root(uri)
+    if path is None or not path.exists():
+        return
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        try:
+            row = db.execute("SELECT artifact_location FROM experiments WHERE name = ?", (experiment,)).fetchone()
+        except sqlite3.Error:
+            return  # not an MLflow store yet; MLflow reports what is wrong with it
+    if row is None or not row[0] or row[0].rstrip("/") == expected:
+        return
+    aside = path.with_name(f"{path.stem}.copied-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
+    path.rename(aside)
+    print(f"vitplasticity: {path} was copied from another study (artifacts in {row[0]}); kept as {aside.name}, "
+          "this study gets its own store", file=sys.stderr, flush=True)
 
 
 def check_store(uri: str, *, create: bool) -> None:
@@ -191,8 +254,8 @@ def check_store(uri: str, *, create: bool) -> None:
             raise UserError(f"cannot create the folder of the MLflow store {uri} ({_one_line(exc)}); "
                             f"choose another tracking.uri {fix}") from exc
     elif not path.exists():
-        raise UserError(f"the MLflow store {uri} does not exist; create it with `vitplasticity tracking prepare` "
-                        f"(the workflow's make_tracking_store rule: delete results/tracking.json to rerun it) {fix}")
+        raise UserError(f"the MLflow store {uri} does not exist; run the job through snakemake (it creates the "
+                        f"store before any job) or `vitplasticity tracking rebuild` {fix}")
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise UserError(f"the MLflow store {uri} is not writable; fix the permissions of {path.parent} {fix}")
 
@@ -214,9 +277,7 @@ def prepare_store(uri: str, experiment_name: str, parents: Sequence[str] = ()) -
     client = _client(uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
-        path = sqlite_path(uri)
-        location = (path.parent.resolve() / "mlartifacts").as_uri() if path else None
-        experiment_id = client.create_experiment(experiment_name, artifact_location=location)
+        experiment_id = client.create_experiment(experiment_name, artifact_location=_artifact_root(uri))
     else:
         experiment_id = experiment.experiment_id
         if experiment.lifecycle_stage == "deleted":
@@ -322,13 +383,20 @@ def parent_name(settings: dict) -> str:
     return f"{settings['model']}/{settings['task']}/{settings['optimizer']}"
 
 
-def rebuild(results_dir: Path, uri: str, experiment_name: str) -> dict[str, str]:
+def rebuild(results_dir: Path, uri: str, experiment_name: str, *, only_missing: bool = False) -> dict[str, str]:
     """Recreate the MLflow runs from the run folders under `results_dir`; returns {folder: run id}.
 
-    Folders whose recorded run is still in the store are completed in place, not duplicated.
+    Folders whose recorded run is still in the store are completed in place, not duplicated;
+    with `only_missing` they are skipped (one search of the experiment, not one call per folder).
     """
     results_dir = Path(results_dir)
-    folders = list(_run_folders(results_dir))
+    wanted = None
+    if only_missing:
+        experiment = _client(uri).get_experiment_by_name(experiment_name)
+        present = set() if experiment is None else {
+            r.info.run_id for r in _search(_client(uri), experiment.experiment_id, "")}
+        wanted = lambda folder: _recorded_id(folder / RUN_RECORD) not in present  # noqa: E731
+    folders = list(_run_folders(results_dir, wanted))
     parents = sorted({parent_name(f["params"]) for f in folders if f["kind"] == "finetune"})
     prepared = prepare_store(uri, experiment_name, parents)
     client = _client(uri)
@@ -348,18 +416,47 @@ def rebuild(results_dir: Path, uri: str, experiment_name: str) -> dict[str, str]
     return done
 
 
-def _run_folders(results_dir: Path) -> Iterator[dict]:
-    """Every finished run folder: kind, params, history rows, final metrics, artifacts, times."""
-    for kind, pattern in (("finetune", "runs/**/metrics.json"), ("pretrain", "pretrain/*/metrics.json")):
-        for path in _visible(results_dir.glob(pattern)):
+# Where each kind of job leaves its last-written file, relative to the results folder.
+_FINISHED = (("finetune", "runs/**/metrics.json"), ("pretrain", "pretrain/*/metrics.json"),
+             ("probe", "probes/**/metrics.json"), ("plasticity", "plasticity/**/plasticity.csv"))
+
+
+def unmirrored(settings: Tracking, results_dir: Path = Path("results")) -> int | None:
+    """How many finished run folders the study's SQLite store lacks, read without writing anything
+    (None for a server URI: asking it would slow every invocation)."""
+    uri = study_uri(settings.uri)
+    path = sqlite_path(uri)
+    if path is None:
+        return None
+    folders = [p.parent for _, pattern in _FINISHED for p in _visible(results_dir.glob(pattern))]
+    present: set[str | None] = set()
+    if path.exists():
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db, \
+                contextlib.suppress(sqlite3.Error):
+            present = {row[0] for row in db.execute(
+                    "SELECT r.run_uuid FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id "
+                    "WHERE e.name = ? AND r.lifecycle_stage = 'active'", (settings.experiment,))}
+    return sum(_recorded_id(folder / RUN_RECORD) not in present for folder in folders)
+
+
+def _run_folders(results_dir: Path, wanted=None) -> Iterator[dict]:
+    """Every finished run folder (for which `wanted(folder)` holds): kind, params, history rows,
+    final metrics, artifacts, times."""
+    patterns = dict(_FINISHED)
+
+    def visible(kind: str) -> list[Path]:
+        return [p for p in _visible(results_dir.glob(patterns[kind])) if wanted is None or wanted(p.parent)]
+
+    for kind in ("finetune", "pretrain"):
+        for path in visible(kind):
             config = yaml.safe_load((path.parent / "config.yaml").read_text())
             files = [path.parent / name for name in ("config.yaml", "history.csv", "metrics.json")]
             yield _folder(kind, path, config["settings"], read_json(path), [f for f in files if f.exists()],
                           _read_history(path.parent / "history.csv"))
-    for path in _visible(results_dir.glob("probes/**/metrics.json")):
+    for path in visible("probe"):
         final = read_json(path)
         yield _folder("probe", path, _model_task(path.parent, final), final, [path])
-    for path in _visible(results_dir.glob("plasticity/**/plasticity.csv")):
+    for path in visible("plasticity"):
         with open(path, newline="") as handle:
             rows = list(csv.DictReader(handle))
         final = {f"{r['mode']}/{r['component']}/layer{r['layer']}": float(r["mean"]) for r in rows if r["mean"]}
@@ -393,24 +490,33 @@ def _read_history(path: Path) -> list[dict]:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
 
 
-def _check_experiment(client: MlflowClient, uri: str, experiment_id: str) -> None:
+def _experiment_id(client: MlflowClient, uri: str, name: str | None) -> str:
+    """The id of the active experiment `name`; UserError if the store cannot give it."""
+    fix = "run the job through snakemake (it creates the experiment before any job) or set `tracking.enabled: false`"
     try:
-        experiment = client.get_experiment(experiment_id)
+        experiment = client.get_experiment_by_name(name) if name else None
     except Exception as exc:  # any store failure here means the store is unusable for this job
-        raise UserError(f"MLflow store {_redact(uri)} has no usable experiment {experiment_id} "
-                        f"({_one_line(exc)}); rerun `vitplasticity tracking prepare` "
-                        "or set `tracking.enabled: false` in the config") from exc
+        raise UserError(f"MLflow store {_redact(uri)} cannot be read ({_one_line(exc)}); {fix}") from exc
+    if experiment is None:
+        raise UserError(f"MLflow store {_redact(uri)} has no experiment {name!r}; {fix}")
     if experiment.lifecycle_stage != "active":
-        raise UserError(f"MLflow experiment {experiment_id} in {_redact(uri)} is deleted; restore it "
-                        "(`mlflow experiments restore`) or rerun `vitplasticity tracking prepare`")
+        raise UserError(f"MLflow experiment {name!r} in {_redact(uri)} is deleted; restore it "
+                        "(`mlflow experiments restore`) or rerun snakemake")
+    return experiment.experiment_id
+
+
+def _recorded_id(record: Path) -> str | None:
+    try:
+        return read_json(record)["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _recorded_run(client: MlflowClient, record: Path, experiment_id: str) -> Run | None:
     from mlflow.exceptions import MlflowException
 
-    try:
-        run_id = read_json(record)["run_id"]
-    except (OSError, ValueError, KeyError, TypeError):
+    run_id = _recorded_id(record)
+    if run_id is None:
         return None
     try:
         run = client.get_run(run_id)
@@ -448,16 +554,14 @@ def _tag_entities(tags: dict) -> list:
 
 @contextlib.contextmanager
 def _exclusive(lock: str | None) -> Iterator[None]:
-    """Hold an exclusive lock on the file `lock` (created if missing); no file, no lock."""
+    """Hold the file lock `lock` (its folder must exist); no path, no lock."""
     if not lock:
         yield
         return
-    with open(lock, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    from filelock import FileLock
+
+    with FileLock(lock):
+        yield
 
 
 def _client(uri: str) -> MlflowClient:

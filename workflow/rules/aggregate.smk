@@ -13,7 +13,6 @@ rule aggregate:
         probes=get_experiment_probes,
         plasticity=get_experiment_plasticity,
         bounds=get_experiment_bounds,
-        tracking=TRACKING_STORE,
     output:
         tables=[f"results/tables/{{experiment}}/{table}.csv" for table in TABLES],
         # The same tables as HTML, shown inline by `snakemake --report`.
@@ -33,18 +32,16 @@ rule aggregate:
         "../../envs/vitplasticity.yaml"
     params:
         settings=get_aggregate_settings,
-        tracking=tracking_params("aggregate"),
         out_dir=get_tables_dir,
     shell:
         "vitplasticity aggregate --settings {params.settings:q} --runs {input.runs} "
         "--probes {input.probes} --plasticity {input.plasticity} --bounds {input.bounds} "
-        "--out-dir {params.out_dir} --tracking {params.tracking:q} 2> {log}"
+        "--out-dir {params.out_dir} 2> {log}"
 
 
 rule figures:
     input:
         tables=rules.aggregate.output.tables,
-        tracking=TRACKING_STORE,
     output:
         figures=[
             report(
@@ -64,10 +61,9 @@ rule figures:
     params:
         tables=get_tables_dir,
         figures=get_figures_dir,
-        tracking=tracking_params("figures"),
     shell:
         "vitplasticity figures --tables {params.tables} --out-dir {params.figures} "
-        "--tracking {params.tracking:q} 2> {log}"
+        "2> {log}"
 
 
 rule compare_to_paper:

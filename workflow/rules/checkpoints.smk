@@ -32,7 +32,6 @@ rule fetch_checkpoint:
 rule pretrain_checkpoint:
     input:
         task=get_pretrain_task,
-        tracking=TRACKING_STORE,
     output:
         weights="data/checkpoints/{model}.safetensors",
         sidecar="data/checkpoints/{model}.json",
@@ -52,9 +51,7 @@ rule pretrain_checkpoint:
         runtime=60,
     params:
         settings=get_pretrain_settings,
-        runtime=get_runtime(),
-        tracking=tracking_params("pretrain_checkpoint"),
     shell:
-        "vitplasticity pretrain --settings {params.settings:q} --runtime {params.runtime:q} "
-        "--tracking {params.tracking:q} --threads {threads} --task {input.task} "
+        "vitplasticity pretrain --settings {params.settings:q} "
+        "--threads {threads} --task {input.task} "
         "--out {output.weights} --run-dir results/pretrain/{wildcards.model} 2> {log}"

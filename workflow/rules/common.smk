@@ -1,31 +1,38 @@
-# Helpers shared by the workflow: config checks, target lists and per-job settings.
+# Helpers shared by the workflow: the config, target lists and per-job settings.
+#
+# Science reaches jobs as params (rerun triggers); machine settings (runtime, tracking, study)
+# reach them through the environment variable MACHINE_ENV, which Snakemake does not record.
 import json
 import os
 import sys
 
-from snakemake.utils import validate
-
-from vitplasticity.config import check_config
+from vitplasticity.config import MACHINE_ENV, check_config, machine
 from vitplasticity.errors import UserError
 
 try:
+    # Validated once; every default the schema declares is filled in here.
     check_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 except UserError as error:
     print(f"vitplasticity config error: {error}", file=sys.stderr)
     sys.exit(1)
-validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 
 # Jobs run the `vitplasticity` command of the environment that runs this workflow.
 os.environ["PATH"] = (
     f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"
 )
+MACHINE = machine(config)
+os.environ[MACHINE_ENV] = MACHINE.to_env()
+
+
+envvars:
+    MACHINE_ENV,
+
+
 EXPERIMENTS = config["experiments"]
 MODELS = config["models"]
 TASKS = config["tasks"]
 ARMS = config["arms"]
 REFERENCE = config["plasticity"]["reference_task"]
-TRACKING = config.get("tracking", {"enabled": True, "uri": None})
-RUNTIME = config.get("runtime", {})
 FIGURES = [
     "plasticity_vs_rank",
     "plasticity_vs_depth",
@@ -59,8 +66,7 @@ def fmt_lr(lr):
 
 
 def experiment_lrs(experiment, task):
-    scale = experiment.get("lr_scale", 1.0)
-    return [fmt_lr(lr * scale) for lr in TASKS[task]["lrs"]]
+    return [fmt_lr(lr * experiment["lr_scale"]) for lr in TASKS[task]["lrs"]]
 
 
 def experiment_arms(experiment):
@@ -71,7 +77,7 @@ def get_experiment_runs(wildcards):
     """metrics.json of every finetuning run of an experiment."""
     exp = EXPERIMENTS[wildcards.experiment]
     return [
-        f"results/runs/{exp['model']}/{task}/{exp.get('optimizer', 'sgd')}/{arm}/lr{lr}_seed{seed}/metrics.json"
+        f"results/runs/{exp['model']}/{task}/{exp['optimizer']}/{arm}/lr{lr}_seed{seed}/metrics.json"
         for task in exp["tasks"]
         for arm in experiment_arms(exp)
         for lr in experiment_lrs(exp, task)
@@ -81,7 +87,7 @@ def get_experiment_runs(wildcards):
 
 def get_experiment_probes(wildcards):
     exp = EXPERIMENTS[wildcards.experiment]
-    if not exp.get("probe", True):
+    if not exp["probe"]:
         return []
     return [
         f"results/probes/{exp['model']}/{task}/metrics.json" for task in exp["tasks"]
@@ -110,7 +116,7 @@ def get_all_targets():
         targets += expand(
             "results/figures/{experiment}/{figure}.png", experiment=name, figure=FIGURES
         )
-        if EXPERIMENTS[name].get("compare_to_paper", False):
+        if EXPERIMENTS[name]["compare_to_paper"]:
             targets.append(f"results/tables/{name}/paper_comparison.csv")
     return targets
 
@@ -132,15 +138,11 @@ def get_checkpoint(wildcards):
 
 def get_pretrain_settings(wildcards):
     model = MODELS[wildcards.model]
-    settings = {
-        "clip_norm": config["finetune"].get("clip_norm", 1.0),
-        "betas": [0.9, 0.999],
-    }
-    settings.update(model["pretrain"])
+    settings = dict(model["pretrain"], clip_norm=config["finetune"]["clip_norm"])
     settings.update(
         model=wildcards.model,
         timm_name=model["timm_name"],
-        kwargs=model.get("kwargs", {}),
+        kwargs=model["kwargs"],
         img_size=model["img_size"],
     )
     return json.dumps(settings, sort_keys=True)
@@ -186,15 +188,11 @@ def get_plasticity_settings(wildcards):
 
 def get_probe_settings(wildcards):
     settings = dict(
-        config.get("probe", {"max_iter": 5000}),
+        config["probe"],
         model=wildcards.model,
         task=wildcards.task,
     )
     return json.dumps(settings, sort_keys=True)
-
-
-def get_runtime():
-    return json.dumps(RUNTIME, sort_keys=True)
 
 
 def get_aggregate_settings(wildcards):
@@ -220,65 +218,47 @@ def get_finetune_runtime_minutes(wildcards):
     return 10 + TASKS[wildcards.task]["steps"] // 120
 
 
-def get_tracking_uri():
-    """config tracking.uri, else MLFLOW_TRACKING_URI; empty means the SQLite store in results/
-    (resolved by the command, so the param does not change when the study folder moves).
-    """
-    return TRACKING.get("uri") or os.environ.get("MLFLOW_TRACKING_URI") or ""
+def tracking_parents():
+    """The MLflow parent runs of the study: one per (model, task, optimizer) finetuned."""
+    return sorted(
+        {
+            f"{exp['model']}/{task}/{exp['optimizer']}"
+            for exp in EXPERIMENTS.values()
+            for task in exp["tasks"]
+        }
+    )
 
 
-TRACKING_REQUEST = {
-    "uri": get_tracking_uri(),
-    "experiment": config["study"],
-    "enabled": TRACKING.get("enabled", True),
-}
-
-
-def warn_if_tracking_store_outdated(path="results/tracking.json"):
-    """Jobs take the record as ancient(); when make_tracking_store must re-make it, Snakemake
-    (9.x) schedules only that rule and leaves other pending jobs to the next invocation. Say so.
-    """
-    if not os.path.exists(path):
+def prepare_tracking():
+    """Make the study's MLflow store, experiment and parent runs; one line and exit if it fails."""
+    if not MACHINE.tracking.enabled:
         return
+    from vitplasticity.tracking import prepare_study
+
     try:
-        with open(path) as handle:
-            recorded = json.load(handle).get("requested")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
-    if recorded != TRACKING_REQUEST:
+        prepare_study(MACHINE.tracking, tracking_parents())
+    except UserError as error:
+        print(f"vitplasticity tracking error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+def hint_unmirrored_runs():
+    """Tracking switched on or the study renamed reruns nothing, and with nothing to do Snakemake
+    runs no onstart: say in one line how the experiment gets the finished runs it lacks.
+    """
+    if not (MACHINE.tracking.enabled and workflow.is_main_process):
+        return
+    from vitplasticity.tracking import unmirrored
+
+    missing = unmirrored(MACHINE.tracking)
+    if missing:
+        name = MACHINE.tracking.experiment
         print(
-            f"vitplasticity: the tracking settings changed since {path} was written; "
-            "this invocation re-creates it and runs no other job: run snakemake again "
-            "for the rest",
+            f"vitplasticity: {missing} finished run folders are not in MLflow experiment '{name}' yet; "
+            "snakemake mirrors them before it runs any job, or now: "
+            f"vitplasticity tracking rebuild --experiment {name}",
             file=sys.stderr,
         )
 
 
-warn_if_tracking_store_outdated()
-
-
-# Every tracked job reads the store description (URI and experiment id) from this file,
-# so tracking settings never enter job params; ancient(): recreating it (after `dvc pull`,
-# or with another URI) reruns no finished job.
-TRACKING_STORE = ancient("results/tracking.json")
-
-
-def tracking_params(rule_name):
-    """A params function giving a job's --tracking JSON: the store file, its parent run and tags."""
-
-    def get_tracking(wildcards):
-        names = dict(wildcards.items())
-        parent = None
-        if {"model", "task", "optimizer"} <= names.keys():
-            parent = f"{names['model']}/{names['task']}/{names['optimizer']}"
-        tags = {
-            "rule": rule_name,
-            "wildcards": json.dumps(names, sort_keys=True),
-            "study": config["study"],
-        }
-        return json.dumps(
-            {"store": "results/tracking.json", "parent": parent, "tags": tags},
-            sort_keys=True,
-        )
-
-    return get_tracking
+hint_unmirrored_runs()

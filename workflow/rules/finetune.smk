@@ -7,7 +7,6 @@ rule finetune:
     input:
         checkpoint=get_checkpoint,
         task="data/prepared/{task}",
-        tracking=TRACKING_STORE,
     output:
         metrics="results/runs/{model}/{task}/{optimizer}/{arm}/lr{lr}_seed{seed}/metrics.json",
         history="results/runs/{model}/{task}/{optimizer}/{arm}/lr{lr}_seed{seed}/history.csv",
@@ -24,10 +23,8 @@ rule finetune:
         runtime=get_finetune_runtime_minutes,
     params:
         settings=get_finetune_settings,
-        runtime=get_runtime(),
-        tracking=tracking_params("finetune"),
         run_dir=subpath(output.metrics, parent=True),
     shell:
-        "vitplasticity finetune --settings {params.settings:q} --runtime {params.runtime:q} "
-        "--tracking {params.tracking:q} --threads {threads} --checkpoint {input.checkpoint} "
+        "vitplasticity finetune --settings {params.settings:q} "
+        "--threads {threads} --checkpoint {input.checkpoint} "
         "--task {input.task} --run-dir {params.run_dir} 2> {log}"

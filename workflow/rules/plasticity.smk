@@ -6,7 +6,6 @@ rule measure_plasticity:
         checkpoint=get_checkpoint,
         reference=f"data/prepared/{REFERENCE}",
         task="data/prepared/{task}",
-        tracking=TRACKING_STORE,
     output:
         table="results/plasticity/{model}/{task}/plasticity.csv",
         stats="results/plasticity/{model}/{task}/embedding.json",
@@ -22,11 +21,9 @@ rule measure_plasticity:
         runtime=60,
     params:
         settings=get_plasticity_settings,
-        runtime=get_runtime(),
-        tracking=tracking_params("measure_plasticity"),
     shell:
-        "vitplasticity plasticity --settings {params.settings:q} --runtime {params.runtime:q} "
-        "--tracking {params.tracking:q} --threads {threads} --checkpoint {input.checkpoint} "
+        "vitplasticity plasticity --settings {params.settings:q} "
+        "--threads {threads} --checkpoint {input.checkpoint} "
         "--reference {input.reference} --task {input.task} "
         "--out-table {output.table} --out-stats {output.stats} 2> {log}"
 

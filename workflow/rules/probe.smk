@@ -5,7 +5,6 @@ rule linear_probe:
     input:
         checkpoint=get_checkpoint,
         task="data/prepared/{task}",
-        tracking=TRACKING_STORE,
     output:
         "results/probes/{model}/{task}/metrics.json",
     log:
@@ -20,9 +19,7 @@ rule linear_probe:
         runtime=60,
     params:
         settings=get_probe_settings,
-        runtime=get_runtime(),
-        tracking=tracking_params("linear_probe"),
     shell:
-        "vitplasticity probe --settings {params.settings:q} --runtime {params.runtime:q} "
-        "--tracking {params.tracking:q} --threads {threads} --checkpoint {input.checkpoint} "
+        "vitplasticity probe --settings {params.settings:q} "
+        "--threads {threads} --checkpoint {input.checkpoint} "
         "--task {input.task} --out {output} 2> {log}"
