@@ -128,7 +128,7 @@ def test_params_are_flat_truncated_and_free_of_credentials():
 
 def test_run_names():
     settings = {"model": "vit", "task": "cifar10", "arm": "mha", "lr": 0.01, "seed": 42, "optimizer": "sgd"}
-    assert tracking.run_name("finetune", settings) == "cifar10/mha/lr0.01/seed42"
+    assert tracking.run_name("finetune", settings) == "mha/cifar10/lr0.01/seed42"
     assert tracking.run_name("pretrain", settings) == "pretrain/vit"
     assert tracking.run_name("probe", settings) == "probe/vit/cifar10"
     assert tracking.parent_name(settings) == "vit/cifar10/sgd"
@@ -160,10 +160,12 @@ def test_track_job_logs_one_run_with_params_tags_and_history(server, prepared, t
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert tags.get("mlflow.source.git.commit") == (head or None)
     assert tags.get("git_dirty") in (("true", "false") if head else (None,))
-    assert found.data.metrics["test_acc"] == 0.75 and "test_loss" not in found.data.metrics
+    assert found.data.metrics["test_acc"] == 75.0 and "test_loss" not in found.data.metrics  # accuracies in %
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "test_acc")] == [50]  # the last step
     run_id = found.info.run_id
     assert [count(client, run_id, k) for k in tracking.HISTORY_KEYS] == [50, 50, 49, 5, 5]
-    assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [10, 20, 30, 40, 50]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val_acc")] == [
+        (step, step / 10) for step in (10, 20, 30, 40, 50)]  # history rows hold fractions: step / 1000
     assert [a.path for a in client.list_artifacts(run_id)] == ["metrics.json"]
 
 
@@ -357,10 +359,12 @@ def test_rebuild_recreates_the_store_from_run_folders(tmp_path):
     study_results(results)
     uri = f"sqlite:///{results}/mlflow.db"
     first, summary = rebuild_and_summarise(results, uri)
+    experiment = MlflowClient(uri).get_experiment_by_name("study")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
     history_counts = {"loss": 20, "lr": 20, "grad_norm": 20, "val_loss": 4, "val_acc": 4, "test_acc": 1,
                       "wall_time_s": 1}
-    assert summary["novel/mha/lr0.01/seed0"] == ("finetune", "vit/novel/sgd", history_counts)
-    assert summary["sketch/mha/lr0.01/seed0"][1] == "vit/sketch/sgd"
+    assert summary["mha/novel/lr0.01/seed0"] == ("finetune", "vit/novel/sgd", history_counts)
+    assert summary["mha/sketch/lr0.01/seed0"][1] == "vit/sketch/sgd"
     assert summary["pretrain/vit"][2]["loss"] == 30
     assert summary["probe/vit/novel"] == ("probe", None, {"test_acc": 1})
     assert summary["plasticity/vit/novel"][2] == {f"embedding/{c}/layer{i}": 1 for c in ("mha", "fc1") for i in (0, 1)}
@@ -412,7 +416,9 @@ def test_smoke_workflow_with_parallel_jobs_mirrors_every_run_folder(server, tmp_
         assert run.data.params["arm"] == settings["arm"]
         steps = len((folder / "history.csv").read_text().splitlines()) - 1
         assert count(client, run.info.run_id, "loss") == steps == settings["steps"]
-        assert run.data.metrics["test_acc"] == json.loads((folder / "metrics.json").read_text())["test_acc"]
+        assert run.data.metrics["test_acc"] == pytest.approx(
+            100 * json.loads((folder / "metrics.json").read_text())["test_acc"])
+        assert "betas" not in run.data.params and run.data.params["momentum"] == "0.9"  # SGD runs
         assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "history.csv",
                                                                            "metrics.json"}
 

@@ -42,7 +42,7 @@ def prepare(name: str, data: dict, out: Path, raw: Path | None) -> dict:
         for split in ("train", "val", "test"):
             images, labels, classes = generate(
                 name, data["kind"], split, data[f"n_{split}"], data["image_size"], data["seed"],
-                corruption=data.get("corruption"), severity=data["severity"])
+                **{key: data[key] for key in ("corruption", "severity") if key in data})
             splits[split] = (images, labels)
             log(f"{name}: generated {split} ({len(labels)} images)")
         provenance = {"generator": "vitplasticity.datasets.synthetic", **data}

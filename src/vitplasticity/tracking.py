@@ -50,6 +50,12 @@ DEFAULT_STORE = Path("results") / "mlflow.db"
 # Held while a job creates a missing parent run (the workflow normally made them all before).
 PARENT_LOCK = Path("results") / "tracking.lock"
 HISTORY_KEYS = ("loss", "lr", "grad_norm", "val_loss", "val_acc")
+# Accuracies are fractions in the run folders and percentages in the tables; MLflow shows percentages.
+PERCENT_KEYS = frozenset({"val_acc", "best_val_acc", "test_acc", "source_test_acc"})
+# Settings of the optimizer a run does not use, left out of its MLflow params.
+UNUSED_BY = {"sgd": ("betas",), "adamw": ("momentum",)}
+# MLflow 3's UI opens an experiment of this kind on its runs (not on the GenAI overview).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 HEALTH_TIMEOUT_S = 5.0
 # MLflow's documented limits (mlflow.utils.validation), fixed here to keep mlflow imports lazy.
 MAX_KEY_LENGTH = 250
@@ -97,21 +103,22 @@ class MlflowJobRun(JobRun):
                 value = row.get(key)
                 if _absent(value) or step <= self._last_steps.get(key, 0):
                     continue
-                metrics.append(Metric(key, float(value), now, step))
+                metrics.append(Metric(key, _shown(key, value), now, step))
                 self._last_steps[key] = step
         _log_batch(self.client, self.run_id, metrics=metrics)
 
     def log_metrics(self, metrics: dict) -> None:
+        """Final values, at the last step of the logged history (accuracies in %)."""
         from mlflow.entities import Metric
 
-        now, values, texts = _now_ms(), [], {}
+        now, values, texts, step = _now_ms(), [], {}, max(self._last_steps.values(), default=0)
         for key, value in metrics.items():
             if _absent(value):
                 continue
             if isinstance(value, numbers.Real) and not isinstance(value, bool):
-                if self._latest.get(key) != float(value):
-                    values.append(Metric(key, float(value), now, 0))
-                    self._latest[key] = float(value)
+                if self._latest.get(key) != _shown(key, value):
+                    values.append(Metric(key, _shown(key, value), now, step))
+                    self._latest[key] = _shown(key, value)
             else:
                 texts[key] = str(value)
         _log_batch(self.client, self.run_id, metrics=values, tags=_tag_entities(texts))
@@ -144,9 +151,12 @@ def track_job(settings: dict | None, *, run_dir: Path, run_name: str, kind: str,
     client = _client(uri)
     experiment_id = _experiment_id(client, uri, settings.get("experiment"))
     parent_id = settings.get("parent_run_id")
-    if parent_id is None and settings.get("parent"):
-        with _exclusive(settings.get("lock")):
-            parent_id = parent_runs(client, experiment_id, [settings["parent"]])[settings["parent"]]
+    name = settings.get("parent")
+    if parent_id is None and name:  # made by `prepare_study`; created here only if it was deleted since
+        parent_id = _parents(client, experiment_id).get(name)
+        if parent_id is None:
+            with _exclusive(settings.get("lock")):
+                parent_id = parent_runs(client, experiment_id, [name])[name]
     all_tags = environment_tags() | {"kind": kind} | dict(settings.get("tags") or {}) | dict(tags)
     job = open_run(client, Path(run_dir), run_name=run_name, experiment_id=experiment_id, parent_id=parent_id,
                    params=params, tags=all_tags, uri=uri)
@@ -277,11 +287,14 @@ def prepare_store(uri: str, experiment_name: str, parents: Sequence[str] = ()) -
     client = _client(uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
-        experiment_id = client.create_experiment(experiment_name, artifact_location=_artifact_root(uri))
+        experiment_id = client.create_experiment(experiment_name, artifact_location=_artifact_root(uri),
+                                                 tags=EXPERIMENT_KIND)
     else:
         experiment_id = experiment.experiment_id
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment_id)
+        if experiment.tags.get("mlflow.experimentKind") is None:
+            client.set_experiment_tag(experiment_id, *next(iter(EXPERIMENT_KIND.items())))
     return {"experiment_id": experiment_id, "parent_run_ids": parent_runs(client, experiment_id, parents)}
 
 
@@ -290,15 +303,21 @@ def parent_runs(client: MlflowClient, experiment_id: str, names: Sequence[str]) 
 
     Parallel callers must hold one lock (see `_exclusive`), or a parent could be created twice.
     """
-    existing: dict[str, str] = {}
-    for run in _search(client, experiment_id, "tags.kind = 'parent'"):
-        existing.setdefault(run.info.run_name, run.info.run_id)
+    existing = _parents(client, experiment_id)
     for name in names:
         if name not in existing:
             run = client.create_run(experiment_id, run_name=name, tags={"kind": "parent"})
             client.set_terminated(run.info.run_id, status="FINISHED")
             existing[name] = run.info.run_id
     return {name: existing[name] for name in names}
+
+
+def _parents(client: MlflowClient, experiment_id: str) -> dict[str, str]:
+    """{name: run id} of the experiment's parent runs."""
+    existing: dict[str, str] = {}
+    for run in _search(client, experiment_id, "tags.kind = 'parent'"):
+        existing.setdefault(run.info.run_name, run.info.run_id)
+    return existing
 
 
 def open_run(client: MlflowClient, run_dir: Path, *, run_name: str, experiment_id: str, parent_id: str | None,
@@ -309,7 +328,8 @@ def open_run(client: MlflowClient, run_dir: Path, *, run_name: str, experiment_i
     keeps its history. If its params differ from `params` (MLflow params cannot change) it is
     deleted and replaced by a new run.
     """
-    flat = flatten_params(params)
+    unused = UNUSED_BY.get(params.get("optimizer"), ())
+    flat = flatten_params({k: v for k, v in params.items() if k not in unused})
     tag_values = {k[:MAX_KEY_LENGTH]: _truncate(str(v), MAX_TAG_LENGTH) for k, v in tags.items()
                   if not _is_credential(k, v)}
     if parent_id:
@@ -370,9 +390,10 @@ def environment_tags() -> dict[str, str]:
 
 
 def run_name(kind: str, settings: dict) -> str:
-    """The MLflow run name of a job, e.g. `cifar10/mha/lr0.01/seed42` for a finetuning run."""
+    """The MLflow run name of a job, e.g. `mha/cifar10/lr0.01/seed42` for a finetuning run (the arm
+    first: the UI cuts long names, and runs are compared by arm)."""
     if kind == "finetune":
-        return f"{settings['task']}/{settings['arm']}/lr{settings['lr']:g}/seed{settings['seed']}"
+        return f"{settings['arm']}/{settings['task']}/lr{settings['lr']:g}/seed{settings['seed']}"
     if kind == "pretrain":
         return f"pretrain/{settings['model']}"
     return f"{kind}/{settings['model']}/{settings['task']}"
@@ -612,6 +633,11 @@ def _is_credential(name: str, value: object) -> bool:
         return value not in (None, "")
     return (any(word in lowered for word in _SENSITIVE_IF_CREDENTIAL) and isinstance(value, str)
             and bool(_CREDENTIAL.fullmatch(value)))
+
+
+def _shown(key: str, value: float) -> float:
+    """A metric as MLflow shows it: accuracies (fractions in the run folders) in %."""
+    return 100.0 * float(value) if key in PERCENT_KEYS else float(value)
 
 
 def _absent(value: object) -> bool:
