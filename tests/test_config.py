@@ -6,17 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vitplasticity.config import (
-    MACHINE_ENV,
-    Machine,
-    Runtime,
-    Tracking,
-    check_config,
-    load_config,
-    machine,
-    machine_from_env,
-)
+from vitplasticity.config import check_config, load_config
 from vitplasticity.errors import UserError
+from vitplasticity.machine import MACHINE_ENV, Machine, Runtime, Tracking, machine, machine_from_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"

@@ -41,10 +41,11 @@ from conftest import ROOT, SMOKE_CONFIG, snakemake
 
 from vitplasticity import cli, figures, jobs, models, tracking, training
 from vitplasticity.components import set_trainable
-from vitplasticity.config import Runtime, Tracking, check_config
+from vitplasticity.config import check_config
 from vitplasticity.datasets.synthetic import generate
 from vitplasticity.errors import UserError
 from vitplasticity.fileio import sha256_file, write_json
+from vitplasticity.machine import Runtime, Tracking
 from vitplasticity.prepared import Split, write_prepared
 
 pytestmark = pytest.mark.reliability

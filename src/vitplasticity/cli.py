@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from vitplasticity.config import MACHINE_ENV, machine_from_env
 from vitplasticity.errors import UserError, redact
+from vitplasticity.machine import MACHINE_ENV, machine_from_env
 
 # The paths each command writes; they are checked before any work so a bad one fails at once.
 OUTPUTS = {

@@ -2,7 +2,7 @@
 
 The workflow calls these through the command line (`cli`); science arrives as one JSON record
 per job (`settings`, built by the workflow from the study config: rerun triggers), machine
-settings as `config.Machine` (from the environment: never rerun triggers).
+settings as `machine.Machine` (from the environment: never rerun triggers).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from vitplasticity.runtime import pick_device, seed_everything
 if TYPE_CHECKING:
     import pandas as pd
 
-    from vitplasticity.config import Runtime, Tracking
+    from vitplasticity.machine import Runtime, Tracking
 
 # Start-up time is paid by every job, so each job imports only what it uses: pandas, scipy,
 # scikit-learn and the measurement modules load inside the functions that need them.

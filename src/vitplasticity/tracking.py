@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
-    from vitplasticity.config import Tracking
+    from vitplasticity.machine import Tracking
 
 RUN_RECORD = "mlflow_run.json"
 # The study's own store, relative to the folder the workflow and its jobs run in.

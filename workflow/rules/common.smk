@@ -6,7 +6,8 @@ import json
 import os
 import sys
 
-from vitplasticity.config import MACHINE_ENV, check_config, machine
+from vitplasticity.config import check_config
+from vitplasticity.machine import MACHINE_ENV, machine
 from vitplasticity.errors import UserError
 
 try:
