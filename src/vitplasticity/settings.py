@@ -25,8 +25,7 @@ _TASK = "the task's name (a key of tasks)"
 KEYS: dict[str, dict[str, str]] = {
     "prepare": {"name": _TASK, "data": "tasks.*.data"},
     "pretrain": {"model": _MODEL, "": "models.*.pretrain", "timm_name": "models.*.timm_name",
-                 "kwargs": "models.*.kwargs", "img_size": "models.*.img_size", "clip_norm": "finetune.clip_norm",
-                 "betas": "finetune.betas"},
+                 "kwargs": "models.*.kwargs", "img_size": "models.*.img_size", "clip_norm": "finetune.clip_norm"},
     "fetch": {"model": _MODEL, "": "models.*"},
     "plasticity": {"model": _MODEL, "task": _TASK, "": "plasticity"},
     "finetune": {"model": _MODEL, "task": _TASK, "arm": "the arm's name (a key of arms)",
