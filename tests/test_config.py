@@ -107,7 +107,7 @@ MALFORMED = {
         "config key 'runtime.eval_batch': 0 is less than the minimum of 1; set it to at least 1"]),
     "unknown machine setting": (QUICK, "runtime/batch", 8, [
         "config key 'runtime': unknown key(s) 'batch'",
-        "allowed keys: compile, device, eval_batch, micro_batch, plasticity_batch"]),
+        "allowed keys: compile, device, eval_batch, micro_batch, plasticity_batch, prefetch"]),
 }
 
 
@@ -169,7 +169,8 @@ def test_the_loader_fills_schema_defaults_once_and_splits_off_the_machine(tmp_pa
     assert config["models"]["vit_smoke"]["pretrain"]["betas"] == [0.9, 0.999]
     settings = machine(config)
     assert settings == Machine(Runtime(device="auto", micro_batch=8, eval_batch=256, compile=False,
-                                       plasticity_batch=64), Tracking(enabled=True, uri=None, experiment="smoke"))
+                                       plasticity_batch=64, prefetch=2),
+                               Tracking(enabled=True, uri=None, experiment="smoke"))
     assert machine_from_env({MACHINE_ENV: settings.to_env()}) == settings
     assert machine_from_env({}) == Machine(Runtime(), Tracking(enabled=False, uri=None, experiment=""))
     with pytest.raises(UserError, match=f"^{MACHINE_ENV} is not the JSON of the machine settings"):
