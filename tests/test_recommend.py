@@ -37,7 +37,7 @@ FAMILIES = {
 }
 # The finetuning jobs of the config `recommend` writes: 8 arms × 3 learning rates × 2 seeds.
 SNIPPET_JOBS = {"prepare_dataset": 2, "fetch_checkpoint": 1, "measure_plasticity": 1, "compute_bounds": 1,
-                "finetune": 48, "linear_probe": 1, "aggregate": 1, "figures": 1, "make_tracking_store": 1, "all": 1}
+                "finetune": 48, "linear_probe": 1, "aggregate": 1, "figures": 1, "all": 1}
 
 
 def _image_folder(root: Path, classes=("cat", "dog", "fox"), per_class=6, seed=0) -> Path:
