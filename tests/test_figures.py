@@ -58,12 +58,26 @@ def drawn(tmp_path_factory):
         for layer in layers])
     bounds = pd.DataFrame([
         {"component": component, "layer": layer, "depth_pct": 100 * (layer + 1) / 6,
-         "bound": 1.0 if component.startswith("ln") else 10.0 ** (1 + COMPONENTS.index(component))}
+         "bound": 1.0 if component.startswith("ln") else 10.0 ** (1 + COMPONENTS.index(component)),
+         "holding_bound": 3.0 if component.startswith("ln") else 10.0 ** (2 + COMPONENTS.index(component))}
         for component in COMPONENTS for layer in layers])
     plasticity.to_csv(root / "plasticity.csv", index=False)
     bounds.to_csv(root / "bounds.csv", index=False)
+    criteria = []
+    for task in TASKS:
+        folder = root / "criteria" / task
+        folder.mkdir(parents=True)
+        names = ("plasticity_embedding", "plasticity_hidden", "plasticity_scale_free", "relative_gradient_norm",
+                 "trainable_params")
+        pd.DataFrame([{"model": "vit", "task": task, "criterion": name, "component": component, "layer": layer,
+                       "value": rng.uniform(0.1, 2.0)} for name in names for component in COMPONENTS
+                      for layer in layers]).to_csv(folder / "criteria.csv", index=False)
+        pd.DataFrame([{"model": "vit", "task": task, "criterion": name, "wall_s": 1.5, "peak_mib": 20.0}
+                      for name in names]).to_csv(folder / "cost.csv", index=False)
+        criteria.append(folder / "criteria.csv")
     tables = root / "tables"
-    aggregate.aggregate({"arms": list(ARMS)}, runs, probes, [root / "plasticity.csv"], [root / "bounds.csv"], tables)
+    aggregate.aggregate({"arms": list(ARMS)}, runs, probes, [root / "plasticity.csv"], [root / "bounds.csv"], tables,
+                        criteria)
 
     drawn = {}
     monkeypatch = pytest.MonkeyPatch()
@@ -115,12 +129,16 @@ def _overlap(a: Bbox, b: Bbox, tolerance: float = 1.0) -> bool:
 
 
 def test_every_figure_is_drawn(drawn):
-    assert set(drawn) == {"plasticity_vs_rank", "plasticity_vs_depth", "bounds_vs_depth", "relative_gain",
-                          "accuracy_per_arm", "lr_robustness", "training_curves"}
+    assert set(drawn) == set(figures.FIGURES)
 
 
-@pytest.mark.parametrize("name", ["plasticity_vs_rank", "plasticity_vs_depth", "bounds_vs_depth", "relative_gain",
-                                  "accuracy_per_arm", "lr_robustness", "training_curves"])
+def test_criteria_figure_has_a_row_per_criterion_and_random_as_the_floor(drawn):
+    ticks = [t.get_text() for t in drawn["criteria_hit_rate"].axes[0].get_yticklabels()]
+    assert ticks == ["plasticity embedding", "plasticity hidden", "plasticity scale free", "relative gradient norm",
+                     "trainable params", "random"]
+
+
+@pytest.mark.parametrize("name", figures.FIGURES)
 def test_no_text_overlaps_other_text_and_legends_sit_outside_the_panels(drawn, name):
     fig = drawn[name]
     boxes = _text_boxes(fig)

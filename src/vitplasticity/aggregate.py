@@ -257,15 +257,63 @@ def _in_arm_order(frame: pd.DataFrame, arm_order: list[str]) -> pd.DataFrame:
                              kind="stable").reset_index(drop=True)
 
 
+def criteria_table(criteria: pd.DataFrame, costs: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (task, criterion) and averaged over tasks ("Average"): the hit rate of each selection criterion
+    (`selection.hit_rates`) and its cost (wall time in s, added peak memory in MiB; mean over tasks).
+
+    `criteria`: task, criterion, component, layer, value rows of the criteria jobs; `costs`: task, criterion,
+    wall_s, peak_mib.
+    """
+    from vitplasticity import criteria as measured
+    from vitplasticity import selection
+
+    if criteria.empty:
+        return pd.DataFrame()
+    scores = pd.concat([measured.component_scores(part).assign(task=task) for task, part in criteria.groupby("task")])
+    per_task = selection.hit_rates(scores, runs)
+    per_task = per_task.merge(costs[["task", "criterion", "wall_s", "peak_mib"]], on=["task", "criterion"],
+                              how="left")
+    summary = selection.summary(per_task).merge(
+        per_task.groupby("criterion", as_index=False)[["wall_s", "peak_mib"]].mean(), on="criterion")
+    summary.insert(0, "task", "Average")
+    return pd.concat([per_task, summary], ignore_index=True)
+
+
+def _criteria_view(table: pd.DataFrame) -> pd.DataFrame:
+    """Averages over tasks first, then each task: Spearman [95% bootstrap CI], top-1, cost."""
+    def interval(row) -> str:
+        if pd.isna(row["spearman"]):
+            return "—"
+        ci = "" if pd.isna(row.get("spearman_low")) else f" [{row['spearman_low']:.2f}, {row['spearman_high']:.2f}]"
+        return f"{row['spearman']:.2f}{ci}"
+
+    ordered = pd.concat([table[table["task"] == "Average"], table[table["task"] != "Average"]])
+    view = pd.DataFrame({
+        "criterion": ordered["criterion"].to_numpy(),
+        "Spearman (ratio) [95% CI over seeds]": [interval(r) for _, r in ordered.iterrows()],
+        "top-1 hit (share)": ordered["top1"].to_numpy(),
+        "first choice": ordered["choice"].fillna("—").to_numpy() if "choice" in ordered else "—",
+        "best arm": ordered["best_arm"].fillna("—").to_numpy() if "best_arm" in ordered else "—",
+        "wall time (s)": ordered["wall_s"].to_numpy(),
+        "added peak memory (MiB)": ordered["peak_mib"].to_numpy(),
+    }, index=ordered["task"].to_numpy())
+    return view
+
+
 def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], plasticity_files: list[Path],
-              bounds_files: list[Path], out_dir: Path) -> dict[str, pd.DataFrame]:
-    """Write every table of an experiment into out_dir: CSV (the data), Markdown and HTML (for reading)."""
+              bounds_files: list[Path], out_dir: Path, criteria_files: list[Path] = ()) -> dict[str, pd.DataFrame]:
+    """Write every table of an experiment into out_dir: CSV (the data), Markdown and HTML (for reading).
+
+    `criteria_files`: the criteria jobs' `criteria.csv`, each with its `cost.csv` beside it."""
     runs = load_runs(runs_files)
     arm_order = [arm for arm in settings.get("arm_order", settings["arms"]) if arm in set(runs["arm"])]
     probes = {read_json(p)["task"]: 100.0 * read_json(p)["test_acc"] for p in probe_files}
     table = _in_arm_order(main_table(runs), arm_order)
     plasticity = pd.concat([pd.read_csv(p) for p in plasticity_files]) if plasticity_files else pd.DataFrame()
     bounds = pd.concat([pd.read_csv(p) for p in bounds_files]) if bounds_files else pd.DataFrame()
+    criteria = pd.concat([pd.read_csv(p) for p in criteria_files]) if criteria_files else pd.DataFrame()
+    costs = (pd.concat([pd.read_csv(Path(p).parent / "cost.csv") for p in criteria_files]) if criteria_files
+             else pd.DataFrame())
     tables = {
         "main_table": table,
         "relative_gain": relative_gain(table, probes) if probes else pd.DataFrame(columns=["task", "arm", "gain_pct"]),
@@ -276,6 +324,7 @@ def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], p
         "plasticity": plasticity,
         "bounds": bounds,
         "runs": runs,
+        "criteria": criteria_table(criteria, costs, runs),
     }
     out_dir = Path(out_dir)
     for name, frame in tables.items():
@@ -294,6 +343,11 @@ def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], p
         _write_view(out_dir, "plasticity_rank", _rank_view(tables["plasticity_rank"]), index_name="mode")
     else:
         write_text(out_dir / "plasticity_rank.html", "<p>No plasticity measured in this experiment.</p>\n")
+    if not tables["criteria"].empty:
+        _write_view(out_dir, "criteria", _criteria_view(tables["criteria"]), "{:.3g}")
+    else:
+        write_text(out_dir / "criteria.md", "No selection criteria measured in this experiment.\n")
+        write_text(out_dir / "criteria.html", "<p>No selection criteria measured in this experiment.</p>\n")
     for name in ("plasticity", "bounds", "runs"):  # long tables: every row, as the CSV has it
         _write_view(out_dir, name, tables[name].set_index(tables[name].columns[0]) if not tables[name].empty
                     else tables[name], "{:.4g}", index_name=tables[name].columns[0] if not tables[name].empty else "")

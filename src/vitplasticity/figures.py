@@ -31,6 +31,9 @@ MARKERS = {
 }
 LINESTYLES = {"ln1": (0, (4, 2)), "fc2": (0, (1, 1)), "emb": (0, (6, 2, 1, 2))}
 TASK_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h", "*", "<", ">")
+# Every figure `make_figures` draws, by file name: the one list the workflow and the tests read.
+FIGURES = ("plasticity_vs_rank", "plasticity_vs_depth", "bounds_vs_depth", "relative_gain", "accuracy_per_arm",
+           "lr_robustness", "training_curves", "criteria_hit_rate", "accuracy_vs_params")
 BY_THEORY = sorted(THEORETICAL_RANK, key=THEORETICAL_RANK.get)
 
 
@@ -174,23 +177,33 @@ def plasticity_vs_depth(plasticity: pd.DataFrame, out_dir: Path) -> None:
 
 
 def bounds_vs_depth(bounds: pd.DataFrame, out_dir: Path) -> None:
-    """Theoretical upper bounds per component against depth, log scale; LN2 drawn hollow over LN1."""
-    fig, ax = plt.subplots(figsize=(5, 3.8), layout="constrained")
+    """Upper bounds per component against depth, log scale: the paper's (left) and, where the streams' token
+    extremes were measured, the ones that hold for them (right); LN2 drawn hollow over LN1."""
+    kinds = [("bound", "the paper's bounds")]
+    if "holding_bound" in bounds and bounds["holding_bound"].notna().any():
+        kinds.append(("holding_bound", "bounds that hold for the measured E"))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.8), layout="constrained", squeeze=False,
+                             sharey=True)
     handles = []
     if bounds.empty:
-        _empty(ax, "no bounds computed")
-    else:
-        curve = bounds.groupby(["component", "depth_pct"], as_index=False)["bound"].mean()
+        _empty(axes[0, 0], "no bounds computed")
+    for ax, (column, title) in zip(axes[0], kinds, strict=True):
+        if bounds.empty:
+            break
+        curve = bounds.groupby(["component", "depth_pct"], as_index=False)[column].mean()
+        drawn = []
         for component in BY_THEORY:
             part = curve[curve["component"] == component]
             if part.empty:
                 continue
             hollow = {"markerfacecolor": "none", "markersize": 8} if component == "ln2" else {"markersize": 5}
-            handles += ax.plot(part["depth_pct"], part["bound"], label=arm_label(component), **style(component),
-                               **hollow)
+            drawn += ax.plot(part["depth_pct"], part[column], label=arm_label(component), **style(component),
+                             **hollow)
+        handles = handles or drawn
         ax.set_yscale("log")
+        ax.set_title(title)
         ax.set_xlabel("layer depth (% of blocks)")
-        ax.set_ylabel("upper bound on rate of change (log)")
+    axes[0, 0].set_ylabel("upper bound on rate of change (log)")
     _legend_below(fig, handles, 5)
     _save(fig, out_dir, "bounds_vs_depth")
 
@@ -320,6 +333,65 @@ def training_curves(runs: pd.DataFrame, table: pd.DataFrame, out_dir: Path) -> N
     _save(fig, out_dir, "training_curves")
 
 
+def criteria_hit_rate(criteria: pd.DataFrame, out_dir: Path) -> None:
+    """Per selection criterion: Spearman with the finetuning ranking per task (markers, 95% bootstrap CI over
+    seeds) and averaged over tasks (bar), and the top-1 hit rate averaged over tasks (right)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8), layout="constrained", sharey=True)
+    handles = []
+    if criteria.empty:
+        _empty(left, "no selection criteria measured")
+        right.set_axis_off()
+    else:
+        average = criteria[criteria["task"] == "Average"].set_index("criterion")
+        per_task = criteria[criteria["task"] != "Average"]
+        order = list(average.index)
+        y = np.arange(len(order))
+        left.barh(y, average["spearman"].reindex(order), color="#cccccc", edgecolor="black", height=0.6)
+        tasks = list(dict.fromkeys(per_task["task"]))
+        offsets = np.linspace(-0.2, 0.2, len(tasks)) if len(tasks) > 1 else [0.0]
+        for task, marker, offset in zip(tasks, TASK_MARKERS * len(tasks), offsets, strict=False):
+            part = per_task[per_task["task"] == task].set_index("criterion").reindex(order)
+            low = (part["spearman"] - part["spearman_low"]).clip(lower=0).fillna(0)
+            high = (part["spearman_high"] - part["spearman"]).clip(lower=0).fillna(0)
+            left.errorbar(part["spearman"], y + offset, xerr=[low, high], fmt=marker, color="black", ms=4,
+                          capsize=2, lw=0.8)
+            handles.append(Line2D([], [], marker=marker, color="black", ls="none", label=task))
+        left.axvline(0, color="#555555", lw=1)
+        left.set_xlim(-1.05, 1.05)
+        left.set_yticks(y, [name.replace("_", " ") for name in order])
+        left.set_xlabel("Spearman with the finetuning ranking")
+        right.barh(y, average["top1"].reindex(order), color="#cccccc", edgecolor="black", height=0.6)
+        right.set_xlim(0, 1.05)
+        right.set_xlabel("top-1 hit rate (share of tasks)")
+        handles.append(Line2D([], [], color="#cccccc", lw=6, label="mean over tasks"))
+    _legend_below(fig, handles, 4)
+    _save(fig, out_dir, "criteria_hit_rate")
+
+
+def accuracy_vs_params(table: pd.DataFrame, runs: pd.DataFrame, out_dir: Path) -> None:
+    """Test accuracy at the best lr against trainable parameters (log): one point per arm and task."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
+    handles = []
+    if table.empty or "trainable_params" not in runs or runs["trainable_params"].isna().all():
+        _empty(ax, "no trainable parameter counts")
+    else:
+        params = runs.groupby(["task", "arm"])["trainable_params"].first()
+        data = table.join(params, on=["task", "arm"]).dropna(subset=["mean", "trainable_params"])
+        tasks = list(dict.fromkeys(data["task"]))
+        for task, marker in zip(tasks, TASK_MARKERS * len(tasks), strict=False):
+            part = data[data["task"] == task]
+            ax.scatter(part["trainable_params"], part["mean"], marker=marker, s=30,
+                       c=[colour(arm) for arm in part["arm"]], edgecolors="black", linewidths=0.4, zorder=3)
+            handles.append(Line2D([], [], marker=marker, color="black", ls="none", mfc="white", label=task))
+        handles += [Line2D([], [], marker="s", color=colour(arm), ls="none", label=arm_label(arm))
+                    for arm in _arm_order(data)]
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (log)")
+        ax.set_ylabel("test accuracy at the best lr (%)")
+    _legend_below(fig, handles, 6)
+    _save(fig, out_dir, "accuracy_vs_params")
+
+
 def _read(path: Path) -> pd.DataFrame:
     try:
         return pd.read_csv(path)
@@ -349,3 +421,5 @@ def make_figures(tables_dir: Path, out_dir: Path) -> None:
     accuracy_per_arm(table, _probes(gains), out_dir)
     lr_robustness(runs, out_dir)
     training_curves(runs, table, out_dir)
+    criteria_hit_rate(_read(tables_dir / "criteria.csv"), out_dir)
+    accuracy_vs_params(table, runs, out_dir)
