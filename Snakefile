@@ -36,6 +36,7 @@ wildcard_constraints:
 include: "workflow/rules/datasets.smk"
 include: "workflow/rules/checkpoints.smk"
 include: "workflow/rules/plasticity.smk"
+include: "workflow/rules/criteria.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/probe.smk"
 include: "workflow/rules/tracking.smk"

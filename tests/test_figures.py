@@ -15,6 +15,7 @@ import yaml
 from matplotlib.transforms import Bbox
 
 from vitplasticity import aggregate, figures
+from vitplasticity.registry import FIGURES
 
 TASKS = ("shapes_noise", "shapes_novel", "shapes_sketch")
 ARMS = ("all", "emb", "ln1", "mha", "ln2", "fc1", "fc2", "smooth", "non_smooth")
@@ -129,7 +130,7 @@ def _overlap(a: Bbox, b: Bbox, tolerance: float = 1.0) -> bool:
 
 
 def test_every_figure_is_drawn(drawn):
-    assert set(drawn) == set(figures.FIGURES)
+    assert set(drawn) == set(FIGURES)
 
 
 def test_criteria_figure_has_a_row_per_criterion_and_random_as_the_floor(drawn):
@@ -138,7 +139,7 @@ def test_criteria_figure_has_a_row_per_criterion_and_random_as_the_floor(drawn):
                      "trainable params", "random"]
 
 
-@pytest.mark.parametrize("name", figures.FIGURES)
+@pytest.mark.parametrize("name", FIGURES)
 def test_no_text_overlaps_other_text_and_legends_sit_outside_the_panels(drawn, name):
     fig = drawn[name]
     boxes = _text_boxes(fig)

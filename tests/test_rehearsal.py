@@ -33,7 +33,7 @@ from vitplasticity.prepared import load_split, read_meta
 
 # Every job of the paper study, with one lr and one seed: 11 + 4 + 1 + 1 tasks x 9 arms.
 PLANNED = {
-    "prepare_dataset": 12, "fetch_checkpoint": 3, "measure_plasticity": 13,
+    "prepare_dataset": 12, "fetch_checkpoint": 3, "measure_plasticity": 13, "measure_criteria": 13,
     "compute_bounds": 13, "linear_probe": 13, "finetune": (11 + 4 + 1 + 1) * 9, "aggregate": 4, "figures": 4,
     "compare_to_paper": 1, "all": 1,
 }

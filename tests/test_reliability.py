@@ -47,6 +47,7 @@ from vitplasticity.errors import UserError
 from vitplasticity.fileio import sha256_file, write_json
 from vitplasticity.machine import Runtime, Tracking
 from vitplasticity.prepared import Split, write_prepared
+from vitplasticity.registry import FIGURES
 
 pytestmark = pytest.mark.reliability
 
@@ -65,8 +66,6 @@ FINETUNE = {"model": "vit", "task": "novel", "optimizer": "sgd", "arm": "mha", "
             "seed": 0, "steps": 8, "eval_every": 4, "batch_size": 32, "warmup_steps": 2, "momentum": 0.9,
             "weight_decay": 0.0, "betas": [0.9, 0.999], "clip_norm": 1.0, "crop_scale": [0.08, 1.0]}
 RUNTIME = Runtime(eval_batch=64)
-FIGURES = ["plasticity_vs_rank", "plasticity_vs_depth", "bounds_vs_depth", "relative_gain", "accuracy_per_arm",
-           "lr_robustness", "training_curves"]
 
 
 # ---------------------------------------------------------------------------------------------

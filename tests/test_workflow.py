@@ -6,8 +6,7 @@ import pandas as pd
 import pytest
 from conftest import ROOT, planned_jobs, smoke_config, snakemake, write_config
 
-FIGURES = ["plasticity_vs_rank", "plasticity_vs_depth", "bounds_vs_depth", "relative_gain", "accuracy_per_arm",
-           "lr_robustness", "training_curves"]
+from vitplasticity.registry import FIGURES
 
 
 @pytest.mark.slow
@@ -58,7 +57,8 @@ def test_adding_a_task_plans_its_jobs_in_one_invocation(smoke_copy, tmp_path):
     arms, lrs, seeds = len(config["arms"]), len(config["tasks"]["noise"]["lrs"]), len(config["finetune"]["seeds"])
     assert planned_jobs(result.stdout + result.stderr) == {
         "prepare_dataset": 1, "finetune": arms * lrs * seeds, "linear_probe": 1, "measure_plasticity": 1,
-        "compute_bounds": 1, "aggregate": 1, "figures": 1, "all": 1}, result.stdout + result.stderr
+        "measure_criteria": 1, "compute_bounds": 1, "aggregate": 1, "figures": 1, "all": 1,
+    }, result.stdout + result.stderr
 
 
 # Every machine setting of a study config (README: "What reruns after which change"): each key of
@@ -132,6 +132,6 @@ def test_paper_dag_plans_every_job(tmp_path):
     assert jobs["finetune"] == 1188 + 432 + 216
     assert jobs["prepare_dataset"] == 12
     assert jobs["fetch_checkpoint"] == 3
-    assert jobs["measure_plasticity"] == 13 and jobs["compute_bounds"] == 13
+    assert jobs["measure_plasticity"] == 13 and jobs["compute_bounds"] == 13 and jobs["measure_criteria"] == 13
     assert jobs["linear_probe"] == 13
     assert jobs["aggregate"] == 4 and jobs["figures"] == 4

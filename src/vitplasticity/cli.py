@@ -13,9 +13,14 @@ from vitplasticity.machine import MACHINE_ENV, machine_from_env
 # The paths each command writes; they are checked before any work so a bad one fails at once.
 OUTPUTS = {
     "prepare": ("out", "raw"), "pretrain": ("out", "run_dir"), "fetch": ("out",),
-    "plasticity": ("out_table", "out_stats"), "bounds": ("out",), "finetune": ("run_dir",), "probe": ("out",),
+    "plasticity": ("out_table", "out_stats"), "criteria": ("out_table",), "bounds": ("out",),
+    "finetune": ("run_dir",), "probe": ("out",),
     "aggregate": ("out_dir",), "compare-paper": ("out_table", "out_figure"), "figures": ("out_dir",),
 }
+
+
+# Commands that compute on a GPU when there is one; each takes a GPU slot of its own (vitplasticity.gpus).
+GPU_COMMANDS = ("pretrain", "plasticity", "criteria", "finetune", "probe")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-table", type=Path, required=True)
     p.add_argument("--out-stats", type=Path, required=True)
 
+    p = sub.add_parser("criteria", help="selection criteria side by side (plasticity modes, gradient norm, size)")
+    _common(p)
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--reference", type=Path, required=True, help="prepared pretraining-distribution task")
+    p.add_argument("--task", type=Path, required=True)
+    p.add_argument("--out-table", type=Path, required=True, help="criteria.csv (cost.csv is written beside it)")
+
     p = sub.add_parser("bounds", help="theoretical per-component bounds")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--stats", type=Path, required=True, help="embedding statistics from `plasticity`")
@@ -88,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probes", type=Path, nargs="*", default=[])
     p.add_argument("--plasticity", type=Path, nargs="*", default=[])
     p.add_argument("--bounds", type=Path, nargs="*", default=[])
+    p.add_argument("--criteria", type=Path, nargs="*", default=[], help="criteria.csv of every (model, task)")
     p.add_argument("--out-dir", type=Path, required=True)
 
     p = sub.add_parser("compare-paper", help="the reproduction beside the authors' main table")
@@ -184,6 +197,12 @@ def _dispatch(args: argparse.Namespace, settings: dict) -> None:
     machine = machine_from_env()
     runtime, track = machine.runtime, machine.tracking
     check_outputs(args)
+    if args.command in GPU_COMMANDS and runtime.device != "cpu":
+        from vitplasticity.gpus import claim_gpu
+
+        slot = claim_gpu()
+        if slot is not None:
+            print(f"GPU slot {slot}: this job sees only GPU {slot} (CUDA_VISIBLE_DEVICES)", file=sys.stderr)
 
     from vitplasticity import jobs
     from vitplasticity.runtime import set_threads
@@ -199,6 +218,8 @@ def _dispatch(args: argparse.Namespace, settings: dict) -> None:
     elif args.command == "plasticity":
         jobs.measure_plasticity(settings, runtime, args.checkpoint, args.reference, args.task,
                                 args.out_table, args.out_stats, track)
+    elif args.command == "criteria":
+        jobs.measure_criteria(settings, runtime, args.checkpoint, args.reference, args.task, args.out_table, track)
     elif args.command == "bounds":
         jobs.compute_bounds(args.checkpoint, args.stats, args.out)
     elif args.command == "finetune":
@@ -208,7 +229,8 @@ def _dispatch(args: argparse.Namespace, settings: dict) -> None:
         metrics = jobs.linear_probe(settings, runtime, args.checkpoint, args.task, args.out, track)
         jobs.log(f"linear probe: test accuracy {metrics['test_acc']:.4f}")
     elif args.command == "aggregate":
-        jobs.aggregate_experiment(settings, args.runs, args.probes, args.plasticity, args.bounds, args.out_dir, track)
+        jobs.aggregate_experiment(settings, args.runs, args.probes, args.plasticity, args.bounds, args.out_dir, track,
+                                  args.criteria)
     elif args.command == "figures":
         jobs.draw_figures(args.tables, args.out_dir, track)
     elif args.command == "compare-paper":

@@ -31,9 +31,6 @@ MARKERS = {
 }
 LINESTYLES = {"ln1": (0, (4, 2)), "fc2": (0, (1, 1)), "emb": (0, (6, 2, 1, 2))}
 TASK_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h", "*", "<", ">")
-# Every figure `make_figures` draws, by file name: the one list the workflow and the tests read.
-FIGURES = ("plasticity_vs_rank", "plasticity_vs_depth", "bounds_vs_depth", "relative_gain", "accuracy_per_arm",
-           "lr_robustness", "training_curves", "criteria_hit_rate", "accuracy_vs_params")
 BY_THEORY = sorted(THEORETICAL_RANK, key=THEORETICAL_RANK.get)
 
 
@@ -407,7 +404,7 @@ def _probes(gains: pd.DataFrame) -> dict[str, float]:
 
 
 def make_figures(tables_dir: Path, out_dir: Path) -> None:
-    """Draw every figure of an experiment from its tables folder."""
+    """Draw every figure of an experiment (`registry.FIGURES`) from its tables folder."""
     plt.style.use("seaborn-v0_8-whitegrid")
     plt.rcParams.update({"font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "legend.fontsize": 8})
     tables_dir, out_dir = Path(tables_dir), Path(out_dir)

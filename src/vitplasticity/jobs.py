@@ -186,6 +186,54 @@ def measure_plasticity(settings: dict, runtime: Runtime, weights: Path, referenc
     return table
 
 
+def measure_criteria(settings: dict, runtime: Runtime, weights: Path, reference_dir: Path, task_dir: Path,
+                     out_table: Path, track: Tracking) -> pd.DataFrame:
+    """Every selection criterion of `criteria.CRITERIA` on one model and task, with its cost.
+
+    Writes `out_table` (model, task, criterion, component, layer, value) and `cost.csv` beside it
+    (model, task, criterion, wall_s, peak_mib).
+    """
+    import copy
+
+    from vitplasticity import criteria, plasticity
+
+    device = pick_device(runtime.device)
+    model, record = models.load_checkpoint(weights, num_classes=0)
+    model.to(device)
+    reference, downstream = load_split(reference_dir, "test", verify=True), load_split(task_dir, "test", verify=True)
+    train = load_split(task_dir, "train", verify=True)
+    classes = len(read_meta(task_dir)["classes"])
+    norm = (tuple(record["mean"]), tuple(record["std"]))
+
+    def plasticity_in(mode: str):
+        def run() -> pd.DataFrame:
+            table, _ = plasticity.measure(model, reference, downstream, settings["n_pairs"], runtime.plasticity_batch,
+                                          record["img_size"], device, (mode,), *norm, progress=log)
+            return table.rename(columns={"mean": "value"})[["component", "layer", "value"]]
+        return run
+
+    def gradient_norms() -> pd.DataFrame:
+        return criteria.relative_gradient_norms(copy.deepcopy(model), train, classes, settings["gradient_batch_size"],
+                                                settings["gradient_batches"], record["img_size"], device,
+                                                settings["seed"], *norm)
+
+    measured = {"plasticity_embedding": plasticity_in("embedding"), "plasticity_hidden": plasticity_in("hidden"),
+                "plasticity_scale_free": plasticity_in("scale_free"), "relative_gradient_norm": gradient_norms,
+                "trainable_params": lambda: criteria.trainable_params(model)}
+    name = tracking.run_name("criteria", settings)
+    with tracking.track_job(tracking.job_tracking(track, "criteria", settings), run_dir=out_table.parent,
+                            run_name=name, kind="criteria", params=settings, tags={"device": str(device)}) as run:
+        scores, costs = criteria.measure(measured, device, progress=log)
+        for frame in (scores, costs):
+            frame.insert(0, "task", settings["task"])
+            frame.insert(0, "model", settings["model"])
+        write_csv(out_table.parent / "cost.csv", costs)
+        write_csv(out_table, scores)
+        run.log_metrics({f"{r.criterion}/wall_s": r.wall_s for r in costs.itertuples()})
+        run.log_artifacts([out_table, out_table.parent / "cost.csv"])
+    return scores
+
+
 def compute_bounds(weights: Path, stats_path: Path, out: Path) -> pd.DataFrame:
     from vitplasticity import bounds
 
@@ -228,7 +276,8 @@ def parameter_counts(weights: Path) -> dict:
 
 
 def aggregate_experiment(settings: dict, runs: list[Path], probes: list[Path], plasticity_tables: list[Path],
-                         bounds_tables: list[Path], out_dir: Path, track: Tracking) -> None:
+                         bounds_tables: list[Path], out_dir: Path, track: Tracking,
+                         criteria_tables: list[Path] = ()) -> None:
     """Tables of one experiment, mirrored to MLflow with the tables as artifacts."""
     from vitplasticity.aggregate import aggregate
 
@@ -236,7 +285,7 @@ def aggregate_experiment(settings: dict, runs: list[Path], probes: list[Path], p
     with tracking.track_job(tracking.job_tracking(track, "aggregate", settings), run_dir=out_dir, run_name=name,
                             kind="aggregate",
                             params={k: v for k, v in settings.items() if k != "arms"}, tags={}) as run:
-        tables = aggregate(settings, runs, probes, plasticity_tables, bounds_tables, out_dir)
+        tables = aggregate(settings, runs, probes, plasticity_tables, bounds_tables, out_dir, criteria_tables)
         average = tables["main_table"].groupby("arm")["mean"].mean()
         run.log_metrics({f"average_acc/{arm}": value for arm, value in average.items()})
         run.log_artifacts(sorted(Path(out_dir).glob("*.csv")) + sorted(Path(out_dir).glob("*.md")))

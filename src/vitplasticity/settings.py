@@ -33,6 +33,7 @@ KEYS: dict[str, dict[str, str]] = {
                  "seed": "the replicate seed (one of finetune.seeds)", "optimizer": "experiments.*.optimizer",
                  "steps": "tasks.*.steps", "eval_every": "tasks.*.eval_every", "": "finetune"},
     "probe": {"model": _MODEL, "task": _TASK, "": "probe"},
+    "criteria": {"model": _MODEL, "task": _TASK, "": "criteria"},
     "aggregate": {"experiment": "the experiment's name (a key of experiments)", "": "experiments.*",
                   "arms": "the experiment's arms: {arm name: its components} (from arms)"},
 }

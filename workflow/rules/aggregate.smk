@@ -13,6 +13,7 @@ rule aggregate:
         probes=get_experiment_probes,
         plasticity=get_experiment_plasticity,
         bounds=get_experiment_bounds,
+        criteria=get_experiment_criteria,
     output:
         tables=[f"results/tables/{{experiment}}/{table}.csv" for table in TABLES],
         # The same tables as HTML, shown inline by `snakemake --report`.
@@ -36,6 +37,7 @@ rule aggregate:
     shell:
         "vitplasticity aggregate --settings {params.settings:q} --runs {input.runs} "
         "--probes {input.probes} --plasticity {input.plasticity} --bounds {input.bounds} "
+        "--criteria {input.criteria} "
         "--out-dir {params.out_dir} 2> {log}"
 
 

@@ -6,9 +6,10 @@ import json
 import os
 import sys
 
+from vitplasticity import registry
 from vitplasticity.config import check_config
-from vitplasticity.machine import MACHINE_ENV, machine
 from vitplasticity.errors import UserError
+from vitplasticity.machine import MACHINE_ENV, machine
 
 try:
     # Validated once; every default the schema declares is filled in here.
@@ -34,26 +35,10 @@ MODELS = config["models"]
 TASKS = config["tasks"]
 ARMS = config["arms"]
 REFERENCE = config["plasticity"]["reference_task"]
-FIGURES = [
-    "plasticity_vs_rank",
-    "plasticity_vs_depth",
-    "bounds_vs_depth",
-    "relative_gain",
-    "accuracy_per_arm",
-    "lr_robustness",
-    "training_curves",
-]
-TABLES = [
-    "main_table",
-    "relative_gain",
-    "lr_gap",
-    "stat_tests",
-    "separation",
-    "plasticity_rank",
-    "plasticity",
-    "bounds",
-    "runs",
-]
+# Table and figure names: one list, shared with the package and the tests.
+TABLES = list(registry.TABLES)
+FIGURES = list(registry.FIGURES)
+CRITERIA = config["criteria"]
 
 
 def _alternatives(names):
@@ -106,6 +91,20 @@ def get_experiment_plasticity(wildcards):
 def get_experiment_bounds(wildcards):
     exp = EXPERIMENTS[wildcards.experiment]
     return [f"results/bounds/{exp['model']}/{task}/bounds.csv" for task in exp["tasks"]]
+
+
+def get_experiment_criteria(wildcards):
+    """criteria.csv of every (model, task) of an experiment, when criteria are enabled."""
+    if not CRITERIA["enabled"]:
+        return []
+    exp = EXPERIMENTS[wildcards.experiment]
+    return [f"results/criteria/{exp['model']}/{task}/criteria.csv" for task in exp["tasks"]]
+
+
+def get_criteria_settings(wildcards):
+    settings = dict(CRITERIA, model=wildcards.model, task=wildcards.task)
+    settings.pop("enabled")
+    return json.dumps(settings, sort_keys=True)
 
 
 def get_all_targets():
