@@ -35,7 +35,8 @@ KEYS: dict[str, dict[str, str]] = {
     "probe": {"model": _MODEL, "task": _TASK, "": "probe"},
     "criteria": {"model": _MODEL, "task": _TASK, "": "criteria"},
     "aggregate": {"experiment": "the experiment's name (a key of experiments)", "": "experiments.*",
-                  "arms": "the experiment's arms: {arm name: its components} (from arms)"},
+                  "arms": "the experiment's arms: {arm name: its components} (from arms)",
+                  "arm_order": "the experiment's arm names in the config's order (its tables' column order)"},
 }
 # Config keys the workflow keeps out of a job's settings (one job = one seed).
 _DROPPED = {"finetune": ("seeds",)}
