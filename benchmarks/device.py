@@ -321,7 +321,8 @@ def projection(results: dict, config_path: Path, forward_rate: float) -> dict:
         if not steps_by_arm:
             out[name] = {"skipped": f"no step time measured for {arch}"}
             continue
-        arms = exp.get("arms", list(study["arms"]))
+        controls = study.get("controls") or {}
+        arms = exp.get("arms", list(study["arms"]) + list(controls))
         seeds = len(study["finetune"]["seeds"])
         seconds, runs = 0.0, 0
         for task in exp["tasks"]:
@@ -329,7 +330,9 @@ def projection(results: dict, config_path: Path, forward_rate: float) -> dict:
             n_val, n_test = EVAL_SIZES.get(task, (0, 0))
             eval_images = spec["steps"] // spec["eval_every"] * n_val + n_test
             for arm in arms:
-                step_s = steps_by_arm[ARM_PROXY.get(arm, "all")]
+                # A control (a masked or LoRA component) costs at most its component's arm.
+                proxy = ARM_PROXY.get(controls[arm]["component"] if arm in controls else arm, "all")
+                step_s = steps_by_arm[proxy]
                 count = len(spec["lrs"]) * seeds
                 runs += count
                 seconds += count * (spec["steps"] * step_s + eval_images / forward_rate * _size_ratio(arch, sizes,
@@ -337,7 +340,8 @@ def projection(results: dict, config_path: Path, forward_rate: float) -> dict:
         out[name] = {"runs": runs, "gpu_hours": seconds / 3600}
         total += seconds / 3600
     out["total_gpu_hours"] = total
-    out["assumptions"] = ("steps x measured step time of the arm (or its proxy, ARM_PROXY) at batch 512; evaluation "
+    out["assumptions"] = ("steps x measured step time of the arm (or its proxy, ARM_PROXY; a control arm: its "
+                          "component's) at batch 512; evaluation "
                           "passes at the measured ViT-B forward rate scaled by the model's step-time ratio; "
                           "no data loading stalls (resident splits); one GPU per run")
     return out

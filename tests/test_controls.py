@@ -82,3 +82,19 @@ def test_lora_trains_only_its_factors_and_starts_as_the_base_model():
 def test_lora_on_a_layernorm_is_one_line():
     with pytest.raises(UserError, match="LoRA applies to mha, fc1, fc2, not 'ln1'"):
         controls.add_lora(tiny_vit(), "ln1", 2)
+
+
+def test_a_finetuning_job_counts_what_its_control_trains():
+    from vitplasticity.jobs import _apply_control
+
+    head = 2 * D + 5 * D + 5  # final norm (γ, β) and the 5-class linear head
+    masked = tiny_vit()
+    components.set_trainable(masked, ["mha"])
+    assert _apply_control(masked, {"control": {"component": "mha", "match": "ln1", "mask_seed": 0}}) == (
+        2 * 2 * D + head)  # LN1's 2d entries in each of the 2 blocks
+    lora = tiny_vit()
+    components.set_trainable(lora, ["mha"])
+    assert _apply_control(lora, {"control": {"component": "mha", "lora_rank": 1}}) == 2 * (4 * D + 2 * D) + head
+    plain = tiny_vit()
+    components.set_trainable(plain, ["ln2"])
+    assert _apply_control(plain, {}) == 2 * 2 * D + head

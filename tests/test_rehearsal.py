@@ -31,10 +31,10 @@ from rehearsal import (
 from vitplasticity.datasets.real import prepare_real
 from vitplasticity.prepared import load_split, read_meta
 
-# Every job of the paper study, with one lr and one seed: 11 + 4 + 1 + 1 tasks x 9 arms.
+# Every job of the paper study, with one lr and one seed: 11 tasks x (9 arms + 2 controls) + (4 + 1 + 1) x 9 arms.
 PLANNED = {
     "prepare_dataset": 12, "fetch_checkpoint": 3, "measure_plasticity": 13, "measure_criteria": 13,
-    "compute_bounds": 13, "linear_probe": 13, "finetune": (11 + 4 + 1 + 1) * 9, "aggregate": 4, "figures": 4,
+    "compute_bounds": 13, "linear_probe": 13, "finetune": 11 * 11 + (4 + 1 + 1) * 9, "aggregate": 4, "figures": 4,
     "compare_to_paper": 1, "all": 1,
 }
 # The class counts that shape heads and probes, as the real datasets have them.
@@ -74,7 +74,9 @@ def test_overlay_merges_into_the_paper_config_key_by_key():
         "url": None, "checksum": "md5:92b88aad43888e226d999f8d2f09a3da", "max_images": 12}
     # Lists replace: one lr, one seed; the experiments, arms and plasticity modes are the paper's.
     assert config["tasks"]["clipart"]["lrs"] == [0.01] and config["finetune"]["seeds"] == [0]
-    assert config["experiments"] == paper["experiments"] and config["arms"] == paper["arms"]
+    assert config["arms"] == paper["arms"] and config["controls"] == paper["controls"]
+    main = paper["experiments"]["main"] | {"arms": [*paper["arms"], "mha_as_ln1", "mha_lora1"]}
+    assert config["experiments"] == paper["experiments"] | {"main": main}
     assert config["plasticity"]["modes"] == ["embedding", "hidden"]
     assert config["plasticity"]["reference_task"] == "imagenet_val"
 

@@ -128,8 +128,8 @@ def test_paper_dag_plans_every_job(tmp_path):
     shutil.copytree(ROOT / "config", tmp_path / "config")
     result = snakemake(tmp_path, "-n", config=ROOT / "config" / "config.yaml", timeout=120)
     jobs = planned_jobs(result.stdout)
-    # main 11 tasks x 4 lrs x 3 seeds x 9 arms + AdamW 4 x 4 x 3 x 9 + model size 2 x 1 x 4 x 3 x 9
-    assert jobs["finetune"] == 1188 + 432 + 216
+    # main 11 tasks x 4 lrs x 3 seeds x (9 arms + 5 controls) + AdamW 4 x 4 x 3 x 9 + model size 2 x 1 x 4 x 3 x 9
+    assert jobs["finetune"] == 1188 + 660 + 432 + 216
     assert jobs["prepare_dataset"] == 12
     assert jobs["fetch_checkpoint"] == 3
     assert jobs["measure_plasticity"] == 13 and jobs["compute_bounds"] == 13 and jobs["measure_criteria"] == 13

@@ -98,7 +98,16 @@ def _require(condition: bool, message: str) -> None:
 
 def check_references(config: dict) -> None:
     """Names used in one section must exist in another; protocol values must be coherent."""
-    models, tasks, arms = config["models"], config["tasks"], config["arms"]
+    models, tasks = config["models"], config["tasks"]
+    controls = config.get("controls", {})
+    clash = sorted(set(controls) & set(config["arms"]))
+    _require(not clash, f"config key 'controls.{clash[0] if clash else ''}': a control may not reuse an arm's name; "
+             "rename it")
+    for name, control in controls.items():
+        _require("match" not in control or config["finetune"].get("weight_decay", 0.0) == 0.0,
+                 f"config key 'controls.{name}.match': a gradient mask keeps entries frozen only with "
+                 "finetune.weight_decay 0; set it to 0 or use lora_rank")
+    arms = {**config["arms"], **controls}
     for name, model in models.items():
         check_model_shape(name, model)
         if model["source"] == "pretrain":

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vitplasticity import models, tracking, training
-from vitplasticity.components import count_by_component, set_trainable
+from vitplasticity.components import block_parameters, component_of, count_by_component, set_trainable
 from vitplasticity.errors import UserError
 from vitplasticity.fileio import read_json, write_csv, write_json, write_yaml
 from vitplasticity.prepared import load_split, read_meta, write_prepared
@@ -130,13 +130,32 @@ def fetch(settings: dict, weights: Path) -> dict:
     return fetch_pretrained(settings, weights)
 
 
+def _apply_control(model, settings: dict) -> int:
+    """Restrict a control arm's component (`controls`); return the number of parameter entries that train."""
+    from vitplasticity import controls
+
+    control = settings.get("control")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if control is None:
+        return trainable
+    component = control["component"]
+    if "lora_rank" in control:
+        controls.add_lora(model, component, control["lora_rank"])
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    component_size = sum(p.numel() for params in block_parameters(model).values() for name, p in params
+                         if component_of(name) == component)
+    kept = controls.mask_to_count(model, component, control["match"], control.get("mask_seed", 0))
+    return trainable - component_size + kept
+
+
 def finetune(settings: dict, runtime: Runtime, task_dir: Path, weights: Path, run_dir: Path, track: Tracking) -> dict:
     """One finetuning run of one arm; resumes from run_dir/state.pt when present."""
     meta = read_meta(task_dir)
     device = pick_device(runtime.device)
     seed_everything(settings["seed"])
     model, record = models.load_checkpoint(weights, num_classes=len(meta["classes"]))
-    trainable = set_trainable(model, settings["components"])
+    set_trainable(model, settings["components"])
+    trained = _apply_control(model, settings)
     cfg = _train_config(settings, runtime, record["img_size"])
     cfg.mean, cfg.std = tuple(record["mean"]), tuple(record["std"])
     cfg.check()
@@ -150,10 +169,9 @@ def finetune(settings: dict, runtime: Runtime, task_dir: Path, weights: Path, ru
         began = time.time()
         result = training.train(model, splits, cfg, device, state_path=run_dir / "state.pt",
                                 on_eval=run.log_history, progress=log)
-        params = dict(model.named_parameters())
         metrics = _result_metrics(result) | {
-            "trainable_params": sum(params[n].numel() for n in trainable),
-            "total_params": sum(p.numel() for p in params.values()),
+            "trainable_params": trained,
+            "total_params": sum(p.numel() for p in model.parameters()),
             "wall_time_s": time.time() - began, "device": str(device), "host": socket.gethostname(),
         }
         artifacts = _write_run_folder(run_dir, result, metrics)

@@ -33,7 +33,12 @@ envvars:
 EXPERIMENTS = config["experiments"]
 MODELS = config["models"]
 TASKS = config["tasks"]
-ARMS = config["arms"]
+# Arms and parameter-matched controls share one namespace; a control trains its one component.
+CONTROLS = config["controls"]
+ARMS = {
+    **config["arms"],
+    **{name: [control["component"]] for name, control in CONTROLS.items()},
+}
 REFERENCE = config["plasticity"]["reference_task"]
 # Table and figure names: one list, shared with the package and the tests.
 TABLES = list(registry.TABLES)
@@ -173,6 +178,7 @@ def get_finetune_settings(wildcards):
         optimizer=wildcards.optimizer,
         arm=wildcards.arm,
         components=ARMS[wildcards.arm],
+        **({"control": CONTROLS[wildcards.arm]} if wildcards.arm in CONTROLS else {}),
         lr=float(wildcards.lr),
         seed=int(wildcards.seed),
         steps=task["steps"],
