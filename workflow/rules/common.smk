@@ -103,7 +103,9 @@ def get_experiment_criteria(wildcards):
     if not CRITERIA["enabled"]:
         return []
     exp = EXPERIMENTS[wildcards.experiment]
-    return [f"results/criteria/{exp['model']}/{task}/criteria.csv" for task in exp["tasks"]]
+    return [
+        f"results/criteria/{exp['model']}/{task}/criteria.csv" for task in exp["tasks"]
+    ]
 
 
 def get_criteria_settings(wildcards):
