@@ -114,3 +114,13 @@ def test_unknown_kind_and_corruption_raise():
         _make(kind="blurry")
     with pytest.raises(ValueError, match="unknown corruption fog"):
         _make(kind="corrupt", corruption="fog")
+
+
+def test_source_shape_is_lighter_than_its_background_in_every_channel():
+    """The shape's pixels (the brightest in summed intensity) are lighter in each channel than the rest."""
+    images = _make(count=30, size=32)[0].astype(float)
+    brightness = images.sum(-1).reshape(30, -1)
+    for image, level in zip(images.reshape(30, -1, 3), brightness, strict=True):
+        shape = level > np.quantile(level, 0.9)  # every source shape covers more than 10% of the image
+        rest = level < np.quantile(level, 0.5)
+        assert (image[shape].mean(0) > image[rest].mean(0) + 0.05 * 255).all()

@@ -99,23 +99,36 @@ def pretrain(settings: dict, runtime: Runtime, task_dir: Path, weights: Path, ru
     set_trainable(model, ["emb", "ln1", "mha", "ln2", "fc1", "fc2"])
     cfg = _train_config(settings, runtime, settings["img_size"])
     cfg.check()
+    keep = sorted(settings.get("keep_steps", []))
+    if any(step % cfg.eval_every or step > cfg.steps for step in keep):
+        raise UserError(f"keep_steps {keep} must be multiples of eval_every ({cfg.eval_every}) up to steps "
+                        f"({cfg.steps}); change models.*.pretrain.keep_steps")
     splits = _splits(task_dir)
     device = pick_device(runtime.device)
     write_yaml(run_dir / "config.yaml", {"job": "pretrain", "settings": settings, "train": training.config_record(cfg)})
+    record = {"arch": arch, "img_size": settings["img_size"], "mean": list(cfg.mean), "std": list(cfg.std)}
     with tracking.track_job(tracking.job_tracking(track, "pretrain", settings), run_dir=run_dir,
                             run_name=tracking.run_name("pretrain", settings),
                             kind="pretrain",
                             params=settings, tags={"device": str(device)}) as run:
+        def on_eval(rows: list[dict]) -> None:
+            """Log the new history rows; keep the current weights when this evaluation's step is kept."""
+            run.log_history(rows)
+            latest = rows[-1]
+            if latest["step"] in keep:
+                models.save_checkpoint(run_dir / "checkpoints" / f"step_{latest['step']}.safetensors", model, record | {
+                    "provenance": {"kind": "pretrain", "task": meta["name"], "step": latest["step"],
+                                   "steps": cfg.steps, "val_acc": latest["val_acc"], "seed": cfg.seed}})
+
         began = time.time()
         result = training.train(model, splits, cfg, device, state_path=run_dir / "state.pt",
-                                on_eval=run.log_history, progress=log)
+                                on_eval=on_eval, progress=log)
         if result.status != "completed":
             raise UserError(f"pretraining diverged at step {result.diverged_step}; lower models.*.pretrain.lr")
         metrics = _result_metrics(result) | {"source_test_acc": result.test_acc, "wall_time_s": time.time() - began,
                                              "device": str(device)}
-        record = {"arch": arch, "img_size": settings["img_size"], "mean": list(cfg.mean), "std": list(cfg.std),
-                  "provenance": {"kind": "pretrain", "task": meta["name"], "source_test_acc": result.test_acc,
-                                 "steps": cfg.steps, "seed": cfg.seed}}
+        record |= {"provenance": {"kind": "pretrain", "task": meta["name"], "source_test_acc": result.test_acc,
+                                  "steps": cfg.steps, "seed": cfg.seed}}
         models.save_checkpoint(weights, model.cpu(), record)
         artifacts = _write_run_folder(run_dir, result, metrics)
         run.log_metrics(metrics)

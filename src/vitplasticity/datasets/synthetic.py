@@ -1,7 +1,8 @@
 """A deterministic procedural image source and shifted downstream tasks (the quick study).
 
-The source task (the "pretraining distribution") shows one of five filled shapes on a
-textured background with clutter and noise. Downstream tasks shift it the way the
+The source task (the "pretraining distribution") shows one of five filled shapes, light
+on a darker, smoothly varying background, with pixel noise; size, position, tilt and both
+colours vary. Downstream tasks shift it the way the
 paper's task families do:
 
 - ``novel``: five new shape classes in the source's rendering (new classes, as CIFAR-100);
@@ -25,6 +26,13 @@ CORRUPTIONS = ("gaussian_noise", "motion_blur", "contrast")
 _NOISE_SIGMA = (0.04, 0.06, 0.08, 0.10, 0.13)
 _BLUR_LENGTH = (2, 3, 4, 5, 7)
 _CONTRAST = (0.5, 0.4, 0.3, 0.2, 0.12)
+# Nuisance ranges of a drawn shape, in image coordinates ([-1, 1] across the image): its
+# half-size, the offset of its centre, and its tilt from upright (radians, either way).
+SCALE = (0.55, 0.85)
+SHIFT = 0.2
+TILT = np.pi / 8
+DARK, LIGHT = 0.5, 0.6  # background channels lie in [0, DARK], the shape's in [LIGHT, 1]
+BACKGROUND_CELLS = 2  # the background's colour varies smoothly between this many points a side
 
 
 def _sdf(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -80,9 +88,9 @@ def render(
     count = len(labels)
     grid = (np.arange(size) + 0.5) / size * 2 - 1  # pixel centres in [-1, 1]
     gy, gx = np.meshgrid(grid, grid, indexing="ij")
-    scale = rng.uniform(0.4, 0.7, count)[:, None, None]
-    cx, cy = (rng.uniform(-0.3, 0.3, (2, count)))[:, :, None, None]
-    angle = rng.uniform(0, 2 * np.pi, count)[:, None, None]
+    scale = rng.uniform(*SCALE, count)[:, None, None]
+    cx, cy = (rng.uniform(-SHIFT, SHIFT, (2, count)))[:, :, None, None]
+    angle = rng.uniform(-TILT, TILT, count)[:, None, None]
     dx, dy = gx[None] - cx, gy[None] - cy
     u = (np.cos(angle) * dx + np.sin(angle) * dy) / scale
     v = (-np.sin(angle) * dx + np.cos(angle) * dy) / scale
@@ -101,26 +109,12 @@ def render(
         image = np.repeat(image, 3, axis=-1)
     else:
         alpha = np.clip(0.5 - distance_px, 0, 1)[..., None]
-        background = _smooth_noise(rng, count, size, 4)
-        # Per channel, the shape is dark on a light background and light on a dark one.
-        light = background.mean((1, 2))[:, None, None, :] > 0.5
-        colour = np.where(light, rng.uniform(0.0, 0.3, (count, 1, 1, 3)), rng.uniform(0.7, 1.0, (count, 1, 1, 3)))
+        # A light shape on a darker background in every channel, whatever the two colours.
+        background = DARK * _smooth_noise(rng, count, size, BACKGROUND_CELLS)
+        colour = rng.uniform(LIGHT, 1.0, (count, 1, 1, 3))
         image = background * (1 - alpha) + colour * alpha
-        image = _add_clutter(rng, image, gx, gy)
     image = image + rng.normal(0, 0.04, image.shape)
     return np.clip(image, 0, 1)
-
-
-def _add_clutter(rng: np.random.Generator, image: np.ndarray, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
-    """Two small blobs per image, so the class is carried by the large shape only."""
-    count = image.shape[0]
-    for _ in range(2):
-        cx, cy = rng.uniform(-0.9, 0.9, (2, count))[:, :, None, None]
-        radius = rng.uniform(0.05, 0.1, count)[:, None, None]
-        inside = np.sqrt((gx[None] - cx) ** 2 + (gy[None] - cy) ** 2) < radius
-        colour = rng.random((count, 1, 1, 3))
-        image = np.where(inside[..., None], colour, image)
-    return image
 
 
 def corrupt(rng: np.random.Generator, images: np.ndarray, name: str, severity: int) -> np.ndarray:
