@@ -61,7 +61,7 @@ MALFORMED = {
     "eval_every > steps": (QUICK, "tasks/shapes_sketch/eval_every", 200, [
         "config key 'tasks.shapes_sketch.eval_every': 200 exceeds steps (150); set it to at most steps"]),
     "pretrain eval_every > steps": (QUICK, "models/vit_quick/pretrain/eval_every", 5000, [
-        "config key 'models.vit_quick.pretrain.eval_every': must not exceed steps (4000); set it to at most steps"]),
+        "config key 'models.vit_quick.pretrain.eval_every': must not exceed steps (1200); set it to at most steps"]),
     "pretrain on unknown task": (QUICK, "models/vit_quick/pretrain/task", "imagenet", [
         "config key 'models.vit_quick.pretrain.task': unknown task 'imagenet'; allowed: shapes"]),
     "img_size not divisible by patch": (QUICK, "models/vit_quick/img_size", 36, [
