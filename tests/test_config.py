@@ -59,7 +59,7 @@ MALFORMED = {
     "experiment task without a protocol": (QUICK, "experiments/main/tasks", ["shapes"], [
         "config key 'tasks.shapes.steps': required because experiment 'main' finetunes on it"]),
     "eval_every > steps": (QUICK, "tasks/shapes_sketch/eval_every", 200, [
-        "config key 'tasks.shapes_sketch.eval_every': 200 exceeds steps (150); set it to at most steps"]),
+        "config key 'tasks.shapes_sketch.eval_every': 200 exceeds steps (100); set it to at most steps"]),
     "pretrain eval_every > steps": (QUICK, "models/vit_quick/pretrain/eval_every", 5000, [
         "config key 'models.vit_quick.pretrain.eval_every': must not exceed steps (1200); set it to at most steps"]),
     "pretrain on unknown task": (QUICK, "models/vit_quick/pretrain/task", "imagenet", [
