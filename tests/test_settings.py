@@ -60,3 +60,10 @@ def test_a_missing_key_is_one_line_naming_it(tmp_path, capsys):
     assert capsys.readouterr().err == (
         "vitplasticity prepare: error: --settings of `vitplasticity prepare` lacks 'data' (Where the task's "
         "images come from and how they are split); add it (see vitplasticity prepare --help)\n")
+
+
+def test_aggregate_accepts_the_arm_order_the_workflow_passes():
+    """common.smk passes the config's arm order (settings JSON sorts the arms' keys)."""
+    passed = {"experiment": "main", "model": "m", "tasks": ["t"], "optimizer": "sgd",
+              "arms": {"mha": ["mha"], "all": ["emb", "mha"]}, "arm_order": ["mha", "all"]}
+    assert settings.check("aggregate", passed)["arm_order"] == ["mha", "all"]
