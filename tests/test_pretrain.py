@@ -6,8 +6,9 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
-from vitplasticity import jobs
+from vitplasticity import jobs, settings
 from vitplasticity.errors import UserError
+from vitplasticity.machine import Runtime, Tracking
 
 SETTINGS = {"model": "vit", "timm_name": "vit_tiny_patch16_224", "img_size": 16,
             "kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
@@ -17,14 +18,16 @@ SETTINGS = {"model": "vit", "timm_name": "vit_tiny_patch16_224", "img_size": 16,
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tasks") / "source"
-    data = {"source": "synthetic", "kind": "source", "image_size": 16, "n_train": 16, "n_val": 8, "n_test": 8}
+    data = {"source": "synthetic", "kind": "source", "image_size": 16, "n_train": 16, "n_val": 8, "n_test": 8,
+            "seed": 0}
     jobs.prepare("source", data, folder, folder.parent / "raw")
     return folder
 
 
 def test_kept_steps_are_checkpoints_with_their_step_and_validation_accuracy(source, tmp_path):
     run_dir = tmp_path / "run"
-    jobs.pretrain(SETTINGS | {"keep_steps": [2, 4]}, {}, source, tmp_path / "vit.safetensors", run_dir, {})
+    jobs.pretrain(settings.check("pretrain", SETTINGS | {"keep_steps": [2, 4]}), Runtime(), source,
+                  tmp_path / "vit.safetensors", run_dir, Tracking(enabled=False))
     kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert kept == ["step_2.json", "step_2.safetensors", "step_4.json", "step_4.safetensors"]
     val_acc = pd.read_csv(run_dir / "history.csv").set_index("step")["val_acc"]
@@ -39,7 +42,8 @@ def test_kept_steps_are_checkpoints_with_their_step_and_validation_accuracy(sour
 
 def test_a_kept_step_off_the_evaluation_grid_is_one_line_before_any_output(source, tmp_path):
     with pytest.raises(UserError) as error:
-        jobs.pretrain(SETTINGS | {"keep_steps": [3]}, {}, source, tmp_path / "vit.safetensors", tmp_path / "run", {})
+        jobs.pretrain(settings.check("pretrain", SETTINGS | {"keep_steps": [3]}), Runtime(), source,
+                      tmp_path / "vit.safetensors", tmp_path / "run", Tracking(enabled=False))
     assert str(error.value) == ("keep_steps [3] must be multiples of eval_every (2) up to steps (4); "
                                 "change models.*.pretrain.keep_steps")
     assert not (tmp_path / "run").exists() and not (tmp_path / "vit.safetensors").exists()
