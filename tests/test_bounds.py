@@ -133,6 +133,8 @@ def _large_token_vit():
     with torch.no_grad():
         model.patch_embed.proj.weight.mul_(40.0)
         model.pos_embed.mul_(40.0)
+        for block in model.blocks:  # biases that matter: the query and key biases shift the attention logits
+            block.attn.qkv.bias.normal_(0.0, 2.0)
     return model
 
 

@@ -13,6 +13,9 @@ Column ``bound`` is the paper's; column ``holding_bound`` is one that holds for 
   either stream. At σ_min = 1 it is the paper's max(γ); at small tokens it exceeds it.
 - MHA: the same formula with r the largest token norm of either stream (the bound is for tokens in
   the ball of radius r; the paper's r is a mean), times max|γ| of LayerScale where a model has it.
+  The formula is for attention without biases; timm's qkv has them, so the bound is taken on the
+  inputs (x, 1), whose differences are those of x, with W_Q, W_K, W_V extended by their bias
+  column and r by sqrt(r² + 1) (the value bias adds a constant that cancels; so does proj's).
 - FC1, FC2: the spectral norm holds as it is (FC2's input is zero-padded: only d of its columns act),
   times max|γ| of LayerScale after FC2 where a model has it.
 
@@ -71,6 +74,13 @@ def _scale_max(module: torch.nn.Module) -> float:
     return gamma.abs().max().item() if gamma is not None else 1.0
 
 
+def _with_bias_column(qkv: torch.nn.Linear) -> torch.Tensor:
+    """[W | b] (3D, D + 1): with inputs (x, 1), the biased projections W x + b are linear (for the bound)."""
+    if qkv.bias is None:
+        return qkv.weight
+    return torch.cat([qkv.weight, qkv.bias[:, None]], dim=1)
+
+
 def layernorm_holding_bound(norm: torch.nn.Module, min_token_std: float) -> float:
     """max|γ| / sqrt(σ_min² + ε): a LayerNorm's rate of change on tokens of standard deviation ≥ σ_min."""
     gamma = norm.weight.abs().max().item() if norm.weight is not None else 1.0
@@ -99,8 +109,8 @@ def theoretical_bounds(model: torch.nn.Module, radius: float, extremes: dict[str
                 "ln2": layernorm_holding_bound(block.norm2, extremes["min_token_std"]),
                 "fc1": values["fc1"],
                 "fc2": values["fc2"] * _scale_max(block.ls2),
-                "mha": mha_bound(block.attn.qkv.weight, block.attn.proj.weight, block.attn.num_heads, n,
-                                 extremes["max_token_norm"]) * _scale_max(block.ls1),
+                "mha": mha_bound(_with_bias_column(block.attn.qkv), block.attn.proj.weight, block.attn.num_heads, n,
+                                 math.sqrt(extremes["max_token_norm"] ** 2 + 1)) * _scale_max(block.ls1),
             }
         for component, bound in values.items():
             rows.append({"component": component, "label": LABELS[component], "layer": layer,

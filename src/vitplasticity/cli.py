@@ -19,8 +19,8 @@ OUTPUTS = {
 }
 
 
-# Commands that compute on a GPU when there is one; each takes a GPU slot of its own (vitplasticity.gpus).
-GPU_COMMANDS = ("pretrain", "plasticity", "criteria", "finetune", "probe")
+# The commands of registry.GPU_RULES: each takes a GPU slot of its own (vitplasticity.gpus).
+GPU_COMMANDS = ("pretrain", "finetune", "plasticity", "criteria", "probe")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "different images of --data")
     p.add_argument("--pairs", type=int, default=2000, help="image pairs measured (default: 2000)")
     p.add_argument("--modes", default="embedding",
-                   help="comma-separated: embedding (the paper's), hidden (each component's real input); "
-                        "default: embedding")
+                   help="comma-separated: embedding (the paper's), hidden (each component's real input), "
+                        "scale_free (embedding at unit token RMS); default: embedding")
     p.add_argument("--head", choices=("linear", "native"), default="linear",
                    help="head of the training artefacts: linear (default; replaces an attention-pool MAP head "
                         "by mean pooling + linear) or native (the architecture's own)")
@@ -197,7 +197,7 @@ def _dispatch(args: argparse.Namespace, settings: dict) -> None:
     machine = machine_from_env()
     runtime, track = machine.runtime, machine.tracking
     check_outputs(args)
-    if args.command in GPU_COMMANDS and runtime.device != "cpu":
+    if args.command in GPU_COMMANDS and runtime.device in ("auto", "cuda"):  # cuda:N names its own GPU
         from vitplasticity.gpus import claim_gpu
 
         slot = claim_gpu()

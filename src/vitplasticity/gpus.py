@@ -58,14 +58,21 @@ def claim_gpu(environ=os.environ, lock_dir: Path = LOCK_DIR, poll_s: float = 0.5
     count = gpu_count(environ)
     if count == 0:
         return None
-    lock_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock_dir.mkdir(mode=0o777, parents=True, exist_ok=True)
+        lock_dir.chmod(0o1777)  # shared by every user of the machine, as /tmp is
+    except PermissionError:
+        pass  # made by another user, who opened it to all
     while True:
         for slot in range(count):
-            lock = FileLock(lock_dir / f"gpu{slot}.lock")
+            lock = FileLock(lock_dir / f"gpu{slot}.lock", mode=0o666)
             try:
                 lock.acquire(timeout=0)
             except Timeout:
                 continue
+            except PermissionError as exc:
+                raise UserError(f"cannot take GPU slot {slot}: {exc}; make {lock_dir} writable by every user, or "
+                                f"set {GPUS_ENV}=0 and choose devices with CUDA_VISIBLE_DEVICES") from exc
             _held.append(lock)
             environ["CUDA_VISIBLE_DEVICES"] = str(slot)
             return slot

@@ -152,6 +152,10 @@ def _apply_control(model, settings: dict) -> int:
     if control is None:
         return trainable
     component = control["component"]
+    if "match" in control and settings.get("weight_decay", 0.0) != 0.0:
+        raise UserError(f"control {settings.get('arm')}: a gradient mask keeps entries frozen only with "
+                        f"weight_decay 0, got {settings['weight_decay']}; set finetune.weight_decay to 0 or use "
+                        "lora_rank")
     if "lora_rank" in control:
         controls.add_lora(model, component, control["lora_rank"])
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -243,8 +247,10 @@ def measure_criteria(settings: dict, runtime: Runtime, weights: Path, reference_
             return table.rename(columns={"mean": "value"})[["component", "layer", "value"]]
         return run
 
+    headed = copy.deepcopy(model)  # gets a new head and gradients; copied outside the measured cost
+
     def gradient_norms() -> pd.DataFrame:
-        return criteria.relative_gradient_norms(copy.deepcopy(model), train, classes, settings["gradient_batch_size"],
+        return criteria.relative_gradient_norms(headed, train, classes, settings["gradient_batch_size"],
                                                 settings["gradient_batches"], record["img_size"], device,
                                                 settings["seed"], *norm)
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm, LayerScale
 
 from vitplasticity import transforms
+from vitplasticity.bounds import token_extremes
 from vitplasticity.components import BLOCK_COMPONENTS, LABELS, apply_component, embed, hidden_inputs
 from vitplasticity.errors import UserError
 from vitplasticity.prepared import Split
@@ -226,9 +227,9 @@ def measure(
         for stream, part in (("reference", token_norms[:half]), ("downstream", token_norms[half:])):
             tokens.add((stream, "mean_token_norm"), part.mean(dim=1))
             tokens.add((stream, "rms_token_norm"), part.square().mean(dim=1).sqrt())
-        extremes["max_token_norm"] = max(extremes["max_token_norm"], token_norms.max().item())
-        extremes["min_token_std"] = min(extremes["min_token_std"],
-                                        emb.double().var(dim=-1, unbiased=False).min().sqrt().item())
+        batch_extremes = token_extremes(emb)
+        extremes["max_token_norm"] = max(extremes["max_token_norm"], batch_extremes["max_token_norm"])
+        extremes["min_token_std"] = min(extremes["min_token_std"], batch_extremes["min_token_std"])
         distance = _pair_difference_norms(emb, half)  # (B,): pairs at distance 0 have no ratio
         skipped += int((distance == 0).sum())
         for mode in ("embedding", "scale_free"):

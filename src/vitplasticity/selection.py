@@ -71,7 +71,7 @@ def top1(scores: pd.Series, accuracy: pd.DataFrame) -> float:
 
 
 def _bootstrap_spearman(scores: pd.Series, runs: pd.DataFrame, n_boot: int, rng: np.random.Generator) -> tuple:
-    """95% percentile interval of Spearman when each component's seeds are resampled with replacement."""
+    """95% percentile interval of Spearman when the seeds are resampled with replacement (one draw for all)."""
     seeds = sorted(runs["seed"].unique())
     if len(seeds) < 2:
         return math.nan, math.nan

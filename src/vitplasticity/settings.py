@@ -41,6 +41,8 @@ KEYS: dict[str, dict[str, str]] = {
 }
 # Config keys the workflow keeps out of a job's settings (one job = one seed).
 _DROPPED = {"finetune": ("seeds",)}
+# Keys only some jobs get (a control arm's finetuning runs).
+_OPTIONAL = {"finetune": ("control",)}
 
 
 @cache
@@ -67,7 +69,7 @@ def fields(command: str) -> dict[str, tuple[dict, bool]]:
             out[key] = ({"description": source}, True)
         elif key:
             node = _node(source)
-            out[key] = (node, "default" not in node)
+            out[key] = (node, "default" not in node and key not in _OPTIONAL.get(command, ()))
         else:
             section = _node(source)
             required = set(section.get("required", ()))

@@ -42,7 +42,7 @@ def host_gather(images: np.ndarray, labels: np.ndarray, device: torch.device) ->
         if pinned is None:
             pinned = buffers[len(index)] = torch.empty((len(index), *images.shape[1:]), dtype=torch.uint8,
                                                        pin_memory=True)
-        np.take(images, index, axis=0, out=pinned.numpy())
+        np.take(images, index, axis=0, out=pinned.numpy(), mode="wrap")  # in range; "raise" would buffer a copy
         target = torch.from_numpy(np.asarray(labels[index], dtype=np.int64)).pin_memory()
         with torch.cuda.stream(copy_stream):
             batch = (pinned.to(device, non_blocking=True), target.to(device, non_blocking=True))
