@@ -42,7 +42,7 @@ CLASSES = {"cifar10": 10, "cifar100": 100, "contrast": 10, "clipart": 345, "sket
            "oxford_pets": 37, "imagenet_val": 1}
 
 
-def _snakemake(study, *args, timeout=1800):
+def _snakemake(study, *args, timeout=3600):
     command = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(study),
                "--configfile", str(PAPER_CONFIG), str(OVERLAY), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment(study))
