@@ -13,14 +13,7 @@
 #
 # VITPLASTICITY_PYTHON picks the interpreter (default: .venv/bin/python, else python3).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-configfile="${1:-config/quick.yaml}"
-stage="${2:-quick_study}"
-python="${VITPLASTICITY_PYTHON:-}"
-if [ -z "$python" ]; then
-    if [ -x .venv/bin/python ]; then python=.venv/bin/python; else python=python3; fi
-fi
-export DVC_NO_ANALYTICS=1
+source "$(dirname "$0")/dvc-env.sh"
 "$python" -m dvc pull "$stage"
 status="$("$python" -m dvc status "$stage")"
 if ! grep -q "up to date" <<<"$status"; then

@@ -9,14 +9,7 @@
 # Then commit dvc.lock (git add dvc.lock && git commit). VITPLASTICITY_PYTHON picks the
 # interpreter (default: .venv/bin/python, else python3).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-configfile="${1:-config/quick.yaml}"
-stage="${2:-quick_study}"
-python="${VITPLASTICITY_PYTHON:-}"
-if [ -z "$python" ]; then
-    if [ -x .venv/bin/python ]; then python=.venv/bin/python; else python=python3; fi
-fi
-export DVC_NO_ANALYTICS=1
+source "$(dirname "$0")/dvc-env.sh"
 # Only a finished study is recorded: dvc.lock must describe outputs Snakemake considers up to date.
 if ! plan="$("$python" -m snakemake -n --configfile "$configfile" 2>&1)"; then
     printf '%s\n' "$plan" | tail -n 5 >&2

@@ -39,7 +39,8 @@ DELETE = object()
 # (base config, path to change, new value, snippets the one-line message must contain)
 MALFORMED = {
     "unknown top-level key": (QUICK, "optimiser", "sgd", [
-        "config key '<top level>': unknown key(s) 'optimiser'", "allowed keys: arms, controls, criteria, experiments, finetune"]),
+        "config key '<top level>': unknown key(s) 'optimiser'",
+        "allowed keys: arms, controls, criteria, experiments, finetune"]),
     "unknown task key": (QUICK, "tasks/shapes_novel/step", 100, [
         "config key 'tasks.shapes_novel': unknown key(s) 'step'", "allowed keys: data, eval_every, lrs, steps"]),
     "wrong type": (QUICK, "tasks/shapes_novel/steps", "many", [
