@@ -20,7 +20,7 @@ def smoke_config() -> dict:
 
 def write_config(path: Path, config: dict) -> Path:
     """Write a changed config for `snakemake(..., config=path)`."""
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config, sort_keys=False))  # keep the user's order
     return path
 
 

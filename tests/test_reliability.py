@@ -37,7 +37,7 @@ import psutil
 import pytest
 import torch
 import yaml
-from conftest import ROOT, SMOKE_CONFIG, snakemake
+from conftest import ROOT, SMOKE_CONFIG, snakemake, write_config
 
 from vitplasticity import cli, figures, jobs, models, tracking, training
 from vitplasticity.components import set_trainable
@@ -430,7 +430,7 @@ def test_bad_config_stops_the_workflow_before_any_job_and_writes_nothing(name, t
     config = copy.deepcopy(SMOKE)
     _edit(config, path, value)
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump(config))
+    write_config(bad, config)
     workdir = tmp_path / "study"
     workdir.mkdir()
     result = snakemake(workdir, "--cores", "1", config=bad, check=False, timeout=300)
@@ -593,7 +593,7 @@ def test_kill_at_every_stage_then_rerun_completes_the_study_exactly(smoke_run, t
     config = copy.deepcopy(SMOKE)
     config["experiments"]["main"].update(tasks=["novel"], arms=["all", "mha"])
     small = tmp_path / "small.yaml"
-    small.write_text(yaml.safe_dump(config))
+    write_config(small, config)
     workdir = tmp_path / "study"  # the jobs' paths are relative to it
     workdir.mkdir()
     logs = tmp_path / "logs"
@@ -702,7 +702,7 @@ def test_a_diverging_learning_rate_is_shown_as_such_and_the_study_goes_on(settle
     config = copy.deepcopy(SMOKE)
     config["tasks"]["novel"]["lrs"] = [0.01, 0.03, 1e30]
     diverging = tmp_path / "diverging.yaml"
-    diverging.write_text(yaml.safe_dump(config))
+    write_config(diverging, config)
     kept = settled_copy / "results/runs/vit_smoke/novel/sgd/mha/lr0.01_seed0/metrics.json"
     kept_mtime = kept.stat().st_mtime_ns
     figure = settled_copy / "results/figures/main/lr_robustness.png"
