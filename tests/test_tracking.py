@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from vitplasticity import tracking
 from vitplasticity.errors import UserError
+from vitplasticity.machine import Tracking
 
 PARENT = "vit/novel/sgd"
 
@@ -111,6 +112,17 @@ def test_disabled_tracking_makes_no_calls(tmp_path):
             run.log_metrics({"a": 1})
             run.log_artifacts([tmp_path / "missing"])
     assert not (tmp_path / tracking.RUN_RECORD).exists()
+
+
+def test_without_live_tracking_only_the_jobs_without_a_run_folder_open_mlflow():
+    deferred = Tracking(enabled=True, experiment="study", live=False)
+    for kind in ("finetune", "pretrain", "probe", "plasticity", "criteria"):
+        assert tracking.job_tracking(deferred, kind, {"model": "vit", "task": "novel", "optimizer": "sgd"}) == {
+            "enabled": False}
+    for kind in ("aggregate", "figures"):
+        assert tracking.job_tracking(deferred, kind, {})["enabled"]
+    assert tracking.job_tracking(Tracking(enabled=True, experiment="study"), "finetune", {
+        "model": "vit", "task": "novel", "optimizer": "sgd"})["parent"] == "vit/novel/sgd"
 
 
 def test_params_are_flat_truncated_and_free_of_credentials():
@@ -337,6 +349,12 @@ def study_results(results: Path) -> None:
              for layer in (0, 1)]
     (plasticity / "plasticity.csv").write_text("\n".join(rows) + "\n")
     (plasticity / "embedding.json").write_text(json.dumps({"model": "vit", "task": "novel", "pairs": 64}))
+    criteria = results / "criteria" / "vit" / "novel"
+    criteria.mkdir(parents=True)
+    (criteria / "cost.csv").write_text("model,task,criterion,wall_s,peak_mib\nvit,novel,trainable_params,0.01,0.0\n"
+                                       "vit,novel,relative_gradient_norm,1.25,12.5\n")
+    (criteria / "criteria.csv").write_text("model,task,criterion,component,layer,value\n"
+                                           "vit,novel,trainable_params,mha,0,12\n")
 
 
 def store_summary(uri: str) -> dict:
@@ -368,7 +386,9 @@ def test_rebuild_recreates_the_store_from_run_folders(tmp_path):
     assert summary["pretrain/vit"][2]["loss"] == 30
     assert summary["probe/vit/novel"] == ("probe", None, {"test_acc": 1})
     assert summary["plasticity/vit/novel"][2] == {f"embedding/{c}/layer{i}": 1 for c in ("mha", "fc1") for i in (0, 1)}
-    assert len(summary) == 3 + 1 + 1 + 1 + 2  # runs + pretrain + probe + plasticity + parents
+    assert summary["criteria/vit/novel"] == ("criteria", None, {"trainable_params/wall_s": 1,
+                                                                "relative_gradient_norm/wall_s": 1})
+    assert len(summary) == 3 + 1 + 1 + 1 + 1 + 2  # runs + pretrain + probe + plasticity + criteria + parents
     folder = results / "runs" / "vit" / "novel" / "sgd" / "mha" / "lr0.01_seed0"
     assert recorded_id(folder) == first["runs/vit/novel/sgd/mha/lr0.01_seed0"]
     run = MlflowClient(uri).get_run(recorded_id(folder))
@@ -464,3 +484,26 @@ def test_a_copied_study_tracks_into_its_own_store(smoke_copy, tmp_path):
     kinds = [r.data.tags["kind"] for r in runs.values()]
     assert {kind: kinds.count(kind) for kind in set(kinds)} == {
         "finetune": 20, "pretrain": 1, "probe": 2, "plasticity": 2, "parent": 2, "aggregate": 1, "figures": 1}
+
+
+@pytest.mark.slow
+def test_without_live_tracking_the_workflow_mirrors_what_its_jobs_finished(smoke_copy, tmp_path):
+    config = smoke_config()
+    config["tracking"] |= {"enabled": True, "live": False}
+    config["tasks"]["novel"]["lrs"] = [0.01, 0.05]  # one new learning rate: one run per arm
+    result = snakemake(smoke_copy, "--cores", "2", config=write_config(tmp_path / "deferred.yaml", config))
+    # Before the jobs the 25 finished folders of the study; after them, the 5 new runs.
+    assert "vitplasticity: mirrored 25 finished run folders" in result.stderr
+    assert "vitplasticity: mirrored 5 finished run folders" in result.stderr
+    client = MlflowClient(f"sqlite:///{smoke_copy}/results/mlflow.db")
+    experiment = client.get_experiment_by_name("smoke")
+    runs = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id], max_results=1000)}
+    new = sorted((smoke_copy / "results" / "runs").glob("*/novel/*/*/lr0.05_seed0"))
+    assert len(new) == len(config["arms"])
+    for folder in new:
+        run = runs[recorded_id(folder)]  # recorded by the mirror: the job itself never opened MLflow
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mirrored_from"] == str(folder.relative_to(smoke_copy / "results"))
+        assert count(client, run.info.run_id, "loss") == config["tasks"]["novel"]["steps"]
+    kinds = [r.data.tags["kind"] for r in runs.values()]
+    assert kinds.count("finetune") == 25 and kinds.count("aggregate") == 1  # aggregate and figures log live

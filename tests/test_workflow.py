@@ -70,6 +70,7 @@ MACHINE_CHANGES = {
     "runtime.plasticity_batch": ("runtime", "plasticity_batch", 16),
     "tracking.enabled": ("tracking", "enabled", True),
     "tracking.uri": ("tracking", "uri", "sqlite:////elsewhere/mlflow.db"),
+    "tracking.live": ("tracking", "live", False),
 }
 
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import yaml
@@ -133,6 +135,21 @@ def write_csv(path: str | Path, frame, float_format: str | None = None) -> None:
     """A DataFrame as CSV, atomically; `float_format` (e.g. "%.10g") rounds floats at write."""
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False, float_format=float_format)
+
+
+def write_rows(path: str | Path, rows: Iterable[Mapping], columns: Sequence[str]) -> None:
+    """Records as CSV with the header `columns`, atomically, written as `DataFrame.to_csv` writes
+    them (a missing value or NaN as an empty field) without importing pandas, which would add
+    about 0.4 s to the start-up of every job that writes a training history."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(["" if _missing(row.get(name)) else row[name] for name in columns])
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def read_json(path: str | Path) -> dict:

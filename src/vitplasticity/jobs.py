@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from vitplasticity import models, tracking, training
 from vitplasticity.components import block_parameters, component_of, count_by_component, set_trainable
 from vitplasticity.errors import UserError
-from vitplasticity.fileio import read_json, write_csv, write_json, write_yaml
+from vitplasticity.fileio import read_json, write_csv, write_json, write_rows, write_yaml
 from vitplasticity.prepared import load_split, read_meta, write_prepared
 from vitplasticity.runtime import pick_device, seed_everything
 
@@ -52,12 +52,6 @@ def prepare(name: str, data: dict, out: Path, raw: Path | None) -> dict:
     return prepare_real(name, data, out, raw)
 
 
-def _history_frame(history: list[dict]) -> pd.DataFrame:
-    import pandas as pd
-
-    return pd.DataFrame(history, columns=list(training.HISTORY_COLUMNS))
-
-
 def _train_config(settings: dict, runtime: Runtime, img_size: int) -> training.TrainConfig:
     """Training settings from a job's science (every key filled by the config loader) and machine."""
     return training.TrainConfig(
@@ -77,7 +71,7 @@ def _splits(task_dir: Path) -> dict:
 
 
 def _write_run_folder(run_dir: Path, result: training.Result, metrics: dict) -> list[Path]:
-    write_csv(run_dir / "history.csv", _history_frame(result.history))
+    write_rows(run_dir / "history.csv", result.history, training.HISTORY_COLUMNS)
     write_json(run_dir / "metrics.json", metrics)
     return [run_dir / "config.yaml", run_dir / "history.csv", run_dir / "metrics.json"]
 

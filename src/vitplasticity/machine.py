@@ -41,6 +41,7 @@ class Tracking:
     enabled: bool = True
     uri: str | None = None  # None: MLFLOW_TRACKING_URI, else the study's own results/mlflow.db
     experiment: str = ""
+    live: bool = True  # jobs log while they run; False: the workflow mirrors their run folders when it ends
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,9 @@ _OPTIONAL = {"finetune": ("control",)}
 
 @cache
 def _schema() -> dict | None:
-    return yaml.safe_load(SCHEMA.read_text()) if SCHEMA.exists() else None
+    # Read by every command's --help text, so by every job: libyaml's safe parser where PyYAML has it.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(SCHEMA.read_text(), Loader=loader) if SCHEMA.exists() else None  # noqa: S506
 
 
 def _node(path: str) -> dict:

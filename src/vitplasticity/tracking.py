@@ -184,8 +184,13 @@ def study_uri(uri: str | None, cwd: Path | None = None) -> str:
 
 def job_tracking(settings: Tracking, kind: str, job: dict) -> dict:
     """`track_job` settings of one job: the study's store and experiment, and for a finetuning
-    run its parent (`parent_name`); the experiment and parents exist once `prepare_study` ran."""
-    if not settings.enabled:
+    run its parent (`parent_name`); the experiment and parents exist once `prepare_study` ran.
+
+    Without `settings.live` a job that leaves a run folder (`MIRRORED_KINDS`) is not tracked while
+    it runs: the workflow mirrors its folder when it ends (`prepare_study`), and the job never
+    imports MLflow (about 2 s of start-up, the larger part of a short job's overhead).
+    """
+    if not settings.enabled or (not settings.live and kind in MIRRORED_KINDS):
         return {"enabled": False}
     return {"enabled": True, "uri": settings.uri, "experiment": settings.experiment,
             "parent": parent_name(job) if kind == "finetune" else None, "lock": str(PARENT_LOCK)}
@@ -427,7 +432,7 @@ def rebuild(results_dir: Path, uri: str, experiment_name: str, *, only_missing: 
         parent = prepared["parent_run_ids"][parent_name(folder["params"])] if folder["kind"] == "finetune" else None
         job = open_run(client, folder["dir"], run_name=run_name(folder["kind"], folder["params"]),
                        experiment_id=prepared["experiment_id"], parent_id=parent, params=folder["params"],
-                       tags={"kind": folder["kind"], "rebuilt_from": relative}, uri=uri,
+                       tags={"kind": folder["kind"], "mirrored_from": relative}, uri=uri,
                        start_time=folder["start_ms"])
         job.log_history(folder["history"])
         job.log_metrics(folder["final"])
@@ -439,7 +444,11 @@ def rebuild(results_dir: Path, uri: str, experiment_name: str, *, only_missing: 
 
 # Where each kind of job leaves its last-written file, relative to the results folder.
 _FINISHED = (("finetune", "runs/**/metrics.json"), ("pretrain", "pretrain/*/metrics.json"),
-             ("probe", "probes/**/metrics.json"), ("plasticity", "plasticity/**/plasticity.csv"))
+             ("probe", "probes/**/metrics.json"), ("plasticity", "plasticity/**/plasticity.csv"),
+             ("criteria", "criteria/**/criteria.csv"))
+# The kinds of job whose run folder the store can be rebuilt from (the others, aggregate and
+# figures, are tracked while they run).
+MIRRORED_KINDS = frozenset(kind for kind, _ in _FINISHED)
 
 
 def unmirrored(settings: Tracking, results_dir: Path = Path("results")) -> int | None:
@@ -484,6 +493,12 @@ def _run_folders(results_dir: Path, wanted=None) -> Iterator[dict]:
         stats = path.parent / "embedding.json"
         yield _folder("plasticity", path, _model_task(path.parent, rows[0] if rows else {}), final,
                       [path] + ([stats] if stats.exists() else []))
+    for path in visible("criteria"):
+        cost = path.parent / "cost.csv"
+        with open(cost, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        final = {f"{r['criterion']}/wall_s": float(r["wall_s"]) for r in rows}
+        yield _folder("criteria", path, _model_task(path.parent, rows[0] if rows else {}), final, [path, cost])
 
 
 def _folder(kind: str, path: Path, params: dict, final: dict, artifacts: list[Path],

@@ -250,6 +250,24 @@ def prepare_tracking():
         sys.exit(1)
 
 
+def mirror_finished_runs():
+    """With `tracking.live: false`, mirror the run folders the jobs just finished. A failure here
+    loses nothing (the folders are the record): one line says how to mirror them later.
+    """
+    if not (MACHINE.tracking.enabled and not MACHINE.tracking.live):
+        return
+    from vitplasticity.tracking import prepare_study
+
+    try:
+        prepare_study(MACHINE.tracking, tracking_parents())
+    except UserError as error:
+        print(
+            f"vitplasticity tracking error: {error}; the run folders are complete, mirror them later: "
+            f"vitplasticity tracking rebuild --experiment {MACHINE.tracking.experiment}",
+            file=sys.stderr,
+        )
+
+
 def hint_unmirrored_runs():
     """Tracking switched on or the study renamed reruns nothing, and with nothing to do Snakemake
     runs no onstart: say in one line how the experiment gets the finished runs it lacks.
