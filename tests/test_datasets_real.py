@@ -31,7 +31,7 @@ from vitplasticity.datasets.cifar10c import read_severity
 from vitplasticity.datasets.download import Resource, fetch, parse_checksum, resolve
 from vitplasticity.datasets.flowers import OFFICIAL as FLOWERS_FILES
 from vitplasticity.datasets.images import fit_square
-from vitplasticity.datasets.real import prepare_real
+from vitplasticity.datasets.sources import prepare_task
 from vitplasticity.errors import UserError
 from vitplasticity.prepared import load_split, prepared_writer, read_meta, write_prepared
 
@@ -64,7 +64,7 @@ def serve(host: DatasetHost, folder: str, files: dict[str, bytes]) -> dict:
 
 def run(name: str, task: dict, tmp_path: Path) -> tuple[dict, Path]:
     out_dir = tmp_path / "prepared" / name
-    return prepare_real(name, task, out_dir, tmp_path / "raw" / task["source"]), out_dir
+    return prepare_task(name, task, out_dir, tmp_path / "raw" / task["source"]), out_dir
 
 
 def splits_of(out_dir: Path) -> dict:
@@ -104,8 +104,8 @@ def test_a_second_preparation_reuses_the_download_and_gives_the_same_bytes(host,
     data = cifar10_archive()
     task = make_task("cifar10", url=host.put("again/cifar-10-python.tar.gz", data),
                      checksum=md5(data))
-    first = prepare_real("cifar10", task, tmp_path / "a" / "cifar10", tmp_path / "raw")
-    second = prepare_real("cifar10", task, tmp_path / "b" / "cifar10", tmp_path / "raw")
+    first = prepare_task("cifar10", task, tmp_path / "a" / "cifar10", tmp_path / "raw")
+    second = prepare_task("cifar10", task, tmp_path / "b" / "cifar10", tmp_path / "raw")
     assert first["checksums"] == second["checksums"]
     assert [r.path for r in host.requests].count("again/cifar-10-python.tar.gz") == 1
 
@@ -314,7 +314,7 @@ def test_jobs_sharing_a_raw_folder_download_once(host, tmp_path):
     tasks = {c: make_task("cifar10c", corruption=c, severity=5, **keys)
              for c in ("contrast", "snow")}
     with ThreadPoolExecutor(2) as pool:
-        jobs = [pool.submit(prepare_real, f"cifar10c_{c}", task, tmp_path / c, tmp_path / "raw")
+        jobs = [pool.submit(prepare_task, f"cifar10c_{c}", task, tmp_path / c, tmp_path / "raw")
                 for c, task in tasks.items()]
         metas = [job.result() for job in jobs]
     assert [m["splits"]["train"] for m in metas] == [6, 6]
@@ -336,9 +336,9 @@ def test_overrides_and_checksums_are_checked():
 
 def test_unknown_sources_and_missing_keys_are_named(tmp_path):
     with pytest.raises(UserError, match="source 'mnist' unknown; allowed: cifar10, cifar100"):
-        prepare_real("m", {"source": "mnist"}, tmp_path / "m", tmp_path / "raw")
+        prepare_task("m", {"source": "mnist"}, tmp_path / "m", tmp_path / "raw")
     with pytest.raises(UserError, match=r"task c \(cifar10c\) needs corruption, severity"):
-        prepare_real("c", make_task("cifar10c"), tmp_path / "c", tmp_path / "raw")
+        prepare_task("c", make_task("cifar10c"), tmp_path / "c", tmp_path / "raw")
 
 
 def test_prepared_writer_writes_what_write_prepared_writes(tmp_path):

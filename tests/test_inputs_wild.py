@@ -49,7 +49,7 @@ from vitplasticity.config import check_config
 from vitplasticity.datasets.archives import extract
 from vitplasticity.datasets.imagefiles import ImageFiles
 from vitplasticity.datasets.images import Decoding, read_image, to_rgb
-from vitplasticity.datasets.real import prepare_real
+from vitplasticity.datasets.sources import prepare_task
 from vitplasticity.errors import UserError
 from vitplasticity.machine import Runtime, Tracking
 from vitplasticity.prepared import load_split
@@ -78,7 +78,7 @@ def imagenet_task(path: Path, **keys) -> dict:
 
 def prepare(task: dict, tmp_path: Path) -> tuple[dict, Path]:
     out = tmp_path / "prepared" / "task"
-    return prepare_real("task", task, out, tmp_path / "raw"), out
+    return prepare_task("task", task, out, tmp_path / "raw"), out
 
 
 def one_line(error: pytest.ExceptionInfo) -> str:
@@ -442,7 +442,7 @@ def tasks(tmp_path_factory) -> Path:
     for name, kind in (("source", "source"), ("novel", "novel")):
         data = {"source": "synthetic", "kind": kind, "image_size": 16, "n_train": 32, "n_val": 16, "n_test": 16,
                 "seed": 0}
-        jobs.prepare(name, data, root / name, root / "raw")
+        prepare_task(name, data, root / name, root / "raw")
     return root
 
 

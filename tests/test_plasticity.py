@@ -275,19 +275,6 @@ def test_too_few_pairs_and_unknown_mode_raise_user_errors(streams):
         _measure(tiny_vit(), *streams, modes=("deep",))
 
 
-def test_summarise_ranks_components():
-    import pandas as pd
-
-    table = pd.DataFrame({
-        "mode": ["embedding"] * 4, "component": ["mha", "mha", "ln1", "ln1"], "layer": [0, 1, 0, 1],
-        "mean": [1.0, 3.0, 5.0, 7.0],
-    })
-    summary = plasticity.summarise(table)
-    assert list(summary["component"]) == ["ln1", "mha"]
-    assert list(summary["mean"]) == [6.0, 2.0]
-    assert list(summary["rank"]) == [1, 2]
-
-
 # --- mixed image sizes, pair cycling, float64 norms ---
 
 def _solid(colours, size):

@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from vitplasticity import cli, components
-from vitplasticity.datasets.real import prepare_real
+from vitplasticity.datasets.sources import prepare_task
 from vitplasticity.fileio import sha256_file
 from vitplasticity.hub import fetch_pretrained
 from vitplasticity.models import load_checkpoint
@@ -119,7 +119,7 @@ def test_freeze_list_trains_exactly_the_named_parameters(tiny_report):
     model = namespace["model"]
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trained == names
-    assert set(trained) == set(components.parameters_of(model, [top, "head"]))
+    assert set(trained) == {n for n, _ in model.named_parameters() if components.component_of(n) in {top, "head"}}
     assert model.head.out_features == 3
 
 
@@ -207,19 +207,19 @@ def test_imagefolder_keeps_given_splits_and_splits_the_rest(tmp_path):
     _image_folder(root / "train", per_class=10)
     _image_folder(root / "test", classes=("dog", "fox"), per_class=2, seed=3)
     task = {"source": "imagefolder", "path": str(root), "store_size": 16, "split_seed": 42, "val_fraction": 0.2}
-    meta = prepare_real("mine", task, tmp_path / "prepared", None)
+    meta = prepare_task("mine", task, tmp_path / "prepared", None)
     assert meta["classes"] == ["cat", "dog", "fox"]
     assert meta["splits"] == {"train": 24, "val": 6, "test": 4}  # val held out of train/, test/ kept
     test = load_split(tmp_path / "prepared", "test")
     assert test.labels.tolist() == [1, 1, 2, 2]  # test/ has no cat: labels follow train/'s classes
-    again = prepare_real("mine", task, tmp_path / "again", None)
+    again = prepare_task("mine", task, tmp_path / "again", None)
     assert again["checksums"] == meta["checksums"]  # the same seed gives the same split
 
 
 def test_imagefolder_without_split_folders_is_split_by_seed(tmp_path):
     root = _image_folder(tmp_path / "images", per_class=10)
     task = {"source": "imagefolder", "path": str(root), "store_size": 16, "split_seed": 7}
-    meta = prepare_real("mine", task, tmp_path / "prepared", None)
+    meta = prepare_task("mine", task, tmp_path / "prepared", None)
     assert meta["splits"] == {"train": 19, "val": 5, "test": 6}  # 30 → 6 test, then 24 → 5 val
     assert read_meta(tmp_path / "prepared")["provenance"]["split_folders"] == []
 

@@ -28,7 +28,7 @@ from rehearsal import (
     merged_config,
 )
 
-from vitplasticity.datasets.real import prepare_real
+from vitplasticity.datasets.sources import prepare_task
 from vitplasticity.prepared import load_split, read_meta
 
 # Every job of the paper study, with one lr and one seed: 11 tasks x (9 arms + 2 controls) + (4 + 1 + 1) x 9 arms.
@@ -93,7 +93,7 @@ def test_max_images_caps_every_split_and_keeps_every_class(tmp_path):
         url = host.put("clipart.zip", files["domainnet/clipart.zip"])
         config = merged_config([OVERLAY])
         task = dict(config["tasks"]["clipart"]["data"], url=url, max_images=5, val_fraction=0.2, test_fraction=0.2)
-        meta = prepare_real("clipart", task, tmp_path / "clipart", tmp_path / "raw")
+        meta = prepare_task("clipart", task, tmp_path / "clipart", tmp_path / "raw")
     finally:
         host.close()
     assert meta["splits"] == {"train": 5, "val": 5, "test": 5}

@@ -70,7 +70,7 @@ def prepared(server):
 
 
 def job_settings(uri: str, prepared: dict) -> dict:
-    return {"enabled": True, "uri": uri, "experiment": "tests", "parent_run_id": prepared["parent_run_ids"][PARENT],
+    return {"enabled": True, "uri": uri, "experiment": "tests", "parent": PARENT,
             "tags": {"rule": "finetune", "config_hash": "abc"}}
 
 
@@ -246,7 +246,7 @@ def test_changed_params_replace_the_recorded_run(server, prepared, tmp_path):
 
 def test_unreachable_server_fails_before_the_job_with_one_line(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
-    settings = {"enabled": True, "uri": uri, "experiment": "tests", "parent_run_id": None, "tags": {}}
+    settings = {"enabled": True, "uri": uri, "experiment": "tests", "tags": {}}
     entered = False
     with pytest.raises(UserError) as caught, tracking.track_job(settings, run_dir=tmp_path, run_name="x",
                                                                 kind="finetune", params={}, tags={}):

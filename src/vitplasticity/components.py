@@ -83,12 +83,6 @@ def check_components(names: Iterable[str], where: str) -> list[str]:
     return names
 
 
-def parameters_of(model: torch.nn.Module, components: Iterable[str]) -> list[str]:
-    """Names of the parameters that belong to any of `components`, in model order."""
-    wanted = set(check_components(components, "components"))
-    return [n for n, _ in model.named_parameters() if component_of(n) in wanted]
-
-
 def count_by_component(model: torch.nn.Module) -> dict[str, int]:
     counts = dict.fromkeys(COMPONENTS, 0)
     for name, param in model.named_parameters():

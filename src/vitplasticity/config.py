@@ -201,13 +201,3 @@ def check_config(config: dict, schema_path: str | Path) -> None:
     validate_schema(config, schema_path)
     check_references(config)
 
-
-def load_config(path: str | Path, schema_path: str | Path) -> dict:
-    """Read, validate and complete a study config file (see `check_config`)."""
-    try:
-        config = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        reason = " ".join(str(exc).split())  # YAML errors span several lines; the message is one
-        raise UserError(f"cannot read config {path} ({reason}); fix the file") from exc
-    check_config(config, schema_path)
-    return config

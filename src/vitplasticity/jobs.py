@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vitplasticity import models, tracking, training
-from vitplasticity.components import block_parameters, component_of, count_by_component, set_trainable
+from vitplasticity.components import block_parameters, component_of, set_trainable
 from vitplasticity.errors import UserError
 from vitplasticity.fileio import read_json, write_csv, write_json, write_rows, write_yaml
-from vitplasticity.prepared import load_split, read_meta, write_prepared
+from vitplasticity.prepared import load_split, read_meta
 from vitplasticity.runtime import pick_device, seed_everything
 
 if TYPE_CHECKING:
@@ -31,25 +31,6 @@ if TYPE_CHECKING:
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def prepare(name: str, data: dict, out: Path, raw: Path | None) -> dict:
-    """Generate or download a task into the prepared format."""
-    if data["source"] == "synthetic":
-        from vitplasticity.datasets.synthetic import generate
-
-        splits, classes = {}, []
-        for split in ("train", "val", "test"):
-            images, labels, classes = generate(
-                name, data["kind"], split, data[f"n_{split}"], data["image_size"], data["seed"],
-                **{key: data[key] for key in ("corruption", "severity") if key in data})
-            splits[split] = (images, labels)
-            log(f"{name}: generated {split} ({len(labels)} images)")
-        provenance = {"generator": "vitplasticity.datasets.synthetic", **data}
-        return write_prepared(out, splits, classes, provenance)
-    from vitplasticity.datasets.real import prepare_real
-
-    return prepare_real(name, data, out, raw)
 
 
 def _train_config(settings: dict, runtime: Runtime, img_size: int) -> training.TrainConfig:
@@ -299,11 +280,6 @@ def linear_probe(settings: dict, runtime: Runtime, weights: Path, task_dir: Path
         run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
         run.log_artifacts([out])
     return metrics
-
-
-def parameter_counts(weights: Path) -> dict:
-    model, _ = models.load_checkpoint(weights, num_classes=0)
-    return count_by_component(model)
 
 
 def aggregate_experiment(settings: dict, runs: list[Path], probes: list[Path], plasticity_tables: list[Path],

@@ -278,9 +278,3 @@ def measure(
         stats[f"{key[0]}_{key[1]}"] = tokens.summary(key)[0]
     return pd.DataFrame(rows), stats
 
-
-def summarise(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean plasticity over layers per (mode, component), with the empirical rank (1 = most plastic)."""
-    summary = table.groupby(["mode", "component"], as_index=False)["mean"].mean()
-    summary["rank"] = summary.groupby("mode")["mean"].rank(ascending=False).astype(int)
-    return summary.sort_values(["mode", "rank"]).reset_index(drop=True)

@@ -39,20 +39,18 @@ def write_prepared(
     classes: list[str],
     provenance: dict,
 ) -> dict:
-    """Write a prepared task atomically; returns its meta."""
-    with atomic_dir(folder) as tmp:
-        meta = {"format_version": FORMAT_VERSION, "name": Path(folder).name, "classes": classes,
-                "splits": {}, "checksums": {}, "provenance": provenance}
+    """Write a prepared task of in-memory splits {split: (images, labels)} atomically (through
+    `prepared_writer`); returns its meta. Raises ValueError on arrays of the wrong type or shape."""
+    for split, (images, labels) in splits.items():
+        _check_arrays(split, images, labels, len(classes))
+    sizes = sorted({int(images.shape[1]) for images, _ in splits.values()})
+    if len(sizes) > 1:
+        raise ValueError(f"splits must share one image size, got sizes {sizes}")
+    with prepared_writer(folder, classes, provenance, sizes[0] if sizes else 0) as writer:
         for split, (images, labels) in splits.items():
-            _check_arrays(split, images, labels, len(classes))
-            for suffix, array in (("images", images), ("labels", labels)):
-                np.save(tmp / f"{split}_{suffix}.npy", array)
-            meta["splits"][split] = int(len(labels))
-            meta["image_size"] = int(images.shape[1])
-        for file in sorted(tmp.glob("*.npy")):
-            meta["checksums"][file.name] = sha256_file(file)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return meta
+            writer.add_split(split, len(labels))
+            writer.append(split, images, labels)
+    return writer.meta
 
 
 class PreparedWriter:

@@ -140,7 +140,7 @@ def track_job(settings: dict | None, *, run_dir: Path, run_name: str, kind: str,
     """Mirror one job into MLflow; the run is closed FINISHED, FAILED or KILLED as the block ends.
 
     `settings`: `enabled`, `uri` (None: `study_uri`), `experiment` (its name; it must exist), `parent`
-    (a parent-run name, created if missing under the file lock `lock`) or `parent_run_id`, `tags`.
+    (a parent-run name, created if missing under the file lock `lock`), `tags`.
     The store and the experiment are checked before the block runs; a failure raises `UserError`.
     """
     if not settings or not settings.get("enabled"):
@@ -150,9 +150,8 @@ def track_job(settings: dict | None, *, run_dir: Path, run_name: str, kind: str,
     check_store(uri, create=False)
     client = _client(uri)
     experiment_id = _experiment_id(client, uri, settings.get("experiment"))
-    parent_id = settings.get("parent_run_id")
-    name = settings.get("parent")
-    if parent_id is None and name:  # made by `prepare_study`; created here only if it was deleted since
+    parent_id = None
+    if name := settings.get("parent"):  # made by `prepare_study`; created here only if it was deleted since
         parent_id = _parents(client, experiment_id).get(name)
         if parent_id is None:
             with _exclusive(settings.get("lock")):

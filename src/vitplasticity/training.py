@@ -12,7 +12,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,6 @@ class TrainConfig:
     eval_batch: int = 256
     mean: tuple[float, ...] = transforms.IMAGENET_MEAN
     std: tuple[float, ...] = transforms.IMAGENET_STD
-    extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
         """Invariants, each failing with the key and the fix."""

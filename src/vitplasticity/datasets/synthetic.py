@@ -15,8 +15,12 @@ Same seed, same arguments → same bytes.
 from __future__ import annotations
 
 import hashlib
+import sys
+from pathlib import Path
 
 import numpy as np
+
+from vitplasticity.prepared import write_prepared
 
 SOURCE_SHAPES = ("circle", "square", "triangle", "cross", "ring")
 NOVEL_SHAPES = ("diamond", "hexagon", "bar", "half_disk", "tee")
@@ -33,6 +37,7 @@ SHIFT = 0.2
 TILT = np.pi / 8
 DARK, LIGHT = 0.5, 0.6  # background channels lie in [0, DARK], the shape's in [LIGHT, 1]
 BACKGROUND_CELLS = 2  # the background's colour varies smoothly between this many points a side
+REQUIRED = ("kind", "n_train", "n_val", "n_test", "image_size")
 
 
 def _sdf(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -160,3 +165,16 @@ def generate(
             drawn = corrupt(rng, drawn, corruption, severity)
         images[start : start + chunk] = np.round(drawn * 255).astype(np.uint8)
     return images, labels.astype(np.int64), list(shapes)
+
+
+def prepare(task: dict, out_dir: Path, raw_dir: Path | None, provenance: dict) -> dict:
+    """Generate the train, val and test splits of task `provenance["task"]` into `out_dir`; returns its meta."""
+    name = provenance["task"]
+    splits, classes = {}, []
+    for split in ("train", "val", "test"):
+        images, labels, classes = generate(
+            name, task["kind"], split, task[f"n_{split}"], task["image_size"], task.get("seed", 0),
+            **{key: task[key] for key in ("corruption", "severity") if key in task})
+        splits[split] = (images, labels)
+        print(f"{name}: generated {split} ({len(labels)} images)", file=sys.stderr, flush=True)
+    return write_prepared(out_dir, splits, classes, {"generator": __name__, **task})

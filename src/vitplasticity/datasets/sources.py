@@ -1,9 +1,13 @@
-"""Preparing the paper's real datasets: download, verify, split and store as a prepared task.
+"""The registry of task sources: generate, or download, verify and split, then store a prepared task.
 
-A task's config keys (see each source's module for its split rule and official files):
+Each source is a module of this package with ``REQUIRED`` (its config keys without a default) and
+``prepare(task, out_dir, raw_dir, provenance) -> meta``. A task's config keys (see each source's
+module for its split rule and official files):
 
-- ``source``: cifar10, cifar100, cifar10c, domainnet, flowers102, oxford_pets, imagenet_val,
-  imagefolder (a user's ImageFolder tree, `vitplasticity.datasets.imagefolder`)
+- ``source``: synthetic (the quick study's procedural images, `vitplasticity.datasets.synthetic`;
+  keys ``kind``, ``n_train``, ``n_val``, ``n_test``, ``image_size``, ``seed``), cifar10, cifar100,
+  cifar10c, domainnet, flowers102, oxford_pets, imagenet_val, imagefolder (a user's ImageFolder
+  tree, `vitplasticity.datasets.imagefolder`)
 - ``store_size``: images are stored square: shorter side resized to it, then centre-cropped
 - ``split_seed``, ``val_fraction``, ``test_fraction``: the fixed random splits
 - ``max_images``: keep at most this many images of each split (a seeded random subset, in
@@ -21,29 +25,32 @@ A task's config keys (see each source's module for its split rule and official f
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
-from vitplasticity.datasets import cifar, cifar10c, domainnet, flowers, imagefolder, imagenet, pets
 from vitplasticity.errors import UserError
 
+# Source name -> its module in this package, imported only when a task of it is prepared (a
+# synthetic task's job then never loads torchvision).
 SOURCES = {
-    "cifar10": cifar,
-    "cifar100": cifar,
-    "cifar10c": cifar10c,
-    "domainnet": domainnet,
-    "flowers102": flowers,
-    "oxford_pets": pets,
-    "imagenet_val": imagenet,
-    "imagefolder": imagefolder,
+    "synthetic": "synthetic",
+    "cifar10": "cifar",
+    "cifar100": "cifar",
+    "cifar10c": "cifar10c",
+    "domainnet": "domainnet",
+    "flowers102": "flowers",
+    "oxford_pets": "pets",
+    "imagenet_val": "imagenet",
+    "imagefolder": "imagefolder",
 }
-# Sources read from a local path: they need no download folder.
-LOCAL_SOURCES = ("imagenet_val", "imagefolder")
+# Sources generated here or read from a local path: they need no download folder.
+LOCAL_SOURCES = ("synthetic", "imagenet_val", "imagefolder")
 # The keys that shape the prepared data; they are recorded in its provenance.
 DATA_KEYS = ("source", "store_size", "split_seed", "val_fraction", "test_fraction", "corruption",
              "severity", "domain", "path", "max_images", "max_image_pixels", "pixel_range")
 
 
-def prepare_real(name: str, task: dict, out_dir: Path, raw_dir: Path | None) -> dict:
+def prepare_task(name: str, task: dict, out_dir: Path, raw_dir: Path | None) -> dict:
     """Prepare task `name` into `out_dir` (published whole, or not at all); returns its meta.
 
     Downloads and unpacked files go to `raw_dir`, which tasks of the same source may share:
@@ -52,7 +59,7 @@ def prepare_real(name: str, task: dict, out_dir: Path, raw_dir: Path | None) -> 
     source = task.get("source")
     if source not in SOURCES:
         raise UserError(f"task {name}: source '{source}' unknown; allowed: {', '.join(SOURCES)}")
-    module = SOURCES[source]
+    module = importlib.import_module(f"vitplasticity.datasets.{SOURCES[source]}")
     missing = [key for key in module.REQUIRED if task.get(key) is None]
     if missing:
         raise UserError(f"task {name} ({source}) needs {', '.join(missing)}; set it in the config")
