@@ -335,7 +335,7 @@ def test_overrides_and_checksums_are_checked():
 
 
 def test_unknown_sources_and_missing_keys_are_named(tmp_path):
-    with pytest.raises(UserError, match="source 'mnist' unknown; allowed: cifar10, cifar100"):
+    with pytest.raises(UserError, match="source 'mnist' unknown; allowed: synthetic, cifar10, cifar100, "):
         prepare_task("m", {"source": "mnist"}, tmp_path / "m", tmp_path / "raw")
     with pytest.raises(UserError, match=r"task c \(cifar10c\) needs corruption, severity"):
         prepare_task("c", make_task("cifar10c"), tmp_path / "c", tmp_path / "raw")

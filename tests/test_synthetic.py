@@ -1,11 +1,15 @@
 """The procedural image source of the quick study: deterministic, balanced, and each shift really shifts."""
 
 import hashlib
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from vitplasticity.datasets import synthetic
+from vitplasticity.prepared import load_split, read_meta
 
 
 def _digest(images, labels):
@@ -124,3 +128,25 @@ def test_source_shape_is_lighter_than_its_background_in_every_channel():
         shape = level > np.quantile(level, 0.9)  # every source shape covers more than 10% of the image
         rest = level < np.quantile(level, 0.5)
         assert (image[shape].mean(0) > image[rest].mean(0) + 0.05 * 255).all()
+
+
+def test_a_synthetic_task_is_prepared_by_the_command_line_without_loading_torch(tmp_path):
+    """`vitplasticity prepare` of a synthetic task: through the task-source registry, no download
+    folder, and none of torch or torchvision loaded (every prepare job pays its imports)."""
+    data = {"source": "synthetic", "kind": "corrupt", "corruption": "contrast", "severity": 2, "image_size": 16,
+            "n_train": 10, "n_val": 5, "n_test": 5, "seed": 3}
+    out = tmp_path / "corrupt"
+    code = ("import json, sys; from vitplasticity import cli; code = cli.main(sys.argv[1:]); "
+            "print(json.dumps([code, sorted(m for m in ('torch', 'torchvision') if m in sys.modules)]))")
+    settings = json.dumps({"name": "corrupt", "data": data})
+    done = subprocess.run([sys.executable, "-c", code, "prepare", "--settings", settings, "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, check=True)
+    assert json.loads(done.stdout) == [0, []]
+    assert "corrupt: generated test (5 images)" in done.stderr
+    meta = read_meta(out)
+    assert meta["splits"] == {"train": 10, "val": 5, "test": 5}
+    defaults = {"split_seed": 42, "val_fraction": 0.2, "test_fraction": 0.2}  # the schema's, filled in by the CLI
+    assert meta["provenance"] == {"generator": "vitplasticity.datasets.synthetic", **data, **defaults}
+    images, labels, _ = synthetic.generate("corrupt", "corrupt", "val", 5, 16, 3, corruption="contrast", severity=2)
+    val = load_split(out, "val", verify=True)
+    assert np.array_equal(val.images, images) and np.array_equal(val.labels, labels)

@@ -10,26 +10,27 @@ from pathlib import Path
 from vitplasticity.errors import UserError, redact
 from vitplasticity.machine import MACHINE_ENV, machine_from_env
 
-# The paths each command writes; they are checked before any work so a bad one fails at once.
-OUTPUTS = {
-    "prepare": ("out", "raw"), "pretrain": ("out", "run_dir"), "fetch": ("out",),
-    "plasticity": ("out_table", "out_stats"), "criteria": ("out_table",), "bounds": ("out",),
-    "finetune": ("run_dir",), "probe": ("out",),
-    "aggregate": ("out_dir",), "compare-paper": ("out_table", "out_figure"), "figures": ("out_dir",),
-}
 
-
-# The commands of registry.GPU_RULES: each takes a GPU slot of its own (vitplasticity.gpus).
-GPU_COMMANDS = ("pretrain", "finetune", "plasticity", "criteria", "probe")
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
+def _model_job(parser: argparse.ArgumentParser) -> None:
+    """A job that runs a model: it takes a GPU slot of its own (`vitplasticity.gpus`; these are the
+    commands of `registry.GPU_RULES`) and may set its CPU threads."""
     parser.add_argument("--settings", required=True, help="the job's settings as one JSON object")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.set_defaults(gpu=True)
+
+
+def _output(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
+    """A path the command writes: checked creatable before any work, so a bad one fails at once."""
+    dest = parser.add_argument(flag, type=Path, **kwargs).dest
+    parser.set_defaults(outputs=(*(parser.get_default("outputs") or ()), dest))
 
 
 class _Subcommands(argparse._SubParsersAction):
-    """Subcommands whose --help ends with their --settings keys, generated from the config schema."""
+    """Subcommands whose --help ends with their --settings keys, generated from the config schema.
+
+    Each is a workflow job (`job`: its --settings checked, `func(args, settings, runtime, track)`
+    run) unless it sets `job=False` (then `func(args)`).
+    """
 
     def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
         from vitplasticity.settings import help_text
@@ -37,7 +38,9 @@ class _Subcommands(argparse._SubParsersAction):
         epilog = help_text(name)
         if epilog:
             kwargs.update(epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-        return super().add_parser(name, **kwargs)
+        parser = super().add_parser(name, **kwargs)
+        parser.set_defaults(job=True, gpu=False, outputs=())
+        return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,70 +49,81 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="generate or download a task into the prepared format")
+    p.set_defaults(func=_prepare)
     p.add_argument("--settings", required=True, help="the task's data config as JSON, plus 'name'")
-    p.add_argument("--out", type=Path, required=True, help="prepared folder to create")
-    p.add_argument("--raw", type=Path, default=None,
-                   help="download/extraction folder (needed by downloaded sources only, not by synthetic, "
-                        "imagefolder or imagenet_val)")
+    _output(p, "--out", required=True, help="prepared folder to create")
+    _output(p, "--raw", default=None,
+            help="download/extraction folder (needed by downloaded sources only, not by synthetic, "
+                 "imagefolder or imagenet_val)")
 
     p = sub.add_parser("pretrain", help="pretrain a small ViT on a synthetic source task")
-    _common(p)
+    p.set_defaults(func=_pretrain)
+    _model_job(p)
     p.add_argument("--task", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True, help="checkpoint .safetensors to write")
-    p.add_argument("--run-dir", type=Path, required=True)
+    _output(p, "--out", required=True, help="checkpoint .safetensors to write")
+    _output(p, "--run-dir", required=True)
 
     p = sub.add_parser("fetch", help="pretrained weights from the hub (cache first) or a local file, as a checkpoint")
+    p.set_defaults(func=_fetch)
     p.add_argument("--settings", required=True)
-    p.add_argument("--out", type=Path, required=True)
+    _output(p, "--out", required=True)
 
     p = sub.add_parser("plasticity", help="measure per-component plasticity")
-    _common(p)
+    p.set_defaults(func=_plasticity)
+    _model_job(p)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--reference", type=Path, required=True, help="prepared pretraining-distribution task")
     p.add_argument("--task", type=Path, required=True)
-    p.add_argument("--out-table", type=Path, required=True)
-    p.add_argument("--out-stats", type=Path, required=True)
+    _output(p, "--out-table", required=True)
+    _output(p, "--out-stats", required=True)
 
     p = sub.add_parser("criteria", help="selection criteria side by side (plasticity modes, gradient norm, size)")
-    _common(p)
+    p.set_defaults(func=_criteria)
+    _model_job(p)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--reference", type=Path, required=True, help="prepared pretraining-distribution task")
     p.add_argument("--task", type=Path, required=True)
-    p.add_argument("--out-table", type=Path, required=True, help="criteria.csv (cost.csv is written beside it)")
+    _output(p, "--out-table", required=True, help="criteria.csv (cost.csv is written beside it)")
 
     p = sub.add_parser("bounds", help="theoretical per-component bounds")
+    p.set_defaults(func=_bounds)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--stats", type=Path, required=True, help="embedding statistics from `plasticity`")
-    p.add_argument("--out", type=Path, required=True)
+    _output(p, "--out", required=True)
 
     p = sub.add_parser("finetune", help="one finetuning run (resumes from RUN_DIR/state.pt)")
-    _common(p)
+    p.set_defaults(func=_finetune)
+    _model_job(p)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--task", type=Path, required=True)
-    p.add_argument("--run-dir", type=Path, required=True)
+    _output(p, "--run-dir", required=True)
 
     p = sub.add_parser("probe", help="linear-probing baseline")
-    _common(p)
+    p.set_defaults(func=_probe)
+    _model_job(p)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--task", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
+    _output(p, "--out", required=True)
 
     p = sub.add_parser("aggregate", help="tables and statistics of one experiment")
+    p.set_defaults(func=_aggregate)
     p.add_argument("--settings", required=True)
     p.add_argument("--runs", type=Path, nargs="+", required=True, help="metrics.json of every run")
     p.add_argument("--probes", type=Path, nargs="*", default=[])
     p.add_argument("--plasticity", type=Path, nargs="*", default=[])
     p.add_argument("--bounds", type=Path, nargs="*", default=[])
     p.add_argument("--criteria", type=Path, nargs="*", default=[], help="criteria.csv of every (model, task)")
-    p.add_argument("--out-dir", type=Path, required=True)
+    _output(p, "--out-dir", required=True)
 
     p = sub.add_parser("compare-paper", help="the reproduction beside the authors' main table")
+    p.set_defaults(func=_compare_paper)
     p.add_argument("--tables", type=Path, required=True)
     p.add_argument("--probes", type=Path, nargs="*", default=[])
-    p.add_argument("--out-table", type=Path, required=True)
-    p.add_argument("--out-figure", type=Path, required=True)
+    _output(p, "--out-table", required=True)
+    _output(p, "--out-figure", required=True)
 
     p = sub.add_parser("tracking", help="MLflow store: rebuild it from the run folders")
+    p.set_defaults(func=_tracking, job=False)
     actions = p.add_subparsers(dest="action", required=True)
     a = actions.add_parser("rebuild", help="recreate the MLflow runs from the run folders")
     a.add_argument("--uri", default=None,
@@ -121,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Rank the block components of a pretrained timm ViT by plasticity on your images "
                                    "and write a report folder: ranking, figure, parameters to unfreeze, a peft "
                                    "LoraConfig and a workflow config comparing the arms by finetuning.")
+    p.set_defaults(func=_recommend, job=False)
     p.add_argument("--model", required=True,
                    help="timm name with tag (vit_base_patch16_224.augreg_in21k; hub cache first), a weights file "
                         "(.safetensors, .pth, ...; give --arch), or a checkpoint written by fetch/pretrain")
@@ -145,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="report folder to write (replaced whole)")
 
     p = sub.add_parser("figures", help="figures of one experiment from its tables")
+    p.set_defaults(func=_figures)
     p.add_argument("--tables", type=Path, required=True)
-    p.add_argument("--out-dir", type=Path, required=True)
+    _output(p, "--out-dir", required=True)
     parser.epilog = (f"Machine settings (device, batch sizes, MLflow) come from the environment variable "
                      f"{MACHINE_ENV}, which the workflow sets from the study config; without it jobs use "
                      "the defaults and do not track.")
@@ -168,24 +184,25 @@ def check_outputs(args: argparse.Namespace) -> None:
     """Every output path of the command can be created (nothing is created here)."""
     from vitplasticity.fileio import check_writable
 
-    for name in OUTPUTS.get(args.command, ()):
-        path = getattr(args, name, None)
+    for name in args.outputs:
+        path = getattr(args, name)
         if path is not None:
             check_writable(path, "--" + name.replace("_", "-"))
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.command == "tracking":
-        _tracking(args)
-        return
-    if args.command == "recommend":
-        _recommend(args)
+    if not args.job:
+        args.func(args)
         return
     from vitplasticity.settings import check, missing
 
     settings = check(args.command, json_option("settings", getattr(args, "settings", "{}")))
     try:
-        _dispatch(args, settings)
+        machine = machine_from_env()
+        check_outputs(args)
+        if args.gpu:
+            _claim_gpu(machine.runtime.device, args.threads)
+        args.func(args, settings, machine.runtime, machine.tracking)
     except KeyError as exc:
         error = missing(args.command, settings, exc)
         if error is None:
@@ -193,50 +210,88 @@ def run(args: argparse.Namespace) -> None:
         raise error from exc
 
 
-def _dispatch(args: argparse.Namespace, settings: dict) -> None:
-    machine = machine_from_env()
-    runtime, track = machine.runtime, machine.tracking
-    check_outputs(args)
-    if args.command in GPU_COMMANDS and runtime.device in ("auto", "cuda"):  # cuda:N names its own GPU
-        from vitplasticity.gpus import claim_gpu
+def _claim_gpu(device: str, threads: int | None) -> None:
+    from vitplasticity.gpus import claim_gpu
+    from vitplasticity.runtime import set_threads
 
+    if device in ("auto", "cuda"):  # cuda:N names its own GPU
         slot = claim_gpu()
         if slot is not None:
             print(f"GPU slot {slot}: this job sees only GPU {slot} (CUDA_VISIBLE_DEVICES)", file=sys.stderr)
+    set_threads(threads)
 
+
+# The jobs (`run`): each imports what it uses, so a job pays start-up only for its own modules.
+
+def _prepare(args, settings, runtime, track) -> None:
+    from vitplasticity.datasets.sources import prepare_task
+
+    prepare_task(settings["name"], settings["data"], args.out, args.raw)
+
+
+def _pretrain(args, settings, runtime, track) -> None:
     from vitplasticity import jobs
-    from vitplasticity.runtime import set_threads
 
-    set_threads(getattr(args, "threads", None))
-    if args.command == "prepare":
-        jobs.prepare(settings["name"], settings["data"], args.out, args.raw)
-    elif args.command == "pretrain":
-        metrics = jobs.pretrain(settings, runtime, args.task, args.out, args.run_dir, track)
-        jobs.log(f"pretrained: source test accuracy {metrics['source_test_acc']:.4f}")
-    elif args.command == "fetch":
-        jobs.fetch(settings, args.out)
-    elif args.command == "plasticity":
-        jobs.measure_plasticity(settings, runtime, args.checkpoint, args.reference, args.task,
-                                args.out_table, args.out_stats, track)
-    elif args.command == "criteria":
-        jobs.measure_criteria(settings, runtime, args.checkpoint, args.reference, args.task, args.out_table, track)
-    elif args.command == "bounds":
-        jobs.compute_bounds(args.checkpoint, args.stats, args.out)
-    elif args.command == "finetune":
-        metrics = jobs.finetune(settings, runtime, args.task, args.checkpoint, args.run_dir, track)
-        jobs.log(f"finetune {metrics['status']}: test accuracy {metrics['test_acc']}")
-    elif args.command == "probe":
-        metrics = jobs.linear_probe(settings, runtime, args.checkpoint, args.task, args.out, track)
-        jobs.log(f"linear probe: test accuracy {metrics['test_acc']:.4f}")
-    elif args.command == "aggregate":
-        jobs.aggregate_experiment(settings, args.runs, args.probes, args.plasticity, args.bounds, args.out_dir, track,
-                                  args.criteria)
-    elif args.command == "figures":
-        jobs.draw_figures(args.tables, args.out_dir, track)
-    elif args.command == "compare-paper":
-        from vitplasticity.paper import write_comparison
+    metrics = jobs.pretrain(settings, runtime, args.task, args.out, args.run_dir, track)
+    jobs.log(f"pretrained: source test accuracy {metrics['source_test_acc']:.4f}")
 
-        write_comparison(args.tables, args.probes, args.out_table, args.out_figure)
+
+def _fetch(args, settings, runtime, track) -> None:
+    from vitplasticity import jobs
+
+    jobs.fetch(settings, args.out)
+
+
+def _plasticity(args, settings, runtime, track) -> None:
+    from vitplasticity import jobs
+
+    jobs.measure_plasticity(settings, runtime, args.checkpoint, args.reference, args.task, args.out_table,
+                            args.out_stats, track)
+
+
+def _criteria(args, settings, runtime, track) -> None:
+    from vitplasticity import jobs
+
+    jobs.measure_criteria(settings, runtime, args.checkpoint, args.reference, args.task, args.out_table, track)
+
+
+def _bounds(args, settings, runtime, track) -> None:
+    from vitplasticity import jobs
+
+    jobs.compute_bounds(args.checkpoint, args.stats, args.out)
+
+
+def _finetune(args, settings, runtime, track) -> None:
+    from vitplasticity import jobs
+
+    metrics = jobs.finetune(settings, runtime, args.task, args.checkpoint, args.run_dir, track)
+    jobs.log(f"finetune {metrics['status']}: test accuracy {metrics['test_acc']}")
+
+
+def _probe(args, settings, runtime, track) -> None:
+    from vitplasticity import jobs
+
+    metrics = jobs.linear_probe(settings, runtime, args.checkpoint, args.task, args.out, track)
+    jobs.log(f"linear probe: test accuracy {metrics['test_acc']:.4f}")
+
+
+def _aggregate(args, settings, runtime, track) -> None:
+    from vitplasticity import jobs
+
+    jobs.aggregate_experiment(settings, args.runs, args.probes, args.plasticity, args.bounds, args.out_dir, track,
+                              args.criteria)
+
+
+def _figures(args, settings, runtime, track) -> None:
+    from vitplasticity import jobs
+
+    jobs.draw_figures(args.tables, args.out_dir, track)
+
+
+def _compare_paper(args, settings, runtime, track) -> None:
+    from vitplasticity.paper import write_comparison
+
+    write_comparison(args.tables, args.probes, args.out_table, args.out_figure)
 
 
 def _recommend(args: argparse.Namespace) -> None:
