@@ -1,4 +1,4 @@
-"""Shared fixtures: the repository root and one finished run of the smoke workflow."""
+"""Shared fixtures: the repository root, one finished run of the smoke workflow, and the job kit."""
 
 import os
 import shutil
@@ -72,3 +72,26 @@ def smoke_copy(smoke_run, tmp_path):
     # Snakemake's metadata (params, code, input sets) travels with the copy; its locks do not.
     shutil.copytree(smoke_run, target, symlinks=True, ignore=shutil.ignore_patterns("locks", "log", "incomplete"))
     return target
+
+
+@pytest.fixture(scope="session")
+def kit(tmp_path_factory) -> Path:
+    """A prepared synthetic task and a randomly initialised checkpoint, as the workflow would hand them to
+    a job (`jobkit`); tests that change it take `case`."""
+    from jobkit import build_kit
+
+    return build_kit(tmp_path_factory.mktemp("kit"))
+
+
+@pytest.fixture
+def case(kit, tmp_path) -> Path:
+    """A private copy of the kit to damage."""
+    shutil.copytree(kit, tmp_path / "case")
+    return tmp_path / "case"
+
+
+@pytest.fixture
+def settled_copy(smoke_copy) -> Path:
+    """The smoke copy after a plain rerun, so a test sees only the effect of its own change."""
+    snakemake(smoke_copy, "--cores", "2")
+    return smoke_copy

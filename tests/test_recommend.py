@@ -115,7 +115,7 @@ def test_freeze_list_trains_exactly_the_named_parameters(tiny_report):
     names = (out / "trainable_parameters.txt").read_text().split()
     top = pd.read_csv(out / "ranking.csv").iloc[0]["component"]
     namespace = {"NUM_CLASSES": 3}
-    exec(_code_block(report, "python"), namespace)  # the 5-line snippet as the report prints it
+    exec(_code_block(report, "python"), namespace)  # noqa: S102 (the 5-line snippet as the report prints it)
     model = namespace["model"]
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trained == names
@@ -172,7 +172,7 @@ def test_recommend_on_each_family(family, tmp_path, capsys):
     if family == "dinov2":
         assert "(14 px patches), class token, 4 register tokens" in report
     namespace = {"NUM_CLASSES": 2}
-    exec(_code_block(report, "python"), namespace)
+    exec(_code_block(report, "python"), namespace)  # noqa: S102 (the report's snippet, run as a user would)
     trained = [n for n, p in namespace["model"].named_parameters() if p.requires_grad]
     assert trained == (tmp_path / "report" / "trainable_parameters.txt").read_text().split()
     assert not any(n.startswith("attn_pool.") for n in namespace["model"].state_dict())

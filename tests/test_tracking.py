@@ -46,7 +46,7 @@ def server(tmp_path_factory):
         deadline = time.time() + 90
         while True:
             try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:  # noqa: S310 (http://127.0.0.1)
                     if response.status == 200:
                         break
             except OSError:

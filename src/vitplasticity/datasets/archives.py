@@ -31,7 +31,7 @@ def extract(archive: Path, dest: Path, stamp: str) -> None:
         try:
             if zipfile.is_zipfile(archive):
                 with zipfile.ZipFile(archive) as handle:
-                    handle.extractall(tmp)
+                    handle.extractall(tmp)  # noqa: S202 (zipfile drops absolute paths and '..' itself)
             else:
                 with tarfile.open(archive) as handle:
                     handle.extractall(tmp, filter="data")

@@ -1,0 +1,81 @@
+"""Concurrency: jobs never share an output, log or run folder; a second Snakemake on the same folder
+is refused by its lock and changes nothing."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import ROOT, snakemake
+from jobkit import KILL_TIMEOUT_S, snapshot, start_workflow, vitplasticity_jobs
+
+from vitplasticity.registry import FIGURES
+
+pytestmark = pytest.mark.reliability
+
+pytestmark = pytest.mark.reliability
+
+def _dry_run_jobs(output: str) -> list[dict[str, list[str]]]:
+    """Each planned job's rule and the files it writes (outputs, log, benchmark), from `snakemake -n`."""
+    jobs_, job = [], None
+    for line in output.splitlines():
+        if line.startswith(("rule ", "localrule ")) and line.endswith(":"):
+            job = {"rule": [line.split()[1].rstrip(":")], "writes": []}
+            jobs_.append(job)
+        elif job is not None and re.match(r"    (output|log|benchmark): ", line):
+            job["writes"] += line.split(": ", 1)[1].split(", ")
+    return jobs_
+
+
+# Rules that keep more files (state.pt, mlflow_run.json) in the folder of this output.
+RUN_FOLDER_RECORD = {"finetune": "metrics.json", "pretrain_checkpoint": "metrics.json", "linear_probe": "metrics.json",
+                     "measure_plasticity": "plasticity.csv"}
+
+
+def test_no_two_jobs_of_the_paper_study_write_the_same_file_or_run_folder(tmp_path):
+    result = snakemake(tmp_path, "-n", config=ROOT / "config" / "config.yaml", timeout=600)
+    planned = _dry_run_jobs(result.stdout)
+    assert len([j for j in planned if j["rule"] == ["finetune"]]) == 1836 + 660  # arms + the main experiment's controls
+    written = [path for job in planned for path in job["writes"]]
+    assert len(written) == len(set(written)), "two jobs write the same file"
+    # Jobs that keep more files beside their outputs (state.pt, mlflow_run.json) own that folder alone.
+    owners: dict[str, set[int]] = {}
+    for index, job in enumerate(planned):
+        for path in job["writes"]:
+            if not path.startswith("results/logs/") and not path.startswith("results/benchmarks/"):
+                owners.setdefault(str(Path(path).parent), set()).add(index)
+    for index, job in enumerate(planned):
+        record = RUN_FOLDER_RECORD.get(job["rule"][0])
+        if record:
+            folder = str(Path(next(p for p in job["writes"] if Path(p).name == record)).parent)
+            assert owners[folder] == {index}, (job["rule"], folder)
+
+
+@pytest.mark.slow
+def test_a_second_workflow_on_the_same_folder_is_refused_and_changes_nothing(settled_copy, tmp_path):
+    first = start_workflow(settled_copy, tmp_path / "first.log", "--cores", "1", "--forcerun", "figures")
+    root = psutil.Process(first.pid)
+    deadline = time.monotonic() + KILL_TIMEOUT_S
+    while not (running := vitplasticity_jobs(root, "figures")):
+        assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()
+        time.sleep(0.05)
+    job = running[0][0]
+    job.suspend()  # hold the first workflow in the middle of its job
+    try:
+        tables = snapshot(settled_copy / "results" / "tables")
+        second = snakemake(settled_copy, "--cores", "1", "--forcerun", "figures", check=False)
+        assert second.returncode != 0
+        assert "Directory cannot be locked" in second.stdout + second.stderr
+        assert len(vitplasticity_jobs(root, "figures")) == 1  # the second started no job of its own
+        assert snapshot(settled_copy / "results" / "tables") == tables
+        assert any((settled_copy / ".snakemake" / "locks").iterdir())  # the first one's lock is still there
+    finally:
+        job.resume()
+    assert first.wait(KILL_TIMEOUT_S) == 0, (tmp_path / "first.log").read_text()
+    assert "Nothing to be done" in snakemake(settled_copy, "-n").stdout
+    for name in FIGURES:
+        for suffix in ("png", "pdf"):
+            assert (settled_copy / "results" / "figures" / "main" / f"{name}.{suffix}").stat().st_size > 1000
