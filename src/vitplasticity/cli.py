@@ -11,11 +11,15 @@ from vitplasticity.errors import UserError, redact
 from vitplasticity.machine import MACHINE_ENV, machine_from_env
 
 
-def _model_job(parser: argparse.ArgumentParser) -> None:
-    """A job that runs a model: it takes a GPU slot of its own (`vitplasticity.gpus`; these are the
-    commands of `registry.GPU_RULES`) and may set its CPU threads."""
+def _model_job(parser: argparse.ArgumentParser, checkpoint: bool = True) -> None:
+    """A job that runs a model on a prepared task (and, with `checkpoint`, from a checkpoint): it takes
+    a GPU slot of its own (`vitplasticity.gpus`; these are the commands of `registry.GPU_RULES`) and
+    may set its CPU threads."""
     parser.add_argument("--settings", required=True, help="the job's settings as one JSON object")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    if checkpoint:
+        parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--task", type=Path, required=True, help="prepared task folder")
     parser.set_defaults(gpu=True)
 
 
@@ -58,8 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain a small ViT on a synthetic source task")
     p.set_defaults(func=_pretrain)
-    _model_job(p)
-    p.add_argument("--task", type=Path, required=True)
+    _model_job(p, checkpoint=False)
     _output(p, "--out", required=True, help="checkpoint .safetensors to write")
     _output(p, "--run-dir", required=True)
 
@@ -71,18 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plasticity", help="measure per-component plasticity")
     p.set_defaults(func=_plasticity)
     _model_job(p)
-    p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--reference", type=Path, required=True, help="prepared pretraining-distribution task")
-    p.add_argument("--task", type=Path, required=True)
     _output(p, "--out-table", required=True)
     _output(p, "--out-stats", required=True)
 
     p = sub.add_parser("criteria", help="selection criteria side by side (plasticity modes, gradient norm, size)")
     p.set_defaults(func=_criteria)
     _model_job(p)
-    p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--reference", type=Path, required=True, help="prepared pretraining-distribution task")
-    p.add_argument("--task", type=Path, required=True)
     _output(p, "--out-table", required=True, help="criteria.csv (cost.csv is written beside it)")
 
     p = sub.add_parser("bounds", help="theoretical per-component bounds")
@@ -94,15 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="one finetuning run (resumes from RUN_DIR/state.pt)")
     p.set_defaults(func=_finetune)
     _model_job(p)
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--task", type=Path, required=True)
     _output(p, "--run-dir", required=True)
 
     p = sub.add_parser("probe", help="linear-probing baseline")
     p.set_defaults(func=_probe)
     _model_job(p)
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--task", type=Path, required=True)
     _output(p, "--out", required=True)
 
     p = sub.add_parser("aggregate", help="tables and statistics of one experiment")
