@@ -30,20 +30,18 @@ def _output(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
 
 
 class _Subcommands(argparse._SubParsersAction):
-    """Subcommands whose --help ends with their --settings keys, generated from the config schema.
+    """Subcommands that run `func`: a workflow job's as `func(args, settings, runtime, track)` once its
+    --settings are checked, or with `job=False` as `func(args)`. A job's --help ends with its
+    --settings keys, generated from the config schema."""
 
-    Each is a workflow job (`job`: its --settings checked, `func(args, settings, runtime, track)`
-    run) unless it sets `job=False` (then `func(args)`).
-    """
-
-    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+    def add_parser(self, name: str, func=None, job: bool = True, **kwargs) -> argparse.ArgumentParser:
         from vitplasticity.settings import help_text
 
         epilog = help_text(name)
         if epilog:
             kwargs.update(epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
         parser = super().add_parser(name, **kwargs)
-        parser.set_defaults(job=True, gpu=False, outputs=())
+        parser.set_defaults(func=func, job=job, gpu=False, outputs=())
         return parser
 
 
@@ -52,56 +50,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser.register("action", "parsers", _Subcommands)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="generate or download a task into the prepared format")
-    p.set_defaults(func=_prepare)
+    p = sub.add_parser("prepare", _prepare, help="generate or download a task into the prepared format")
     p.add_argument("--settings", required=True, help="the task's data config as JSON, plus 'name'")
     _output(p, "--out", required=True, help="prepared folder to create")
     _output(p, "--raw", default=None,
             help="download/extraction folder (needed by downloaded sources only, not by synthetic, "
                  "imagefolder or imagenet_val)")
 
-    p = sub.add_parser("pretrain", help="pretrain a small ViT on a synthetic source task")
-    p.set_defaults(func=_pretrain)
+    p = sub.add_parser("pretrain", _pretrain, help="pretrain a small ViT on a synthetic source task")
     _model_job(p, checkpoint=False)
     _output(p, "--out", required=True, help="checkpoint .safetensors to write")
     _output(p, "--run-dir", required=True)
 
-    p = sub.add_parser("fetch", help="pretrained weights from the hub (cache first) or a local file, as a checkpoint")
-    p.set_defaults(func=_fetch)
+    p = sub.add_parser("fetch", _fetch,
+                       help="pretrained weights from the hub (cache first) or a local file, as a checkpoint")
     p.add_argument("--settings", required=True)
     _output(p, "--out", required=True)
 
-    p = sub.add_parser("plasticity", help="measure per-component plasticity")
-    p.set_defaults(func=_plasticity)
+    p = sub.add_parser("plasticity", _plasticity, help="measure per-component plasticity")
     _model_job(p)
     p.add_argument("--reference", type=Path, required=True, help="prepared pretraining-distribution task")
     _output(p, "--out-table", required=True)
     _output(p, "--out-stats", required=True)
 
-    p = sub.add_parser("criteria", help="selection criteria side by side (plasticity modes, gradient norm, size)")
-    p.set_defaults(func=_criteria)
+    p = sub.add_parser("criteria", _criteria,
+                       help="selection criteria side by side (plasticity modes, gradient norm, size)")
     _model_job(p)
     p.add_argument("--reference", type=Path, required=True, help="prepared pretraining-distribution task")
     _output(p, "--out-table", required=True, help="criteria.csv (cost.csv is written beside it)")
 
-    p = sub.add_parser("bounds", help="theoretical per-component bounds")
-    p.set_defaults(func=_bounds)
+    p = sub.add_parser("bounds", _bounds, help="theoretical per-component bounds")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--stats", type=Path, required=True, help="embedding statistics from `plasticity`")
     _output(p, "--out", required=True)
 
-    p = sub.add_parser("finetune", help="one finetuning run (resumes from RUN_DIR/state.pt)")
-    p.set_defaults(func=_finetune)
+    p = sub.add_parser("finetune", _finetune, help="one finetuning run (resumes from RUN_DIR/state.pt)")
     _model_job(p)
     _output(p, "--run-dir", required=True)
 
-    p = sub.add_parser("probe", help="linear-probing baseline")
-    p.set_defaults(func=_probe)
+    p = sub.add_parser("probe", _probe, help="linear-probing baseline")
     _model_job(p)
     _output(p, "--out", required=True)
 
-    p = sub.add_parser("aggregate", help="tables and statistics of one experiment")
-    p.set_defaults(func=_aggregate)
+    p = sub.add_parser("aggregate", _aggregate, help="tables and statistics of one experiment")
     p.add_argument("--settings", required=True)
     p.add_argument("--runs", type=Path, nargs="+", required=True, help="metrics.json of every run")
     p.add_argument("--probes", type=Path, nargs="*", default=[])
@@ -110,15 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criteria", type=Path, nargs="*", default=[], help="criteria.csv of every (model, task)")
     _output(p, "--out-dir", required=True)
 
-    p = sub.add_parser("compare-paper", help="the reproduction beside the authors' main table")
-    p.set_defaults(func=_compare_paper)
+    p = sub.add_parser("compare-paper", _compare_paper, help="the reproduction beside the authors' main table")
     p.add_argument("--tables", type=Path, required=True)
     p.add_argument("--probes", type=Path, nargs="*", default=[])
     _output(p, "--out-table", required=True)
     _output(p, "--out-figure", required=True)
 
-    p = sub.add_parser("tracking", help="MLflow store: rebuild it from the run folders")
-    p.set_defaults(func=_tracking, job=False)
+    p = sub.add_parser("tracking", _tracking, job=False, help="MLflow store: rebuild it from the run folders")
     actions = p.add_subparsers(dest="action", required=True)
     a = actions.add_parser("rebuild", help="recreate the MLflow runs from the run folders")
     a.add_argument("--uri", default=None,
@@ -126,11 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--experiment", required=True, help="experiment name (the study name)")
     a.add_argument("--results", type=Path, default=Path("results"), help="the study's results folder")
 
-    p = sub.add_parser("recommend", help="which components to finetune: plasticity of a pretrained ViT on your images",
+    p = sub.add_parser("recommend", _recommend, job=False,
+                       help="which components to finetune: plasticity of a pretrained ViT on your images",
                        description="Rank the block components of a pretrained timm ViT by plasticity on your images "
                                    "and write a report folder: ranking, figure, parameters to unfreeze, a peft "
                                    "LoraConfig and a workflow config comparing the arms by finetuning.")
-    p.set_defaults(func=_recommend, job=False)
     p.add_argument("--model", required=True,
                    help="timm name with tag (vit_base_patch16_224.augreg_in21k; hub cache first), a weights file "
                         "(.safetensors, .pth, ...; give --arch), or a checkpoint written by fetch/pretrain")
@@ -154,8 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the image sampling and pairing (default: 0)")
     p.add_argument("--out", type=Path, required=True, help="report folder to write (replaced whole)")
 
-    p = sub.add_parser("figures", help="figures of one experiment from its tables")
-    p.set_defaults(func=_figures)
+    p = sub.add_parser("figures", _figures, help="figures of one experiment from its tables")
     p.add_argument("--tables", type=Path, required=True)
     _output(p, "--out-dir", required=True)
     parser.epilog = (f"Machine settings (device, batch sizes, MLflow) come from the environment variable "
@@ -195,8 +183,14 @@ def run(args: argparse.Namespace) -> None:
     try:
         machine = machine_from_env()
         check_outputs(args)
-        if args.gpu:
-            _claim_gpu(machine.runtime.device, args.threads)
+        if args.gpu:  # a model job: a GPU slot of its own (cuda:N names its own GPU), its CPU threads
+            from vitplasticity.gpus import claim_gpu
+            from vitplasticity.runtime import set_threads
+
+            slot = claim_gpu() if machine.runtime.device in ("auto", "cuda") else None
+            if slot is not None:
+                print(f"GPU slot {slot}: this job sees only GPU {slot} (CUDA_VISIBLE_DEVICES)", file=sys.stderr)
+            set_threads(args.threads)
         args.func(args, settings, machine.runtime, machine.tracking)
     except KeyError as exc:
         error = missing(args.command, settings, exc)
@@ -205,18 +199,13 @@ def run(args: argparse.Namespace) -> None:
         raise error from exc
 
 
-def _claim_gpu(device: str, threads: int | None) -> None:
-    from vitplasticity.gpus import claim_gpu
-    from vitplasticity.runtime import set_threads
-
-    if device in ("auto", "cuda"):  # cuda:N names its own GPU
-        slot = claim_gpu()
-        if slot is not None:
-            print(f"GPU slot {slot}: this job sees only GPU {slot} (CUDA_VISIBLE_DEVICES)", file=sys.stderr)
-    set_threads(threads)
-
-
 # The jobs (`run`): each imports what it uses, so a job pays start-up only for its own modules.
+
+def _jobs():
+    from vitplasticity import jobs  # torch and timm
+
+    return jobs
+
 
 def _prepare(args, settings, runtime, track) -> None:
     from vitplasticity.datasets.sources import prepare_task
@@ -225,62 +214,47 @@ def _prepare(args, settings, runtime, track) -> None:
 
 
 def _pretrain(args, settings, runtime, track) -> None:
-    from vitplasticity import jobs
-
+    jobs = _jobs()
     metrics = jobs.pretrain(settings, runtime, args.task, args.out, args.run_dir, track)
     jobs.log(f"pretrained: source test accuracy {metrics['source_test_acc']:.4f}")
 
 
 def _fetch(args, settings, runtime, track) -> None:
-    from vitplasticity import jobs
-
-    jobs.fetch(settings, args.out)
+    _jobs().fetch(settings, args.out)
 
 
 def _plasticity(args, settings, runtime, track) -> None:
-    from vitplasticity import jobs
-
-    jobs.measure_plasticity(settings, runtime, args.checkpoint, args.reference, args.task, args.out_table,
-                            args.out_stats, track)
+    _jobs().measure_plasticity(settings, runtime, args.checkpoint, args.reference, args.task, args.out_table,
+                               args.out_stats, track)
 
 
 def _criteria(args, settings, runtime, track) -> None:
-    from vitplasticity import jobs
-
-    jobs.measure_criteria(settings, runtime, args.checkpoint, args.reference, args.task, args.out_table, track)
+    _jobs().measure_criteria(settings, runtime, args.checkpoint, args.reference, args.task, args.out_table, track)
 
 
 def _bounds(args, settings, runtime, track) -> None:
-    from vitplasticity import jobs
-
-    jobs.compute_bounds(args.checkpoint, args.stats, args.out)
+    _jobs().compute_bounds(args.checkpoint, args.stats, args.out)
 
 
 def _finetune(args, settings, runtime, track) -> None:
-    from vitplasticity import jobs
-
+    jobs = _jobs()
     metrics = jobs.finetune(settings, runtime, args.task, args.checkpoint, args.run_dir, track)
     jobs.log(f"finetune {metrics['status']}: test accuracy {metrics['test_acc']}")
 
 
 def _probe(args, settings, runtime, track) -> None:
-    from vitplasticity import jobs
-
+    jobs = _jobs()
     metrics = jobs.linear_probe(settings, runtime, args.checkpoint, args.task, args.out, track)
     jobs.log(f"linear probe: test accuracy {metrics['test_acc']:.4f}")
 
 
 def _aggregate(args, settings, runtime, track) -> None:
-    from vitplasticity import jobs
-
-    jobs.aggregate_experiment(settings, args.runs, args.probes, args.plasticity, args.bounds, args.out_dir, track,
-                              args.criteria)
+    _jobs().aggregate_experiment(settings, args.runs, args.probes, args.plasticity, args.bounds, args.out_dir,
+                                 track, args.criteria)
 
 
 def _figures(args, settings, runtime, track) -> None:
-    from vitplasticity import jobs
-
-    jobs.draw_figures(args.tables, args.out_dir, track)
+    _jobs().draw_figures(args.tables, args.out_dir, track)
 
 
 def _compare_paper(args, settings, runtime, track) -> None:

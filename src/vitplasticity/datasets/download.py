@@ -153,7 +153,8 @@ def _download(url: str, part: Path) -> None:
         ) from exc
     with response:
         if offset and response.status == 206:
-            start = _range_start(response.headers.get("Content-Range", ""))
+            start = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+            start = int(start.group(1)) if start else None
             if start != offset:
                 part.unlink()
                 raise UserError(
@@ -165,11 +166,6 @@ def _download(url: str, part: Path) -> None:
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None else None
         _copy(response, part, offset, total, url)
-
-
-def _range_start(content_range: str) -> int | None:
-    match = re.match(r"bytes (\d+)-", content_range)
-    return int(match.group(1)) if match else None
 
 
 def _copy(response, part: Path, offset: int, total: int | None, url: str) -> None:

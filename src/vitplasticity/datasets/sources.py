@@ -4,10 +4,9 @@ Each source is a module of this package with ``REQUIRED`` (its config keys witho
 ``prepare(task, out_dir, raw_dir, provenance) -> meta``. A task's config keys (see each source's
 module for its split rule and official files):
 
-- ``source``: synthetic (the quick study's procedural images, `vitplasticity.datasets.synthetic`;
-  keys ``kind``, ``n_train``, ``n_val``, ``n_test``, ``image_size``, ``seed``), cifar10, cifar100,
-  cifar10c, domainnet, flowers102, oxford_pets, imagenet_val, imagefolder (a user's ImageFolder
-  tree, `vitplasticity.datasets.imagefolder`)
+- ``source``: synthetic (the quick study's images, `vitplasticity.datasets.synthetic`), cifar10,
+  cifar100, cifar10c, domainnet, flowers102, oxford_pets, imagenet_val, imagefolder (a user's
+  ImageFolder tree, `vitplasticity.datasets.imagefolder`)
 - ``store_size``: images are stored square: shorter side resized to it, then centre-cropped
 - ``split_seed``, ``val_fraction``, ``test_fraction``: the fixed random splits
 - ``max_images``: keep at most this many images of each split (a seeded random subset, in
