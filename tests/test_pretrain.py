@@ -7,6 +7,7 @@ import pytest
 from safetensors.torch import load_file
 
 from vitplasticity import jobs, settings
+from vitplasticity.datasets.sources import prepare_task
 from vitplasticity.errors import UserError
 from vitplasticity.machine import Runtime, Tracking
 
@@ -20,7 +21,7 @@ def source(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tasks") / "source"
     data = {"source": "synthetic", "kind": "source", "image_size": 16, "n_train": 16, "n_val": 8, "n_test": 8,
             "seed": 0}
-    jobs.prepare("source", data, folder, folder.parent / "raw")
+    prepare_task("source", data, folder, folder.parent / "raw")
     return folder
 
 
