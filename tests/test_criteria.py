@@ -43,7 +43,7 @@ def test_relative_gradient_norm_matches_a_direct_computation():
         reference.zero_grad()
         F.cross_entropy(reference(images), torch.as_tensor(train.labels[index])).backward()
         grad = torch.sqrt(sum(p.grad.double().square().sum() for p in params))
-        ratios.append(float(grad / torch.sqrt(sum(p.double().square().sum() for p in params))))
+        ratios.append(float(grad / torch.sqrt(sum(p.detach().double().square().sum() for p in params))))
     got = table.set_index(["component", "layer"]).loc[("mha", 1), "value"]
     assert got == pytest.approx(np.mean(ratios), rel=1e-6)
     assert (table["value"] > 0).all() and len(table) == 10
