@@ -64,6 +64,12 @@ MALFORMED = {
         "config key 'tasks.shapes_sketch.eval_every': 200 exceeds steps (100); set it to at most steps"]),
     "pretrain eval_every > steps": (QUICK, "models/vit_quick/pretrain/eval_every", 5000, [
         "config key 'models.vit_quick.pretrain.eval_every': must not exceed steps (1200); set it to at most steps"]),
+    "kept steps off the evaluation grid": (QUICK, "models/vit_quick/pretrain/keep_steps", [100, 150, 1300], [
+        "config key 'models.vit_quick.pretrain.keep_steps': steps [150, 1300] are not evaluated by the pretraining "
+        "run, which keeps the weights of its evaluations only; choose multiples of eval_every (100) up to steps "
+        "(1200)"]),
+    "kept steps twice": (QUICK, "models/vit_quick/pretrain/keep_steps", [100, 100], [
+        "config key 'models.vit_quick.pretrain.keep_steps'", "non-unique elements"]),
     "pretrain on unknown task": (QUICK, "models/vit_quick/pretrain/task", "imagenet", [
         "config key 'models.vit_quick.pretrain.task': unknown task 'imagenet'; allowed: shapes"]),
     "img_size not divisible by patch": (QUICK, "models/vit_quick/img_size", 36, [
@@ -137,6 +143,17 @@ def test_patch_size_from_kwargs_wins_over_the_top_level_one():
 def test_empty_config_names_the_top_level():
     with pytest.raises(UserError, match="config key '<top level>': None is not of type 'object'"):
         check_config(yaml.safe_load(""), SCHEMA)
+
+
+def test_the_last_step_of_a_pretraining_run_is_evaluated_and_can_be_kept():
+    config = copy.deepcopy(QUICK)
+    config["models"]["vit_quick"]["pretrain"].update(steps=1250, keep_steps=[100, 1250])
+    check_config(config, SCHEMA)
+    config = _set(copy.deepcopy(QUICK), "models/vit_quick/pretrain/steps", 1250)
+    config["models"]["vit_quick"]["pretrain"]["keep_steps"] = [1300]
+    with pytest.raises(UserError) as error:
+        check_config(config, SCHEMA)
+    assert str(error.value).endswith("choose multiples of eval_every (100) up to steps (1250), or 1250 itself")
 
 
 def test_quick_config_content_matches_the_study_design():

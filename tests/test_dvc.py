@@ -198,7 +198,7 @@ def test_push_after_a_study_then_pull_into_a_fresh_clone_and_change_it(smoke_run
                                                                      more_training_images)))
     arms, lrs, seeds = len(config["arms"]), len(config["tasks"]["novel"]["lrs"]), len(config["finetune"]["seeds"])
     assert plan == {"prepare_dataset": 1, "finetune": arms * lrs * seeds, "linear_probe": 1, "measure_plasticity": 1,
-                    "compute_bounds": 1, "aggregate": 1, "figures": 1, "all": 1}
+                    "compute_bounds": 1, "measure_trajectory": 1, "aggregate": 1, "figures": 1, "all": 1}
 
     def one_more_rate(config):
         config["tasks"]["novel"]["lrs"].append(0.05)

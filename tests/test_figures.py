@@ -76,9 +76,15 @@ def drawn(tmp_path_factory):
         pd.DataFrame([{"model": "vit", "task": task, "criterion": name, "wall_s": 1.5, "peak_mib": 20.0}
                       for name in names]).to_csv(folder / "cost.csv", index=False)
         criteria.append(folder / "criteria.csv")
+    trajectory = pd.DataFrame([
+        {"model": "vit", "task": task, "step": step, "source_val_acc": 0.2 + step / 1500, "mode": mode,
+         "component": component, "layer": layer, "mean": rng.uniform(0.1, 1.0)}
+        for task in TASKS for step in (100, 300, 600, 1200) for mode in ("embedding", "hidden", "scale_free")
+        for component in COMPONENTS for layer in layers])
+    trajectory.to_csv(root / "trajectory.csv", index=False)
     tables = root / "tables"
     aggregate.aggregate({"arms": list(ARMS)}, runs, probes, [root / "plasticity.csv"], [root / "bounds.csv"], tables,
-                        criteria)
+                        criteria, [root / "trajectory.csv"])
 
     drawn = {}
     monkeypatch = pytest.MonkeyPatch()
@@ -164,6 +170,20 @@ def test_overlap_check_catches_colliding_tick_labels(drawn):
     boxes = _text_boxes(fig)
     assert any(_overlap(a, b) for (_, a), (_, b) in itertools.combinations(boxes, 2))
     plt.close(fig)
+
+
+def test_trajectory_has_a_panel_per_mode_and_the_source_accuracy_at_the_kept_steps(drawn):
+    fig = drawn["plasticity_trajectory"]
+    assert [ax.get_title() for ax in fig.axes] == [
+        "embedding mode (mean over layers and tasks)", "hidden mode (mean over layers and tasks)",
+        "scale_free mode (mean over layers and tasks)", "the pretraining run at those steps"]
+    for ax in fig.axes:
+        assert ax.get_xscale() == "log"
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["100", "300", "600", "1,200"]
+    accuracy = fig.axes[3].get_lines()[0]
+    assert list(accuracy.get_xdata()) == [100, 300, 600, 1200]
+    assert list(accuracy.get_ydata()) == pytest.approx([100 * (0.2 + s / 1500) for s in (100, 300, 600, 1200)])
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["MHA", "FC1", "FC2", "LN2", "LN1"]
 
 
 def test_ln1_and_ln2_differ_in_colour_marker_and_line_style():

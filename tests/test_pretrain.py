@@ -1,4 +1,4 @@
-"""Pretraining keeps the weights of the steps the config names (the pretraining trajectory)."""
+"""Pretraining keeps the weights of every evaluation (the pretraining trajectory), also across a resume."""
 
 import json
 
@@ -13,7 +13,7 @@ from vitplasticity.machine import Runtime, Tracking
 
 SETTINGS = {"model": "vit", "timm_name": "vit_tiny_patch16_224", "img_size": 16,
             "kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
-            "steps": 4, "eval_every": 2, "batch_size": 8, "lr": 0.003, "optimizer": "adamw", "seed": 0}
+            "steps": 5, "eval_every": 2, "batch_size": 8, "lr": 0.003, "optimizer": "adamw", "seed": 0}
 
 
 @pytest.fixture(scope="module")
@@ -25,26 +25,84 @@ def source(tmp_path_factory):
     return folder
 
 
-def test_kept_steps_are_checkpoints_with_their_step_and_validation_accuracy(source, tmp_path):
+def pretrain(source, folder, overrides=None):
+    return jobs.pretrain(settings.check("pretrain", SETTINGS | (overrides or {})), Runtime(), source,
+                         folder / "vit.safetensors", folder / "run", Tracking(enabled=False))
+
+
+def test_every_evaluation_is_kept_with_its_step_and_validation_accuracy(source, tmp_path):
+    pretrain(source, tmp_path)
     run_dir = tmp_path / "run"
-    jobs.pretrain(settings.check("pretrain", SETTINGS | {"keep_steps": [2, 4]}), Runtime(), source,
-                  tmp_path / "vit.safetensors", run_dir, Tracking(enabled=False))
     kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert kept == ["step_2.json", "step_2.safetensors", "step_4.json", "step_4.safetensors"]
+    assert kept == [f"step_{step}.{suffix}" for step in (2, 4, 5) for suffix in ("json", "safetensors")]
+    assert not (run_dir / "checkpoints.partial").exists()
     val_acc = pd.read_csv(run_dir / "history.csv").set_index("step")["val_acc"]
-    for step in (2, 4):
+    for step in (2, 4, 5):
         record = json.loads((run_dir / "checkpoints" / f"step_{step}.json").read_text())
         assert record["provenance"] | {"val_acc": None} == {
-            "kind": "pretrain", "task": "source", "step": step, "steps": 4, "seed": 0, "val_acc": None}
+            "kind": "pretrain", "task": "source", "step": step, "steps": 5, "seed": 0, "val_acc": None}
         assert record["provenance"]["val_acc"] == pytest.approx(val_acc[step])
         assert record["arch"]["kwargs"]["img_size"] == 16
         assert "pos_embed" in load_file(str(run_dir / "checkpoints" / f"step_{step}.safetensors"))
+    # The last kept weights are the run's last step; the checkpoint itself is the best validation step's.
+    last = load_file(str(run_dir / "checkpoints" / "step_5.safetensors"))
+    assert set(last) == set(load_file(str(tmp_path / "vit.safetensors")))
 
 
-def test_a_kept_step_off_the_evaluation_grid_is_one_line_before_any_output(source, tmp_path):
+def test_a_resumed_run_keeps_the_weights_saved_before_the_interruption(source, tmp_path):
+    """An interrupted run leaves state.pt and checkpoints.partial/ (Snakemake deletes the outputs of a failed
+    job, checkpoints/ among them); the resumed run publishes the earlier steps' weights with its own."""
+    whole = tmp_path / "whole"
+    pretrain(source, whole)
+
+    class Interrupted(Exception):
+        pass
+
+    cut = tmp_path / "cut"
+    original = jobs.models.save_checkpoint
+
+    def interrupt_after_step_4(weights, model, record):
+        original(weights, model, record)
+        if record["provenance"].get("step") == 4:
+            raise Interrupted
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jobs.models, "save_checkpoint", interrupt_after_step_4)
+        with pytest.raises(Interrupted):
+            pretrain(source, cut)
+    assert (cut / "run" / "state.pt").exists() and not (cut / "run" / "checkpoints").exists()
+    pretrain(source, cut)
+    for step in (2, 4, 5):
+        resumed = load_file(str(cut / "run" / "checkpoints" / f"step_{step}.safetensors"))
+        straight = load_file(str(whole / "run" / "checkpoints" / f"step_{step}.safetensors"))
+        assert all(resumed[name].equal(straight[name]) for name in straight), step
+
+
+def test_weights_lost_with_an_interruption_are_one_line(source, tmp_path):
+    class Interrupted(Exception):
+        pass
+
+    original = jobs.models.save_checkpoint
+
+    def interrupt_after_step_4(weights, model, record):
+        original(weights, model, record)
+        if record["provenance"].get("step") == 4:
+            raise Interrupted
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jobs.models, "save_checkpoint", interrupt_after_step_4)
+        with pytest.raises(Interrupted):
+            pretrain(source, tmp_path)
+    (tmp_path / "run" / "checkpoints.partial" / "step_2.json").unlink()
     with pytest.raises(UserError) as error:
-        jobs.pretrain(settings.check("pretrain", SETTINGS | {"keep_steps": [3]}), Runtime(), source,
-                      tmp_path / "vit.safetensors", tmp_path / "run", Tracking(enabled=False))
-    assert str(error.value) == ("keep_steps [3] must be multiples of eval_every (2) up to steps (4); "
-                                "change models.*.pretrain.keep_steps")
-    assert not (tmp_path / "run").exists() and not (tmp_path / "vit.safetensors").exists()
+        pretrain(source, tmp_path)
+    assert str(error.value) == (
+        f"the kept weights step_2.json of an interrupted earlier run are missing from {tmp_path}/run/"
+        f"checkpoints.partial; delete {tmp_path}/run/state.pt and run the pretraining again")
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "vit.safetensors").exists()
+
+
+def test_the_trajectory_steps_are_no_pretraining_setting():
+    """Changing keep_steps must not rerun pretraining (and with it every finetuning run)."""
+    with pytest.raises(UserError, match="^--settings of `vitplasticity pretrain`: unknown key\\(s\\) 'keep_steps'"):
+        settings.check("pretrain", SETTINGS | {"keep_steps": [2]})

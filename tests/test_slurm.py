@@ -33,7 +33,7 @@ CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 PROFILE = REPO / "workflow" / "profiles" / "slurm"
 SMOKE = REPO / "tests" / "data" / "smoke.yaml"
 REQUIRED = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd", "sbatch", "sacct")
-GPU_RULES = {"pretrain_checkpoint", "finetune", "measure_plasticity", "linear_probe"}
+GPU_RULES = {"pretrain_checkpoint", "finetune", "measure_plasticity", "measure_trajectory", "linear_probe"}
 # Seconds one Snakemake invocation may take before it is interrupted (SIGINT cancels
 # its SLURM jobs; SIGTERM would make it wait for them).
 RUN_LIMIT = int(os.environ.get("VITPLASTICITY_SLURM_TEST_LIMIT", "1500"))

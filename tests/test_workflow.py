@@ -57,7 +57,8 @@ def test_adding_a_task_plans_its_jobs_in_one_invocation(smoke_copy, tmp_path):
     arms, lrs, seeds = len(config["arms"]), len(config["tasks"]["noise"]["lrs"]), len(config["finetune"]["seeds"])
     assert planned_jobs(result.stdout + result.stderr) == {
         "prepare_dataset": 1, "finetune": arms * lrs * seeds, "linear_probe": 1, "measure_plasticity": 1,
-        "compute_bounds": 1, "aggregate": 1, "figures": 1, "all": 1}, result.stdout + result.stderr
+        "compute_bounds": 1, "measure_trajectory": 1, "aggregate": 1, "figures": 1, "all": 1
+    }, result.stdout + result.stderr
 
 
 # Every machine setting of a study config (README: "What reruns after which change"): each key of
@@ -135,3 +136,4 @@ def test_paper_dag_plans_every_job(tmp_path):
     assert jobs["measure_plasticity"] == 13 and jobs["compute_bounds"] == 13 and jobs["measure_criteria"] == 13
     assert jobs["linear_probe"] == 13
     assert jobs["aggregate"] == 4 and jobs["figures"] == 4
+    assert "measure_trajectory" not in jobs  # fetched checkpoints have no pretraining trajectory

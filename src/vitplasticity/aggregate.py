@@ -300,11 +300,49 @@ def _criteria_view(table: pd.DataFrame) -> pd.DataFrame:
     return view
 
 
+def trajectory_table(trajectory: pd.DataFrame, tasks: list[str] | None = None) -> pd.DataFrame:
+    """Per (task, mode, step, component): plasticity averaged over layers, its rank among the components at
+    that step (1 = most plastic; ties share the better rank) and the source validation accuracy (%) of the
+    pretraining run at that step.
+
+    `trajectory`: rows of the trajectory jobs (`jobs.measure_trajectory`); `tasks`: keep only these.
+    """
+    if trajectory.empty:
+        return pd.DataFrame()
+    if tasks is not None:
+        trajectory = trajectory[trajectory["task"].isin(tasks)]
+    keys = ["task", "mode", "step", "component"]
+    table = trajectory.groupby(keys, as_index=False).agg(plasticity=("mean", "mean"),
+                                                         source_val_acc=("source_val_acc", "first"))
+    table["source_val_acc"] = 100.0 * table["source_val_acc"]
+    table["rank"] = (table.groupby(["task", "mode", "step"])["plasticity"]
+                     .rank(ascending=False, method="min").astype("Int64"))
+    table["theory"] = table["component"].map(THEORETICAL_RANK)  # ties listed in the theoretical order
+    return table.sort_values(["task", "mode", "step", "rank", "theory"]).reset_index(drop=True)[
+        ["task", "mode", "step", "source_val_acc", "component", "plasticity", "rank"]]
+
+
+def _trajectory_view(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (mode, step), averaged over tasks: source accuracy, each component's plasticity and their order."""
+    mean = table.groupby(["mode", "step", "component"], as_index=False)[["plasticity", "source_val_acc"]].mean()
+    rows = []
+    mean["theory"] = mean["component"].map(THEORETICAL_RANK)
+    for (mode, step), part in mean.groupby(["mode", "step"]):
+        part = part.sort_values(["plasticity", "theory"], ascending=[False, True])
+        values = part.set_index("component")["plasticity"]
+        rows.append({"mode": mode, "step": f"{step:,}", "source val. accuracy (%)": part["source_val_acc"].iloc[0],
+                     **{f"{arm_label(c)} (ratio)": values.get(c, math.nan) for c in THEORETICAL_RANK},
+                     "order (most plastic first)": " > ".join(arm_label(c) for c in part["component"])})
+    return pd.DataFrame(rows).set_index("mode")
+
+
 def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], plasticity_files: list[Path],
-              bounds_files: list[Path], out_dir: Path, criteria_files: list[Path] = ()) -> dict[str, pd.DataFrame]:
+              bounds_files: list[Path], out_dir: Path, criteria_files: list[Path] = (),
+              trajectory_files: list[Path] = ()) -> dict[str, pd.DataFrame]:
     """Write every table of an experiment into out_dir: CSV (the data), Markdown and HTML (for reading).
 
-    `criteria_files`: the criteria jobs' `criteria.csv`, each with its `cost.csv` beside it."""
+    `criteria_files`: the criteria jobs' `criteria.csv`, each with its `cost.csv` beside it;
+    `trajectory_files`: the trajectory job's `trajectory.csv` of the experiment's model, if it has one."""
     runs = load_runs(runs_files)
     arm_order = [arm for arm in settings.get("arm_order", settings["arms"]) if arm in set(runs["arm"])]
     probes = {read_json(p)["task"]: 100.0 * read_json(p)["test_acc"] for p in probe_files}
@@ -314,6 +352,7 @@ def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], p
     criteria = pd.concat([pd.read_csv(p) for p in criteria_files]) if criteria_files else pd.DataFrame()
     costs = (pd.concat([pd.read_csv(Path(p).parent / "cost.csv") for p in criteria_files]) if criteria_files
              else pd.DataFrame())
+    trajectory = pd.concat([pd.read_csv(p) for p in trajectory_files]) if trajectory_files else pd.DataFrame()
     tables = {
         "main_table": table,
         "relative_gain": relative_gain(table, probes) if probes else pd.DataFrame(columns=["task", "arm", "gain_pct"]),
@@ -325,6 +364,7 @@ def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], p
         "bounds": bounds,
         "runs": runs,
         "criteria": criteria_table(criteria, costs, runs),
+        "trajectory": trajectory_table(trajectory, settings.get("tasks")),
     }
     out_dir = Path(out_dir)
     for name, frame in tables.items():
@@ -348,6 +388,12 @@ def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], p
     else:
         write_text(out_dir / "criteria.md", "No selection criteria measured in this experiment.\n")
         write_text(out_dir / "criteria.html", "<p>No selection criteria measured in this experiment.</p>\n")
+    if not tables["trajectory"].empty:
+        _write_view(out_dir, "trajectory", _trajectory_view(tables["trajectory"]), "{:.3g}", index_name="mode")
+    else:
+        absent = "No pretraining trajectory in this experiment (its model keeps no steps)."
+        write_text(out_dir / "trajectory.md", absent + "\n")
+        write_text(out_dir / "trajectory.html", f"<p>{absent}</p>\n")
     for name in ("plasticity", "bounds", "runs"):  # long tables: every row, as the CSV has it
         _write_view(out_dir, name, tables[name].set_index(tables[name].columns[0]) if not tables[name].empty
                     else tables[name], "{:.4g}", index_name=tables[name].columns[0] if not tables[name].empty else "")

@@ -79,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", type=Path, required=True, help="prepared pretraining-distribution task")
     _output(p, "--out-table", required=True, help="criteria.csv (cost.csv is written beside it)")
 
+    p = sub.add_parser("trajectory", _trajectory,
+                       help="plasticity (every mode) at the kept steps of a pretraining run, on several tasks")
+    p.add_argument("--settings", required=True, help="the job's settings as one JSON object")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.set_defaults(gpu=True)
+    p.add_argument("--checkpoints", type=Path, required=True,
+                   help="the pretraining run's checkpoints/ folder (step_<N>.safetensors)")
+    p.add_argument("--reference", type=Path, required=True, help="prepared pretraining-distribution task")
+    p.add_argument("--task", type=Path, nargs="+", required=True,
+                   help="prepared folder of each task of the settings' tasks, in order")
+    _output(p, "--out", required=True, help="trajectory.csv to write")
+
     p = sub.add_parser("bounds", _bounds, help="theoretical per-component bounds")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--stats", type=Path, required=True, help="embedding statistics from `plasticity`")
@@ -99,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plasticity", type=Path, nargs="*", default=[])
     p.add_argument("--bounds", type=Path, nargs="*", default=[])
     p.add_argument("--criteria", type=Path, nargs="*", default=[], help="criteria.csv of every (model, task)")
+    p.add_argument("--trajectory", type=Path, nargs="*", default=[],
+                   help="trajectory.csv of the experiment's model, when its pretraining keeps steps")
     _output(p, "--out-dir", required=True)
 
     p = sub.add_parser("compare-paper", _compare_paper, help="the reproduction beside the authors' main table")
@@ -232,6 +246,10 @@ def _criteria(args, settings, runtime, track) -> None:
     _jobs().measure_criteria(settings, runtime, args.checkpoint, args.reference, args.task, args.out_table, track)
 
 
+def _trajectory(args, settings, runtime, track) -> None:
+    _jobs().measure_trajectory(settings, runtime, args.checkpoints, args.reference, args.task, args.out, track)
+
+
 def _bounds(args, settings, runtime, track) -> None:
     _jobs().compute_bounds(args.checkpoint, args.stats, args.out)
 
@@ -250,7 +268,7 @@ def _probe(args, settings, runtime, track) -> None:
 
 def _aggregate(args, settings, runtime, track) -> None:
     _jobs().aggregate_experiment(settings, args.runs, args.probes, args.plasticity, args.bounds, args.out_dir,
-                                 track, args.criteria)
+                                 track, args.criteria, args.trajectory)
 
 
 def _figures(args, settings, runtime, track) -> None:

@@ -118,6 +118,7 @@ def check_references(config: dict) -> None:
             _require(model["pretrain"]["eval_every"] <= model["pretrain"]["steps"],
                      f"config key 'models.{name}.pretrain.eval_every': must not exceed steps "
                      f"({model['pretrain']['steps']}); set it to at most steps")
+            check_keep_steps(name, model["pretrain"])
         elif model["source"] == "local":
             _require(bool(model.get("path")),
                      f"config key 'models.{name}.path': required when source is local (the weights file)")
@@ -156,6 +157,25 @@ def check_references(config: dict) -> None:
         for arm in experiment.get("arms", list(arms)):
             _require(arm in arms, f"config key '{where}.arms': unknown arm '{arm}'; allowed: {', '.join(arms)}")
     check_reference_stream(config)
+
+
+def evaluated_steps(pretrain: dict) -> list[int]:
+    """The steps at which a pretraining run evaluates, and so keeps its weights: every multiple of
+    eval_every, and the last step."""
+    steps, every = pretrain["steps"], pretrain["eval_every"]
+    return sorted({*range(every, steps + 1, every), steps})
+
+
+def check_keep_steps(name: str, pretrain: dict) -> None:
+    """Each step of the pretraining trajectory is one whose weights the run keeps (`evaluated_steps`)."""
+    evaluated = evaluated_steps(pretrain)
+    off = [step for step in pretrain.get("keep_steps", []) if step not in evaluated]
+    every, steps = pretrain["eval_every"], pretrain["steps"]
+    last = f", or {steps} itself" if steps % every else ""
+    _require(not off,
+             f"config key 'models.{name}.pretrain.keep_steps': steps {off} are not evaluated by the pretraining run, "
+             f"which keeps the weights of its evaluations only; choose multiples of eval_every ({every}) up to steps "
+             f"({steps}){last}")
 
 
 def check_model_shape(name: str, model: dict) -> None:

@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import NullLocator  # noqa: E402
 
 from vitplasticity.components import THEORETICAL_RANK, arm_label  # noqa: E402
 from vitplasticity.fileio import atomic_path  # noqa: E402
@@ -389,6 +390,51 @@ def accuracy_vs_params(table: pd.DataFrame, runs: pd.DataFrame, out_dir: Path) -
     _save(fig, out_dir, "accuracy_vs_params")
 
 
+def _step_axis(ax: plt.Axes, steps: list[int]) -> None:
+    """Pretraining steps on a log axis, labelled at the measured steps when they are few enough to read."""
+    ax.set_xscale("log")
+    if len(steps) <= 6:
+        ax.set_xticks(steps, [f"{step:,}" for step in steps])
+        ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("pretraining step (log)")
+
+
+def plasticity_trajectory(trajectory: pd.DataFrame, out_dir: Path) -> None:
+    """Each component's plasticity (mean over layers and tasks) against the pretraining step, one panel per
+    mode, and the pretraining run's source validation accuracy at those steps (last panel)."""
+    modes = _modes(trajectory)
+    fig, axes = _grid(len(modes) + 1, 4.0, 3.0, cols=2)
+    drawn = []
+    if trajectory.empty:
+        _empty(axes.flat[0], "no pretraining trajectory\n(the model keeps no steps)")
+        for ax in list(axes.flat)[1:]:
+            ax.set_axis_off()
+        _save(fig, out_dir, "plasticity_trajectory")
+        return
+    steps = sorted(trajectory["step"].unique())
+    for ax, mode in zip(axes.flat, modes, strict=False):
+        data = trajectory[trajectory["mode"] == mode]
+        curve = data.groupby(["component", "step"], as_index=False)["plasticity"].mean()
+        for component in BY_THEORY:
+            part = curve[curve["component"] == component]
+            if not part.empty:
+                ax.plot(part["step"], part["plasticity"], ms=5, **style(component))
+                drawn.append(component)
+        _step_axis(ax, steps)
+        ax.set_ylabel("plasticity (ratio)")
+        ax.set_title(f"{mode} mode (mean over layers and tasks)")
+    accuracy = trajectory.groupby("step", as_index=False)["source_val_acc"].first()
+    ax = axes.flat[len(modes)]
+    ax.plot(accuracy["step"], accuracy["source_val_acc"], color="black", marker="o", ms=5)
+    _step_axis(ax, steps)
+    ax.set_ylabel("source validation accuracy (%)")
+    ax.set_title("the pretraining run at those steps")
+    for ax in list(axes.flat)[len(modes) + 1:]:
+        ax.set_axis_off()
+    _legend_below(fig, _component_handles([c for c in BY_THEORY if c in drawn]), 5)
+    _save(fig, out_dir, "plasticity_trajectory")
+
+
 def _read(path: Path) -> pd.DataFrame:
     try:
         return pd.read_csv(path)
@@ -420,3 +466,4 @@ def make_figures(tables_dir: Path, out_dir: Path) -> None:
     training_curves(runs, table, out_dir)
     criteria_hit_rate(_read(tables_dir / "criteria.csv"), out_dir)
     accuracy_vs_params(table, runs, out_dir)
+    plasticity_trajectory(_read(tables_dir / "trajectory.csv"), out_dir)

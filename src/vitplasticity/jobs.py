@@ -7,6 +7,8 @@ settings as `machine.Machine` (from the environment: never rerun triggers).
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import sys
 import time
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING
 from vitplasticity import models, tracking, training
 from vitplasticity.components import block_parameters, component_of, set_trainable
 from vitplasticity.errors import UserError
-from vitplasticity.fileio import read_json, write_csv, write_json, write_rows, write_yaml
+from vitplasticity.fileio import atomic_dir, read_json, write_csv, write_json, write_rows, write_yaml
 from vitplasticity.prepared import load_split, read_meta
 from vitplasticity.runtime import pick_device, seed_everything
 
@@ -66,7 +68,8 @@ def _result_metrics(result: training.Result) -> dict:
 
 
 def pretrain(settings: dict, runtime: Runtime, task_dir: Path, weights: Path, run_dir: Path, track: Tracking) -> dict:
-    """Train a small timm ViT from scratch on the source task; write checkpoint + run folder."""
+    """Train a small timm ViT from scratch on the source task; write the checkpoint and the run folder, whose
+    checkpoints/ keeps the weights at every evaluation (step_<N>.safetensors + .json: the pretraining trajectory)."""
     meta = read_meta(task_dir)
     arch = models.architecture(settings["timm_name"], settings["kwargs"], settings["img_size"])
     seed_everything(settings["seed"])
@@ -74,24 +77,21 @@ def pretrain(settings: dict, runtime: Runtime, task_dir: Path, weights: Path, ru
     set_trainable(model, ["emb", "ln1", "mha", "ln2", "fc1", "fc2"])
     cfg = _train_config(settings, runtime, settings["img_size"])
     cfg.check()
-    keep = sorted(settings.get("keep_steps", []))
-    if any(step % cfg.eval_every or step > cfg.steps for step in keep):
-        raise UserError(f"keep_steps {keep} must be multiples of eval_every ({cfg.eval_every}) up to steps "
-                        f"({cfg.steps}); change models.*.pretrain.keep_steps")
     splits = _splits(task_dir)
     device = pick_device(runtime.device)
     write_yaml(run_dir / "config.yaml", {"job": "pretrain", "settings": settings, "train": training.config_record(cfg)})
     record = {"arch": arch, "img_size": settings["img_size"], "mean": list(cfg.mean), "std": list(cfg.std)}
+    kept_scratch = run_dir / "checkpoints.partial"  # moved to run_dir/checkpoints once the run completes
     with tracking.track_job(tracking.job_tracking(track, "pretrain", settings), run_dir=run_dir,
                             run_name=tracking.run_name("pretrain", settings),
                             kind="pretrain",
                             params=settings, tags={"device": str(device)}) as run:
         def on_eval(rows: list[dict]) -> None:
-            """Log the new history rows; keep the current weights when this evaluation's step is kept."""
+            """Log the new history rows; keep the weights of this evaluation's step (the pretraining trajectory)."""
             run.log_history(rows)
             latest = rows[-1]
-            if latest["step"] in keep:
-                models.save_checkpoint(run_dir / "checkpoints" / f"step_{latest['step']}.safetensors", model, record | {
+            if "val_acc" in latest:
+                models.save_checkpoint(kept_scratch / f"step_{latest['step']}.safetensors", model, record | {
                     "provenance": {"kind": "pretrain", "task": meta["name"], "step": latest["step"],
                                    "steps": cfg.steps, "val_acc": latest["val_acc"], "seed": cfg.seed}})
 
@@ -104,12 +104,28 @@ def pretrain(settings: dict, runtime: Runtime, task_dir: Path, weights: Path, ru
                                              "device": str(device)}
         record |= {"provenance": {"kind": "pretrain", "task": meta["name"], "source_test_acc": result.test_acc,
                                   "steps": cfg.steps, "seed": cfg.seed}}
+        evaluated = [row["step"] for row in result.history if "val_acc" in row]
+        _publish_kept(kept_scratch, run_dir / "checkpoints", evaluated)
         models.save_checkpoint(weights, model.cpu(), record)
         artifacts = _write_run_folder(run_dir, result, metrics)
         run.log_metrics(metrics)
         run.log_artifacts(artifacts)
     (run_dir / "state.pt").unlink(missing_ok=True)
     return metrics
+
+
+def _publish_kept(scratch: Path, kept: Path, steps: list[int]) -> None:
+    """Move the weights of every evaluated step from the scratch folder (which, like state.pt, outlives an
+    interrupted run that resumes) into `kept` whole, as step_<N>.safetensors + .json each."""
+    names = [f"step_{step}.{suffix}" for step in steps for suffix in ("safetensors", "json")]
+    lost = [name for name in names if not (scratch / name).exists()]
+    if lost:
+        raise UserError(f"the kept weights {lost[0]} of an interrupted earlier run are missing from {scratch}; "
+                        f"delete {scratch.parent / 'state.pt'} and run the pretraining again")
+    with atomic_dir(kept) as tmp:
+        for name in names:
+            os.replace(scratch / name, tmp / name)
+    shutil.rmtree(scratch)
 
 
 def fetch(settings: dict, weights: Path) -> dict:
@@ -246,6 +262,52 @@ def measure_criteria(settings: dict, runtime: Runtime, weights: Path, reference_
     return scores
 
 
+def measure_trajectory(settings: dict, runtime: Runtime, checkpoints: Path, reference_dir: Path,
+                       task_dirs: list[Path], out: Path, track: Tracking) -> pd.DataFrame:
+    """Plasticity in every mode of `plasticity.MODES` at each kept step of a pretraining run, on each task.
+
+    `checkpoints`: the run's checkpoints/ folder (step_<N>.safetensors + .json); `task_dirs`: the prepared
+    folders of `settings["tasks"]`, in that order. Each task's test split is paired with the reference
+    stream's as `measure_plasticity` pairs them (`plasticity.measure`, `n_pairs` pairs). Writes `out`:
+    one row per (task, step, mode, component, layer), the columns of `plasticity.measure`'s table after
+    model, task, step and source_val_acc (the run's validation accuracy on its source task at that step,
+    a fraction, from the checkpoint's record).
+    """
+    import pandas as pd
+
+    from vitplasticity import plasticity
+
+    if len(task_dirs) != len(settings["tasks"]):
+        raise UserError(f"--task names {len(task_dirs)} folders but the settings list {len(settings['tasks'])} "
+                        f"tasks ({', '.join(settings['tasks'])}); pass one prepared folder per task, in order")
+    device = pick_device(runtime.device)
+    reference = load_split(reference_dir, "test", verify=True)
+    downstream = {task: load_split(folder, "test", verify=True)
+                  for task, folder in zip(settings["tasks"], task_dirs, strict=True)}
+    name = tracking.run_name("trajectory", settings)
+    with tracking.track_job(tracking.job_tracking(track, "trajectory", settings), run_dir=out.parent, run_name=name,
+                            kind="trajectory", params=settings, tags={"device": str(device)}) as run:
+        tables = []
+        for step in sorted(settings["keep_steps"]):
+            model, record = models.load_checkpoint(checkpoints / f"step_{step}.safetensors", num_classes=0)
+            val_acc = record.get("provenance", {}).get("val_acc")
+            for task, split in downstream.items():
+                log(f"trajectory: step {step}, {task}")
+                table, _ = plasticity.measure(
+                    model, reference, split, settings["n_pairs"], runtime.plasticity_batch, record["img_size"],
+                    device, plasticity.MODES, tuple(record["mean"]), tuple(record["std"]), progress=log)
+                for position, (column, value) in enumerate((("model", settings["model"]), ("task", task),
+                                                            ("step", step), ("source_val_acc", val_acc))):
+                    table.insert(position, column, value)
+                tables.append(table)
+        frame = pd.concat(tables, ignore_index=True)
+        write_csv(out, frame)
+        means = frame.groupby(["step", "mode", "component"])["mean"].mean()
+        run.log_metrics({f"step{step}/{mode}/{component}": value for (step, mode, component), value in means.items()})
+        run.log_artifacts([out])
+    return frame
+
+
 def compute_bounds(weights: Path, stats_path: Path, out: Path) -> pd.DataFrame:
     from vitplasticity import bounds
 
@@ -284,7 +346,7 @@ def linear_probe(settings: dict, runtime: Runtime, weights: Path, task_dir: Path
 
 def aggregate_experiment(settings: dict, runs: list[Path], probes: list[Path], plasticity_tables: list[Path],
                          bounds_tables: list[Path], out_dir: Path, track: Tracking,
-                         criteria_tables: list[Path] = ()) -> None:
+                         criteria_tables: list[Path] = (), trajectory_tables: list[Path] = ()) -> None:
     """Tables of one experiment, mirrored to MLflow with the tables as artifacts."""
     from vitplasticity.aggregate import aggregate
 
@@ -292,7 +354,8 @@ def aggregate_experiment(settings: dict, runs: list[Path], probes: list[Path], p
     with tracking.track_job(tracking.job_tracking(track, "aggregate", settings), run_dir=out_dir, run_name=name,
                             kind="aggregate",
                             params={k: v for k, v in settings.items() if k != "arms"}, tags={}) as run:
-        tables = aggregate(settings, runs, probes, plasticity_tables, bounds_tables, out_dir, criteria_tables)
+        tables = aggregate(settings, runs, probes, plasticity_tables, bounds_tables, out_dir, criteria_tables,
+                           trajectory_tables)
         average = tables["main_table"].groupby("arm")["mean"].mean()
         run.log_metrics({f"average_acc/{arm}": value for arm, value in average.items()})
         run.log_artifacts(sorted(Path(out_dir).glob("*.csv")) + sorted(Path(out_dir).glob("*.md")))

@@ -7,9 +7,10 @@ Snakemake reads it at every start.
 """
 
 TABLES = ("main_table", "relative_gain", "lr_gap", "stat_tests", "separation", "plasticity_rank", "plasticity",
-          "bounds", "criteria", "runs")
+          "bounds", "criteria", "trajectory", "runs")
 # Rules that compute on a GPU when there is one: each asks for a GPU (SLURM profile, local GPU slots)
 # and its command takes a slot of its own (`vitplasticity.gpus`).
-GPU_RULES = ("pretrain_checkpoint", "finetune", "measure_plasticity", "measure_criteria", "linear_probe")
+GPU_RULES = ("pretrain_checkpoint", "finetune", "measure_plasticity", "measure_criteria", "measure_trajectory",
+             "linear_probe")
 FIGURES = ("plasticity_vs_rank", "plasticity_vs_depth", "bounds_vs_depth", "relative_gain", "accuracy_per_arm",
-           "lr_robustness", "training_curves", "criteria_hit_rate", "accuracy_vs_params")
+           "lr_robustness", "training_curves", "criteria_hit_rate", "accuracy_vs_params", "plasticity_trajectory")

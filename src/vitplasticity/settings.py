@@ -35,12 +35,16 @@ KEYS: dict[str, dict[str, str]] = {
                  "steps": "tasks.*.steps", "eval_every": "tasks.*.eval_every", "": "finetune"},
     "probe": {"model": _MODEL, "task": _TASK, "": "probe"},
     "criteria": {"model": _MODEL, "task": _TASK, "": "criteria"},
+    "trajectory": {"model": _MODEL, "tasks": "the tasks measured: those of the experiments that use the model",
+                   "keep_steps": "models.*.pretrain.keep_steps", "n_pairs": "plasticity.n_pairs"},
     "aggregate": {"experiment": "the experiment's name (a key of experiments)", "": "experiments.*",
                   "arms": "the experiment's arms: {arm name: its components} (from arms)",
                   "arm_order": "the experiment's arm names in the config's order (its tables' column order)"},
 }
-# Config keys the workflow keeps out of a job's settings (one job = one seed).
-_DROPPED = {"finetune": ("seeds",)}
+# Config keys the workflow keeps out of a job's settings: one job = one seed; the trajectory's steps are
+# no pretraining setting (the run keeps the weights of every evaluation), so changing them reruns only the
+# trajectory.
+_DROPPED = {"finetune": ("seeds",), "pretrain": ("keep_steps",)}
 # Keys only some jobs get (a control arm's finetuning runs).
 _OPTIONAL = {"finetune": ("control",)}
 

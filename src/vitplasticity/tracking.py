@@ -398,8 +398,8 @@ def run_name(kind: str, settings: dict) -> str:
     first: the UI cuts long names, and runs are compared by arm)."""
     if kind == "finetune":
         return f"{settings['arm']}/{settings['task']}/lr{settings['lr']:g}/seed{settings['seed']}"
-    if kind == "pretrain":
-        return f"pretrain/{settings['model']}"
+    if kind in ("pretrain", "trajectory"):  # jobs of a model, not of a task
+        return f"{kind}/{settings['model']}"
     return f"{kind}/{settings['model']}/{settings['task']}"
 
 

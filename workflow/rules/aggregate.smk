@@ -14,6 +14,7 @@ rule aggregate:
         plasticity=get_experiment_plasticity,
         bounds=get_experiment_bounds,
         criteria=get_experiment_criteria,
+        trajectory=get_experiment_trajectory,
     output:
         tables=[f"results/tables/{{experiment}}/{table}.csv" for table in TABLES],
         # The same tables as HTML, shown inline by `snakemake --report`.
@@ -37,7 +38,7 @@ rule aggregate:
     shell:
         "vitplasticity aggregate --settings {params.settings:q} --runs {input.runs} "
         "--probes {input.probes} --plasticity {input.plasticity} --bounds {input.bounds} "
-        "--criteria {input.criteria} "
+        "--criteria {input.criteria} --trajectory {input.trajectory} "
         "--out-dir {params.out_dir} 2> {log}"
 
 

@@ -37,6 +37,8 @@ rule pretrain_checkpoint:
         sidecar="data/checkpoints/{model}.json",
         metrics="results/pretrain/{model}/metrics.json",
         history="results/pretrain/{model}/history.csv",
+        # The weights at every evaluation (step_<N>.safetensors): the pretraining trajectory.
+        checkpoints=directory("results/pretrain/{model}/checkpoints"),
     log:
         "results/logs/pretrain_checkpoint/{model}.log",
     benchmark:

@@ -114,6 +114,51 @@ def get_criteria_settings(wildcards):
     return json.dumps(settings, sort_keys=True)
 
 
+def trajectory_tasks(model):
+    """The tasks of every experiment that uses `model`, in config order, each once."""
+    return list(
+        dict.fromkeys(
+            task
+            for exp in EXPERIMENTS.values()
+            if exp["model"] == model
+            for task in exp["tasks"]
+        )
+    )
+
+
+# Models pretrained here whose config keeps steps of the pretraining trajectory, and that an
+# experiment uses: one trajectory job each. Fetched checkpoints have no trajectory.
+TRAJECTORY_MODELS = [
+    name
+    for name, model in MODELS.items()
+    if model["source"] == "pretrain"
+    and model["pretrain"]["keep_steps"]
+    and trajectory_tasks(name)
+]
+
+
+def get_trajectory_tasks(wildcards):
+    return [f"data/prepared/{task}" for task in trajectory_tasks(wildcards.model)]
+
+
+def get_trajectory_settings(wildcards):
+    settings = {
+        "model": wildcards.model,
+        "tasks": trajectory_tasks(wildcards.model),
+        "keep_steps": sorted(MODELS[wildcards.model]["pretrain"]["keep_steps"]),
+        "n_pairs": config["plasticity"]["n_pairs"],
+    }
+    return json.dumps(settings, sort_keys=True)
+
+
+def get_experiment_trajectory(wildcards):
+    """trajectory.csv of the experiment's model, when it has a pretraining trajectory."""
+    model = EXPERIMENTS[wildcards.experiment]["model"]
+    if model not in TRAJECTORY_MODELS:
+        return []
+    return [f"results/pretrain/{model}/trajectory/trajectory.csv"]
+
+
 def get_all_targets():
     targets = []
     for name in EXPERIMENTS:
@@ -146,6 +191,8 @@ def get_checkpoint(wildcards):
 def get_pretrain_settings(wildcards):
     model = MODELS[wildcards.model]
     settings = dict(model["pretrain"], clip_norm=config["finetune"]["clip_norm"])
+    # The trajectory's steps, not the pretraining's: the run keeps every evaluation's weights.
+    settings.pop("keep_steps")
     settings.update(
         model=wildcards.model,
         timm_name=model["timm_name"],
