@@ -77,7 +77,8 @@ def drawn(tmp_path_factory):
                       for name in names]).to_csv(folder / "cost.csv", index=False)
         criteria.append(folder / "criteria.csv")
     trajectory = pd.DataFrame([
-        {"model": "vit", "task": task, "step": step, "source_val_acc": 0.2 + step / 1500, "mode": mode,
+        {"model": "vit", "task": task, "step": step, "source_val_acc": 0.2 + step / 1500,
+         "downstream_token_norm": 8 + step / 300, "mode": mode,
          "component": component, "layer": layer, "mean": rng.uniform(0.1, 1.0)}
         for task in TASKS for step in (100, 300, 600, 1200) for mode in ("embedding", "hidden", "scale_free")
         for component in COMPONENTS for layer in layers])

@@ -66,11 +66,14 @@ def test_values_are_plasticity_measure_on_that_checkpoint(run, measured, step):
     model, record = models.load_checkpoint(run / "checkpoints" / f"step_{step}.safetensors", num_classes=0)
     reference = load_split(run / "prepared" / "source", "test")
     for task in TASKS:
-        expected, _ = plasticity.measure(model, reference, load_split(run / "prepared" / task, "test"), N_PAIRS, 5, 16,
-                                         torch.device("cpu"), plasticity.MODES, tuple(NORM["mean"]), tuple(NORM["std"]),
-                                         progress=lambda _: None)
-        got = table[(table["step"] == step) & (table["task"] == task)].drop(columns=["model", "task", "step",
-                                                                                      "source_val_acc"])
+        expected, stats = plasticity.measure(model, reference, load_split(run / "prepared" / task, "test"), N_PAIRS, 5,
+                                             16, torch.device("cpu"), plasticity.MODES, tuple(NORM["mean"]),
+                                             tuple(NORM["std"]), progress=lambda _: None)
+        got = table[(table["step"] == step) & (table["task"] == task)]
+        assert set(got["reference_token_norm"]) == {pytest.approx(stats["reference_mean_token_norm"])}
+        assert set(got["downstream_token_norm"]) == {pytest.approx(stats["downstream_mean_token_norm"])}
+        got = got.drop(columns=["model", "task", "step", "source_val_acc", "reference_token_norm",
+                                "downstream_token_norm"])
         keys = ["mode", "component", "layer"]
         merged = expected.merge(got, on=keys, suffixes=("", "_job"))
         assert len(merged) == len(expected) == len(got) == len(plasticity.MODES) * 5 * 2
@@ -97,21 +100,26 @@ def test_aggregation_averages_layers_ranks_components_and_keeps_the_experiment_t
             for component, layers in components.items():
                 for layer, value in enumerate(layers):
                     rows.append({"model": "vit", "task": task, "step": step, "source_val_acc": VAL_ACC[step],
-                                 "mode": "embedding", "component": component, "layer": layer, "mean": value})
+                                 "downstream_token_norm": step / 10, "mode": "embedding", "component": component,
+                                 "layer": layer, "mean": value})
     table = aggregate.trajectory_table(pd.DataFrame(rows), tasks=["novel"])
-    assert list(table.columns) == ["task", "mode", "step", "source_val_acc", "component", "plasticity", "rank"]
+    assert list(table.columns) == ["task", "mode", "step", "source_val_acc", "token_norm", "component", "plasticity",
+                                   "rank"]
     assert set(table["task"]) == {"novel"}
     ranked = {step: list(zip(part["component"], part["plasticity"], part["rank"], strict=True))
               for step, part in table.groupby("step")}
     assert ranked == {10: [("fc1", 4.0, 1), ("mha", 2.0, 2), ("ln2", 2.0, 2), ("ln1", 2.0, 2), ("fc2", 0.5, 5)],
                       20: [("mha", 6.0, 1), ("fc1", 4.0, 2), ("ln2", 2.0, 3), ("fc2", 1.0, 4), ("ln1", 1.0, 4)]}
     assert table.groupby("step")["source_val_acc"].first().to_dict() == {10: 25.0, 20: 75.0}
+    assert table.groupby("step")["token_norm"].first().to_dict() == {10: 1.0, 20: 2.0}
 
 
 def test_tables_show_the_order_at_each_step(tmp_path):
-    """trajectory.md: per mode and step, mean over tasks, the components' order and the source accuracy."""
+    """trajectory.md: per mode and step, mean over tasks: source accuracy, token norm of E (downstream images),
+    each component's plasticity and their order."""
     rows = [{"model": "vit", "task": task, "step": step, "source_val_acc": VAL_ACC[step], "mode": "hidden",
-             "component": component, "layer": 0, "mean": value * (1 if task == "a" else 3)}
+             "downstream_token_norm": 4.0 if task == "a" else 6.0, "component": component, "layer": 0,
+             "mean": value * (1 if task == "a" else 3)}
             for task in ("a", "b") for step in (10, 20)
             for component, value in zip(("mha", "fc1", "fc2", "ln2", "ln1"),
                                         (1, 2, 3, 4, 5) if step == 10 else (5, 4, 3, 2, 1), strict=True)]
@@ -126,10 +134,10 @@ def test_tables_show_the_order_at_each_step(tmp_path):
                                  trajectory_files=[source])
     assert len(tables["trajectory"]) == 2 * 2 * 5
     lines = (tmp_path / "out" / "trajectory.md").read_text().splitlines()
-    assert lines[0] == ("| mode | step | source val. accuracy (%) | MHA (ratio) | FC1 (ratio) | FC2 (ratio) | "
-                        "LN2 (ratio) | LN1 (ratio) | order (most plastic first) |")
-    assert lines[2:] == ["| hidden | 10 | 25 | 2 | 4 | 6 | 8 | 10 | LN1 > LN2 > FC2 > FC1 > MHA |",
-                         "| hidden | 20 | 75 | 10 | 8 | 6 | 4 | 2 | MHA > FC1 > FC2 > LN2 > LN1 |"]
+    assert lines[0] == ("| mode | step | source val. accuracy (%) | token norm of E | MHA (ratio) | FC1 (ratio) | "
+                        "FC2 (ratio) | LN2 (ratio) | LN1 (ratio) | order (most plastic first) |")
+    assert lines[2:] == ["| hidden | 10 | 25 | 5 | 2 | 4 | 6 | 8 | 10 | LN1 > LN2 > FC2 > FC1 > MHA |",
+                         "| hidden | 20 | 75 | 5 | 10 | 8 | 6 | 4 | 2 | MHA > FC1 > FC2 > LN2 > LN1 |"]
     assert "<td>LN1 &gt; LN2 &gt; FC2 &gt; FC1 &gt; MHA</td>" in (tmp_path / "out" / "trajectory.html").read_text()
 
 

@@ -302,8 +302,8 @@ def _criteria_view(table: pd.DataFrame) -> pd.DataFrame:
 
 def trajectory_table(trajectory: pd.DataFrame, tasks: list[str] | None = None) -> pd.DataFrame:
     """Per (task, mode, step, component): plasticity averaged over layers, its rank among the components at
-    that step (1 = most plastic; ties share the better rank) and the source validation accuracy (%) of the
-    pretraining run at that step.
+    that step (1 = most plastic; ties share the better rank), the source validation accuracy (%) of the
+    pretraining run at that step and the mean token norm of E on the task's images.
 
     `trajectory`: rows of the trajectory jobs (`jobs.measure_trajectory`); `tasks`: keep only these.
     """
@@ -313,24 +313,28 @@ def trajectory_table(trajectory: pd.DataFrame, tasks: list[str] | None = None) -
         trajectory = trajectory[trajectory["task"].isin(tasks)]
     keys = ["task", "mode", "step", "component"]
     table = trajectory.groupby(keys, as_index=False).agg(plasticity=("mean", "mean"),
-                                                         source_val_acc=("source_val_acc", "first"))
+                                                         source_val_acc=("source_val_acc", "first"),
+                                                         token_norm=("downstream_token_norm", "first"))
     table["source_val_acc"] = 100.0 * table["source_val_acc"]
     table["rank"] = (table.groupby(["task", "mode", "step"])["plasticity"]
                      .rank(ascending=False, method="min").astype("Int64"))
     table["theory"] = table["component"].map(THEORETICAL_RANK)  # ties listed in the theoretical order
     return table.sort_values(["task", "mode", "step", "rank", "theory"]).reset_index(drop=True)[
-        ["task", "mode", "step", "source_val_acc", "component", "plasticity", "rank"]]
+        ["task", "mode", "step", "source_val_acc", "token_norm", "component", "plasticity", "rank"]]
 
 
 def _trajectory_view(table: pd.DataFrame) -> pd.DataFrame:
-    """Per (mode, step), averaged over tasks: source accuracy, each component's plasticity and their order."""
-    mean = table.groupby(["mode", "step", "component"], as_index=False)[["plasticity", "source_val_acc"]].mean()
+    """Per (mode, step), averaged over tasks: source accuracy, E's token norm, each component's plasticity and
+    their order."""
+    mean = table.groupby(["mode", "step", "component"], as_index=False)[
+        ["plasticity", "source_val_acc", "token_norm"]].mean()
     rows = []
     mean["theory"] = mean["component"].map(THEORETICAL_RANK)
     for (mode, step), part in mean.groupby(["mode", "step"]):
         part = part.sort_values(["plasticity", "theory"], ascending=[False, True])
         values = part.set_index("component")["plasticity"]
         rows.append({"mode": mode, "step": f"{step:,}", "source val. accuracy (%)": part["source_val_acc"].iloc[0],
+                     "token norm of E": part["token_norm"].iloc[0],
                      **{f"{arm_label(c)} (ratio)": values.get(c, math.nan) for c in THEORETICAL_RANK},
                      "order (most plastic first)": " > ".join(arm_label(c) for c in part["component"])})
     return pd.DataFrame(rows).set_index("mode")

@@ -270,8 +270,9 @@ def measure_trajectory(settings: dict, runtime: Runtime, checkpoints: Path, refe
     folders of `settings["tasks"]`, in that order. Each task's test split is paired with the reference
     stream's as `measure_plasticity` pairs them (`plasticity.measure`, `n_pairs` pairs). Writes `out`:
     one row per (task, step, mode, component, layer), the columns of `plasticity.measure`'s table after
-    model, task, step and source_val_acc (the run's validation accuracy on its source task at that step,
-    a fraction, from the checkpoint's record).
+    model, task, step, source_val_acc (the run's validation accuracy on its source task at that step,
+    a fraction, from the checkpoint's record) and the mean token norm of E over each stream's images
+    (reference_token_norm, downstream_token_norm: a LayerNorm's rate of change scales as 1/‖token‖).
     """
     import pandas as pd
 
@@ -293,11 +294,13 @@ def measure_trajectory(settings: dict, runtime: Runtime, checkpoints: Path, refe
             val_acc = record.get("provenance", {}).get("val_acc")
             for task, split in downstream.items():
                 log(f"trajectory: step {step}, {task}")
-                table, _ = plasticity.measure(
+                table, stats = plasticity.measure(
                     model, reference, split, settings["n_pairs"], runtime.plasticity_batch, record["img_size"],
                     device, plasticity.MODES, tuple(record["mean"]), tuple(record["std"]), progress=log)
-                for position, (column, value) in enumerate((("model", settings["model"]), ("task", task),
-                                                            ("step", step), ("source_val_acc", val_acc))):
+                for position, (column, value) in enumerate((
+                        ("model", settings["model"]), ("task", task), ("step", step), ("source_val_acc", val_acc),
+                        ("reference_token_norm", stats["reference_mean_token_norm"]),
+                        ("downstream_token_norm", stats["downstream_mean_token_norm"]))):
                     table.insert(position, column, value)
                 tables.append(table)
         frame = pd.concat(tables, ignore_index=True)
