@@ -355,6 +355,12 @@ def study_results(results: Path) -> None:
                                        "vit,novel,relative_gradient_norm,1.25,12.5\n")
     (criteria / "criteria.csv").write_text("model,task,criterion,component,layer,value\n"
                                            "vit,novel,trainable_params,mha,0,12\n")
+    trajectory = results / "pretrain" / "vit" / "trajectory"
+    trajectory.mkdir()
+    rows = ["model,task,step,source_val_acc,mode,component,layer,mean,pairs"]
+    rows += [f"vit,{task},{step},0.5,embedding,mha,{layer},{step / 10 + layer + (task == 'b')},64"
+             for step in (10, 20) for task in ("b", "a") for layer in (0, 1)]
+    (trajectory / "trajectory.csv").write_text("\n".join(rows) + "\n")
 
 
 def store_summary(uri: str) -> dict:
@@ -388,7 +394,13 @@ def test_rebuild_recreates_the_store_from_run_folders(tmp_path):
     assert summary["plasticity/vit/novel"][2] == {f"embedding/{c}/layer{i}": 1 for c in ("mha", "fc1") for i in (0, 1)}
     assert summary["criteria/vit/novel"] == ("criteria", None, {"trainable_params/wall_s": 1,
                                                                 "relative_gradient_norm/wall_s": 1})
-    assert len(summary) == 3 + 1 + 1 + 1 + 1 + 2  # runs + pretrain + probe + plasticity + criteria + parents
+    # step 10: layers 0 and 1 of task b (2, 3) and a (1, 2); step 20: 2 + the same
+    assert summary["trajectory/vit"] == ("trajectory", None, {"step10/embedding/mha": 1, "step20/embedding/mha": 1})
+    trajectory = MlflowClient(uri).get_run(recorded_id(results / "pretrain" / "vit" / "trajectory"))
+    assert trajectory.data.metrics == {"step10/embedding/mha": 2.0, "step20/embedding/mha": 3.0}
+    assert trajectory.data.params == {"model": "vit", "tasks": '["b", "a"]', "keep_steps": "[10, 20]", "n_pairs": "64"}
+    # runs + pretrain + probe + plasticity + criteria + trajectory + parents
+    assert len(summary) == 3 + 1 + 1 + 1 + 1 + 1 + 2
     folder = results / "runs" / "vit" / "novel" / "sgd" / "mha" / "lr0.01_seed0"
     assert recorded_id(folder) == first["runs/vit/novel/sgd/mha/lr0.01_seed0"]
     run = MlflowClient(uri).get_run(recorded_id(folder))
@@ -420,7 +432,8 @@ def test_smoke_workflow_with_parallel_jobs_mirrors_every_run_folder(server, tmp_
     kinds = [r.data.tags["kind"] for r in runs]
     folders = {kind: [p.parent for p in results.glob(pattern)] for kind, pattern in (
         ("finetune", "runs/**/metrics.json"), ("pretrain", "pretrain/*/metrics.json"),
-        ("probe", "probes/**/metrics.json"), ("plasticity", "plasticity/**/plasticity.csv"))}
+        ("probe", "probes/**/metrics.json"), ("plasticity", "plasticity/**/plasticity.csv"),
+        ("trajectory", "pretrain/*/trajectory/trajectory.csv"))}
     assert len(folders["finetune"]) == 2 * 5 * 2
     finetune_settings = {folder: yaml.safe_load((folder / "config.yaml").read_text())["settings"]
                          for folder in folders["finetune"]}
@@ -456,7 +469,7 @@ def test_a_copied_study_tracks_into_its_own_store(smoke_copy, tmp_path):
     # A finished study tracked into its default store: tracking switched on, then the one-line advice followed.
     rebuilt = subprocess.run([sys.executable, "-m", "vitplasticity", "tracking", "rebuild", "--experiment", "smoke"],
                              cwd=smoke_copy, capture_output=True, text=True, check=True)
-    assert "rebuilt 25 runs" in rebuilt.stderr
+    assert "rebuilt 26 runs" in rebuilt.stderr
     original = {"db": tree_digest(smoke_copy / "results")["mlflow.db"],
                 "artifacts": tree_digest(smoke_copy / "results" / "mlartifacts")}
 
@@ -483,7 +496,8 @@ def test_a_copied_study_tracks_into_its_own_store(smoke_copy, tmp_path):
         assert count(client, run.info.run_id, "loss") == steps
     kinds = [r.data.tags["kind"] for r in runs.values()]
     assert {kind: kinds.count(kind) for kind in set(kinds)} == {
-        "finetune": 20, "pretrain": 1, "probe": 2, "plasticity": 2, "parent": 2, "aggregate": 1, "figures": 1}
+        "finetune": 20, "pretrain": 1, "probe": 2, "plasticity": 2, "trajectory": 1, "parent": 2, "aggregate": 1,
+        "figures": 1}
 
 
 @pytest.mark.slow
@@ -492,8 +506,8 @@ def test_without_live_tracking_the_workflow_mirrors_what_its_jobs_finished(smoke
     config["tracking"] |= {"enabled": True, "live": False}
     config["tasks"]["novel"]["lrs"] = [0.01, 0.05]  # one new learning rate: one run per arm
     result = snakemake(smoke_copy, "--cores", "2", config=write_config(tmp_path / "deferred.yaml", config))
-    # Before the jobs the 25 finished folders of the study; after them, the 5 new runs.
-    assert "vitplasticity: mirrored 25 finished run folders" in result.stderr
+    # Before the jobs the 26 finished folders of the study; after them, the 5 new runs.
+    assert "vitplasticity: mirrored 26 finished run folders" in result.stderr
     assert "vitplasticity: mirrored 5 finished run folders" in result.stderr
     client = MlflowClient(f"sqlite:///{smoke_copy}/results/mlflow.db")
     experiment = client.get_experiment_by_name("smoke")

@@ -305,8 +305,7 @@ def measure_trajectory(settings: dict, runtime: Runtime, checkpoints: Path, refe
                 tables.append(table)
         frame = pd.concat(tables, ignore_index=True)
         write_csv(out, frame)
-        means = frame.groupby(["step", "mode", "component"])["mean"].mean()
-        run.log_metrics({f"step{step}/{mode}/{component}": value for (step, mode, component), value in means.items()})
+        run.log_metrics(tracking.trajectory_metrics(frame.to_dict("records")))
         run.log_artifacts([out])
     return frame
 

@@ -444,7 +444,7 @@ def rebuild(results_dir: Path, uri: str, experiment_name: str, *, only_missing: 
 # Where each kind of job leaves its last-written file, relative to the results folder.
 _FINISHED = (("finetune", "runs/**/metrics.json"), ("pretrain", "pretrain/*/metrics.json"),
              ("probe", "probes/**/metrics.json"), ("plasticity", "plasticity/**/plasticity.csv"),
-             ("criteria", "criteria/**/criteria.csv"))
+             ("criteria", "criteria/**/criteria.csv"), ("trajectory", "pretrain/*/trajectory/trajectory.csv"))
 # The kinds of job whose run folder the store can be rebuilt from (the others, aggregate and
 # figures, are tracked while they run).
 MIRRORED_KINDS = frozenset(kind for kind, _ in _FINISHED)
@@ -498,6 +498,25 @@ def _run_folders(results_dir: Path, wanted=None) -> Iterator[dict]:
             rows = list(csv.DictReader(handle))
         final = {f"{r['criterion']}/wall_s": float(r["wall_s"]) for r in rows}
         yield _folder("criteria", path, _model_task(path.parent, rows[0] if rows else {}), final, [path, cost])
+    for path in visible("trajectory"):
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        params = {"model": rows[0]["model"] if rows else path.parent.parent.name,
+                  "tasks": list(dict.fromkeys(r["task"] for r in rows)),
+                  "keep_steps": sorted({int(r["step"]) for r in rows}),
+                  "n_pairs": int(rows[0]["pairs"]) if rows else None}
+        yield _folder("trajectory", path, params, trajectory_metrics(rows), [path])
+
+
+def trajectory_metrics(rows: Iterable[dict]) -> dict[str, float]:
+    """The metrics of a trajectory job from its table's rows (`jobs.measure_trajectory`): plasticity per
+    kept step, mode and component, mean over layers and tasks, as `step<N>/<mode>/<component>`."""
+    values: dict[str, list[float]] = {}
+    for row in rows:
+        if row["mean"] not in ("", None):
+            key = f"step{int(row['step'])}/{row['mode']}/{row['component']}"
+            values.setdefault(key, []).append(float(row["mean"]))
+    return {key: sum(found) / len(found) for key, found in values.items()}
 
 
 def _folder(kind: str, path: Path, params: dict, final: dict, artifacts: list[Path],
