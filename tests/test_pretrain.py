@@ -78,6 +78,37 @@ def test_a_resumed_run_keeps_the_weights_saved_before_the_interruption(source, t
         assert all(resumed[name].equal(straight[name]) for name in straight), step
 
 
+def test_an_interruption_between_the_state_and_the_kept_weights_keeps_them_on_resume(source, tmp_path):
+    """The state of step 4 is saved before its weights are kept: a run killed in between resumes at step 4
+    and keeps them then, from the resumed model."""
+    whole = tmp_path / "whole"
+    pretrain(source, whole)
+
+    class Interrupted(Exception):
+        pass
+
+    original = jobs.models.save_checkpoint
+
+    def interrupt_before_step_4(weights, model, record):
+        if record["provenance"].get("step") == 4:
+            raise Interrupted
+        original(weights, model, record)
+
+    cut = tmp_path / "cut"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jobs.models, "save_checkpoint", interrupt_before_step_4)
+        with pytest.raises(Interrupted):
+            pretrain(source, cut)
+    assert not (cut / "run" / "checkpoints.partial" / "step_4.safetensors").exists()
+    pretrain(source, cut)
+    resumed = load_file(str(cut / "run" / "checkpoints" / "step_4.safetensors"))
+    straight = load_file(str(whole / "run" / "checkpoints" / "step_4.safetensors"))
+    assert resumed.keys() == straight.keys() and all(resumed[name].equal(straight[name]) for name in straight)
+    record = json.loads((cut / "run" / "checkpoints" / "step_4.json").read_text())
+    assert record["provenance"]["val_acc"] == json.loads(
+        (whole / "run" / "checkpoints" / "step_4.json").read_text())["provenance"]["val_acc"]
+
+
 def test_weights_lost_with_an_interruption_are_one_line(source, tmp_path):
     class Interrupted(Exception):
         pass

@@ -86,18 +86,27 @@ def pretrain(settings: dict, runtime: Runtime, task_dir: Path, weights: Path, ru
                             run_name=tracking.run_name("pretrain", settings),
                             kind="pretrain",
                             params=settings, tags={"device": str(device)}) as run:
+        def keep(row: dict) -> None:
+            """Keep the model's current weights as those of the evaluation `row` (the pretraining trajectory)."""
+            models.save_checkpoint(kept_scratch / f"step_{row['step']}.safetensors", model, record | {
+                "provenance": {"kind": "pretrain", "task": meta["name"], "step": row["step"],
+                               "steps": cfg.steps, "val_acc": row["val_acc"], "seed": cfg.seed}})
+
         def on_eval(rows: list[dict]) -> None:
-            """Log the new history rows; keep the weights of this evaluation's step (the pretraining trajectory)."""
+            """Log the new history rows; keep the weights of this evaluation's step."""
             run.log_history(rows)
-            latest = rows[-1]
-            if "val_acc" in latest:
-                models.save_checkpoint(kept_scratch / f"step_{latest['step']}.safetensors", model, record | {
-                    "provenance": {"kind": "pretrain", "task": meta["name"], "step": latest["step"],
-                                   "steps": cfg.steps, "val_acc": latest["val_acc"], "seed": cfg.seed}})
+            if "val_acc" in rows[-1]:
+                keep(rows[-1])
+
+        def on_resume(history: list[dict]) -> None:
+            """An interruption between saving the state and keeping that step's weights lost them: keep them now."""
+            step = history[-1]["step"]
+            if not all((kept_scratch / f"step_{step}.{suffix}").exists() for suffix in ("safetensors", "json")):
+                keep(history[-1])
 
         began = time.time()
         result = training.train(model, splits, cfg, device, state_path=run_dir / "state.pt",
-                                on_eval=on_eval, progress=log)
+                                on_eval=on_eval, progress=log, on_resume=on_resume)
         if result.status != "completed":
             raise UserError(f"pretraining diverged at step {result.diverged_step}; lower models.*.pretrain.lr")
         metrics = _result_metrics(result) | {"source_test_acc": result.test_acc, "wall_time_s": time.time() - began,

@@ -266,8 +266,14 @@ def train(
     state_path: Path | None = None,
     on_eval: Callable[[list[dict]], None] | None = None,
     progress: Callable[[str], None] = print,
+    on_resume: Callable[[list[dict]], None] | None = None,
 ) -> Result:
-    """Train the model's trainable parameters; return the best-validation test result."""
+    """Train the model's trainable parameters; return the best-validation test result.
+
+    `on_eval` gets the history rows since its last call after each evaluation, once that evaluation's
+    state is saved; `on_resume` gets the saved history when a run resumes from `state_path` (the model
+    then holds the weights of its last row's step, whose `on_eval` an interruption may have cut short).
+    """
     cfg.check()
     model.to(device)
     params = list(_trainable(model).values())
@@ -286,6 +292,8 @@ def train(
         else:
             start_step, best, history = resumed
             progress(f"resuming from step {start_step}")
+            if on_resume is not None:
+                on_resume(history)
     reported, began, diverged_step = len(history), time.time(), None
     fetch = batch_fetcher(train_images, splits["train"].labels, cfg, device)
     height, width = train_images.shape[1:3]
