@@ -13,6 +13,7 @@ import torch
 from conftest import planned_jobs, smoke_config, snakemake, write_config
 
 from vitplasticity import aggregate, jobs, models, plasticity
+from vitplasticity.datasets.sources import prepare_task
 from vitplasticity.machine import Runtime, Tracking
 from vitplasticity.prepared import load_split
 
@@ -30,7 +31,7 @@ def run(tmp_path_factory):
     for name, kind in (("source", "source"), *((task, task) for task in TASKS)):
         data = {"source": "synthetic", "kind": kind, "image_size": 16, "n_train": 8, "n_val": 8, "n_test": 10,
                 "seed": 0}
-        jobs.prepare(name, data, root / "prepared" / name, None)
+        prepare_task(name, data, root / "prepared" / name, None)
     for step, seed in ((10, 0), (20, 1)):
         torch.manual_seed(seed)
         model = models.build(ARCH, num_classes=5)
