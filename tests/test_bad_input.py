@@ -23,9 +23,8 @@ from vitplasticity.fileio import sha256_file
 
 pytestmark = pytest.mark.reliability
 
-pytestmark = pytest.mark.reliability
-
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+
 
 def _edit(config: dict, path: str, value) -> None:
     *parents, last = path.split("/")
@@ -286,7 +285,6 @@ def test_bad_file_through_the_command_line_has_no_traceback(name, case):
     assert snapshot(case) == before
 
 
-
 def test_a_booby_trapped_resume_state_is_refused_without_running_it(case, capsys):
     run_dir = case / "results" / "run"
     run_dir.mkdir(parents=True)
@@ -297,7 +295,6 @@ def test_a_booby_trapped_resume_state_is_refused_without_running_it(case, capsys
     assert lines[0] == (f"vitplasticity finetune: error: resume state {run_dir / 'state.pt'} is unreadable "
                         "(UnpicklingError: not a file of tensors and plain data); delete it to restart the run")
     assert not (case / "PWNED").exists()
-
 
 
 def test_results_folder_is_checked_before_any_work(case, capsys, monkeypatch):

@@ -16,7 +16,6 @@ from vitplasticity.registry import FIGURES
 
 pytestmark = pytest.mark.reliability
 
-pytestmark = pytest.mark.reliability
 
 def _dry_run_jobs(output: str) -> list[dict[str, list[str]]]:
     """Each planned job's rule and the files it writes (outputs, log, benchmark), from `snakemake -n`."""
@@ -32,13 +31,16 @@ def _dry_run_jobs(output: str) -> list[dict[str, list[str]]]:
 
 # Rules that keep more files (state.pt, mlflow_run.json) in the folder of this output.
 RUN_FOLDER_RECORD = {"finetune": "metrics.json", "pretrain_checkpoint": "metrics.json", "linear_probe": "metrics.json",
-                     "measure_plasticity": "plasticity.csv"}
+                     "measure_plasticity": "plasticity.csv", "measure_criteria": "criteria.csv",
+                     "measure_trajectory": "trajectory.csv"}
 
 
-def test_no_two_jobs_of_the_paper_study_write_the_same_file_or_run_folder(tmp_path):
-    result = snakemake(tmp_path, "-n", config=ROOT / "config" / "config.yaml", timeout=600)
+# The paper study (arms + the main experiment's controls) and the quick one (which pretrains, with a trajectory).
+@pytest.mark.parametrize(("config", "finetune_runs"), [("config.yaml", 1836 + 660), ("quick.yaml", 99)])
+def test_no_two_jobs_of_a_study_write_the_same_file_or_run_folder(config, finetune_runs, tmp_path):
+    result = snakemake(tmp_path, "-n", config=ROOT / "config" / config, timeout=600)
     planned = _dry_run_jobs(result.stdout)
-    assert len([j for j in planned if j["rule"] == ["finetune"]]) == 1836 + 660  # arms + the main experiment's controls
+    assert len([j for j in planned if j["rule"] == ["finetune"]]) == finetune_runs
     written = [path for job in planned for path in job["writes"]]
     assert len(written) == len(set(written)), "two jobs write the same file"
     # Jobs that keep more files beside their outputs (state.pt, mlflow_run.json) own that folder alone.

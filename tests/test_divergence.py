@@ -18,7 +18,6 @@ from vitplasticity.machine import Tracking
 
 pytestmark = pytest.mark.reliability
 
-pytestmark = pytest.mark.reliability
 
 def test_divergence_is_recorded_in_metrics_json_and_mlflow(kit, tmp_path, monkeypatch, capsys):
     secret = "hf_" + "Zq8x" * 6

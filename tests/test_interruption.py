@@ -43,7 +43,6 @@ from vitplasticity.prepared import Split, write_prepared
 
 pytestmark = pytest.mark.reliability
 
-pytestmark = pytest.mark.reliability
 
 def test_a_writer_killed_mid_write_leaves_nothing_taken_as_complete(tmp_path):
     target, folder = tmp_path / "metrics.json", tmp_path / "prepared"

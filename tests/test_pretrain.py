@@ -1,6 +1,7 @@
 """Pretraining keeps the weights of every evaluation (the pretraining trajectory), also across a resume."""
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -131,6 +132,27 @@ def test_weights_lost_with_an_interruption_are_one_line(source, tmp_path):
         f"the kept weights step_2.json of an interrupted earlier run are missing from {tmp_path}/run/"
         f"checkpoints.partial; delete {tmp_path}/run/state.pt and run the pretraining again")
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "vit.safetensors").exists()
+    # Said when the run resumes, before it trains on: no later step's weights were kept.
+    assert not (tmp_path / "run" / "checkpoints.partial" / "step_5.safetensors").exists()
+
+
+def test_a_run_that_fails_after_publishing_its_weights_resumes(source, tmp_path):
+    """Snakemake deletes a failed job's outputs, checkpoints/ among them: the scratch copies must outlive them."""
+    class Failed(Exception):
+        pass
+
+    def fail(*args):
+        raise Failed
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jobs, "_write_run_folder", fail)
+        with pytest.raises(Failed):
+            pretrain(source, tmp_path)
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # as Snakemake does
+    pretrain(source, tmp_path)
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == [f"step_{step}.{suffix}" for step in (2, 4, 5) for suffix in ("json", "safetensors")]
+    assert not (tmp_path / "run" / "checkpoints.partial").exists()
 
 
 def test_the_trajectory_steps_are_no_pretraining_setting():

@@ -18,7 +18,6 @@ from jobkit import run_cli
 
 pytestmark = pytest.mark.reliability
 
-pytestmark = pytest.mark.reliability
 
 def _calls(tree: ast.AST):
     for node in ast.walk(tree):
@@ -43,7 +42,6 @@ def test_no_file_is_unpickled_without_restriction():
     assert offences == []
     source = (ROOT / "src" / "vitplasticity" / "models.py").read_text()
     assert "from safetensors.torch import load_file" in source
-
 
 
 CREDENTIAL_KEY = re.compile(r"(password|passwd|secret|token|api_?key|access_?key)\s*:\s*['\"]?[^\s'\"#]+", re.I)

@@ -116,9 +116,9 @@ def test_disabled_tracking_makes_no_calls(tmp_path):
 
 def test_without_live_tracking_only_the_jobs_without_a_run_folder_open_mlflow():
     deferred = Tracking(enabled=True, experiment="study", live=False)
-    for kind in ("finetune", "pretrain", "probe", "plasticity", "criteria"):
+    for kind in tracking.MIRRORED_KINDS:
         assert tracking.job_tracking(deferred, kind, {"model": "vit", "task": "novel", "optimizer": "sgd"}) == {
-            "enabled": False}
+            "enabled": False, "mirrored_later": True}
     for kind in ("aggregate", "figures"):
         assert tracking.job_tracking(deferred, kind, {})["enabled"]
     assert tracking.job_tracking(Tracking(enabled=True, experiment="study"), "finetune", {
@@ -323,7 +323,7 @@ def test_embedded_sqlite_store(tmp_path):
 
 
 def write_run_folder(folder: Path, settings: dict, steps: int, job: str = "finetune") -> None:
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(yaml.safe_dump({"job": job, "settings": settings}))
     lines = ["step,loss,lr,grad_norm,val_loss,val_acc"]
     lines += [f"{s},{1 / s},0.01,0.5," + (f"{2 / s},{s / 100}" if s % 5 == 0 else ",") for s in range(1, steps + 1)]
@@ -417,6 +417,38 @@ def test_rebuild_recreates_the_store_from_run_folders(tmp_path):
     assert second.keys() == first.keys() and not set(second.values()) & set(first.values())
     assert recorded_id(folder) == second["runs/vit/novel/sgd/mha/lr0.01_seed0"]
 
+
+
+def test_a_job_run_again_without_live_tracking_updates_its_run_at_the_next_mirror(tmp_path):
+    results = tmp_path / "results"
+    study_results(results)
+    uri = f"sqlite:///{results}/mlflow.db"
+    tracking.rebuild(results, uri, "study")
+    before = store_summary(uri)
+    deferred = Tracking(enabled=True, uri=uri, experiment="study", live=False)
+    folder = results / "runs" / "vit" / "novel" / "sgd" / "mha" / "lr0.01_seed0"
+    settings = yaml.safe_load((folder / "config.yaml").read_text())["settings"]
+    old_id = recorded_id(folder)
+
+    def run_again(steps: int) -> None:
+        """The job as Snakemake reruns it: its outputs removed, then written anew; its record kept."""
+        for name in ("config.yaml", "history.csv", "metrics.json"):
+            (folder / name).unlink()
+        with tracking.track_job(tracking.job_tracking(deferred, "finetune", settings), run_dir=folder,
+                                run_name="x", kind="finetune", params=settings, tags={}):
+            write_run_folder(folder, settings | {"steps": steps}, steps)
+
+    run_again(steps=20)  # same settings (a code change): the same run, continued
+    assert tracking.unmirrored(deferred, results) == 1
+    tracking.rebuild(results, uri, "study", only_missing=True)
+    assert recorded_id(folder) == old_id and tracking.unmirrored(deferred, results) == 0
+    assert store_summary(uri) == before
+
+    run_again(steps=30)  # changed settings: the run is replaced, as when it is tracked live
+    tracking.rebuild(results, uri, "study", only_missing=True)
+    after = store_summary(uri)
+    assert recorded_id(folder) != old_id and len(after) == len(before)
+    assert after["mha/novel/lr0.01/seed0"][2]["loss"] == 30
 
 @pytest.mark.slow
 def test_smoke_workflow_with_parallel_jobs_mirrors_every_run_folder(server, tmp_path):

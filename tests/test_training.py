@@ -227,3 +227,19 @@ def test_config_record_is_plain_data():
 def test_result_is_a_dataclass_with_the_documented_fields():
     assert [f.name for f in dataclasses.fields(Result)] == [
         "status", "best_val_acc", "best_step", "test_acc", "test_loss", "diverged_step", "steps_done", "history"]
+
+
+def test_a_history_is_written_as_pandas_writes_it(tmp_path):
+    """Jobs write history.csv without pandas (start-up time); readers and the old files expect its format."""
+    import pandas as pd
+
+    from vitplasticity.fileio import write_rows
+
+    history = [{"step": 1, "loss": 0.1 + 0.2, "lr": 0.005, "grad_norm": float("nan")},
+               {"step": 2, "loss": 1e-12, "lr": 0.01, "grad_norm": float("inf"), "val_loss": None, "val_acc": 0.5},
+               {"step": 3, "loss": 2.0, "lr": 0.0025000000000000014, "grad_norm": 1.5, "val_loss": 0.25,
+                "val_acc": 1.0}]
+    write_rows(tmp_path / "ours.csv", history, training.HISTORY_COLUMNS)
+    pd.DataFrame(history, columns=list(training.HISTORY_COLUMNS)).to_csv(tmp_path / "pandas.csv", index=False)
+    assert (tmp_path / "ours.csv").read_text() == (tmp_path / "pandas.csv").read_text()
+    assert (tmp_path / "ours.csv").read_text().splitlines()[1] == "1,0.30000000000000004,0.005,,,"

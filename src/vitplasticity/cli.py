@@ -11,15 +11,19 @@ from vitplasticity.errors import UserError, redact
 from vitplasticity.machine import MACHINE_ENV, machine_from_env
 
 
-def _model_job(parser: argparse.ArgumentParser, checkpoint: bool = True) -> None:
-    """A job that runs a model on a prepared task (and, with `checkpoint`, from a checkpoint): it takes
-    a GPU slot of its own (`vitplasticity.gpus`; these are the commands of `registry.GPU_RULES`) and
-    may set its CPU threads."""
+def _model_job(parser: argparse.ArgumentParser, checkpoint: bool = True, tasks: bool = False) -> None:
+    """A job that runs a model on a prepared task (with `tasks`, on several; with `checkpoint`, from a
+    checkpoint): it takes a GPU slot of its own (`vitplasticity.gpus`; these are the commands of
+    `registry.GPU_RULES`) and may set its CPU threads."""
     parser.add_argument("--settings", required=True, help="the job's settings as one JSON object")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     if checkpoint:
         parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--task", type=Path, required=True, help="prepared task folder")
+    if tasks:
+        parser.add_argument("--task", type=Path, nargs="+", required=True,
+                            help="prepared folder of each task of the settings' tasks, in order")
+    else:
+        parser.add_argument("--task", type=Path, required=True, help="prepared task folder")
     parser.set_defaults(gpu=True)
 
 
@@ -81,14 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("trajectory", _trajectory,
                        help="plasticity (every mode) at the kept steps of a pretraining run, on several tasks")
-    p.add_argument("--settings", required=True, help="the job's settings as one JSON object")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    p.set_defaults(gpu=True)
+    _model_job(p, checkpoint=False, tasks=True)
     p.add_argument("--checkpoints", type=Path, required=True,
                    help="the pretraining run's checkpoints/ folder (step_<N>.safetensors)")
     p.add_argument("--reference", type=Path, required=True, help="prepared pretraining-distribution task")
-    p.add_argument("--task", type=Path, nargs="+", required=True,
-                   help="prepared folder of each task of the settings' tasks, in order")
     _output(p, "--out", required=True, help="trajectory.csv to write")
 
     p = sub.add_parser("bounds", _bounds, help="theoretical per-component bounds")

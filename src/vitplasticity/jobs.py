@@ -7,7 +7,6 @@ settings as `machine.Machine` (from the environment: never rerun triggers).
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import sys
@@ -81,7 +80,7 @@ def pretrain(settings: dict, runtime: Runtime, task_dir: Path, weights: Path, ru
     device = pick_device(runtime.device)
     write_yaml(run_dir / "config.yaml", {"job": "pretrain", "settings": settings, "train": training.config_record(cfg)})
     record = {"arch": arch, "img_size": settings["img_size"], "mean": list(cfg.mean), "std": list(cfg.std)}
-    kept_scratch = run_dir / "checkpoints.partial"  # moved to run_dir/checkpoints once the run completes
+    kept_scratch = run_dir / "checkpoints.partial"  # copied to run_dir/checkpoints at the end, removed with state.pt
     with tracking.track_job(tracking.job_tracking(track, "pretrain", settings), run_dir=run_dir,
                             run_name=tracking.run_name("pretrain", settings),
                             kind="pretrain",
@@ -99,9 +98,14 @@ def pretrain(settings: dict, runtime: Runtime, task_dir: Path, weights: Path, ru
                 keep(rows[-1])
 
         def on_resume(history: list[dict]) -> None:
-            """An interruption between saving the state and keeping that step's weights lost them: keep them now."""
-            step = history[-1]["step"]
-            if not all((kept_scratch / f"step_{step}.{suffix}").exists() for suffix in ("safetensors", "json")):
+            """Before training on: an interruption between saving the state and keeping that step's weights
+            lost them (keep them now); weights of earlier steps cannot be recovered (one line, at once)."""
+            evaluated = [row["step"] for row in history if "val_acc" in row]
+            current = evaluated[-1:] if evaluated and evaluated[-1] == history[-1]["step"] else []
+            lost = _missing_kept(kept_scratch, evaluated[:len(evaluated) - len(current)])
+            if lost:
+                raise UserError(_LOST_KEPT.format(name=lost[0], scratch=kept_scratch, state=run_dir / "state.pt"))
+            if _missing_kept(kept_scratch, current):
                 keep(history[-1])
 
         began = time.time()
@@ -119,22 +123,31 @@ def pretrain(settings: dict, runtime: Runtime, task_dir: Path, weights: Path, ru
         artifacts = _write_run_folder(run_dir, result, metrics)
         run.log_metrics(metrics)
         run.log_artifacts(artifacts)
+    # The scratch copies go with state.pt: until then a failure after publishing can still resume.
     (run_dir / "state.pt").unlink(missing_ok=True)
+    shutil.rmtree(kept_scratch, ignore_errors=True)
     return metrics
 
 
-def _publish_kept(scratch: Path, kept: Path, steps: list[int]) -> None:
-    """Move the weights of every evaluated step from the scratch folder (which, like state.pt, outlives an
-    interrupted run that resumes) into `kept` whole, as step_<N>.safetensors + .json each."""
+_LOST_KEPT = ("the kept weights {name} of an interrupted earlier run are missing from {scratch}; "
+              "delete {state} and run the pretraining again")
+
+
+def _missing_kept(scratch: Path, steps: list[int]) -> list[str]:
     names = [f"step_{step}.{suffix}" for step in steps for suffix in ("safetensors", "json")]
-    lost = [name for name in names if not (scratch / name).exists()]
+    return [name for name in names if not (scratch / name).exists()]
+
+
+def _publish_kept(scratch: Path, kept: Path, steps: list[int]) -> None:
+    """Copy the weights of every evaluated step from the scratch folder (which, like state.pt, outlives an
+    interrupted run that resumes) into `kept` whole, as step_<N>.safetensors + .json each."""
+    lost = _missing_kept(scratch, steps)
     if lost:
-        raise UserError(f"the kept weights {lost[0]} of an interrupted earlier run are missing from {scratch}; "
-                        f"delete {scratch.parent / 'state.pt'} and run the pretraining again")
+        raise UserError(_LOST_KEPT.format(name=lost[0], scratch=scratch, state=scratch.parent / "state.pt"))
     with atomic_dir(kept) as tmp:
-        for name in names:
-            os.replace(scratch / name, tmp / name)
-    shutil.rmtree(scratch)
+        for step in steps:
+            for suffix in ("safetensors", "json"):
+                shutil.copyfile(scratch / f"step_{step}.{suffix}", tmp / f"step_{step}.{suffix}")
 
 
 def fetch(settings: dict, weights: Path) -> dict:

@@ -140,10 +140,14 @@ def track_job(settings: dict | None, *, run_dir: Path, run_name: str, kind: str,
     """Mirror one job into MLflow; the run is closed FINISHED, FAILED or KILLED as the block ends.
 
     `settings`: `enabled`, `uri` (None: `study_uri`), `experiment` (its name; it must exist), `parent`
-    (a parent-run name, created if missing under the file lock `lock`), `tags`.
+    (a parent-run name, created if missing under the file lock `lock`), `tags`; or, disabled,
+    `mirrored_later`: the run folder's recorded run (of an earlier run of this job) is marked stale,
+    so that the mirror after the workflow updates it from the folder this run writes.
     The store and the experiment are checked before the block runs; a failure raises `UserError`.
     """
     if not settings or not settings.get("enabled"):
+        if settings and settings.get("mirrored_later"):
+            _mark_stale(Path(run_dir) / RUN_RECORD)
         yield JobRun()
         return
     uri = study_uri(settings.get("uri"))
@@ -187,12 +191,35 @@ def job_tracking(settings: Tracking, kind: str, job: dict) -> dict:
 
     Without `settings.live` a job that leaves a run folder (`MIRRORED_KINDS`) is not tracked while
     it runs: the workflow mirrors its folder when it ends (`prepare_study`), and the job never
-    imports MLflow (about 2 s of start-up, the larger part of a short job's overhead).
+    imports MLflow (about 3 s of start-up, the larger part of a short job's overhead).
     """
-    if not settings.enabled or (not settings.live and kind in MIRRORED_KINDS):
+    if not settings.enabled:
         return {"enabled": False}
+    if not settings.live and kind in MIRRORED_KINDS:
+        return {"enabled": False, "mirrored_later": True}
     return {"enabled": True, "uri": settings.uri, "experiment": settings.experiment,
             "parent": parent_name(job) if kind == "finetune" else None, "lock": str(PARENT_LOCK)}
+
+
+def rebuild_command(settings: Tracking) -> str:
+    """The command that mirrors a study's run folders into its store by hand (a URI that names
+    credentials is shown without them)."""
+    uri = f" --uri {_redact(settings.uri)}" if settings.uri else ""
+    return f"vitplasticity tracking rebuild --experiment {settings.experiment}{uri}"
+
+
+def mirror_at_end(settings: Tracking, parents: Sequence[str], results_dir: Path = Path("results")) -> None:
+    """After the jobs of a workflow with `settings.live` off: mirror the run folders they finished.
+
+    Never raises: the folders are the record and every job succeeded or failed on its own, so a
+    store that fails now (unreachable, locked, a damaged folder) gets one line saying how to
+    mirror later, and the workflow's exit status stays the jobs'.
+    """
+    try:
+        prepare_study(settings, parents, results_dir)
+    except Exception as exc:  # noqa: BLE001 (any failure: one line, the results stand)
+        print(f"vitplasticity tracking error: {_redact(_one_line(exc))}; the run folders are complete, "
+              f"mirror them later: {rebuild_command(settings)}", file=sys.stderr, flush=True)
 
 
 def prepare_study(settings: Tracking, parents: Sequence[str], results_dir: Path = Path("results")) -> str:
@@ -420,7 +447,7 @@ def rebuild(results_dir: Path, uri: str, experiment_name: str, *, only_missing: 
         experiment = _client(uri).get_experiment_by_name(experiment_name)
         present = set() if experiment is None else {
             r.info.run_id for r in _search(_client(uri), experiment.experiment_id, "")}
-        wanted = lambda folder: _recorded_id(folder / RUN_RECORD) not in present  # noqa: E731
+        wanted = lambda folder: _needs_mirror(folder / RUN_RECORD, present)  # noqa: E731
     folders = list(_run_folders(results_dir, wanted))
     parents = sorted({parent_name(f["params"]) for f in folders if f["kind"] == "finetune"})
     prepared = prepare_store(uri, experiment_name, parents)
@@ -465,7 +492,7 @@ def unmirrored(settings: Tracking, results_dir: Path = Path("results")) -> int |
             present = {row[0] for row in db.execute(
                     "SELECT r.run_uuid FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id "
                     "WHERE e.name = ? AND r.lifecycle_stage = 'active'", (settings.experiment,))}
-    return sum(_recorded_id(folder / RUN_RECORD) not in present for folder in folders)
+    return sum(_needs_mirror(folder / RUN_RECORD, present) for folder in folders)
 
 
 def _run_folders(results_dir: Path, wanted=None) -> Iterator[dict]:
@@ -564,6 +591,25 @@ def _recorded_id(record: Path) -> str | None:
         return read_json(record)["run_id"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _mark_stale(record: Path) -> None:
+    """Mark a run folder's record as older than the folder (its job runs again, not tracked live)."""
+    try:
+        payload = read_json(record)
+    except (OSError, ValueError):
+        return
+    if isinstance(payload, dict) and not payload.get("stale"):
+        write_json(record, payload | {"stale": True})
+
+
+def _needs_mirror(record: Path, present: set) -> bool:
+    """A finished folder the store lacks, or whose recorded run predates what the folder holds."""
+    if _recorded_id(record) not in present:
+        return True
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return bool(read_json(record).get("stale"))
+    return False
 
 
 def _recorded_run(client: MlflowClient, record: Path, experiment_id: str) -> Run | None:

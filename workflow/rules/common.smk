@@ -298,21 +298,13 @@ def prepare_tracking():
 
 
 def mirror_finished_runs():
-    """With `tracking.live: false`, mirror the run folders the jobs just finished. A failure here
-    loses nothing (the folders are the record): one line says how to mirror them later.
-    """
+    """With `tracking.live: false`, mirror the run folders the jobs just finished (a failure is one
+    line; the workflow's exit status stays the jobs')."""
     if not (MACHINE.tracking.enabled and not MACHINE.tracking.live):
         return
-    from vitplasticity.tracking import prepare_study
+    from vitplasticity.tracking import mirror_at_end
 
-    try:
-        prepare_study(MACHINE.tracking, tracking_parents())
-    except UserError as error:
-        print(
-            f"vitplasticity tracking error: {error}; the run folders are complete, mirror them later: "
-            f"vitplasticity tracking rebuild --experiment {MACHINE.tracking.experiment}",
-            file=sys.stderr,
-        )
+    mirror_at_end(MACHINE.tracking, tracking_parents())
 
 
 def hint_unmirrored_runs():
@@ -321,15 +313,14 @@ def hint_unmirrored_runs():
     """
     if not (MACHINE.tracking.enabled and workflow.is_main_process):
         return
-    from vitplasticity.tracking import unmirrored
+    from vitplasticity.tracking import rebuild_command, unmirrored
 
     missing = unmirrored(MACHINE.tracking)
     if missing:
         name = MACHINE.tracking.experiment
         print(
             f"vitplasticity: {missing} finished run folders are not in MLflow experiment '{name}' yet; "
-            "snakemake mirrors them before it runs any job, or now: "
-            f"vitplasticity tracking rebuild --experiment {name}",
+            f"snakemake mirrors them before it runs any job, or now: {rebuild_command(MACHINE.tracking)}",
             file=sys.stderr,
         )
 
