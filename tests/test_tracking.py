@@ -553,3 +553,10 @@ def test_without_live_tracking_the_workflow_mirrors_what_its_jobs_finished(smoke
         assert count(client, run.info.run_id, "loss") == config["tasks"]["novel"]["steps"]
     kinds = [r.data.tags["kind"] for r in runs.values()]
     assert kinds.count("finetune") == 25 and kinds.count("aggregate") == 1  # aggregate and figures log live
+
+
+def test_trajectory_metrics_leave_out_a_missing_value_from_a_frame_as_from_its_csv():
+    live = [{"step": 100, "mode": "embedding", "component": "mha", "mean": value} for value in (0.5, float("nan"), 1.5)]
+    mirrored = [row | {"mean": "" if row["mean"] != row["mean"] else str(row["mean"])} for row in live]
+    assert tracking.trajectory_metrics(live) == tracking.trajectory_metrics(mirrored) == {
+        "step100/embedding/mha": 1.0}

@@ -540,9 +540,10 @@ def trajectory_metrics(rows: Iterable[dict]) -> dict[str, float]:
     kept step, mode and component, mean over layers and tasks, as `step<N>/<mode>/<component>`."""
     values: dict[str, list[float]] = {}
     for row in rows:
-        if row["mean"] not in ("", None):
+        value = float(row["mean"]) if row["mean"] not in ("", None) else math.nan
+        if not math.isnan(value):  # a missing value (NaN in a frame, empty in the CSV) is left out alike
             key = f"step{int(row['step'])}/{row['mode']}/{row['component']}"
-            values.setdefault(key, []).append(float(row["mean"]))
+            values.setdefault(key, []).append(value)
     return {key: sum(found) / len(found) for key, found in values.items()}
 
 
