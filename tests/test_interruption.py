@@ -225,7 +225,7 @@ def test_kill_at_every_stage_then_rerun_completes_the_study_exactly(smoke_run, t
     checkpoint = "data/checkpoints/vit_smoke.safetensors"
     assert (workdir / checkpoint).read_bytes() == (smoke_run / checkpoint).read_bytes()
     kept = "results/pretrain/vit_smoke/checkpoints"  # the weights of every evaluation, kept across the kill
-    assert [p.name for p in sorted((workdir / kept).iterdir())] == [p.name for p in sorted((smoke_run / kept).iterdir())]
+    assert sorted(p.name for p in (workdir / kept).iterdir()) == sorted(p.name for p in (smoke_run / kept).iterdir())
     for reference in (smoke_run / kept).iterdir():
         assert (workdir / kept / reference.name).read_bytes() == reference.read_bytes(), reference.name
     assert not (workdir / "results/pretrain/vit_smoke/checkpoints.partial").exists()
