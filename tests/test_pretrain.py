@@ -31,6 +31,28 @@ def pretrain(source, folder, overrides=None):
                          folder / "vit.safetensors", folder / "run", Tracking(enabled=False))
 
 
+class Interrupted(Exception):
+    pass
+
+
+def interrupted_pretrain(source, folder, step: int, before_saving: bool = False) -> None:
+    """Pretrain until the weights of evaluation `step` are kept (or, `before_saving`, about to be), then stop."""
+    original = jobs.models.save_checkpoint
+
+    def interrupt(weights, model, record):
+        if not before_saving:
+            original(weights, model, record)
+        if record["provenance"].get("step") == step:
+            raise Interrupted
+        if before_saving:
+            original(weights, model, record)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jobs.models, "save_checkpoint", interrupt)
+        with pytest.raises(Interrupted):
+            pretrain(source, folder)
+
+
 def test_every_evaluation_is_kept_with_its_step_and_validation_accuracy(source, tmp_path):
     pretrain(source, tmp_path)
     run_dir = tmp_path / "run"
@@ -55,22 +77,8 @@ def test_a_resumed_run_keeps_the_weights_saved_before_the_interruption(source, t
     job, checkpoints/ among them); the resumed run publishes the earlier steps' weights with its own."""
     whole = tmp_path / "whole"
     pretrain(source, whole)
-
-    class Interrupted(Exception):
-        pass
-
     cut = tmp_path / "cut"
-    original = jobs.models.save_checkpoint
-
-    def interrupt_after_step_4(weights, model, record):
-        original(weights, model, record)
-        if record["provenance"].get("step") == 4:
-            raise Interrupted
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(jobs.models, "save_checkpoint", interrupt_after_step_4)
-        with pytest.raises(Interrupted):
-            pretrain(source, cut)
+    interrupted_pretrain(source, cut, step=4)
     assert (cut / "run" / "state.pt").exists() and not (cut / "run" / "checkpoints").exists()
     pretrain(source, cut)
     for step in (2, 4, 5):
@@ -84,22 +92,8 @@ def test_an_interruption_between_the_state_and_the_kept_weights_keeps_them_on_re
     and keeps them then, from the resumed model."""
     whole = tmp_path / "whole"
     pretrain(source, whole)
-
-    class Interrupted(Exception):
-        pass
-
-    original = jobs.models.save_checkpoint
-
-    def interrupt_before_step_4(weights, model, record):
-        if record["provenance"].get("step") == 4:
-            raise Interrupted
-        original(weights, model, record)
-
     cut = tmp_path / "cut"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(jobs.models, "save_checkpoint", interrupt_before_step_4)
-        with pytest.raises(Interrupted):
-            pretrain(source, cut)
+    interrupted_pretrain(source, cut, step=4, before_saving=True)
     assert not (cut / "run" / "checkpoints.partial" / "step_4.safetensors").exists()
     pretrain(source, cut)
     resumed = load_file(str(cut / "run" / "checkpoints" / "step_4.safetensors"))
@@ -111,20 +105,7 @@ def test_an_interruption_between_the_state_and_the_kept_weights_keeps_them_on_re
 
 
 def test_weights_lost_with_an_interruption_are_one_line(source, tmp_path):
-    class Interrupted(Exception):
-        pass
-
-    original = jobs.models.save_checkpoint
-
-    def interrupt_after_step_4(weights, model, record):
-        original(weights, model, record)
-        if record["provenance"].get("step") == 4:
-            raise Interrupted
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(jobs.models, "save_checkpoint", interrupt_after_step_4)
-        with pytest.raises(Interrupted):
-            pretrain(source, tmp_path)
+    interrupted_pretrain(source, tmp_path, step=4)
     (tmp_path / "run" / "checkpoints.partial" / "step_2.json").unlink()
     with pytest.raises(UserError) as error:
         pretrain(source, tmp_path)
@@ -138,15 +119,12 @@ def test_weights_lost_with_an_interruption_are_one_line(source, tmp_path):
 
 def test_a_run_that_fails_after_publishing_its_weights_resumes(source, tmp_path):
     """Snakemake deletes a failed job's outputs, checkpoints/ among them: the scratch copies must outlive them."""
-    class Failed(Exception):
-        pass
-
     def fail(*args):
-        raise Failed
+        raise Interrupted
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(jobs, "_write_run_folder", fail)
-        with pytest.raises(Failed):
+        with pytest.raises(Interrupted):
             pretrain(source, tmp_path)
     shutil.rmtree(tmp_path / "run" / "checkpoints")  # as Snakemake does
     pretrain(source, tmp_path)
