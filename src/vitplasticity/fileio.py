@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
 import shutil
@@ -145,11 +146,12 @@ def write_rows(path: str | Path, rows: Iterable[Mapping], columns: Sequence[str]
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(columns)
         for row in rows:
-            writer.writerow(["" if _missing(row.get(name)) else row[name] for name in columns])
+            writer.writerow(["" if is_missing(row.get(name)) else row[name] for name in columns])
 
 
-def _missing(value: object) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+def is_missing(value: object) -> bool:
+    """None or a NaN number: what a CSV writes as an empty field and MLflow does not log."""
+    return value is None or (isinstance(value, numbers.Real) and math.isnan(value))
 
 
 def read_json(path: str | Path) -> dict:

@@ -36,7 +36,7 @@ from urllib.parse import unquote
 import yaml
 
 from vitplasticity.errors import UserError
-from vitplasticity.fileio import read_json, write_json
+from vitplasticity.fileio import is_missing, read_json, write_json
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -101,7 +101,7 @@ class MlflowJobRun(JobRun):
             step = int(row["step"])
             for key in HISTORY_KEYS:
                 value = row.get(key)
-                if _absent(value) or step <= self._last_steps.get(key, 0):
+                if is_missing(value) or step <= self._last_steps.get(key, 0):
                     continue
                 metrics.append(Metric(key, _shown(key, value), now, step))
                 self._last_steps[key] = step
@@ -113,7 +113,7 @@ class MlflowJobRun(JobRun):
 
         now, values, texts, step = _now_ms(), [], {}, max(self._last_steps.values(), default=0)
         for key, value in metrics.items():
-            if _absent(value):
+            if is_missing(value):
                 continue
             if isinstance(value, numbers.Real) and not isinstance(value, bool):
                 if self._latest.get(key) != _shown(key, value):
@@ -540,10 +540,10 @@ def trajectory_metrics(rows: Iterable[dict]) -> dict[str, float]:
     kept step, mode and component, mean over layers and tasks, as `step<N>/<mode>/<component>`."""
     values: dict[str, list[float]] = {}
     for row in rows:
-        value = float(row["mean"]) if row["mean"] not in ("", None) else math.nan
-        if not math.isnan(value):  # a missing value (NaN in a frame, empty in the CSV) is left out alike
-            key = f"step{int(row['step'])}/{row['mode']}/{row['component']}"
-            values.setdefault(key, []).append(value)
+        if row["mean"] == "" or is_missing(row["mean"]):  # missing: empty in the CSV, NaN in a frame
+            continue
+        key = f"step{int(row['step'])}/{row['mode']}/{row['component']}"
+        values.setdefault(key, []).append(float(row["mean"]))
     return {key: sum(found) / len(found) for key, found in values.items()}
 
 
@@ -718,10 +718,6 @@ def _is_credential(name: str, value: object) -> bool:
 def _shown(key: str, value: float) -> float:
     """A metric as MLflow shows it: accuracies (fractions in the run folders) in %."""
     return 100.0 * float(value) if key in PERCENT_KEYS else float(value)
-
-
-def _absent(value: object) -> bool:
-    return value is None or (isinstance(value, numbers.Real) and math.isnan(value))
 
 
 def _truncate(text: str, limit: int) -> str:
