@@ -40,7 +40,7 @@ include: "workflow/rules/criteria.smk"
 include: "workflow/rules/trajectory.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/probe.smk"
-include: "workflow/rules/tracking.smk"
+include: "workflow/rules/hooks.smk"
 include: "workflow/rules/aggregate.smk"
 
 

@@ -3,8 +3,10 @@
 import shutil
 
 import pandas as pd
+import psutil
 import pytest
 from conftest import ROOT, planned_jobs, smoke_config, snakemake, write_config
+from jobkit import comparable
 
 from vitplasticity.registry import FIGURES
 
@@ -69,6 +71,8 @@ MACHINE_CHANGES = {
     "runtime.eval_batch": ("runtime", "eval_batch", 32),
     "runtime.compile": ("runtime", "compile", True),
     "runtime.plasticity_batch": ("runtime", "plasticity_batch", 16),
+    "runtime.prefetch": ("runtime", "prefetch", 0),
+    "runtime.fork_server": ("runtime", "fork_server", True),
     "tracking.enabled": ("tracking", "enabled", True),
     "tracking.uri": ("tracking", "uri", "sqlite:////elsewhere/mlflow.db"),
     "tracking.live": ("tracking", "live", False),
@@ -90,6 +94,27 @@ def test_changing_a_machine_setting_reruns_nothing(smoke_run, tmp_path):
     result = snakemake(smoke_run, "-n", "--set-threads", "finetune=2", "measure_plasticity=2", "pretrain_checkpoint=1")
     assert "Nothing to be done" in result.stdout, result.stdout + result.stderr
     assert not (smoke_run / "results" / "mlflow.db").exists()  # a dry run creates no store
+
+
+@pytest.mark.slow
+def test_jobs_forked_from_the_fork_server_write_what_fresh_interpreters_wrote(smoke_copy, tmp_path):
+    results = smoke_copy / "results"
+    run = next((results / "runs").rglob("metrics.json")).parent
+    plasticity = next((results / "plasticity").rglob("plasticity.csv"))
+    before = {path: path.read_bytes() for path in (run / "history.csv", run / "config.yaml", plasticity)}
+    metrics = comparable(run / "metrics.json")
+    shutil.rmtree(run)
+    plasticity.unlink()
+    config = smoke_config()
+    config["runtime"]["fork_server"] = True
+    targets = [str((run / "metrics.json").relative_to(smoke_copy)), str(plasticity.relative_to(smoke_copy))]
+    snakemake(smoke_copy, "--cores", "2", *targets, config=write_config(tmp_path / "forked.yaml", config))
+    assert {path: path.read_bytes() for path in before} == before
+    assert comparable(run / "metrics.json") == metrics
+    # The job's own process only relayed: torch was imported in the server, not in it.
+    benchmark = results / "benchmarks" / "finetune" / f"{run.relative_to(results / 'runs')}.tsv"
+    assert pd.read_csv(benchmark, sep="\t")["max_rss"].iloc[0] < 200  # MB; a job that imports torch: 400+
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "vitplasticity.forkserver" in (p.info["cmdline"] or [])]
 
 
 @pytest.mark.slow

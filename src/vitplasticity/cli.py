@@ -304,6 +304,17 @@ def _tracking(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `vitplasticity` command: in a child of the run's fork server when one answers (jobs of a
+    local run with `runtime.fork_server`), else in this process."""
+    from vitplasticity.forkserver import delegate
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    code = delegate(argv)
+    return run_in_process(argv) if code is None else code
+
+
+def run_in_process(argv: list[str]) -> int:
+    """Run the command `argv` in this process; its exit status (2 after a one-line error)."""
     args = build_parser().parse_args(argv)
     try:
         run(args)

@@ -32,6 +32,7 @@ class Runtime:
     compile: bool = False  # torch.compile the training forward pass
     plasticity_batch: int = 64  # image pairs per plasticity forward pass
     prefetch: int = 2  # training batches gathered ahead on a worker thread (0: none)
+    fork_server: bool = False  # local runs: jobs fork from one process that has imported torch (forkserver)
 
 
 @dataclass(frozen=True)

@@ -307,6 +307,36 @@ def mirror_finished_runs():
     mirror_at_end(MACHINE.tracking, tracking_parents())
 
 
+# The run's fork server, when one was started (at most one).
+FORK_SERVER = []
+
+
+def start_fork_server():
+    """With `runtime.fork_server` on a local run: start the server whose forks run the jobs
+    (vitplasticity.forkserver). If it cannot start, one line, and jobs start their own interpreters.
+    """
+    if not (MACHINE.runtime.fork_server and workflow.local_exec):
+        return
+    from vitplasticity import forkserver
+
+    try:
+        server = forkserver.start()
+    except RuntimeError as error:
+        print(
+            f"vitplasticity: {error}; jobs start their own interpreters",
+            file=sys.stderr,
+        )
+        return
+    FORK_SERVER.append(server)
+    os.environ[forkserver.SOCKET_ENV] = str(server.socket)
+
+
+def stop_fork_server():
+    for server in FORK_SERVER:
+        server.stop()
+    FORK_SERVER.clear()
+
+
 def hint_unmirrored_runs():
     """Tracking switched on or the study renamed reruns nothing, and with nothing to do Snakemake
     runs no onstart: say in one line how the experiment gets the finished runs it lacks.

@@ -1,0 +1,319 @@
+"""Fork server: the jobs of a local run start from one process that has already imported torch and timm.
+
+A job's fresh interpreter spends about 4 s importing torch and timm (timm imports torchvision and
+torch._dynamo unconditionally) before it does any work; a study of many short jobs spends most of
+its time there. With the machine setting `runtime.fork_server`, a local Snakemake run starts one
+server (`onstart`) that imports them once and listens on a Unix socket in a private temporary
+folder, and exports the socket's path as `SOCKET_ENV`. Each job's `vitplasticity` command then
+hands its arguments, working directory, environment and standard streams to the server, which forks
+a child that runs the command in-process, and relays signals and the exit status back. The child
+runs the same code on the same inputs, so results do not change; it holds no state of earlier jobs
+(each is a fresh fork of the server, which runs no job code itself).
+
+Where no server answers (the variable unset, a SLURM job on another node, the server gone), the
+command runs in its own interpreter as before. The server serves only its own user (the folder is
+private and each peer's uid is checked), exits when the Snakemake process that started it exits,
+and stops the children of clients that went away.
+
+Protocol (SOCK_SEQPACKET, one JSON message each): the client sends {"argv", "cwd", "env", "fds"}
+with its standard streams attached (SCM_RIGHTS); the server answers {"pid": child} and, when the
+child ends, {"exit": code} (negative: killed by that signal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+# The environment variable that tells a `vitplasticity` command where the server listens.
+SOCKET_ENV = "VITPLASTICITY_FORK_SERVER"
+# What the server imports before it serves: the cost every job would otherwise pay.
+PRELOAD = ("numpy", "torch", "timm", "safetensors.torch", "vitplasticity.jobs")
+_MESSAGE_BYTES = 1 << 20  # an environment of up to 1 MiB
+_STREAM_FDS = (0, 1, 2)
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+_STOP_GRACE_S = 10.0
+
+
+class Server:
+    """A started server: its socket path, and the process to stop when the run ends."""
+
+    def __init__(self, process: subprocess.Popen, folder: Path) -> None:
+        self.process = process
+        self.folder = folder
+        self.socket = folder / "socket"
+
+    def stop(self) -> None:
+        """Stop the server (it stops any child still running) and remove its folder. Idempotent."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=_STOP_GRACE_S + 5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def start(ready_timeout_s: float = 60.0) -> Server:
+    """Start a server as a child of this process and wait until it listens (its imports go on while
+    the first clients queue). Raises RuntimeError, with the server's own words, if it fails to."""
+    folder = Path(tempfile.mkdtemp(prefix="vitplasticity-"))  # mode 0700: only this user connects
+    log = folder / "server.log"
+    with log.open("wb") as stderr:
+        # Its own session: a Ctrl-C in the terminal reaches Snakemake and the jobs, not the server.
+        process = subprocess.Popen([sys.executable, "-m", "vitplasticity.forkserver", str(folder / "socket"),
+                                    str(os.getpid())], stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
+                                   start_new_session=True)
+    server = Server(process, folder)
+    deadline = time.monotonic() + ready_timeout_s
+    while not server.socket.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            words = log.read_text(errors="replace").strip().splitlines()
+            server.stop()
+            raise RuntimeError(f"the fork server did not start ({words[-1] if words else 'no listening socket'})")
+        time.sleep(0.02)
+    return server
+
+
+def delegate(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> int | None:
+    """Run `vitplasticity argv` in a child of the server named by `SOCKET_ENV` and return its exit
+    status (128 + N if signal N ended it); None if no server answers, so the caller runs it itself.
+    Signals this process receives are passed to the child; if this process dies, the server stops it."""
+    path = environ.get(SOCKET_ENV)
+    if not path:
+        return None
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        conn.connect(path)
+    except OSError:
+        conn.close()
+        return None
+    child: list[int] = []
+    pending: list[int] = []
+
+    def forward(signum, _frame) -> None:
+        if child:
+            os.kill(child[0], signum)
+        else:
+            pending.append(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in _FORWARDED}
+    try:
+        fds = [fd for fd in _STREAM_FDS if _is_open(fd)]
+        request = {"argv": list(argv), "cwd": os.getcwd(), "env": dict(environ), "fds": fds}
+        socket.send_fds(conn, [json.dumps(request).encode()], fds)
+        reply = _receive(conn)
+        if reply is None:  # the server stopped before it forked: run here
+            return None
+        child.append(reply["pid"])
+        for signum in pending:
+            os.kill(child[0], signum)
+        reply = _receive(conn)
+        if reply is None:
+            print(f"vitplasticity: the fork server stopped while it ran this job (pid {child[0]}); run it again",
+                  file=sys.stderr)
+            return 1
+        code = reply["exit"]
+        return code if code >= 0 else 128 - code
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        conn.close()
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _receive(conn: socket.socket) -> dict | None:
+    """The next message, or None once the peer has gone."""
+    while True:
+        try:
+            data = conn.recv(_MESSAGE_BYTES)
+        except InterruptedError:
+            continue
+        except ConnectionError:
+            return None
+        return json.loads(data) if data else None
+
+
+def serve(path: Path, watched_pid: int, run: Callable[[list[str]], int]) -> None:
+    """Listen on `path` and fork a child per request that runs `run(argv)` with the client's streams,
+    working directory and environment. Returns on SIGTERM or once its parent, `watched_pid`, has
+    exited, after stopping the children still running and removing the socket's folder (the
+    server's own, made by `start`)."""
+    preload = _preload(os.environ)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path) + ".binding")
+    listener.listen(64)
+    # Listening before the imports, so that early clients queue instead of running on their own;
+    # the name appears only once the socket accepts (what `start` waits for).
+    os.rename(str(path) + ".binding", path)
+    for module in preload:
+        __import__(module)
+    stopping: list[bool] = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches Snakemake, which stops the run (and us)
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ, "listener")
+    children: dict[int, tuple[socket.socket, int]] = {}  # pid -> (client connection, pidfd)
+    try:
+        while not stopping and os.getppid() == watched_pid:
+            for key, _ in selector.select(timeout=1.0):
+                if key.data == "listener":
+                    _accept(listener, selector, children, run)
+                elif key.data[0] == "child":  # the child ended: report its status
+                    pid = key.data[1]
+                    conn, pidfd = children.pop(pid)
+                    _, status = os.waitpid(pid, 0)
+                    _send(conn, {"exit": os.waitstatus_to_exitcode(status)})
+                    _forget(selector, conn, pidfd)
+                else:  # the client went away (killed): stop its child, reported when it ends
+                    pid = key.data[1]
+                    selector.unregister(children[pid][0])
+                    _signal(pid, signal.SIGTERM)
+    finally:
+        selector.close()
+        listener.close()
+        _stop(children)
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def _preload(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """`PRELOAD`, and MLflow when the run's jobs log to it while they run (`tracking.live`)."""
+    from vitplasticity.machine import machine_from_env
+
+    tracking = machine_from_env(environ).tracking
+    return (*PRELOAD, "mlflow") if tracking.enabled and tracking.live else PRELOAD
+
+
+def _accept(listener: socket.socket, selector: selectors.BaseSelector, children: dict,
+            run: Callable[[list[str]], int]) -> None:
+    conn, _ = listener.accept()
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _, uid, _ = struct.unpack("3i", creds)
+        data, fds, _, _ = socket.recv_fds(conn, _MESSAGE_BYTES, len(_STREAM_FDS))
+        if uid != os.getuid() or not data:
+            raise ValueError("a request from another user, or none")
+        request = json.loads(data)
+    except (OSError, ValueError):
+        conn.close()
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: become the client's command
+        code = 1
+        try:
+            listener.close()
+            for other, pidfd in children.values():
+                other.close()
+                os.close(pidfd)
+            conn.close()
+            code = _become(request, fds, run)
+        finally:
+            os._exit(code)
+    for fd in fds:
+        os.close(fd)
+    pidfd = os.pidfd_open(pid)
+    children[pid] = (conn, pidfd)
+    _send(conn, {"pid": pid})
+    selector.register(pidfd, selectors.EVENT_READ, ("child", pid))
+    selector.register(conn, selectors.EVENT_READ, ("client", pid))
+
+
+def _become(request: dict, fds: list[int], run: Callable[[list[str]], int]) -> int:
+    """In the forked child: take the client's streams, folder, environment and signals, then run."""
+    for signum in _FORWARDED:
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in any Python process
+    for target, fd in zip(request["fds"], fds, strict=True):
+        os.dup2(fd, target)
+        os.close(fd)
+    sys.stdin = open(0, closefd=False) if 0 in request["fds"] else None  # noqa: SIM115 - the process's own stream
+    sys.stdout = open(1, "w", closefd=False, buffering=1 if os.isatty(1) else -1)  # noqa: SIM115
+    sys.stderr = open(2, "w", closefd=False, buffering=1, errors="backslashreplace")  # noqa: SIM115
+    try:
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        _limit_thread_pools(request["env"])
+        sys.argv = ["vitplasticity", *request["argv"]]
+        return run(request["argv"])
+    except SystemExit as exc:  # argparse's --help and usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def _limit_thread_pools(env: Mapping[str, str]) -> None:
+    """The thread counts Snakemake gives the job (OMP_NUM_THREADS and kin), which the BLAS and OpenMP
+    pools of the server read once, at import: set them at run time."""
+    threads = env.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=int(threads))
+
+
+def _send(conn: socket.socket, message: dict) -> None:
+    with contextlib.suppress(OSError):  # the client is gone; its child is stopped or already ended
+        conn.send(json.dumps(message).encode())
+
+
+def _forget(selector: selectors.BaseSelector, conn: socket.socket, pidfd: int) -> None:
+    for fileobj in (conn, pidfd):
+        with contextlib.suppress(KeyError):  # a client's connection is unregistered when it goes away
+            selector.unregister(fileobj)
+    conn.close()
+    os.close(pidfd)
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def _stop(children: dict) -> None:
+    """SIGTERM every child still running, SIGKILL what remains after the grace period, and reap."""
+    for pid in children:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + _STOP_GRACE_S
+    for pid, (conn, pidfd) in children.items():
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                _signal(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.05)
+        conn.close()
+        os.close(pidfd)
+
+
+if __name__ == "__main__":
+    from vitplasticity.cli import run_in_process
+
+    serve(Path(sys.argv[1]), int(sys.argv[2]), run_in_process)

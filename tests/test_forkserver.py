@@ -1,0 +1,114 @@
+"""The fork server: a job forked from it writes what a fresh interpreter writes, and its exit status,
+streams and signals pass through as if it ran on its own."""
+
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from jobkit import ENV, cli_command, comparable, finetune_argv
+
+from vitplasticity import forkserver
+
+
+@pytest.fixture(scope="module")
+def server():
+    started = forkserver.start()
+    yield started
+    started.stop()
+
+
+def served(server) -> dict:
+    return dict(ENV, **{forkserver.SOCKET_ENV: str(server.socket)})
+
+
+def children(server) -> list[psutil.Process]:
+    return psutil.Process(server.process.pid).children()
+
+
+def wait_for(condition, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_forked_job_writes_the_run_folder_of_a_fresh_interpreter(kit, tmp_path, server):
+    fresh, forked = tmp_path / "fresh", tmp_path / "forked"
+    subprocess.run(cli_command(*finetune_argv(kit, fresh, threads=1)), env=ENV, check=True, capture_output=True)
+    result = subprocess.run(cli_command(*finetune_argv(kit, forked, threads=1)), env=served(server), check=True,
+                            capture_output=True, text=True)
+    assert "finetune completed: test accuracy" in result.stderr  # the child's stderr is the client's
+    assert comparable(forked / "metrics.json") == comparable(fresh / "metrics.json")
+    for name in ("history.csv", "config.yaml"):
+        assert (forked / name).read_bytes() == (fresh / name).read_bytes(), name
+    assert not children(server)  # the child was reaped
+
+
+def test_exit_status_and_streams_pass_through(kit, tmp_path, server):
+    result = subprocess.run(cli_command("finetune", "--help"), env=served(server), capture_output=True, text=True)
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: vitplasticity finetune")
+    argv = finetune_argv(kit, tmp_path / "run")
+    argv[argv.index("--task") + 1] = str(tmp_path / "missing")
+    result = subprocess.run(cli_command(*argv), env=served(server), capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"vitplasticity finetune: error: {tmp_path / 'missing'} is not a prepared task (no meta.json); "
+        "run its prepare_dataset rule"]
+
+
+def test_a_signal_to_the_job_reaches_its_forked_child_and_the_server_serves_on(kit, tmp_path, server):
+    job = subprocess.Popen(cli_command(*finetune_argv(kit, tmp_path / "run", steps=100_000, eval_every=50_000)),
+                           env=served(server), stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: children(server))
+    child = children(server)[0]
+    wait_for(lambda: (tmp_path / "run").exists())  # the run has started
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(60) == 128 + signal.SIGTERM
+    assert not psutil.pid_exists(child.pid)
+    result = subprocess.run(cli_command("finetune", "--help"), env=served(server), capture_output=True, text=True)
+    assert result.returncode == 0
+
+
+def test_a_killed_job_takes_its_forked_child_with_it(kit, tmp_path, server):
+    job = subprocess.Popen(cli_command(*finetune_argv(kit, tmp_path / "run", steps=100_000, eval_every=50_000)),
+                           env=served(server), stderr=subprocess.DEVNULL)
+    wait_for(lambda: children(server))
+    child = children(server)[0]
+    job.kill()
+    job.wait(60)
+    wait_for(lambda: not psutil.pid_exists(child.pid), timeout_s=30)
+
+
+def test_without_a_server_the_command_runs_in_its_own_process(tmp_path):
+    assert forkserver.delegate(["--help"], {}) is None
+    assert forkserver.delegate(["--help"], {forkserver.SOCKET_ENV: str(tmp_path / "gone")}) is None
+
+
+def test_the_server_ends_with_the_process_that_started_it(tmp_path):
+    starter = ("import sys; from vitplasticity import forkserver; s = forkserver.start(); "
+               "print(s.process.pid, s.folder, flush=True)")
+    out = subprocess.run([sys.executable, "-c", starter], env=ENV, check=True, capture_output=True, text=True).stdout
+    pid, folder = out.split()
+    wait_for(lambda: not Path(folder).exists())  # it removes its socket folder when it exits
+
+    def ended() -> bool:
+        try:
+            return psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for(ended, timeout_s=30)
+
+
+def test_a_server_that_cannot_start_says_why_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("VITPLASTICITY_MACHINE", "not json")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"^the fork server did not start \(.*VITPLASTICITY_MACHINE is not the JSON"):
+        forkserver.start()
+    assert list(tmp_path.iterdir()) == []
