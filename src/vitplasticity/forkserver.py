@@ -8,7 +8,9 @@ folder, and exports the socket's path as `SOCKET_ENV`. Each job's `vitplasticity
 hands its arguments, working directory, environment and standard streams to the server, which forks
 a child that runs the command in-process, and relays signals and the exit status back. The child
 runs the same code on the same inputs, so results do not change; it holds no state of earlier jobs
-(each is a fresh fork of the server, which runs no job code itself).
+(each is a fresh fork of the server, which runs no job code itself). It ends as forked children
+do (Python's multiprocessing among them): its streams flushed, then `os._exit`, without the
+server's `atexit` handlers.
 
 Where no server answers (the variable unset, a SLURM job on another node, the server gone), the
 command runs in its own interpreter as before. The server serves only its own user (the folder is
@@ -71,11 +73,16 @@ class Server:
 def start(ready_timeout_s: float = 60.0) -> Server:
     """Start a server as a child of this process and wait until it listens (its imports go on while
     the first clients queue). Raises RuntimeError, with the server's own words, if it fails to."""
-    folder = Path(tempfile.mkdtemp(prefix="vitplasticity-"))  # mode 0700: only this user connects
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="vitplasticity-"))  # mode 0700: only this user connects
+    except OSError as exc:
+        raise RuntimeError(f"the fork server did not start (no private temporary folder: {exc})") from exc
     log = folder / "server.log"
     with log.open("wb") as stderr:
         # Its own session: a Ctrl-C in the terminal reaches Snakemake and the jobs, not the server.
-        process = subprocess.Popen([sys.executable, "-m", "vitplasticity.forkserver", str(folder / "socket"),
+        # -P: the working directory is not put first on sys.path (as the `vitplasticity` script
+        # does not), so nothing in a study folder can shadow a module the jobs import.
+        process = subprocess.Popen([sys.executable, "-P", "-m", "vitplasticity.forkserver", str(folder / "socket"),
                                     str(os.getpid())], stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
                                    start_new_session=True)
     server = Server(process, folder)
@@ -107,7 +114,7 @@ def delegate(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> in
 
     def forward(signum, _frame) -> None:
         if child:
-            os.kill(child[0], signum)
+            _signal(child[0], signum)
         else:
             pending.append(signum)
 
@@ -115,13 +122,16 @@ def delegate(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> in
     try:
         fds = [fd for fd in _STREAM_FDS if _is_open(fd)]
         request = {"argv": list(argv), "cwd": os.getcwd(), "env": dict(environ), "fds": fds}
-        socket.send_fds(conn, [json.dumps(request).encode()], fds)
+        try:
+            socket.send_fds(conn, [json.dumps(request).encode()], fds)
+        except OSError:  # the server went away, or the request is too large for one message
+            return None
         reply = _receive(conn)
         if reply is None:  # the server stopped before it forked: run here
             return None
         child.append(reply["pid"])
         for signum in pending:
-            os.kill(child[0], signum)
+            _signal(child[0], signum)
         reply = _receive(conn)
         if reply is None:
             print(f"vitplasticity: the fork server stopped while it ran this job (pid {child[0]}); run it again",
@@ -160,6 +170,9 @@ def serve(path: Path, watched_pid: int, run: Callable[[list[str]], int]) -> None
     working directory and environment. Returns on SIGTERM or once its parent, `watched_pid`, has
     exited, after stopping the children still running and removing the socket's folder (the
     server's own, made by `start`)."""
+    if not (hasattr(os, "pidfd_open") and hasattr(socket, "SO_PEERCRED")):
+        raise SystemExit("it needs Linux (pidfd_open, SO_PEERCRED)")
+    os.close(os.pidfd_open(os.getpid()))  # OSError on a Linux older than 5.3
     preload = _preload(os.environ)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(str(path) + ".binding")
@@ -169,6 +182,8 @@ def serve(path: Path, watched_pid: int, run: Callable[[list[str]], int]) -> None
     os.rename(str(path) + ".binding", path)
     for module in preload:
         __import__(module)
+    if sys.modules["torch"].cuda.is_initialized():  # a fork could not use it
+        raise SystemExit("importing the jobs' modules initialised CUDA")
     stopping: list[bool] = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches Snakemake, which stops the run (and us)
@@ -186,7 +201,7 @@ def serve(path: Path, watched_pid: int, run: Callable[[list[str]], int]) -> None
                     _, status = os.waitpid(pid, 0)
                     _send(conn, {"exit": os.waitstatus_to_exitcode(status)})
                     _forget(selector, conn, pidfd)
-                else:  # the client went away (killed): stop its child, reported when it ends
+                elif key.data[1] in children:  # the client went away (killed): stop its child
                     pid = key.data[1]
                     selector.unregister(children[pid][0])
                     _signal(pid, signal.SIGTERM)
@@ -207,7 +222,10 @@ def _preload(environ: Mapping[str, str]) -> tuple[str, ...]:
 
 def _accept(listener: socket.socket, selector: selectors.BaseSelector, children: dict,
             run: Callable[[list[str]], int]) -> None:
-    conn, _ = listener.accept()
+    try:
+        conn, _ = listener.accept()
+    except OSError:  # out of file descriptors: the client sees the server gone and runs on its own
+        return
     try:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _, uid, _ = struct.unpack("3i", creds)
@@ -259,8 +277,14 @@ def _become(request: dict, fds: list[int], run: Callable[[list[str]], int]) -> i
         _limit_thread_pools(request["env"])
         sys.argv = ["vitplasticity", *request["argv"]]
         return run(request["argv"])
-    except SystemExit as exc:  # argparse's --help and usage errors
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except SystemExit as exc:  # argparse's --help and usage errors, as the interpreter reports them
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        return 128 + signal.SIGINT
     except BaseException:
         traceback.print_exc()
         return 1
