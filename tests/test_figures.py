@@ -192,6 +192,18 @@ def test_ln1_and_ln2_differ_in_colour_marker_and_line_style():
     assert all(ln1[key] != ln2[key] for key in ("color", "marker", "linestyle"))
 
 
+def test_every_arm_of_an_experiment_has_its_own_colour_and_marker():
+    """The quick study's arms, its two controls and a user's own arm: no two drawn alike, by colour
+    alone (accuracy_vs_params tells arms apart by colour) or by colour and marker."""
+    arms = ["all", "emb", "ln1", "mha", "ln2", "fc1", "fc2", "smooth", "non_smooth", "mha_as_ln1", "mha_lora1",
+            "attn_and_fc1"]
+    figures.give_styles(arms)
+    styles = [figures.style(arm) for arm in arms]
+    assert len({s["color"] for s in styles}) == len(arms)
+    assert len({(s["color"], s["marker"]) for s in styles}) == len(arms)
+    assert figures.style("mha_lora1") == {"color": "#393b79", "marker": ">", "linestyle": "-"}
+
+
 def test_arms_keep_the_experiment_order_and_table_labels(drawn):
     """lr_robustness and accuracy_per_arm name arms as the Markdown tables do, in the config's order."""
     expected = ["all", "Embedding", "LN1", "MHA", "LN2", "FC1", "FC2", "smooth", "non_smooth"]

@@ -33,15 +33,28 @@ MARKERS = {
 LINESTYLES = {"ln1": (0, (4, 2)), "fc2": (0, (1, 1)), "emb": (0, (6, 2, 1, 2))}
 TASK_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h", "*", "<", ">")
 BY_THEORY = sorted(THEORETICAL_RANK, key=THEORETICAL_RANK.get)
+# Arms outside PALETTE (controls, a user's own arms) take these in the experiment's order.
+EXTRA_COLOURS = ("#17becf", "#393b79", "#e7ba52", "#98df8a", "#ff9896", "#c5b0d5", "#9edae5", "#637939")
+EXTRA_MARKERS = ("<", ">", "d", "H", "8", "p")
+_extra: dict[str, tuple[str, str]] = {}  # set by `give_styles` for the experiment being drawn
+
+
+def give_styles(arms: list[str]) -> None:
+    """Give each arm of `arms` outside PALETTE its own colour and marker, in that order, so that every
+    figure of the experiment draws it alike and no two of them alike (until the extra colours run out)."""
+    _extra.clear()
+    for index, arm in enumerate(a for a in dict.fromkeys(arms) if a not in PALETTE):
+        _extra[arm] = (EXTRA_COLOURS[index % len(EXTRA_COLOURS)], EXTRA_MARKERS[index % len(EXTRA_MARKERS)])
 
 
 def colour(name: str) -> str:
-    return PALETTE.get(name, "#17becf")
+    return PALETTE.get(name) or _extra.get(name, EXTRA_COLOURS)[0]
 
 
 def style(name: str) -> dict:
     """Line2D keyword arguments of a component or arm: colour, marker, line style."""
-    return {"color": colour(name), "marker": MARKERS.get(name, "o"), "linestyle": LINESTYLES.get(name, "-")}
+    marker = MARKERS.get(name) or _extra.get(name, ("", "o"))[1]
+    return {"color": colour(name), "marker": marker, "linestyle": LINESTYLES.get(name, "-")}
 
 
 def _save(fig: plt.Figure, out_dir: Path, name: str) -> None:
@@ -456,6 +469,7 @@ def make_figures(tables_dir: Path, out_dir: Path) -> None:
     tables_dir, out_dir = Path(tables_dir), Path(out_dir)
     runs, table = _read(tables_dir / "runs.csv"), _read(tables_dir / "main_table.csv")
     gains = _read(tables_dir / "relative_gain.csv")
+    give_styles(_arm_order(table))
     plasticity = _read(tables_dir / "plasticity.csv")
     plasticity_vs_rank(plasticity, out_dir)
     plasticity_vs_depth(plasticity, out_dir)
