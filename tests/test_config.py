@@ -115,7 +115,7 @@ MALFORMED = {
         "config key 'runtime.eval_batch': 0 is less than the minimum of 1; set it to at least 1"]),
     "unknown machine setting": (QUICK, "runtime/batch", 8, [
         "config key 'runtime': unknown key(s) 'batch'",
-        "allowed keys: compile, device, eval_batch, micro_batch, plasticity_batch, prefetch"]),
+        "allowed keys: compile, device, eval_batch, fork_server, micro_batch, plasticity_batch, prefetch"]),
 }
 
 
