@@ -97,7 +97,10 @@ def test_changing_a_machine_setting_reruns_nothing(smoke_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_jobs_forked_from_the_fork_server_write_what_fresh_interpreters_wrote(smoke_copy, tmp_path):
+def test_jobs_forked_from_the_fork_server_write_what_fresh_interpreters_wrote(smoke_copy, tmp_path, monkeypatch):
+    scratch = tmp_path / "tmp"  # the server's socket folder goes here: this run's server, no other
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
     results = smoke_copy / "results"
     run = next((results / "runs").rglob("metrics.json")).parent
     plasticity = next((results / "plasticity").rglob("plasticity.csv"))
@@ -114,7 +117,9 @@ def test_jobs_forked_from_the_fork_server_write_what_fresh_interpreters_wrote(sm
     # The job's own process only relayed: torch was imported in the server, not in it.
     benchmark = results / "benchmarks" / "finetune" / f"{run.relative_to(results / 'runs')}.tsv"
     assert pd.read_csv(benchmark, sep="\t")["max_rss"].iloc[0] < 200  # MB; a job that imports torch: 400+
-    assert not [p for p in psutil.process_iter(["cmdline"]) if "vitplasticity.forkserver" in (p.info["cmdline"] or [])]
+    # The server ended with the run and removed its folder.
+    assert list(scratch.iterdir()) == []
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(scratch) in " ".join(p.info["cmdline"] or [])]
 
 
 @pytest.mark.slow
