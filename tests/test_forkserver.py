@@ -1,6 +1,7 @@
 """The fork server: a job forked from it writes what a fresh interpreter writes, and its exit status,
 streams and signals pass through as if it ran on its own."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -75,9 +76,12 @@ def test_a_signal_to_the_job_reaches_its_forked_child_and_the_server_serves_on(k
     assert result.returncode == 0
 
 
-def test_a_killed_job_takes_its_forked_child_with_it(kit, tmp_path, server):
+@pytest.mark.parametrize("stdin", ["open", "closed"])
+def test_a_killed_job_takes_its_forked_child_with_it(kit, tmp_path, server, stdin):
+    # With its standard input closed, the job's connection to the server would take descriptor 0.
     job = subprocess.Popen(cli_command(*finetune_argv(kit, tmp_path / "run", steps=100_000, eval_every=50_000)),
-                           env=served(server), stderr=subprocess.DEVNULL)
+                           env=served(server), stderr=subprocess.DEVNULL,
+                           preexec_fn=(lambda: os.close(0)) if stdin == "closed" else None)
     wait_for(lambda: children(server))
     child = children(server)[0]
     job.kill()

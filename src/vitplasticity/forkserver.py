@@ -103,6 +103,9 @@ def delegate(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> in
     path = environ.get(SOCKET_ENV)
     if not path:
         return None
+    # Before the socket exists: where a standard stream is closed, the socket takes its number, and
+    # a child holding its own connection as that stream would keep it open after this process died.
+    fds = [fd for fd in _STREAM_FDS if _is_open(fd)]
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         conn.connect(path)
@@ -120,7 +123,6 @@ def delegate(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> in
 
     previous = {signum: signal.signal(signum, forward) for signum in _FORWARDED}
     try:
-        fds = [fd for fd in _STREAM_FDS if _is_open(fd)]
         request = {"argv": list(argv), "cwd": os.getcwd(), "env": dict(environ), "fds": fds}
         try:
             socket.send_fds(conn, [json.dumps(request).encode()], fds)
