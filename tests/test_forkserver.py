@@ -1,6 +1,7 @@
 """The fork server: a job forked from it writes what a fresh interpreter writes, and its exit status,
 streams and signals pass through as if it ran on its own."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -29,6 +30,14 @@ def served(server) -> dict:
 
 def children(server) -> list[psutil.Process]:
     return psutil.Process(server.process.pid).children()
+
+
+def has_ended(pid: int) -> bool:
+    """The process has exited (a zombie whose parent has not reaped it yet counts)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def wait_for(condition, timeout_s: float = 120.0) -> None:
@@ -100,14 +109,7 @@ def test_the_server_ends_with_the_process_that_started_it(tmp_path):
     out = subprocess.run([sys.executable, "-c", starter], env=ENV, check=True, capture_output=True, text=True).stdout
     pid, folder = out.split()
     wait_for(lambda: not Path(folder).exists())  # it removes its socket folder when it exits
-
-    def ended() -> bool:
-        try:
-            return psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-
-    wait_for(ended, timeout_s=30)
+    wait_for(lambda: has_ended(int(pid)), timeout_s=30)
 
 
 def test_a_server_that_cannot_start_says_why_and_leaves_nothing(tmp_path, monkeypatch):
@@ -116,3 +118,23 @@ def test_a_server_that_cannot_start_says_why_and_leaves_nothing(tmp_path, monkey
     with pytest.raises(RuntimeError, match=r"^the fork server did not start \(.*VITPLASTICITY_MACHINE is not the JSON"):
         forkserver.start()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_job_whose_server_is_killed_ends_with_its_child_and_one_line(kit, tmp_path):
+    started = forkserver.start()
+    job = subprocess.Popen(cli_command(*finetune_argv(kit, tmp_path / "run", steps=100_000, eval_every=50_000)),
+                           env=served(started), stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: children(started))
+    child = children(started)[0]
+    try:
+        wait_for(lambda: (tmp_path / "run").exists())  # the run has started
+        started.process.kill()
+        assert job.wait(60) == 1
+        # The job ends only once its child has: nothing writes to its outputs after Snakemake sees it fail.
+        assert has_ended(child.pid)
+        assert job.stderr.read().splitlines()[-1] == (
+            f"vitplasticity: the fork server stopped while it ran this job (pid {child.pid}); run it again")
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+        started.stop()

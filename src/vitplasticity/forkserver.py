@@ -15,7 +15,8 @@ server's `atexit` handlers.
 Where no server answers (the variable unset, a SLURM job on another node, the server gone), the
 command runs in its own interpreter as before. The server serves only its own user (the folder is
 private and each peer's uid is checked), exits when the Snakemake process that started it exits,
-and stops the children of clients that went away.
+and stops the children of clients that went away; a child never outlives its server (a server
+killed takes its children with it, and their clients end only once they have).
 
 Protocol (SOCK_SEQPACKET, one JSON message each): the client sends {"argv", "cwd", "env", "fds"}
 with its standard streams attached (SCM_RIGHTS); the server answers {"pid": child} and, when the
@@ -25,8 +26,10 @@ child ends, {"exit": code} (negative: killed by that signal).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import select
 import selectors
 import shutil
 import signal
@@ -48,6 +51,7 @@ _MESSAGE_BYTES = 1 << 20  # an environment of up to 1 MiB
 _STREAM_FDS = (0, 1, 2)
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 _STOP_GRACE_S = 10.0
+_PR_SET_PDEATHSIG = 1  # prctl option, <linux/prctl.h>
 
 
 class Server:
@@ -113,6 +117,7 @@ def delegate(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> in
         conn.close()
         return None
     child: list[int] = []
+    pidfd = None
     pending: list[int] = []
 
     def forward(signum, _frame) -> None:
@@ -132,10 +137,14 @@ def delegate(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> in
         if reply is None:  # the server stopped before it forked: run here
             return None
         child.append(reply["pid"])
+        with contextlib.suppress(ProcessLookupError):  # it has already ended
+            pidfd = os.pidfd_open(child[0])
         for signum in pending:
             _signal(child[0], signum)
         reply = _receive(conn)
-        if reply is None:
+        if reply is None:  # the server died, and its death signal stops the child: wait for it to end
+            if pidfd is not None:
+                _await_end(pidfd)
             print(f"vitplasticity: the fork server stopped while it ran this job (pid {child[0]}); run it again",
                   file=sys.stderr)
             return 1
@@ -145,6 +154,16 @@ def delegate(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> in
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         conn.close()
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _await_end(pidfd: int) -> None:
+    """Wait until the process of `pidfd` has ended, SIGKILLing it after the grace period."""
+    if not select.select([pidfd], [], [], _STOP_GRACE_S)[0]:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        select.select([pidfd], [], [])
 
 
 def _is_open(fd: int) -> bool:
@@ -240,6 +259,7 @@ def _accept(listener: socket.socket, selector: selectors.BaseSelector, children:
         return
     sys.stdout.flush()
     sys.stderr.flush()
+    server = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child: become the client's command
         code = 1
@@ -249,7 +269,7 @@ def _accept(listener: socket.socket, selector: selectors.BaseSelector, children:
                 other.close()
                 os.close(pidfd)
             conn.close()
-            code = _become(request, fds, run)
+            code = _become(request, fds, run, server)
         finally:
             os._exit(code)
     for fd in fds:
@@ -261,10 +281,12 @@ def _accept(listener: socket.socket, selector: selectors.BaseSelector, children:
     selector.register(conn, selectors.EVENT_READ, ("client", pid))
 
 
-def _become(request: dict, fds: list[int], run: Callable[[list[str]], int]) -> int:
-    """In the forked child: take the client's streams, folder, environment and signals, then run."""
+def _become(request: dict, fds: list[int], run: Callable[[list[str]], int], server: int) -> int:
+    """In the forked child: take the client's streams, folder, environment and signals, then run;
+    SIGTERM when `server` exits."""
     for signum in _FORWARDED:
         signal.signal(signum, signal.SIG_DFL)
+    _end_with(server)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as in any Python process
     for target, fd in zip(request["fds"], fds, strict=True):
         os.dup2(fd, target)
@@ -293,6 +315,14 @@ def _become(request: dict, fds: list[int], run: Callable[[list[str]], int]) -> i
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+def _end_with(server: int) -> None:
+    """Have the kernel SIGTERM this process when its parent, `server`, exits (prctl PR_SET_PDEATHSIG)."""
+    if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != server:  # it exited before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _limit_thread_pools(env: Mapping[str, str]) -> None:
