@@ -138,3 +138,26 @@ def test_a_job_whose_server_is_killed_ends_with_its_child_and_one_line(kit, tmp_
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
         started.stop()
+
+
+def test_a_forked_job_takes_its_temporary_folder_from_its_own_environment(tmp_path):
+    # Snakemake gives each job its `tmpdir` resource as TMPDIR; the server's modules asked for theirs at import.
+    folder, report, job_tmp = tmp_path / "server", tmp_path / "tempdir.txt", tmp_path / "job-tmp"
+    folder.mkdir()
+    job_tmp.mkdir()
+    code = ("import sys, tempfile; from pathlib import Path; from vitplasticity import forkserver; "
+            "forkserver.serve(Path(sys.argv[1]), int(sys.argv[2]), "
+            "lambda argv: (Path(argv[0]).write_text(tempfile.gettempdir()), 0)[1])")
+    # Snakemake's environment, unlike the tests' (importing torch set it), has no TORCHINDUCTOR_CACHE_DIR:
+    # the server's torch then asks for the temporary folder at import.
+    snakemake_env = {name: value for name, value in ENV.items() if name != "TORCHINDUCTOR_CACHE_DIR"}
+    server = subprocess.Popen([sys.executable, "-c", code, str(folder / "socket"), str(os.getpid())],
+                              env=snakemake_env)
+    try:
+        wait_for((folder / "socket").exists)
+        env = dict(ENV, TMPDIR=str(job_tmp), **{forkserver.SOCKET_ENV: str(folder / "socket")})
+        assert forkserver.delegate([str(report)], env) == 0
+        assert report.read_text() == str(job_tmp)
+    finally:
+        server.terminate()
+        server.wait()

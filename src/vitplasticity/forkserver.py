@@ -298,6 +298,7 @@ def _become(request: dict, fds: list[int], run: Callable[[list[str]], int], serv
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        tempfile.tempdir = None  # the server's, cached at import: the job's is its TMPDIR (Snakemake's `tmpdir`)
         _limit_thread_pools(request["env"])
         sys.argv = ["vitplasticity", *request["argv"]]
         return run(request["argv"])
