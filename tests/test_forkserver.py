@@ -4,6 +4,7 @@ streams and signals pass through as if it ran on its own."""
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -161,3 +162,17 @@ def test_a_forked_job_takes_its_temporary_folder_from_its_own_environment(tmp_pa
     finally:
         server.terminate()
         server.wait()
+
+
+def test_a_malformed_request_is_refused_without_keeping_its_descriptors(server):
+    def refused() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+            conn.connect(str(server.socket))
+            socket.send_fds(conn, [b"not json"], [0, 1, 2])
+            assert conn.recv(100) == b""  # the server hung up without forking
+
+    refused()  # once the server has imported its modules and serves
+    before = psutil.Process(server.process.pid).num_fds()
+    for _ in range(3):
+        refused()
+    assert psutil.Process(server.process.pid).num_fds() == before

@@ -47,7 +47,9 @@ from pathlib import Path
 SOCKET_ENV = "VITPLASTICITY_FORK_SERVER"
 # What the server imports before it serves: the cost every job would otherwise pay.
 PRELOAD = ("numpy", "torch", "timm", "safetensors.torch", "vitplasticity.jobs")
-_MESSAGE_BYTES = 1 << 20  # an environment of up to 1 MiB
+# The most a request may hold. The client's send buffer limits it further (about 200 KB of environment
+# under Linux's defaults); a larger request is refused and the job runs in its own interpreter.
+_MESSAGE_BYTES = 1 << 20
 _STREAM_FDS = (0, 1, 2)
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 _STOP_GRACE_S = 10.0
@@ -247,14 +249,16 @@ def _accept(listener: socket.socket, selector: selectors.BaseSelector, children:
         conn, _ = listener.accept()
     except OSError:  # out of file descriptors: the client sees the server gone and runs on its own
         return
+    fds: list[int] = []
     try:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _, uid, _ = struct.unpack("3i", creds)
+        if struct.unpack("3i", creds)[1] != os.getuid():
+            raise ValueError("a request from another user")
         data, fds, _, _ = socket.recv_fds(conn, _MESSAGE_BYTES, len(_STREAM_FDS))
-        if uid != os.getuid() or not data:
-            raise ValueError("a request from another user, or none")
-        request = json.loads(data)
+        request = json.loads(data)  # ValueError if none (the client went away) or not JSON
     except (OSError, ValueError):
+        for fd in fds:
+            os.close(fd)
         conn.close()
         return
     sys.stdout.flush()
