@@ -1,7 +1,10 @@
 """The fork server: a job forked from it writes what a fresh interpreter writes, and its exit status,
 streams and signals pass through as if it ran on its own."""
 
+import contextlib
+import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +31,14 @@ def served(server) -> dict:
 
 def children(server) -> list[psutil.Process]:
     return psutil.Process(server.process.pid).children()
+
+
+def has_ended(pid: int) -> bool:
+    """The process has exited (a zombie whose parent has not reaped it yet counts)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def wait_for(condition, timeout_s: float = 120.0) -> None:
@@ -75,9 +86,12 @@ def test_a_signal_to_the_job_reaches_its_forked_child_and_the_server_serves_on(k
     assert result.returncode == 0
 
 
-def test_a_killed_job_takes_its_forked_child_with_it(kit, tmp_path, server):
+@pytest.mark.parametrize("stdin", ["open", "closed"])
+def test_a_killed_job_takes_its_forked_child_with_it(kit, tmp_path, server, stdin):
+    # With its standard input closed, the job's connection to the server would take descriptor 0.
     job = subprocess.Popen(cli_command(*finetune_argv(kit, tmp_path / "run", steps=100_000, eval_every=50_000)),
-                           env=served(server), stderr=subprocess.DEVNULL)
+                           env=served(server), stderr=subprocess.DEVNULL,
+                           preexec_fn=(lambda: os.close(0)) if stdin == "closed" else None)
     wait_for(lambda: children(server))
     child = children(server)[0]
     job.kill()
@@ -96,14 +110,7 @@ def test_the_server_ends_with_the_process_that_started_it(tmp_path):
     out = subprocess.run([sys.executable, "-c", starter], env=ENV, check=True, capture_output=True, text=True).stdout
     pid, folder = out.split()
     wait_for(lambda: not Path(folder).exists())  # it removes its socket folder when it exits
-
-    def ended() -> bool:
-        try:
-            return psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-
-    wait_for(ended, timeout_s=30)
+    wait_for(lambda: has_ended(int(pid)), timeout_s=30)
 
 
 def test_a_server_that_cannot_start_says_why_and_leaves_nothing(tmp_path, monkeypatch):
@@ -112,3 +119,60 @@ def test_a_server_that_cannot_start_says_why_and_leaves_nothing(tmp_path, monkey
     with pytest.raises(RuntimeError, match=r"^the fork server did not start \(.*VITPLASTICITY_MACHINE is not the JSON"):
         forkserver.start()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_job_whose_server_is_killed_ends_with_its_child_and_one_line(kit, tmp_path):
+    started = forkserver.start()
+    job = subprocess.Popen(cli_command(*finetune_argv(kit, tmp_path / "run", steps=100_000, eval_every=50_000)),
+                           env=served(started), stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: children(started))
+    child = children(started)[0]
+    try:
+        wait_for(lambda: (tmp_path / "run").exists())  # the run has started
+        started.process.kill()
+        assert job.wait(60) == 1
+        # The job ends only once its child has: nothing writes to its outputs after Snakemake sees it fail.
+        assert has_ended(child.pid)
+        assert job.stderr.read().splitlines()[-1] == (
+            f"vitplasticity: the fork server stopped while it ran this job (pid {child.pid}); run it again")
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+        started.stop()
+
+
+def test_a_forked_job_takes_its_temporary_folder_from_its_own_environment(tmp_path):
+    # Snakemake gives each job its `tmpdir` resource as TMPDIR; the server's modules asked for theirs at import.
+    folder, report, job_tmp = tmp_path / "server", tmp_path / "tempdir.txt", tmp_path / "job-tmp"
+    folder.mkdir()
+    job_tmp.mkdir()
+    code = ("import sys, tempfile; from pathlib import Path; from vitplasticity import forkserver; "
+            "forkserver.serve(Path(sys.argv[1]), int(sys.argv[2]), "
+            "lambda argv: (Path(argv[0]).write_text(tempfile.gettempdir()), 0)[1])")
+    # Snakemake's environment, unlike the tests' (importing torch set it), has no TORCHINDUCTOR_CACHE_DIR:
+    # the server's torch then asks for the temporary folder at import.
+    snakemake_env = {name: value for name, value in ENV.items() if name != "TORCHINDUCTOR_CACHE_DIR"}
+    server = subprocess.Popen([sys.executable, "-c", code, str(folder / "socket"), str(os.getpid())],
+                              env=snakemake_env)
+    try:
+        wait_for((folder / "socket").exists)
+        env = dict(ENV, TMPDIR=str(job_tmp), **{forkserver.SOCKET_ENV: str(folder / "socket")})
+        assert forkserver.delegate([str(report)], env) == 0
+        assert report.read_text() == str(job_tmp)
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def test_a_malformed_request_is_refused_without_keeping_its_descriptors(server):
+    def refused() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+            conn.connect(str(server.socket))
+            socket.send_fds(conn, [b"not json"], [0, 1, 2])
+            assert conn.recv(100) == b""  # the server hung up without forking
+
+    refused()  # once the server has imported its modules and serves
+    before = psutil.Process(server.process.pid).num_fds()
+    for _ in range(3):
+        refused()
+    assert psutil.Process(server.process.pid).num_fds() == before

@@ -15,7 +15,8 @@ server's `atexit` handlers.
 Where no server answers (the variable unset, a SLURM job on another node, the server gone), the
 command runs in its own interpreter as before. The server serves only its own user (the folder is
 private and each peer's uid is checked), exits when the Snakemake process that started it exits,
-and stops the children of clients that went away.
+and stops the children of clients that went away; a child never outlives its server (a server
+killed takes its children with it, and their clients end only once they have).
 
 Protocol (SOCK_SEQPACKET, one JSON message each): the client sends {"argv", "cwd", "env", "fds"}
 with its standard streams attached (SCM_RIGHTS); the server answers {"pid": child} and, when the
@@ -25,8 +26,10 @@ child ends, {"exit": code} (negative: killed by that signal).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import select
 import selectors
 import shutil
 import signal
@@ -44,10 +47,13 @@ from pathlib import Path
 SOCKET_ENV = "VITPLASTICITY_FORK_SERVER"
 # What the server imports before it serves: the cost every job would otherwise pay.
 PRELOAD = ("numpy", "torch", "timm", "safetensors.torch", "vitplasticity.jobs")
-_MESSAGE_BYTES = 1 << 20  # an environment of up to 1 MiB
+# The most a request may hold. The client's send buffer limits it further (about 200 KB of environment
+# under Linux's defaults); a larger request is refused and the job runs in its own interpreter.
+_MESSAGE_BYTES = 1 << 20
 _STREAM_FDS = (0, 1, 2)
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 _STOP_GRACE_S = 10.0
+_PR_SET_PDEATHSIG = 1  # prctl option, <linux/prctl.h>
 
 
 class Server:
@@ -103,6 +109,9 @@ def delegate(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> in
     path = environ.get(SOCKET_ENV)
     if not path:
         return None
+    # Before the socket exists: where a standard stream is closed, the socket takes its number, and
+    # a child holding its own connection as that stream would keep it open after this process died.
+    fds = [fd for fd in _STREAM_FDS if _is_open(fd)]
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         conn.connect(path)
@@ -110,6 +119,7 @@ def delegate(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> in
         conn.close()
         return None
     child: list[int] = []
+    pidfd = None
     pending: list[int] = []
 
     def forward(signum, _frame) -> None:
@@ -120,7 +130,6 @@ def delegate(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> in
 
     previous = {signum: signal.signal(signum, forward) for signum in _FORWARDED}
     try:
-        fds = [fd for fd in _STREAM_FDS if _is_open(fd)]
         request = {"argv": list(argv), "cwd": os.getcwd(), "env": dict(environ), "fds": fds}
         try:
             socket.send_fds(conn, [json.dumps(request).encode()], fds)
@@ -130,10 +139,14 @@ def delegate(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> in
         if reply is None:  # the server stopped before it forked: run here
             return None
         child.append(reply["pid"])
+        with contextlib.suppress(ProcessLookupError):  # it has already ended
+            pidfd = os.pidfd_open(child[0])
         for signum in pending:
             _signal(child[0], signum)
         reply = _receive(conn)
-        if reply is None:
+        if reply is None:  # the server died, and its death signal stops the child: wait for it to end
+            if pidfd is not None:
+                _await_end(pidfd)
             print(f"vitplasticity: the fork server stopped while it ran this job (pid {child[0]}); run it again",
                   file=sys.stderr)
             return 1
@@ -143,6 +156,16 @@ def delegate(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> in
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         conn.close()
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _await_end(pidfd: int) -> None:
+    """Wait until the process of `pidfd` has ended, SIGKILLing it after the grace period."""
+    if not select.select([pidfd], [], [], _STOP_GRACE_S)[0]:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        select.select([pidfd], [], [])
 
 
 def _is_open(fd: int) -> bool:
@@ -226,18 +249,21 @@ def _accept(listener: socket.socket, selector: selectors.BaseSelector, children:
         conn, _ = listener.accept()
     except OSError:  # out of file descriptors: the client sees the server gone and runs on its own
         return
+    fds: list[int] = []
     try:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _, uid, _ = struct.unpack("3i", creds)
+        if struct.unpack("3i", creds)[1] != os.getuid():
+            raise ValueError("a request from another user")
         data, fds, _, _ = socket.recv_fds(conn, _MESSAGE_BYTES, len(_STREAM_FDS))
-        if uid != os.getuid() or not data:
-            raise ValueError("a request from another user, or none")
-        request = json.loads(data)
+        request = json.loads(data)  # ValueError if none (the client went away) or not JSON
     except (OSError, ValueError):
+        for fd in fds:
+            os.close(fd)
         conn.close()
         return
     sys.stdout.flush()
     sys.stderr.flush()
+    server = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child: become the client's command
         code = 1
@@ -247,7 +273,7 @@ def _accept(listener: socket.socket, selector: selectors.BaseSelector, children:
                 other.close()
                 os.close(pidfd)
             conn.close()
-            code = _become(request, fds, run)
+            code = _become(request, fds, run, server)
         finally:
             os._exit(code)
     for fd in fds:
@@ -259,10 +285,12 @@ def _accept(listener: socket.socket, selector: selectors.BaseSelector, children:
     selector.register(conn, selectors.EVENT_READ, ("client", pid))
 
 
-def _become(request: dict, fds: list[int], run: Callable[[list[str]], int]) -> int:
-    """In the forked child: take the client's streams, folder, environment and signals, then run."""
+def _become(request: dict, fds: list[int], run: Callable[[list[str]], int], server: int) -> int:
+    """In the forked child: take the client's streams, folder, environment and signals, then run;
+    SIGTERM when `server` exits."""
     for signum in _FORWARDED:
         signal.signal(signum, signal.SIG_DFL)
+    _end_with(server)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as in any Python process
     for target, fd in zip(request["fds"], fds, strict=True):
         os.dup2(fd, target)
@@ -274,6 +302,7 @@ def _become(request: dict, fds: list[int], run: Callable[[list[str]], int]) -> i
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        tempfile.tempdir = None  # the server's, cached at import: the job's is its TMPDIR (Snakemake's `tmpdir`)
         _limit_thread_pools(request["env"])
         sys.argv = ["vitplasticity", *request["argv"]]
         return run(request["argv"])
@@ -291,6 +320,14 @@ def _become(request: dict, fds: list[int], run: Callable[[list[str]], int]) -> i
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+def _end_with(server: int) -> None:
+    """Have the kernel SIGTERM this process when its parent, `server`, exits (prctl PR_SET_PDEATHSIG)."""
+    if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != server:  # it exited before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _limit_thread_pools(env: Mapping[str, str]) -> None:
