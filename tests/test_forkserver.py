@@ -176,3 +176,15 @@ def test_a_malformed_request_is_refused_without_keeping_its_descriptors(server):
     for _ in range(3):
         refused()
     assert psutil.Process(server.process.pid).num_fds() == before
+
+
+def test_a_server_that_fails_after_it_listens_says_why_when_stopped(tmp_path, monkeypatch):
+    """Its imports fail once it listens: jobs run on their own, and stopping it says so in one line."""
+    (tmp_path / "timm.py").write_text("raise ImportError('timm is broken here')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    started = forkserver.start()
+    started.process.wait(60)
+    assert forkserver.delegate(["--help"], {forkserver.SOCKET_ENV: str(started.socket)}) is None
+    assert started.stop() == ("the fork server ended early (ImportError: timm is broken here); jobs after that "
+                              "started their own interpreters")
+    assert not started.folder.exists()

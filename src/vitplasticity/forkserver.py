@@ -64,8 +64,10 @@ class Server:
         self.folder = folder
         self.socket = folder / "socket"
 
-    def stop(self) -> None:
-        """Stop the server (it stops any child still running) and remove its folder. Idempotent."""
+    def stop(self) -> str | None:
+        """Stop the server (it stops any child still running) and remove its folder. Idempotent.
+        Returns what to tell the user if the server had ended on its own with an error, else None."""
+        early = None
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -73,7 +75,20 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        elif self.process.returncode != 0:
+            early = (f"the fork server ended early ({_last_words(self.folder / 'server.log')}); jobs after that "
+                     "started their own interpreters")
         shutil.rmtree(self.folder, ignore_errors=True)
+        return early
+
+
+def _last_words(log: Path) -> str:
+    """The last line a server wrote (the error of a traceback)."""
+    with contextlib.suppress(OSError):
+        lines = log.read_text(errors="replace").strip().splitlines()
+        if lines:
+            return lines[-1]
+    return "it left no message"
 
 
 def start(ready_timeout_s: float = 60.0) -> Server:
@@ -95,9 +110,9 @@ def start(ready_timeout_s: float = 60.0) -> Server:
     deadline = time.monotonic() + ready_timeout_s
     while not server.socket.exists():
         if process.poll() is not None or time.monotonic() > deadline:
-            words = log.read_text(errors="replace").strip().splitlines()
+            words = _last_words(log)
             server.stop()
-            raise RuntimeError(f"the fork server did not start ({words[-1] if words else 'no listening socket'})")
+            raise RuntimeError(f"the fork server did not start ({words})")
         time.sleep(0.02)
     return server
 

@@ -332,8 +332,11 @@ def start_fork_server():
 
 
 def stop_fork_server():
+    """Stop the run's fork server; one line if it had ended early (its jobs ran on their own)."""
     for server in FORK_SERVER:
-        server.stop()
+        early = server.stop()
+        if early:
+            print(f"vitplasticity: {early}", file=sys.stderr)
     FORK_SERVER.clear()
 
 
