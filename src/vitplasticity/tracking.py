@@ -606,11 +606,11 @@ def _mark_stale(record: Path) -> None:
 
 def _needs_mirror(record: Path, present: set) -> bool:
     """A finished folder the store lacks, or whose recorded run predates what the folder holds."""
-    if _recorded_id(record) not in present:
+    try:
+        payload = read_json(record)
+        return payload["run_id"] not in present or bool(payload.get("stale"))
+    except (OSError, ValueError, KeyError, TypeError):  # no record, or not one: never mirrored
         return True
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        return bool(read_json(record).get("stale"))
-    return False
 
 
 def _recorded_run(client: MlflowClient, record: Path, experiment_id: str) -> Run | None:
