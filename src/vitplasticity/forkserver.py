@@ -192,15 +192,13 @@ def _is_open(fd: int) -> bool:
 
 
 def _receive(conn: socket.socket) -> dict | None:
-    """The next message, or None once the peer has gone."""
-    while True:
-        try:
-            data = conn.recv(_MESSAGE_BYTES)
-        except InterruptedError:
-            continue
-        except ConnectionError:
-            return None
-        return json.loads(data) if data else None
+    """The next message, or None once the peer has gone (a signal handler's interruption is retried
+    by Python itself, PEP 475)."""
+    try:
+        data = conn.recv(_MESSAGE_BYTES)
+    except ConnectionError:
+        return None
+    return json.loads(data) if data else None
 
 
 def serve(path: Path, watched_pid: int, run: Callable[[list[str]], int]) -> None:
