@@ -47,13 +47,18 @@ def give_styles(arms: list[str]) -> None:
         _extra[arm] = (EXTRA_COLOURS[index % len(EXTRA_COLOURS)], EXTRA_MARKERS[index % len(EXTRA_MARKERS)])
 
 
+def _given(name: str) -> tuple[str, str]:
+    """The colour and marker `give_styles` gave a name outside PALETTE (the first extra ones if none)."""
+    return _extra.get(name, (EXTRA_COLOURS[0], EXTRA_MARKERS[0]))
+
+
 def colour(name: str) -> str:
-    return PALETTE.get(name) or _extra.get(name, EXTRA_COLOURS)[0]
+    return PALETTE.get(name) or _given(name)[0]
 
 
 def style(name: str) -> dict:
     """Line2D keyword arguments of a component or arm: colour, marker, line style."""
-    marker = MARKERS.get(name) or _extra.get(name, ("", "o"))[1]
+    marker = MARKERS.get(name) or _given(name)[1]
     return {"color": colour(name), "marker": marker, "linestyle": LINESTYLES.get(name, "-")}
 
 
