@@ -15,6 +15,7 @@ import pandas as pd
 import yaml
 from scipy import stats
 
+from vitplasticity import registry
 from vitplasticity.components import THEORETICAL_RANK, arm_label
 from vitplasticity.errors import UserError
 from vitplasticity.fileio import read_json, write_csv, write_text
@@ -343,7 +344,8 @@ def _trajectory_view(table: pd.DataFrame) -> pd.DataFrame:
 def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], plasticity_files: list[Path],
               bounds_files: list[Path], out_dir: Path, criteria_files: list[Path] = (),
               trajectory_files: list[Path] = ()) -> dict[str, pd.DataFrame]:
-    """Write every table of an experiment into out_dir: CSV (the data), Markdown and HTML (for reading).
+    """Write every table of an experiment (`registry.TABLES`) into out_dir: CSV (the data), Markdown and HTML
+    (for reading).
 
     `criteria_files`: the criteria jobs' `criteria.csv`, each with its `cost.csv` beside it;
     `trajectory_files`: the trajectory job's `trajectory.csv` of the experiment's model, if it has one."""
@@ -371,8 +373,8 @@ def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], p
         "trajectory": trajectory_table(trajectory, settings.get("tasks")),
     }
     out_dir = Path(out_dir)
-    for name, frame in tables.items():
-        write_csv(out_dir / f"{name}.csv", frame, float_format=FLOAT_FORMAT)
+    for name in registry.TABLES:
+        write_csv(out_dir / f"{name}.csv", tables[name], float_format=FLOAT_FORMAT)
     _write_view(out_dir, "main_table", _main_view(table, probes, arm_order))
     if probes:
         gains = _with_average(tables["relative_gain"], "gain_pct")
