@@ -159,7 +159,7 @@ def test_push_after_a_study_then_pull_into_a_fresh_clone_and_change_it(smoke_run
                                                "config/quick.yaml plans jobs); run snakemake, then push")
     assert not (repo / "dvc.lock").exists()
 
-    # The README's sequence: the quick study with plain Snakemake (it remakes only what is missing),
+    # docs/dvc.md's sequence: the quick study with plain Snakemake (it remakes only what is missing),
     # then the push script, which records dvc.lock and pushes everything.
     run(repo, env, sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "config/quick.yaml")
     assert (repo / "results" / "tables" / "main" / "main_table.csv").is_file()
