@@ -54,3 +54,9 @@ def test_the_readme_opens_with_the_two_commands_and_stays_short():
         "bash scripts/setup.sh && bash scripts/test.sh",
     ]
     assert len(lines) <= 300
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.relative_to(ROOT).as_posix())
+def test_every_code_block_is_closed(page):
+    fences = [line for line in page.read_text().splitlines() if line.startswith("```")]
+    assert len(fences) % 2 == 0
