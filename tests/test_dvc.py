@@ -166,6 +166,8 @@ def test_push_after_a_study_then_pull_into_a_fresh_clone_and_change_it(smoke_run
     assert mtimes(repo, kept) == before
     run(repo, env, "bash", "scripts/dvc-push.sh")
     assert status(repo, env) == {}
+    # The smoke study measures no criteria: their folder is recorded empty (DVC commits no missing output).
+    assert list((repo / "results" / "criteria").iterdir()) == []
     workspace = digests(repo)
     recorded = {path: digest for path, digest in workspace.items() if not path.endswith("/mlflow_run.json")}
     for path in recorded:  # every output file's content is on the remote (DVC 3 layout: files/md5/ab/cdef...)
@@ -206,6 +208,7 @@ def test_push_after_a_study_then_pull_into_a_fresh_clone_and_change_it(smoke_run
     dvc(clone, env, "config", "--local", "core.site_cache_dir", str(tmp_path / "clone-site-cache"))
     run(clone, env, "bash", "scripts/dvc-pull.sh")
     assert digests(clone) == recorded
+    assert (clone / "results" / "criteria").is_dir()
     assert status(clone, env) == {}
     assert NOTHING_TO_DO in snakemake_dry_run(clone, env)
 
