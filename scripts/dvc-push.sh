@@ -20,5 +20,16 @@ if ! grep -q "Nothing to be done" <<<"$plan"; then
     echo "dvc-push: the study is not finished (snakemake -n --configfile $configfile plans jobs); run snakemake, then push" >&2
     exit 1
 fi
+# A folder of the stage that this study leaves empty (criteria off, fetched checkpoints) is recorded
+# empty: DVC refuses to commit a stage with a missing output.
+"$python" - "$stage" <<'PY'
+import sys
+from pathlib import Path
+
+import yaml
+
+for out in yaml.safe_load(Path("dvc.yaml").read_text())["stages"][sys.argv[1]]["outs"]:
+    Path(next(iter(out)) if isinstance(out, dict) else out).mkdir(parents=True, exist_ok=True)
+PY
 "$python" -m dvc commit --force --quiet "$stage"
 "$python" -m dvc push

@@ -1,5 +1,5 @@
-"""DVC versioning of the study: the README's push sequence, params, pull into a fresh clone, then
-the exact Snakemake plans after a science change.
+"""DVC versioning of the study: its outputs are every folder the quick study writes; the push sequence of
+docs/dvc.md, params, pull into a fresh clone, then the exact Snakemake plans after a science change.
 
 The repository is copied into a temporary git repository whose config/quick.yaml is the smoke
 study. To keep the test short, the outputs of the session's smoke run are copied in and only
@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, SMOKE_CONFIG, planned_jobs
+from conftest import ROOT, SMOKE_CONFIG, planned_jobs, snakemake
+
+from vitplasticity.registry import RESULT_FOLDERS
 
 STAGE = "quick_study"
 # .dvc/config's default remote, `../../vitplasticity-dvc-storage` from .dvc/: a sibling of the repository.
@@ -75,6 +77,22 @@ def digests(repo: Path) -> dict[str, str]:
 def mtimes(repo: Path, outs: list[str]) -> dict[str, int]:
     return {p.relative_to(repo).as_posix(): p.stat().st_mtime_ns
             for out in outs for p in (repo / out).rglob("*") if p.is_file()}
+
+
+def test_dvc_versions_every_folder_the_quick_study_writes_and_no_other(tmp_path):
+    """Every output file of the quick study's plan (criteria, trajectory and controls on) lies in a folder
+    of dvc.yaml's outs; those folders are the registry's, and each holds some output."""
+    summary = snakemake(tmp_path, "-n", "--summary", config=ROOT / "config" / "quick.yaml").stdout
+    rows = [line.split("\t") for line in summary.splitlines() if "\t" in line]
+    assert rows[0][0] == "output_file"
+    outputs = [row[0] for row in rows[1:]]
+    assert "results/criteria/vit_quick/shapes_novel/criteria.csv" in outputs
+    assert "results/pretrain/vit_quick/trajectory/trajectory.csv" in outputs
+    outs = out_paths(ROOT)
+    assert outs == list(RESULT_FOLDERS)
+    unversioned = [path for path in outputs if not any(path.startswith(f"{out}/") or path == out for out in outs)]
+    assert unversioned == []
+    assert [out for out in outs if not any(path.startswith(f"{out}/") or path == out for path in outputs)] == []
 
 
 @pytest.fixture
@@ -141,13 +159,15 @@ def test_push_after_a_study_then_pull_into_a_fresh_clone_and_change_it(smoke_run
                                                "config/quick.yaml plans jobs); run snakemake, then push")
     assert not (repo / "dvc.lock").exists()
 
-    # The README's sequence: the quick study with plain Snakemake (it remakes only what is missing),
+    # docs/dvc.md's sequence: the quick study with plain Snakemake (it remakes only what is missing),
     # then the push script, which records dvc.lock and pushes everything.
     run(repo, env, sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "config/quick.yaml")
     assert (repo / "results" / "tables" / "main" / "main_table.csv").is_file()
     assert mtimes(repo, kept) == before
     run(repo, env, "bash", "scripts/dvc-push.sh")
     assert status(repo, env) == {}
+    # The smoke study measures no criteria: their folder is recorded empty (DVC commits no missing output).
+    assert list((repo / "results" / "criteria").iterdir()) == []
     workspace = digests(repo)
     recorded = {path: digest for path, digest in workspace.items() if not path.endswith("/mlflow_run.json")}
     for path in recorded:  # every output file's content is on the remote (DVC 3 layout: files/md5/ab/cdef...)
@@ -188,6 +208,7 @@ def test_push_after_a_study_then_pull_into_a_fresh_clone_and_change_it(smoke_run
     dvc(clone, env, "config", "--local", "core.site_cache_dir", str(tmp_path / "clone-site-cache"))
     run(clone, env, "bash", "scripts/dvc-pull.sh")
     assert digests(clone) == recorded
+    assert (clone / "results" / "criteria").is_dir()
     assert status(clone, env) == {}
     assert NOTHING_TO_DO in snakemake_dry_run(clone, env)
 

@@ -15,6 +15,7 @@ import pandas as pd
 import yaml
 from scipy import stats
 
+from vitplasticity import registry
 from vitplasticity.components import THEORETICAL_RANK, arm_label
 from vitplasticity.errors import UserError
 from vitplasticity.fileio import read_json, write_csv, write_text
@@ -181,11 +182,24 @@ def _markdown(wide: pd.DataFrame, fmt: str = "{:.2f}", index_name: str = "task")
     return "\n".join(lines) + "\n"
 
 
+# The report shows a table's page in a frame of its own: cells keep "97.13 ± 0.26" on one line (the frame
+# scrolls sideways instead), numbers align right, the row names left.
+HTML_STYLE = ("body { font-family: sans-serif; font-size: 14px; margin: 0.5em; } "
+              "table { border-collapse: collapse; } "
+              "th, td { white-space: nowrap; padding: 0.25em 0.7em; text-align: right; } "
+              "th:first-child, td:first-child { text-align: left; } "
+              "thead th { border-bottom: 1px solid #888; } tbody tr:nth-child(even) { background: #f3f3f3; }")
+
+
 def _html(wide: pd.DataFrame, fmt: str = "{:.2f}", index_name: str = "task") -> str:
-    """The table as one HTML page, as the Markdown shows it (the workflow report displays it inline)."""
-    cells = _cells(wide, fmt).rename_axis(index_name).reset_index()
-    table = cells.to_html(index=False, border=0, classes="table table-sm table-striped")
-    return f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"></head><body>\n{table}\n</body></html>\n"
+    """The table as one HTML page, as the Markdown shows it (the workflow report displays it inline).
+
+    The row names become the first column, headed `index_name`; the name of the column axis (`arm` after a
+    pivot) is dropped, as the Markdown drops it (pandas would head an empty column with it)."""
+    cells = _cells(wide, fmt).rename_axis(index=index_name, columns=None).reset_index()
+    table = cells.to_html(index=False, border=0)
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><style>{HTML_STYLE}</style></head><body>\n"
+            f"{table}\n</body></html>\n")
 
 
 def _write_view(out_dir: Path, name: str, wide: pd.DataFrame, fmt: str = "{:.2f}", index_name: str = "task") -> None:
@@ -343,7 +357,8 @@ def _trajectory_view(table: pd.DataFrame) -> pd.DataFrame:
 def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], plasticity_files: list[Path],
               bounds_files: list[Path], out_dir: Path, criteria_files: list[Path] = (),
               trajectory_files: list[Path] = ()) -> dict[str, pd.DataFrame]:
-    """Write every table of an experiment into out_dir: CSV (the data), Markdown and HTML (for reading).
+    """Write every table of an experiment (`registry.TABLES`) into out_dir: CSV (the data), Markdown and HTML
+    (for reading).
 
     `criteria_files`: the criteria jobs' `criteria.csv`, each with its `cost.csv` beside it;
     `trajectory_files`: the trajectory job's `trajectory.csv` of the experiment's model, if it has one."""
@@ -371,8 +386,8 @@ def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], p
         "trajectory": trajectory_table(trajectory, settings.get("tasks")),
     }
     out_dir = Path(out_dir)
-    for name, frame in tables.items():
-        write_csv(out_dir / f"{name}.csv", frame, float_format=FLOAT_FORMAT)
+    for name in registry.TABLES:
+        write_csv(out_dir / f"{name}.csv", tables[name], float_format=FLOAT_FORMAT)
     _write_view(out_dir, "main_table", _main_view(table, probes, arm_order))
     if probes:
         gains = _with_average(tables["relative_gain"], "gain_pct")

@@ -8,6 +8,7 @@ the labels the Markdown tables use (`components.arm_label`).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import matplotlib
@@ -67,6 +68,17 @@ def _save(fig: plt.Figure, out_dir: Path, name: str) -> None:
         with atomic_path(out_dir / f"{name}.{suffix}") as tmp:
             fig.savefig(tmp, format=suffix, dpi=150, bbox_inches="tight")
     plt.close(fig)
+
+
+def _saved(draw):
+    """`draw(*data) -> Figure` as `draw(*data, out_dir) -> None`: the figure is saved in out_dir under the
+    drawing function's name, a name of `registry.FIGURES` (its one spelling in the code)."""
+    @functools.wraps(draw)
+    def draw_and_save(*args) -> None:
+        *data, out_dir = args
+        _save(draw(*data), Path(out_dir), draw.__name__)
+
+    return draw_and_save
 
 
 def _empty(ax: plt.Axes, message: str) -> None:
@@ -138,7 +150,8 @@ def _plasticity_title(mode: str, detail: str, data: pd.DataFrame) -> str:
     return f"{mode} mode{detail}" + (f"\n{note}" if note else "")
 
 
-def plasticity_vs_rank(plasticity: pd.DataFrame, out_dir: Path) -> None:
+@_saved
+def plasticity_vs_rank(plasticity: pd.DataFrame) -> plt.Figure:
     """Each component's plasticity over layers (box) and per layer (dots), ordered by theoretical rank."""
     modes = _modes(plasticity)
     fig, axes = _grid(len(modes), 4.6, 3.6)
@@ -161,10 +174,11 @@ def plasticity_vs_rank(plasticity: pd.DataFrame, out_dir: Path) -> None:
         ax.set_title(_plasticity_title(mode, " (dots: layers)", data), fontsize=9)
     for ax in list(axes.flat)[len(modes):]:
         ax.set_axis_off()
-    _save(fig, out_dir, "plasticity_vs_rank")
+    return fig
 
 
-def plasticity_vs_depth(plasticity: pd.DataFrame, out_dir: Path) -> None:
+@_saved
+def plasticity_vs_depth(plasticity: pd.DataFrame) -> plt.Figure:
     """Plasticity against layer depth (%) with its 95% CI, averaged over tasks."""
     modes = _modes(plasticity)
     fig, axes = _grid(len(modes), 4.6, 3.4)
@@ -189,10 +203,11 @@ def plasticity_vs_depth(plasticity: pd.DataFrame, out_dir: Path) -> None:
     for ax in list(axes.flat)[len(modes):]:
         ax.set_axis_off()
     _legend_below(fig, _component_handles([c for c in BY_THEORY if c in drawn]), 5)
-    _save(fig, out_dir, "plasticity_vs_depth")
+    return fig
 
 
-def bounds_vs_depth(bounds: pd.DataFrame, out_dir: Path) -> None:
+@_saved
+def bounds_vs_depth(bounds: pd.DataFrame) -> plt.Figure:
     """Upper bounds per component against depth, log scale: the paper's (left) and, where the streams' token
     extremes were measured, the ones that hold for them (right); LN2 drawn hollow over LN1."""
     kinds = [("bound", "the paper's bounds")]
@@ -221,7 +236,7 @@ def bounds_vs_depth(bounds: pd.DataFrame, out_dir: Path) -> None:
         ax.set_xlabel("layer depth (% of blocks)")
     axes[0, 0].set_ylabel("upper bound on rate of change (log)")
     _legend_below(fig, handles, 5)
-    _save(fig, out_dir, "bounds_vs_depth")
+    return fig
 
 
 def _arm_order(frame: pd.DataFrame) -> list[str]:
@@ -229,7 +244,8 @@ def _arm_order(frame: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(frame["arm"])) if not frame.empty else []
 
 
-def accuracy_per_arm(table: pd.DataFrame, probes: dict[str, float], out_dir: Path) -> None:
+@_saved
+def accuracy_per_arm(table: pd.DataFrame, probes: dict[str, float]) -> plt.Figure:
     """Per task: each arm's test accuracy at its best lr (mean ± seed std), the linear probe as a line."""
     tasks = list(dict.fromkeys(table["task"])) if not table.empty else []
     fig, axes = _grid(max(1, len(tasks)), 4.2, 3.4)
@@ -253,10 +269,11 @@ def accuracy_per_arm(table: pd.DataFrame, probes: dict[str, float], out_dir: Pat
     handles = [Line2D([], [], color="#555555", ls="--", label="linear probe")] if probes else []
     handles.append(Line2D([], [], color="black", marker="o", ls="none", label="arm at its best lr (± seed std)"))
     _legend_below(fig, handles, 2)
-    _save(fig, out_dir, "accuracy_per_arm")
+    return fig
 
 
-def relative_gain(gains: pd.DataFrame, out_dir: Path) -> None:
+@_saved
+def relative_gain(gains: pd.DataFrame) -> plt.Figure:
     """Relative gain over the linear probe per arm: one marker per task, a bar at the task mean."""
     fig, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
     handles = []
@@ -279,10 +296,11 @@ def relative_gain(gains: pd.DataFrame, out_dir: Path) -> None:
         _arm_ticks(ax, order, _diverged_counts(gains, "diverged_runs"))
         ax.set_ylabel("gain over linear probe (%)")
     _legend_below(fig, handles, 3)
-    _save(fig, out_dir, "relative_gain")
+    return fig
 
 
-def lr_robustness(runs: pd.DataFrame, out_dir: Path) -> None:
+@_saved
+def lr_robustness(runs: pd.DataFrame) -> plt.Figure:
     """Per task and arm: every run's test accuracy, side by side per learning rate (seeds as dots)."""
     tasks = sorted(runs["task"].unique())
     fig, axes = _grid(len(tasks), 4.6, 3.4)
@@ -312,7 +330,7 @@ def lr_robustness(runs: pd.DataFrame, out_dir: Path) -> None:
                for lr, shade in zip(lrs, shades, strict=True)]
     handles.append(Line2D([], [], color="gray", marker=".", ls="none", label="one seed (bar: seed mean)"))
     _legend_below(fig, handles, len(handles))
-    _save(fig, out_dir, "lr_robustness")
+    return fig
 
 
 def _smooth(values: pd.Series, steps: int) -> pd.Series:
@@ -320,7 +338,8 @@ def _smooth(values: pd.Series, steps: int) -> pd.Series:
     return values.rolling(max(1, steps // 20), min_periods=1, center=True).mean()
 
 
-def training_curves(runs: pd.DataFrame, table: pd.DataFrame, out_dir: Path) -> None:
+@_saved
+def training_curves(runs: pd.DataFrame, table: pd.DataFrame) -> plt.Figure:
     """Gradient norm (smoothed) and validation loss over training, per arm at its best lr (seed mean)."""
     tasks = sorted(runs["task"].unique())
     fig, axes = plt.subplots(len(tasks), 2, figsize=(9, 2.9 * len(tasks)), squeeze=False, layout="constrained")
@@ -346,10 +365,11 @@ def training_curves(runs: pd.DataFrame, table: pd.DataFrame, out_dir: Path) -> N
         ax_loss.set_xlabel("optimizer step")
         ax_loss.set_ylabel("cross-entropy (nats)")
     _legend_below(fig, _component_handles(drawn), 5)
-    _save(fig, out_dir, "training_curves")
+    return fig
 
 
-def criteria_hit_rate(criteria: pd.DataFrame, out_dir: Path) -> None:
+@_saved
+def criteria_hit_rate(criteria: pd.DataFrame) -> plt.Figure:
     """Per selection criterion: Spearman with the finetuning ranking per task (markers, 95% bootstrap CI over
     seeds) and averaged over tasks (bar), and the top-1 hit rate averaged over tasks (right)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8), layout="constrained", sharey=True)
@@ -381,10 +401,11 @@ def criteria_hit_rate(criteria: pd.DataFrame, out_dir: Path) -> None:
         right.set_xlabel("top-1 hit rate (share of tasks)")
         handles.append(Line2D([], [], color="#cccccc", lw=6, label="mean over tasks"))
     _legend_below(fig, handles, 4)
-    _save(fig, out_dir, "criteria_hit_rate")
+    return fig
 
 
-def accuracy_vs_params(table: pd.DataFrame, runs: pd.DataFrame, out_dir: Path) -> None:
+@_saved
+def accuracy_vs_params(table: pd.DataFrame, runs: pd.DataFrame) -> plt.Figure:
     """Test accuracy at the best lr against trainable parameters (log): one point per arm and task."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
     handles = []
@@ -405,7 +426,7 @@ def accuracy_vs_params(table: pd.DataFrame, runs: pd.DataFrame, out_dir: Path) -
         ax.set_xlabel("trainable parameters (log)")
         ax.set_ylabel("test accuracy at the best lr (%)")
     _legend_below(fig, handles, 6)
-    _save(fig, out_dir, "accuracy_vs_params")
+    return fig
 
 
 def _step_axis(ax: plt.Axes, steps: list[int]) -> None:
@@ -417,7 +438,8 @@ def _step_axis(ax: plt.Axes, steps: list[int]) -> None:
     ax.set_xlabel("pretraining step (log)")
 
 
-def plasticity_trajectory(trajectory: pd.DataFrame, out_dir: Path) -> None:
+@_saved
+def plasticity_trajectory(trajectory: pd.DataFrame) -> plt.Figure:
     """Each component's plasticity (mean over layers and tasks) against the pretraining step, one panel per
     mode, and the pretraining run's source validation accuracy at those steps (last panel)."""
     modes = _modes(trajectory)
@@ -427,8 +449,7 @@ def plasticity_trajectory(trajectory: pd.DataFrame, out_dir: Path) -> None:
         _empty(axes.flat[0], "no pretraining trajectory\n(the model keeps no steps)")
         for ax in list(axes.flat)[1:]:
             ax.set_axis_off()
-        _save(fig, out_dir, "plasticity_trajectory")
-        return
+        return fig
     steps = sorted(trajectory["step"].unique())
     for ax, mode in zip(axes.flat, modes, strict=False):
         data = trajectory[trajectory["mode"] == mode]
@@ -450,7 +471,7 @@ def plasticity_trajectory(trajectory: pd.DataFrame, out_dir: Path) -> None:
     for ax in list(axes.flat)[len(modes) + 1:]:
         ax.set_axis_off()
     _legend_below(fig, _component_handles([c for c in BY_THEORY if c in drawn]), 5)
-    _save(fig, out_dir, "plasticity_trajectory")
+    return fig
 
 
 def _read(path: Path) -> pd.DataFrame:

@@ -1,16 +1,36 @@
-"""The names of an experiment's tables and figures: the one list the workflow, the code and the tests read.
+"""The names of what the study writes: an experiment's tables and figures, and the folders its jobs write.
 
-`aggregate.aggregate` writes every table of `TABLES` (CSV, Markdown, HTML) and `figures.make_figures`
-draws every figure of `FIGURES` (PNG, PDF); the workflow declares them as outputs and the report shows
-them with the caption `workflow/report/table_<name>.rst` or `figure_<name>.rst`. Kept free of imports:
-Snakemake reads it at every start.
+The one list the workflow, the code and the tests read. `aggregate.aggregate` writes every table of `TABLES`
+(CSV, Markdown, HTML) and `figures.make_figures` draws every figure of `FIGURES` (PNG, PDF), each under
+`results/tables/<experiment>/` and `results/figures/<experiment>/`; the workflow declares them as outputs
+and the report shows each beside its caption (`caption`). `ENABLED_BY` names the setting without which a
+table or figure is written but says that nothing was measured (or, for the paper comparison, is not
+written at all). `dvc.yaml` versions every folder of `RESULT_FOLDERS` (tests/test_dvc.py checks both
+against a dry run of the quick study). Kept free of imports: Snakemake reads it at every start.
 """
 
 TABLES = ("main_table", "relative_gain", "lr_gap", "stat_tests", "separation", "plasticity_rank", "plasticity",
           "bounds", "criteria", "trajectory", "runs")
+FIGURES = ("plasticity_vs_rank", "plasticity_vs_depth", "bounds_vs_depth", "relative_gain", "accuracy_per_arm",
+           "lr_robustness", "training_curves", "criteria_hit_rate", "accuracy_vs_params", "plasticity_trajectory")
+# A table and a figure of that name, made by `vitplasticity compare-paper` for an experiment that sets it.
+PAPER_COMPARISON = "paper_comparison"
+ENABLED_BY = {
+    "criteria": "criteria.enabled",
+    "criteria_hit_rate": "criteria.enabled",
+    "trajectory": "models.<model>.pretrain.keep_steps",
+    "plasticity_trajectory": "models.<model>.pretrain.keep_steps",
+    PAPER_COMPARISON: "experiments.<experiment>.compare_to_paper",
+}
+# Every folder the study's jobs write results to (logs and Snakemake's benchmark files aside): what DVC versions.
+RESULT_FOLDERS = ("data/prepared", "data/checkpoints", "results/pretrain", "results/runs", "results/plasticity",
+                  "results/bounds", "results/criteria", "results/probes", "results/tables", "results/figures")
 # Rules that compute on a GPU when there is one: each asks for a GPU (SLURM profile, local GPU slots)
 # and its command takes a slot of its own (`vitplasticity.gpus`).
 GPU_RULES = ("pretrain_checkpoint", "finetune", "measure_plasticity", "measure_criteria", "measure_trajectory",
              "linear_probe")
-FIGURES = ("plasticity_vs_rank", "plasticity_vs_depth", "bounds_vs_depth", "relative_gain", "accuracy_per_arm",
-           "lr_robustness", "training_curves", "criteria_hit_rate", "accuracy_vs_params", "plasticity_trajectory")
+
+
+def caption(kind: str, name: str) -> str:
+    """The report caption of a table or figure (`kind` "table" or "figure"), relative to workflow/rules/."""
+    return f"../report/{kind}_{name}.rst"

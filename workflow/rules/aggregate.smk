@@ -21,7 +21,7 @@ rule aggregate:
         pages=[
             report(
                 f"results/tables/{{experiment}}/{table}.html",
-                caption=f"../report/table_{table}.rst",
+                caption=registry.caption("table", table),
                 category="Tables",
                 subcategory="{experiment}",
                 labels={"table": table, "experiment": "{experiment}"},
@@ -49,7 +49,7 @@ rule figures:
         figures=[
             report(
                 f"results/figures/{{experiment}}/{figure}.png",
-                caption=f"../report/figure_{figure}.rst",
+                caption=registry.caption("figure", figure),
                 category="Figures",
                 subcategory="{experiment}",
                 labels={"figure": figure, "experiment": "{experiment}"},
@@ -75,14 +75,14 @@ rule compare_to_paper:
         probes=get_experiment_probes,
     output:
         table=report(
-            "results/tables/{experiment}/paper_comparison.csv",
-            caption="../report/table_paper_comparison.rst",
+            f"results/tables/{{experiment}}/{PAPER_COMPARISON}.csv",
+            caption=registry.caption("table", PAPER_COMPARISON),
             category="Tables",
             subcategory="{experiment}",
         ),
         figure=report(
-            "results/figures/{experiment}/paper_comparison.png",
-            caption="../report/figure_paper_comparison.rst",
+            f"results/figures/{{experiment}}/{PAPER_COMPARISON}.png",
+            caption=registry.caption("figure", PAPER_COMPARISON),
             category="Figures",
             subcategory="{experiment}",
         ),

@@ -43,6 +43,7 @@ REFERENCE = config["plasticity"]["reference_task"]
 # Table and figure names: one list, shared with the package and the tests.
 TABLES = list(registry.TABLES)
 FIGURES = list(registry.FIGURES)
+PAPER_COMPARISON = registry.PAPER_COMPARISON
 CRITERIA = config["criteria"]
 
 
@@ -169,7 +170,7 @@ def get_all_targets():
             "results/figures/{experiment}/{figure}.png", experiment=name, figure=FIGURES
         )
         if EXPERIMENTS[name]["compare_to_paper"]:
-            targets.append(f"results/tables/{name}/paper_comparison.csv")
+            targets.append(f"results/tables/{name}/{PAPER_COMPARISON}.csv")
     return targets
 
 
