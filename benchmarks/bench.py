@@ -275,7 +275,8 @@ def _primed(loader: DataLoader) -> Iterator:
 
 def compare(name: str, baseline: tuple[Window, Window], project: tuple[Window, Window], rounds: int,
             device: torch.device, limits: Limits) -> dict:
-    """Images/s of both sides (each a (timed window, warm-up window) pair) from alternating timed windows.
+    """Images/s of both sides (each a (timed window, warm-up window) pair): each side's fastest of `rounds`
+    alternating timed windows (the one least slowed by other work on the machine).
 
     Each side first runs its warm-up window once, untimed for throughput, under `FlopCounterMode`: its FLOPs
     per image. Every window is then checked (`check`); if any fails, the comparison's figures are None and
@@ -290,21 +291,21 @@ def compare(name: str, baseline: tuple[Window, Window], project: tuple[Window, W
         if reason:
             problems.append(f"{side} warm-up: {reason}")
         per_image[side] = warm.flops / warm.images if warm.images else 0.0
-    totals = {side: [0, 0.0] for side in sides}
+    windows: dict[str, list[Timed]] = {side: [] for side in sides}
     for r in range(rounds):
         for side, (window, _) in sides.items():
             timed = time_once(window, device)
             reason = check(timed, per_image[side], limits)
             if reason:
                 problems.append(f"{side} round {r + 1}: {reason}")
-            totals[side][0] += timed.images
-            totals[side][1] += timed.seconds
+            windows[side].append(timed)
             print(f"  {name} round {r + 1}/{rounds} {side}: {timed.images} images in {timed.seconds:.3f} s"
                   + (f" INVALID: {reason}" if reason else ""), flush=True)
     result: dict = {"invalid": problems}
-    for side, (images, seconds) in totals.items():
-        rate = images / seconds if not problems else None
+    for side, timed in windows.items():
+        rate = max(t.images / t.seconds for t in timed) if not problems else None
         result[f"{side}_images_per_s"] = rate
+        result[f"{side}_windows"] = [asdict(t) for t in timed]
         result[f"{side}_flops_per_image"] = per_image[side]
         result[f"{side}_tflops"] = rate * per_image[side] / 1e12 if rate else None
     result["speedup"] = result["project_images_per_s"] / result["baseline_images_per_s"] if not problems else None
@@ -517,6 +518,40 @@ def bench_plasticity(cfg: BenchConfig, device: torch.device, limits: Limits) -> 
     return result
 
 
+# --- (d) selection criteria ------------------------------------------------------------------
+
+
+def bench_criteria(arch: str, pairs: int, pair_batch: int, gradient_batches: int, gradient_batch: int,
+                   device: torch.device) -> list[dict]:
+    """Cost of each selection criterion (`criteria.CRITERIA`) as the criteria job runs it (`criteria.measure`):
+    random-init `arch` without a head, `pairs` pairs of 224 px reference against 32 px downstream images, the
+    relative gradient norm over `gradient_batches` batches of `gradient_batch` 32 px images (10 classes).
+    Rows: criterion, wall_s, peak_mib (added above the loaded model), per_unit_s (per pair, or per gradient
+    image)."""
+    from vitplasticity import criteria
+
+    model = timm.create_model(arch, pretrained=False, num_classes=0).to(device)
+    reference = random_split(pairs, 224, 10, seed=4)
+    downstream = random_split(max(pairs, gradient_batch * gradient_batches), 32, 10, seed=5)
+    headed = copy.deepcopy(model)
+
+    def plasticity_in(mode: str) -> Callable:
+        def run():
+            table, _ = plasticity.measure(model, reference, downstream, pairs, pair_batch, 224, device, (mode,),
+                                          progress=lambda _: None)
+            return table.rename(columns={"mean": "value"})[["component", "layer", "value"]]
+        return run
+
+    measured = {f"plasticity_{mode}": plasticity_in(mode) for mode in ("embedding", "hidden", "scale_free")}
+    measured["relative_gradient_norm"] = lambda: criteria.relative_gradient_norms(
+        headed, downstream, 10, gradient_batch, gradient_batches, 224, device)
+    measured["trainable_params"] = lambda: criteria.trainable_params(model)
+    _, costs = criteria.measure(measured, device, progress=print)
+    units = {"relative_gradient_norm": gradient_batch * gradient_batches, "trainable_params": 1}
+    return [{**row, "per_unit_s": row["wall_s"] / units.get(row["criterion"], pairs)}
+            for row in costs.to_dict("records")]
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 
@@ -603,6 +638,19 @@ if __name__ == "__main__":
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="peak of this accelerator, for FLOPs utilisation and the validity check")
     parser.add_argument("--threads", type=int, default=None, help="torch threads on both sides (default: torch's)")
+    parser.add_argument("--criteria", action="store_true",
+                        help="instead: the cost of each selection criterion on ViT-B/16 (64 pairs, 2 x 16 images)")
     args = parser.parse_args(sys.argv[1:])
     overrides = {"threads": args.threads} if args.threads else {}
-    main(args.quick, args.device, args.out, peak_tflops=args.peak_tflops, **overrides)
+    if args.criteria:
+        runtime.set_threads(args.threads)
+        target = runtime.pick_device(args.device)
+        info = machine(target)
+        print(f"criteria on {info['name']} ({info['device']}), {info['torch_threads']} torch threads, load average "
+              f"{info['load_average']:.2f}", flush=True)
+        rows = bench_criteria("vit_base_patch16_224", 64, 32, 2, 16, target)
+        for row in rows:
+            print(f"{row['criterion']}: {row['wall_s']:.1f} s ({row['per_unit_s']:.3g} s per unit), "
+                  f"+{row['peak_mib']:.0f} MiB", flush=True)
+    else:
+        main(args.quick, args.device, args.out, peak_tflops=args.peak_tflops, **overrides)
