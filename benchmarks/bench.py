@@ -1,6 +1,6 @@
 """This project's hot paths against the authors' style, side by side in one process.
 
-    PYTHONPATH=src python3 benchmarks/bench.py --quick     # under a minute on 2 CPU cores
+    PYTHONPATH=src python3 benchmarks/bench.py --quick     # 1.5 to 5 minutes on 2 shared CPU cores
     PYTHONPATH=src python3 benchmarks/bench.py --out bench.json [--device cuda]
 
 Each comparison uses the same model shape, batch and output shape on both sides.
@@ -96,7 +96,7 @@ class BenchConfig:
 
 
 def quick_config() -> BenchConfig:
-    """Under a minute on a 2-core CPU."""
+    """Small sizes: 1.5 to 5 minutes on 2 CPU cores shared with other jobs."""
     return BenchConfig(workers=min(2, os.cpu_count() or 1))
 
 
@@ -624,7 +624,7 @@ def run(cfg: BenchConfig, device: torch.device, out: Path | None = None, peak_tf
 
 
 def main(quick: bool, device: str, out: Path | None, peak_tflops: float | None = None, **overrides) -> dict:
-    """Quick (under a minute on 2 CPU cores) or full; `overrides` replace config fields."""
+    """Quick (1.5 to 5 minutes on 2 shared CPU cores) or full; `overrides` replace config fields."""
     target = runtime.pick_device(device)
     cfg = quick_config() if quick else full_config(target)
     return run(replace(cfg, **overrides), target, out, peak_tflops)
@@ -632,7 +632,7 @@ def main(quick: bool, device: str, out: Path | None, peak_tflops: float | None =
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="throughput of this project's paths against the authors' approach")
-    parser.add_argument("--quick", action="store_true", help="small sizes: under a minute on a 2-core CPU")
+    parser.add_argument("--quick", action="store_true", help="small sizes: 1.5 to 5 minutes on 2 shared CPU cores")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--peak-tflops", type=float, default=None,
