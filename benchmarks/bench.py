@@ -1,6 +1,6 @@
 """This project's hot paths against the authors' style, side by side in one process.
 
-    PYTHONPATH=src python3 benchmarks/bench.py --quick     # under a minute on 2 CPU cores
+    PYTHONPATH=src python3 benchmarks/bench.py --quick     # 1.5 to 5 minutes on 2 shared CPU cores
     PYTHONPATH=src python3 benchmarks/bench.py --out bench.json [--device cuda]
 
 Each comparison uses the same model shape, batch and output shape on both sides.
@@ -15,16 +15,25 @@ Each comparison uses the same model shape, batch and output shape on both sides.
   ``transforms.train_batch`` (batched crop, flip, normalise); timm's fused SDPA attention; bf16 autocast
   and a fused optimizer on GPU; the training loop's step; ``plasticity.measure``.
 
-Timed windows of the two sides alternate (``rounds``) so that a change in machine load hits both;
-warm-up is excluded, and so is starting a DataLoader's workers (its first batch is fetched before the
-clock starts; the data path does not count that batch either). The project's data-path windows are
-lengthened to at least ``min_window_s``, since its few-millisecond windows would otherwise swing with a
-single scheduler stall; images/s are per window, so window lengths need not match.
+Timed windows of the two sides alternate (``rounds``) so that a change in machine load hits both. Each
+window does its set-up untimed, then its timed part runs exactly once between two ``perf_counter``
+readings (the GPU synchronised before each), under the same torch thread count on both sides, and returns
+the images it processed, counted as it went. A baseline window's set-up starts its DataLoader's workers by
+fetching the first batch: the data path drops that batch; finetuning and plasticity process it in the
+timed part, so the baseline gets that one batch's data preparation free. The project's data-path and
+plasticity windows are lengthened to at least ``project_window_s``, since windows of a few milliseconds
+would swing with a single scheduler stall; images/s are per window, so window lengths need not match.
+
+No figure is printed unchecked (`check`): a window whose timed call processed another number of images than
+it was set up for (an iterator consumed before the clock started), that lasted less than ``min_window_s``
+(a no-op), or whose FLOP rate (its side's FLOPs per image, counted over its warm-up window) exceeds this
+machine's peak, makes its comparison invalid: one line says why, and no ratio is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import itertools
 import json
@@ -32,6 +41,7 @@ import math
 import os
 import resource
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -71,7 +81,9 @@ class BenchConfig:
     rounds: int = 2  # alternating timed windows per side
     data_batch: int = 32
     data_steps: int = 16  # batches per baseline window
-    min_window_s: float = 0.5  # the project's data windows are lengthened to at least this
+    project_window_s: float = 0.5  # the project's data-path and plasticity windows are lengthened to this
+    min_window_s: float = 0.25  # a shorter timed window is no measurement (`check`)
+    threads: int | None = None  # torch threads on both sides; None: torch's default
     arch: str = "vit_tiny_patch16_224"  # finetuning model
     depth: int | None = None  # None: the architecture's own
     train_batch: int = 8
@@ -84,7 +96,7 @@ class BenchConfig:
 
 
 def quick_config() -> BenchConfig:
-    """Under a minute on a 2-core CPU."""
+    """Small sizes: 1.5 to 5 minutes on 2 CPU cores shared with other jobs."""
     return BenchConfig(workers=min(2, os.cpu_count() or 1))
 
 
@@ -148,16 +160,111 @@ def build_models(arch: str, cfg: BenchConfig, device: torch.device) -> tuple[tor
     return baseline, project
 
 
-# A window does its untimed set-up and returns the timed part, which returns the number of images it processed.
-Window = Callable[[], Callable[[], int]]
+# Single-precision FLOPs per cycle and core by the widest vector extension the processor reports: two FMA
+# pipes x lanes x 2 (a fused multiply-add is two FLOPs).
+VECTOR_FLOPS_PER_CYCLE = (("avx512f", 64), ("avx2", 32), ("avx", 16), ("sse2", 8))
+BOOST = 1.5  # a core may run up to this much above the clock it reports (turbo)
+MEASURED_MARGIN = 2.0  # without a known peak: this many times the best matmul rate measured here
 
 
-def _timed(window: Window, device: torch.device) -> tuple[int, float]:
-    """Run one window's timed part once under `torch.utils.benchmark.Timer` (which waits for the GPU)."""
-    run = window()
-    count = []
-    seconds = Timer(stmt="count.append(run())", globals={"run": run, "count": count}).timeit(1).mean
-    return count[0], seconds
+@dataclass(frozen=True)
+class Limits:
+    """What a window must respect to be a measurement (`check`)."""
+
+    peak_flops: float  # FLOP/s this machine cannot exceed
+    peak_source: str  # how `peak_flops` was found, for the output
+    matmul_flops: float  # best dense matmul FLOP/s measured at start (float32 on a CPU, bf16 on a GPU)
+    min_window_s: float
+    rated: bool = False  # `peak_flops` is the device's rated peak (given, or the GPU table): fit for MFU
+
+
+def cpu_peak_flops(cores: int) -> tuple[float, str] | None:
+    """Float32 peak of `cores` cores: cores x reported clock x `BOOST` x FLOPs per cycle of the widest vector unit.
+
+    None when the processor reports no clock or no known vector extension (not x86).
+    """
+    import cpuinfo  # py-cpuinfo: clock and flags on any OS
+
+    info = cpuinfo.get_cpu_info()
+    hz = max(info.get("hz_advertised", [0])[0], info.get("hz_actual", [0])[0])
+    per_cycle = next(((flag, flops) for flag, flops in VECTOR_FLOPS_PER_CYCLE if flag in info.get("flags", [])), None)
+    if not hz or per_cycle is None:
+        return None
+    flag, flops = per_cycle
+    return (cores * hz * BOOST * flops,
+            f"{cores} cores x {hz / 1e9:.2f} GHz x {BOOST} boost x {flops} FLOP/cycle ({flag})")
+
+
+def measured_matmul_flops(device: torch.device) -> float:
+    """Best rate of a dense square matmul (float32 on a CPU, bf16 on a GPU) over `blocked_autorange` blocks."""
+    size, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    timer = Timer(stmt="a @ b", globals={"a": a, "b": b}, num_threads=torch.get_num_threads())
+    return 2 * size**3 / min(timer.blocked_autorange(min_run_time=0.5).times)
+
+
+def measure_limits(device: torch.device, min_window_s: float, override_tflops: float | None = None) -> Limits:
+    """The peak every window is checked against: the override, the GPU table, the CPU's vector units, or else
+    `MEASURED_MARGIN` times the matmul rate measured now."""
+    matmul = measured_matmul_flops(device)
+    table = peak_flops(device, override_tflops)
+    cpu = cpu_peak_flops(len(os.sched_getaffinity(0))) if device.type == "cpu" and table is None else None
+    if table:
+        peak, source = table, "given" if override_tflops else "dense bf16 table"
+    elif cpu:
+        peak, source = cpu
+    else:
+        peak, source = MEASURED_MARGIN * matmul, f"{MEASURED_MARGIN} x the measured matmul rate"
+    return Limits(peak, source, matmul, min_window_s, rated=bool(table))
+
+
+# A window does its untimed set-up and returns its timed part and the images it is set up to process;
+# the timed part returns the images it processed, counted as it goes.
+Window = Callable[[], tuple[Callable[[], int], int]]
+
+
+@dataclass(frozen=True)
+class Timed:
+    """One timed call: what it processed and how long it took."""
+
+    images: int  # processed, as counted by the timed call itself
+    planned: int  # what its window was set up to process
+    seconds: float
+    flops: float = 0.0  # counted by FlopCounterMode (matmuls, convolutions, attention), when asked
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_once(window: Window, device: torch.device, count_flops: bool = False) -> Timed:
+    """Set `window` up, then run its timed part exactly once between two clock readings (the GPU synchronised
+    before each); with `count_flops`, under `FlopCounterMode` (slower: for warm-up windows only)."""
+    run, planned = window()
+    counter = FlopCounterMode(display=False) if count_flops else None
+    with counter or contextlib.nullcontext():
+        _sync(device)
+        began = time.perf_counter()
+        images = run()
+        _sync(device)
+        seconds = time.perf_counter() - began
+    return Timed(images, planned, seconds, float(counter.get_total_flops()) if counter else 0.0)
+
+
+def check(timed: Timed, flops_per_image: float, limits: Limits) -> str | None:
+    """Why `timed` cannot be a real measurement, or None: another image count than planned, a window shorter
+    than `limits.min_window_s`, or more FLOP/s (at `flops_per_image`) than `limits.peak_flops`."""
+    if timed.images != timed.planned:
+        return (f"the timed call processed {timed.images} images, not the {timed.planned} its window was set up "
+                f"for (consumed before the clock started?)")
+    if timed.seconds < limits.min_window_s:
+        return f"the window lasted {timed.seconds:.4f} s, under the {limits.min_window_s} s minimum (a no-op?)"
+    achieved = flops_per_image * timed.images / timed.seconds
+    if achieved > limits.peak_flops:
+        return (f"{achieved / 1e12:.4g} TFLOP/s achieved, over this machine's peak of "
+                f"{limits.peak_flops / 1e12:.4g} TFLOP/s ({limits.peak_source})")
+    return None
 
 
 def _primed(loader: DataLoader) -> Iterator:
@@ -166,72 +273,89 @@ def _primed(loader: DataLoader) -> Iterator:
     return itertools.chain([next(iterator)], iterator)
 
 
-def compare(name: str, baseline: Window, project: Window, warmup: tuple[Window, Window], rounds: int,
-            device: torch.device) -> dict:
-    """Images/s of both sides from alternating windows, after one untimed warm-up window each."""
-    for window in warmup:
-        _timed(window, device)
-    totals = {"baseline": [0, 0.0], "project": [0, 0.0]}
+def compare(name: str, baseline: tuple[Window, Window], project: tuple[Window, Window], rounds: int,
+            device: torch.device, limits: Limits) -> dict:
+    """Images/s of both sides (each a (timed window, warm-up window) pair): each side's fastest of `rounds`
+    alternating timed windows (the one least slowed by other work on the machine).
+
+    Each side first runs its warm-up window once, untimed for throughput, under `FlopCounterMode`: its FLOPs
+    per image. Every window is then checked (`check`); if any fails, the comparison's figures are None and
+    `invalid` lists the reasons. FLOPs count only what torch runs in this process (not PIL, not DataLoader
+    workers).
+    """
+    sides = {"baseline": baseline, "project": project}
+    problems, per_image = [], {}
+    for side, (_, warmup) in sides.items():
+        warm = time_once(warmup, device, count_flops=True)
+        reason = check(warm, 0.0, replace(limits, min_window_s=0.0))
+        if reason:
+            problems.append(f"{side} warm-up: {reason}")
+        per_image[side] = warm.flops / warm.images if warm.images else 0.0
+    windows: dict[str, list[Timed]] = {side: [] for side in sides}
     for r in range(rounds):
-        for side, window in (("baseline", baseline), ("project", project)):
-            count, seconds = _timed(window, device)
-            totals[side][0] += count
-            totals[side][1] += seconds
-            print(f"  {name} round {r + 1}/{rounds} {side}: {count} images in {seconds:.2f} s", flush=True)
-    base, proj = (totals[s][0] / totals[s][1] for s in ("baseline", "project"))
-    return {"baseline_images_per_s": base, "project_images_per_s": proj, "speedup": proj / base}
+        for side, (window, _) in sides.items():
+            timed = time_once(window, device)
+            reason = check(timed, per_image[side], limits)
+            if reason:
+                problems.append(f"{side} round {r + 1}: {reason}")
+            windows[side].append(timed)
+            print(f"  {name} round {r + 1}/{rounds} {side}: {timed.images} images in {timed.seconds:.3f} s"
+                  + (f" INVALID: {reason}" if reason else ""), flush=True)
+    result: dict = {"invalid": problems}
+    for side, timed in windows.items():
+        rate = max(t.images / t.seconds for t in timed) if not problems else None
+        result[f"{side}_images_per_s"] = rate
+        result[f"{side}_windows"] = [asdict(t) for t in timed]
+        result[f"{side}_flops_per_image"] = per_image[side]
+        result[f"{side}_tflops"] = rate * per_image[side] / 1e12 if rate else None
+    result["speedup"] = result["project_images_per_s"] / result["baseline_images_per_s"] if not problems else None
+    return result
 
 
 # --- (a) data path ---------------------------------------------------------------------------
 
 
-def bench_data(cfg: BenchConfig, device: torch.device) -> dict:
+def bench_data(cfg: BenchConfig, device: torch.device, limits: Limits) -> dict:
     """uint8 arrays → normalised, augmented `img_size` float batches on the device."""
     split = random_split(cfg.num_images, cfg.source_size, cfg.num_classes, seed=0)
     images = training.resident(split.images, device)
     step = 0
 
-    def baseline_window(batches: int) -> Callable[[], int]:
+    def baseline_window(batches: int) -> tuple[Callable[[], int], int]:
         loader = shuffled_loader(split, train_transform(cfg.img_size), cfg.data_batch, batches + 1, cfg.workers,
                                  device)
-        iterator = _primed(loader)
-        next(iterator)  # not timed, not counted
-        return lambda: sum(len(images.to(device, non_blocking=True)) for images, _ in iterator)
+        iterator = iter(loader)
+        next(iterator)  # workers started; not timed, not counted
+        planned = batches * cfg.data_batch
+        return lambda: sum(len(batch.to(device, non_blocking=True)) for batch, _ in iterator), planned
 
     def project_run(batches: int) -> int:
         nonlocal step
+        done = 0
         for _ in range(batches):
             index = training.batch_indices(cfg.num_images, cfg.data_batch, step, seed=0)
-            transforms.train_batch(images[index], cfg.img_size, device, runtime.step_generator(0, step, 1))
+            done += len(transforms.train_batch(images[index], cfg.img_size, device, runtime.step_generator(0, step, 1)))
             step += 1
-        return batches * cfg.data_batch
+        return done
 
-    def project_window(batches: int) -> Callable[[], int]:
-        return lambda: project_run(batches)
+    def project_window(batches: int) -> Window:
+        return lambda: (lambda: project_run(batches), batches * cfg.data_batch)
 
-    project_batches = _batches_for(cfg.min_window_s, cfg.data_steps, project_run, device)
-    return compare("data path", lambda: baseline_window(cfg.data_steps), lambda: project_window(project_batches),
-                   (lambda: baseline_window(1), lambda: project_window(1)), cfg.rounds, device)
+    project_batches = _lengthened(cfg.project_window_s, cfg.data_steps, project_window, device)
+    return compare("data path", (lambda: baseline_window(cfg.data_steps), lambda: baseline_window(1)),
+                   (project_window(project_batches), project_window(1)), cfg.rounds, device, limits)
 
 
-def _batches_for(seconds: float, batches: int, run: Callable[[int], int], device: torch.device) -> int:
-    """How many batches `run` needs to last at least `seconds`, from one untimed run of `batches`.
+def _lengthened(seconds: float, units: int, window: Callable[[int], Window], device: torch.device) -> int:
+    """How many units (batches, pairs) `window` needs to last at least `seconds`, from one untimed run of `units`.
 
     A window of a few milliseconds would be at the mercy of one scheduler stall.
     """
-    _, elapsed = _timed(lambda: lambda: run(batches), device)
-    return max(batches, math.ceil(batches * seconds / max(elapsed, 1e-6)))
+    elapsed = time_once(window(units), device).seconds
+    return max(units, math.ceil(units * seconds / max(elapsed, 1e-6)))
 
 
 # --- (b) finetuning step ---------------------------------------------------------------------
-
-
-def flops_per_image(model: torch.nn.Module, img_size: int, device: torch.device) -> float:
-    """Forward + backward FLOPs of one image (matmuls and convolutions, as FlopCounterMode counts)."""
-    with FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, img_size, img_size, device=device)).sum().backward()
-    model.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
 
 
 def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
@@ -244,12 +368,11 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
     return next((tflops * 1e12 for fragment, tflops in PEAK_TFLOPS if fragment in name), None)
 
 
-def bench_finetune(cfg: BenchConfig, device: torch.device, override_tflops: float | None = None) -> dict:
+def bench_finetune(cfg: BenchConfig, device: torch.device, limits: Limits) -> dict:
     """Data + forward + backward + clip + SGD step, every parameter trained."""
     split = random_split(cfg.num_images, cfg.source_size, cfg.num_classes, seed=1)
     train_images = training.resident(split.images, device)
     baseline, project = build_models(cfg.arch, cfg, device)
-    per_image = flops_per_image(baseline, cfg.img_size, device)
     micro = cfg.micro_batch or cfg.train_batch
     if cfg.train_batch % micro:
         raise UserError(f"bench: train_batch ({cfg.train_batch}) must be a multiple of micro_batch ({micro})")
@@ -263,7 +386,8 @@ def bench_finetune(cfg: BenchConfig, device: torch.device, override_tflops: floa
     project.train()
     step = 0
 
-    def baseline_run(batches: Iterable, steps: int) -> int:
+    def baseline_run(batches: Iterable) -> int:
+        done = 0
         for i, (images, labels) in enumerate(batches):
             if i % accumulate == 0:
                 base_opt.zero_grad(set_to_none=True)
@@ -271,20 +395,24 @@ def bench_finetune(cfg: BenchConfig, device: torch.device, override_tflops: floa
             loss = F.cross_entropy(baseline(images), labels) * (micro / cfg.train_batch)
             loss.backward()
             loss.item()
+            done += len(images)
             if (i + 1) % accumulate == 0:
                 torch.nn.utils.clip_grad_norm_(baseline.parameters(), 1.0)
                 base_opt.step()
-        return steps * cfg.train_batch
+        return done
 
-    def baseline_window(steps: int) -> Callable[[], int]:
-        loader = shuffled_loader(split, train_transform(cfg.img_size), micro, steps * accumulate, cfg.train_workers,
-                                 device)
-        batches = _primed(loader)
-        return lambda: baseline_run(batches, steps)
+    def baseline_window(steps: int) -> Window:
+        def set_up() -> tuple[Callable[[], int], int]:
+            loader = shuffled_loader(split, train_transform(cfg.img_size), micro, steps * accumulate,
+                                     cfg.train_workers, device)
+            batches = _primed(loader)
+            return lambda: baseline_run(batches), steps * cfg.train_batch
+        return set_up
 
     def project_run(steps: int) -> int:
         """The training loop's step (`training.train_step`) on the loop's batches and draws."""
         nonlocal step
+        done = 0
         for _ in range(steps):
             index = training.batch_indices(cfg.num_images, cfg.train_batch, step, seed=0)
             draws = transforms.sample_crop_flip(cfg.train_batch, cfg.source_size, cfg.source_size,
@@ -292,22 +420,20 @@ def bench_finetune(cfg: BenchConfig, device: torch.device, override_tflops: floa
             labels = torch.as_tensor(split.labels[index], device=device)
             training.train_step(project, proj_opt, proj_params, train_images[index], labels, draws, train_cfg, micro,
                                 device)
+            done += len(index)
             step += 1
-        return steps * cfg.train_batch
+        return done
 
-    def project_window(steps: int) -> Callable[[], int]:
-        return lambda: project_run(steps)
+    def project_window(steps: int) -> Window:
+        return lambda: (lambda: project_run(steps), steps * cfg.train_batch)
 
-    result = compare("finetune step", lambda: baseline_window(cfg.train_steps),
-                     lambda: project_window(cfg.train_steps), (lambda: baseline_window(1), lambda: project_window(1)),
-                     cfg.rounds, device)
-    result["flops_per_image"] = per_image
-    peak = peak_flops(device, override_tflops)
+    result = compare("finetune step", (baseline_window(cfg.train_steps), baseline_window(1)),
+                     (project_window(cfg.train_steps), project_window(1)), cfg.rounds, device, limits)
+    rated = limits.peak_flops if limits.rated else None
     for side in ("baseline", "project"):
-        achieved = per_image * result[f"{side}_images_per_s"]
-        result[f"{side}_tflops"] = achieved / 1e12
-        result[f"{side}_mfu"] = achieved / peak if peak else None
-    result["peak_tflops"] = peak / 1e12 if peak else None
+        achieved = result[f"{side}_tflops"]
+        result[f"{side}_mfu"] = achieved * 1e12 / rated if rated and achieved is not None else None
+    result["peak_tflops"] = rated / 1e12 if rated else None
     return result
 
 
@@ -349,36 +475,81 @@ def reference_plasticity(model: torch.nn.Module, batches: Iterable[tuple[torch.T
     return {key: total / count for key, total in sums.items()}
 
 
-def bench_plasticity(cfg: BenchConfig, device: torch.device) -> dict:
-    """Every component of every block, embedding mode, `pairs` image pairs per window."""
+def bench_plasticity(cfg: BenchConfig, device: torch.device, limits: Limits) -> dict:
+    """Every component of every block, embedding mode, `pairs` image pairs per baseline window (the project's
+    windows lengthened to `project_window_s`)."""
     reference = random_split(max(cfg.num_images, cfg.pairs), cfg.source_size, cfg.num_classes, seed=2)
     downstream = random_split(max(cfg.num_images, cfg.pairs), cfg.source_size, cfg.num_classes, seed=3)
     baseline, project = build_models(cfg.plasticity_arch, cfg, device)
 
-    def baseline_run(streams: list[Iterator], pairs: int) -> int:
-        reference_plasticity(baseline, ((a, b) for (a, _), (b, _) in zip(*streams, strict=True)), device)
-        return 2 * pairs
+    def baseline_run(streams: list[Iterator]) -> int:
+        done = 0
 
-    def baseline_window(pairs: int) -> Callable[[], int]:
-        streams = [_primed(DataLoader(PILImages(s.images[:pairs], s.labels[:pairs], eval_transform(cfg.img_size)),
-                                      batch_size=cfg.pair_batch, num_workers=cfg.plasticity_workers,
-                                      pin_memory=device.type == "cuda"))
-                   for s in (reference, downstream)]
-        return lambda: baseline_run(streams, pairs)
+        def pairs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            nonlocal done
+            for (a, _), (b, _) in zip(*streams, strict=True):
+                done += len(a) + len(b)
+                yield a, b
+        reference_plasticity(baseline, pairs(), device)
+        return done
+
+    def baseline_window(pairs: int) -> Window:
+        def set_up() -> tuple[Callable[[], int], int]:
+            streams = [_primed(DataLoader(PILImages(s.images[:pairs], s.labels[:pairs], eval_transform(cfg.img_size)),
+                                          batch_size=cfg.pair_batch, num_workers=cfg.plasticity_workers,
+                                          pin_memory=device.type == "cuda"))
+                       for s in (reference, downstream)]
+            return lambda: baseline_run(streams), 2 * pairs
+        return set_up
 
     def project_run(pairs: int) -> int:
-        plasticity.measure(project, reference, downstream, pairs, cfg.pair_batch, cfg.img_size, device,
-                           modes=("embedding",), progress=lambda _: None)
-        return 2 * pairs
+        table, _ = plasticity.measure(project, reference, downstream, pairs, cfg.pair_batch, cfg.img_size, device,
+                                      modes=("embedding",), progress=lambda _: None)
+        return 2 * int(table["n"].max())  # the pairs whose ratios were taken
 
-    def project_window(pairs: int) -> Callable[[], int]:
-        return lambda: project_run(pairs)
+    def project_window(pairs: int) -> Window:
+        return lambda: (lambda: project_run(pairs), 2 * pairs)
 
     warm = min(cfg.pairs, cfg.pair_batch)
-    result = compare("plasticity", lambda: baseline_window(cfg.pairs), lambda: project_window(cfg.pairs),
-                     (lambda: baseline_window(warm), lambda: project_window(warm)), cfg.rounds, device)
+    project_pairs = _lengthened(cfg.project_window_s, cfg.pairs, project_window, device)
+    result = compare("plasticity", (baseline_window(cfg.pairs), baseline_window(warm)),
+                     (project_window(project_pairs), project_window(warm)), cfg.rounds, device, limits)
     result["measurements"] = len(project.blocks) * len(BLOCK_COMPONENTS)
     return result
+
+
+# --- (d) selection criteria ------------------------------------------------------------------
+
+
+def bench_criteria(arch: str, pairs: int, pair_batch: int, gradient_batches: int, gradient_batch: int,
+                   device: torch.device) -> list[dict]:
+    """Cost of each selection criterion (`criteria.CRITERIA`) as the criteria job runs it (`criteria.measure`):
+    random-init `arch` without a head, `pairs` pairs of 224 px reference against 32 px downstream images, the
+    relative gradient norm over `gradient_batches` batches of `gradient_batch` 32 px images (10 classes).
+    Rows: criterion, wall_s, peak_mib (added above the loaded model), per_unit_s (per pair, or per gradient
+    image)."""
+    from vitplasticity import criteria
+
+    model = timm.create_model(arch, pretrained=False, num_classes=0).to(device)
+    reference = random_split(pairs, 224, 10, seed=4)
+    downstream = random_split(max(pairs, gradient_batch * gradient_batches), 32, 10, seed=5)
+    headed = copy.deepcopy(model)
+
+    def plasticity_in(mode: str) -> Callable:
+        def run():
+            table, _ = plasticity.measure(model, reference, downstream, pairs, pair_batch, 224, device, (mode,),
+                                          progress=lambda _: None)
+            return table.rename(columns={"mean": "value"})[["component", "layer", "value"]]
+        return run
+
+    measured = {f"plasticity_{mode}": plasticity_in(mode) for mode in ("embedding", "hidden", "scale_free")}
+    measured["relative_gradient_norm"] = lambda: criteria.relative_gradient_norms(
+        headed, downstream, 10, gradient_batch, gradient_batches, 224, device)
+    measured["trainable_params"] = lambda: criteria.trainable_params(model)
+    _, costs = criteria.measure(measured, device, progress=print)
+    units = {"relative_gradient_norm": gradient_batch * gradient_batches, "trainable_params": 1}
+    return [{**row, "per_unit_s": row["wall_s"] / units.get(row["criterion"], pairs)}
+            for row in costs.to_dict("records")]
 
 
 # --- entry point -----------------------------------------------------------------------------
@@ -402,44 +573,58 @@ def machine(device: torch.device) -> dict:
 
 
 def _line(label: str, result: dict) -> str:
+    if result["invalid"]:
+        return f"{label}: INVALID ({len(result['invalid'])} window(s)): {result['invalid'][0]}"
     return (f"{label}: baseline {result['baseline_images_per_s']:.1f} images/s, project "
             f"{result['project_images_per_s']:.1f} images/s, speedup {result['speedup']:.2f}")
 
 
+def _speedup(result: dict) -> str:
+    return "invalid" if result["speedup"] is None else f"{result['speedup']:.2f}"
+
+
 def run(cfg: BenchConfig, device: torch.device, out: Path | None = None, peak_tflops: float | None = None) -> dict:
-    """Run the three comparisons, print a summary (last line: the three speedups) and return the results."""
+    """Run the three comparisons, print a summary (last line: the three speedups, or `invalid`) and return the
+    results."""
+    runtime.set_threads(cfg.threads)
     info = machine(device)
-    print(f"bench on {info['name']} ({info['device']}, {info['torch_threads']} torch threads, "
-          f"{info['cpu_count']} CPUs, load average {info['load_average']:.2f}); baseline DataLoader workers: "
-          f"data path {cfg.workers}, finetuning {cfg.train_workers}, plasticity {cfg.plasticity_workers} per stream",
-          flush=True)
-    result = {"machine": info, "config": asdict(cfg)}
-    result["data"] = bench_data(cfg, device)
+    limits = measure_limits(device, cfg.min_window_s, peak_tflops)
+    print(f"bench on {info['name']} ({info['device']}, {info['cpu_count']} CPUs, load average "
+          f"{info['load_average']:.2f}); {info['torch_threads']} torch threads on both sides (each DataLoader "
+          f"worker: 1); baseline DataLoader workers: data path {cfg.workers}, finetuning {cfg.train_workers}, "
+          f"plasticity {cfg.plasticity_workers} per stream", flush=True)
+    print(f"peak {limits.peak_flops / 1e12:.4g} TFLOP/s ({limits.peak_source}); matmul measured now "
+          f"{limits.matmul_flops / 1e12:.4g} TFLOP/s; shortest valid window {limits.min_window_s} s", flush=True)
+    result = {"machine": info, "config": asdict(cfg), "limits": asdict(limits)}
+    result["data"] = bench_data(cfg, device, limits)
     print(_line(f"data path ({cfg.source_size} px uint8 -> {cfg.img_size} px float, batch {cfg.data_batch})",
                 result["data"]), flush=True)
-    result["finetune"] = ft = bench_finetune(cfg, device, peak_tflops)
+    result["finetune"] = ft = bench_finetune(cfg, device, limits)
     print(_line(f"finetune step ({cfg.arch}, batch {cfg.train_batch}, SGD)", ft), flush=True)
-    mfu = (f", MFU baseline {100 * ft['baseline_mfu']:.1f}% project {100 * ft['project_mfu']:.1f}% "
-           f"of {ft['peak_tflops']:.0f} TFLOPS") if ft["peak_tflops"] else ""
-    print(f"  {ft['flops_per_image'] / 1e9:.2f} GFLOP/image; achieved baseline {ft['baseline_tflops']:.3f} "
-          f"TFLOPS, project {ft['project_tflops']:.3f} TFLOPS{mfu}", flush=True)
-    result["plasticity"] = pl = bench_plasticity(cfg, device)
+    if not ft["invalid"]:
+        mfu = (f", MFU baseline {100 * ft['baseline_mfu']:.1f}% project {100 * ft['project_mfu']:.1f}% "
+               f"of {ft['peak_tflops']:.0f} TFLOPS") if ft["peak_tflops"] else ""
+        print(f"  GFLOP/image baseline {ft['baseline_flops_per_image'] / 1e9:.2f}, project "
+              f"{ft['project_flops_per_image'] / 1e9:.2f}; achieved baseline {ft['baseline_tflops']:.4f} TFLOPS, "
+              f"project {ft['project_tflops']:.4f} TFLOPS{mfu}", flush=True)
+    result["plasticity"] = pl = bench_plasticity(cfg, device, limits)
     print(_line(f"plasticity ({cfg.plasticity_arch}, {pl['measurements']} component-layers, {cfg.pairs} pairs)",
                 pl), flush=True)
     result["peak_rss_mib"] = _peak_rss_mib(resource.RUSAGE_SELF)
     result["peak_rss_workers_mib"] = _peak_rss_mib(resource.RUSAGE_CHILDREN)
+    result["load_average_end"] = os.getloadavg()[0]
     print(f"peak RSS {result['peak_rss_mib']:.0f} MiB (largest DataLoader worker "
-          f"{result['peak_rss_workers_mib']:.0f} MiB)")
+          f"{result['peak_rss_workers_mib']:.0f} MiB); load average at the end {result['load_average_end']:.2f}")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"data speedup {result['data']['speedup']:.2f}, finetune speedup {ft['speedup']:.2f}, "
-          f"plasticity speedup {pl['speedup']:.2f}", flush=True)
+    print(f"data speedup {_speedup(result['data'])}, finetune speedup {_speedup(ft)}, "
+          f"plasticity speedup {_speedup(pl)}", flush=True)
     return result
 
 
 def main(quick: bool, device: str, out: Path | None, peak_tflops: float | None = None, **overrides) -> dict:
-    """Quick (under a minute on 2 CPU cores) or full; `overrides` replace config fields."""
+    """Quick (1.5 to 5 minutes on 2 shared CPU cores) or full; `overrides` replace config fields."""
     target = runtime.pick_device(device)
     cfg = quick_config() if quick else full_config(target)
     return run(replace(cfg, **overrides), target, out, peak_tflops)
@@ -447,10 +632,25 @@ def main(quick: bool, device: str, out: Path | None, peak_tflops: float | None =
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="throughput of this project's paths against the authors' approach")
-    parser.add_argument("--quick", action="store_true", help="small sizes: under a minute on a 2-core CPU")
+    parser.add_argument("--quick", action="store_true", help="small sizes: 1.5 to 5 minutes on 2 shared CPU cores")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="peak of this accelerator, for FLOPs utilisation")
+                        help="peak of this accelerator, for FLOPs utilisation and the validity check")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads on both sides (default: torch's)")
+    parser.add_argument("--criteria", action="store_true",
+                        help="instead: the cost of each selection criterion on ViT-B/16 (64 pairs, 2 x 16 images)")
     args = parser.parse_args(sys.argv[1:])
-    main(args.quick, args.device, args.out, peak_tflops=args.peak_tflops)
+    overrides = {"threads": args.threads} if args.threads else {}
+    if args.criteria:
+        runtime.set_threads(args.threads)
+        target = runtime.pick_device(args.device)
+        info = machine(target)
+        print(f"criteria on {info['name']} ({info['device']}), {info['torch_threads']} torch threads, load average "
+              f"{info['load_average']:.2f}", flush=True)
+        rows = bench_criteria("vit_base_patch16_224", 64, 32, 2, 16, target)
+        for row in rows:
+            print(f"{row['criterion']}: {row['wall_s']:.1f} s ({row['per_unit_s']:.3g} s per unit), "
+                  f"+{row['peak_mib']:.0f} MiB", flush=True)
+    else:
+        main(args.quick, args.device, args.out, peak_tflops=args.peak_tflops, **overrides)

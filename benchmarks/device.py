@@ -94,18 +94,15 @@ class DeviceConfig:
     size_archs: tuple[str, ...] = ("vit_large_patch16_224", "vit_huge_patch14_224")
     host_images: int = 4096  # in the memory-mapped file of the host-gather stage
     host_batches: int = 16
+    eval_batches: int = 20  # timed forward batches of the evaluation rate
+    min_window_s: float = 0.25  # a shorter timed window is no measurement (`bench.check`)
 
     @staticmethod
     def tiny() -> DeviceConfig:
         return DeviceConfig(depth=1, img_size=112, store_size=48, num_images=16, num_classes=10, batch=4,
                             warmup_steps=1, timed_steps=1, baseline_steps=1, baseline_workers=0, pairs=8, pair_batch=4,
-                            reference_size=48, host_images=32, host_batches=2,
-                            compile_backend="eager")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+                            reference_size=48, host_images=32, host_batches=2, eval_batches=2,
+                            compile_backend="eager", min_window_s=0.0)
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -140,7 +137,8 @@ def _arm_components(arm: str) -> list[str]:
 
 def time_steps(model: torch.nn.Module, images: np.ndarray | torch.Tensor, labels: np.ndarray, cfg: DeviceConfig,
                device: torch.device, compile_model: bool = False, prefetch: int = 0) -> dict:
-    """Images/s of the training loop's step (`training.train_step`) on `images`, after warm-up steps."""
+    """Images/s of the training loop's step (`training.train_step`) on `images`: `cfg.timed_steps` steps timed
+    after `cfg.warmup_steps` untimed ones; the images counted are those the timed steps were given."""
     train_cfg = training.TrainConfig(steps=cfg.warmup_steps + cfg.timed_steps, eval_every=1, batch_size=cfg.batch,
                                      lr=0.01, seed=0, img_size=cfg.img_size, prefetch=prefetch)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -154,22 +152,27 @@ def time_steps(model: torch.nn.Module, images: np.ndarray | torch.Tensor, labels
     prefetcher = streaming.Prefetcher(fetch, steps, prefetch) if prefetch else None
     get = prefetcher.get if prefetcher else fetch
     height, width = images.shape[1:3]
+
+    def step(index: int) -> int:
+        batch_images, batch_labels = get(index)
+        draws = transforms.sample_crop_flip(cfg.batch, height, width, runtime.step_generator(0, index, 1))
+        training.train_step(forward, optimizer, params, batch_images, batch_labels, draws, train_cfg, micro, device)
+        return len(batch_labels)
+
     try:
-        for step in steps:
-            if step == cfg.warmup_steps:
-                _sync(device)
-                began = time.perf_counter()
-            batch_images, batch_labels = get(step)
-            draws = transforms.sample_crop_flip(cfg.batch, height, width, runtime.step_generator(0, step, 1))
-            training.train_step(forward, optimizer, params, batch_images, batch_labels, draws, train_cfg, micro,
-                                device)
-        _sync(device)
+        for index in steps[: cfg.warmup_steps]:
+            step(index)
+        bench._sync(device)
+        began = time.perf_counter()
+        done = sum(step(index) for index in steps[cfg.warmup_steps :])
+        bench._sync(device)
         seconds = time.perf_counter() - began
     finally:
         if prefetcher:
             prefetcher.close()
-    return {"images_per_s": cfg.batch * cfg.timed_steps / seconds, "step_s": seconds / cfg.timed_steps,
-            "micro_batch": micro, "peak_memory_gib": _peak_gib(device), "timed_steps": cfg.timed_steps}
+    return {"images_per_s": done / seconds, "step_s": seconds / cfg.timed_steps, "micro_batch": micro,
+            "peak_memory_gib": _peak_gib(device), "timed_steps": cfg.timed_steps, "images": done,
+            "planned_images": cfg.batch * cfg.timed_steps, "seconds": seconds}
 
 
 def executed_flops_per_image(model: torch.nn.Module, cfg: DeviceConfig, device: torch.device) -> float:
@@ -183,146 +186,175 @@ def executed_flops_per_image(model: torch.nn.Module, cfg: DeviceConfig, device: 
     return float(counter.get_total_flops())
 
 
-def _with_mfu(result: dict, flops: float, peak: float | None) -> dict:
+def _checked(result: dict, flops: float, limits: bench.Limits) -> dict:
+    """`result` (images, planned_images, seconds, images_per_s) with achieved TFLOP/s, MFU against a rated peak,
+    and `invalid`: why `bench.check` refuses it as a measurement, or None."""
+    timed = bench.Timed(result["images"], result["planned_images"], result["seconds"])
     achieved = flops * result["images_per_s"]
     return {**result, "flops_per_image": flops, "achieved_tflops": achieved / 1e12,
-            "mfu": achieved / peak if peak else None}
+            "mfu": achieved / limits.peak_flops if limits.rated else None,
+            "invalid": bench.check(timed, flops, limits)}
 
 
 # --- stages -------------------------------------------------------------------------------------------
 
 
-def stage_finetune(cfg: DeviceConfig, device: torch.device, peak: float | None, split: Split) -> dict:
+def stage_finetune(cfg: DeviceConfig, device: torch.device, limits: bench.Limits, split: Split) -> dict:
     images = training.resident(split.images, device)
     out = {}
     for arm in cfg.arms:
         model = build(cfg.arch, cfg, device, arm)
         flops = executed_flops_per_image(model, cfg, device)
-        out[arm] = _with_mfu(time_steps(model, images, split.labels, cfg, device), flops, peak)
+        out[arm] = _checked(time_steps(model, images, split.labels, cfg, device), flops, limits)
         out[arm]["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         del model
-        print(f"  finetune {arm}: {out[arm]['images_per_s']:.0f} images/s, MFU {_pct(out[arm]['mfu'])}", flush=True)
+        print(f"  finetune {arm}: {_rate(out[arm])}, MFU {_pct(out[arm]['mfu'])}", flush=True)
     return out
 
 
-def stage_compile(cfg: DeviceConfig, device: torch.device, peak: float | None, split: Split) -> dict:
+def stage_compile(cfg: DeviceConfig, device: torch.device, limits: bench.Limits, split: Split) -> dict:
     images = training.resident(split.images, device)
     model = build(cfg.arch, cfg, device, cfg.compile_arm)
     flops = executed_flops_per_image(model, cfg, device)
     began = time.perf_counter()
     result = time_steps(model, images, split.labels, cfg, device, compile_model=True)
     total = time.perf_counter() - began
-    result = _with_mfu(result, flops, peak)
+    result = _checked(result, flops, limits)
     result["arm"] = cfg.compile_arm
-    result["compile_and_warmup_s"] = total - result["step_s"] * cfg.timed_steps
+    result["compile_and_warmup_s"] = total - result["seconds"]
     return result
 
 
-def stage_baseline(cfg: DeviceConfig, device: torch.device, peak: float | None, split: Split) -> dict:
-    """Float32, attention written out, per-sample PIL transforms in a DataLoader; arm `all`."""
+def stage_baseline(cfg: DeviceConfig, device: torch.device, limits: bench.Limits, split: Split) -> dict:
+    """Float32, attention written out, per-sample PIL transforms in a DataLoader; arm `all`.
+
+    One untimed warm-up step on a batch of its own; then a fresh DataLoader's first batch is fetched (its workers
+    started) and the clock runs over `cfg.baseline_steps` steps. Batches the workers prepared while that first
+    one was fetched come free: at most workers x 2 (the prefetch factor), so this favours the baseline."""
     baseline = build(cfg.arch, cfg, device, "all")
     for block in baseline.blocks:
         block.attn.fused_attn = False
     flops = executed_flops_per_image(baseline, cfg, device)
     optimizer = torch.optim.SGD(baseline.parameters(), lr=0.01, momentum=0.9)
-    steps = 1 + cfg.baseline_steps
-    loader = bench.shuffled_loader(split, bench.train_transform(cfg.img_size), cfg.batch, steps,
-                                   cfg.baseline_workers, device)
     baseline.train()
     _reset_peak(device)
-    for step, (images, labels) in enumerate(loader):
-        if step == 1:
-            _sync(device)
-            began = time.perf_counter()
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> int:
         optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(baseline(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(baseline.parameters(), 1.0)
         optimizer.step()
         loss.item()
-    _sync(device)
+        return len(labels)
+
+    step(*next(iter(bench.shuffled_loader(split, bench.train_transform(cfg.img_size), cfg.batch, 1, 0, device))))
+    loader = bench.shuffled_loader(split, bench.train_transform(cfg.img_size), cfg.batch, cfg.baseline_steps,
+                                   cfg.baseline_workers, device)
+    batches = bench._primed(loader)
+    bench._sync(device)
+    began = time.perf_counter()
+    done = sum(step(images, labels) for images, labels in batches)
+    bench._sync(device)
     seconds = time.perf_counter() - began
-    result = {"images_per_s": cfg.batch * cfg.baseline_steps / seconds, "step_s": seconds / cfg.baseline_steps,
+    result = {"images_per_s": done / seconds, "step_s": seconds / cfg.baseline_steps, "images": done,
+              "planned_images": cfg.batch * cfg.baseline_steps, "seconds": seconds,
               "peak_memory_gib": _peak_gib(device), "workers": cfg.baseline_workers}
-    return _with_mfu(result, flops, peak)
+    return _checked(result, flops, limits)
 
 
-def stage_data_path(cfg: DeviceConfig, device: torch.device, peak: float | None, split: Split) -> dict:
+def stage_data_path(cfg: DeviceConfig, device: torch.device, limits: bench.Limits, split: Split) -> dict:
     """Arm `all` with the split resident on the device against streamed from a memory-mapped file."""
     model = build(cfg.arch, cfg, device, "all")
+    flops = executed_flops_per_image(model, cfg, device)
     resident = torch.from_numpy(split.images).to(device) if device.type == "cuda" else split.images
-    out = {"resident": time_steps(model, resident, split.labels, cfg, device)}
+    out = {"resident": _checked(time_steps(model, resident, split.labels, cfg, device), flops, limits)}
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "train_images.npy"
         np.save(path, split.images)
         mapped = np.load(path, mmap_mode="r")
-        out["streamed"] = time_steps(model, mapped, split.labels, cfg, device, prefetch=2)
+        out["streamed"] = _checked(time_steps(model, mapped, split.labels, cfg, device, prefetch=2), flops, limits)
     out["streamed_over_resident"] = out["streamed"]["images_per_s"] / out["resident"]["images_per_s"]
     return out
 
 
-def stage_plasticity(cfg: DeviceConfig, device: torch.device, peak: float | None, split: Split) -> dict:
+def stage_plasticity(cfg: DeviceConfig, device: torch.device, limits: bench.Limits, split: Split) -> dict:
+    """Pairs/s of `plasticity.measure` in each mode, after an untimed warm-up of one batch of pairs."""
     reference = random_split(cfg, cfg.pairs, cfg.reference_size, seed=5)
     downstream = random_split(cfg, cfg.pairs, cfg.downstream_size, seed=6)
     model = build(cfg.arch, cfg, device, arm=None)
     out = {}
     for mode in ("embedding", "hidden"):
+        plasticity.measure(model, reference, downstream, max(2, cfg.pair_batch), cfg.pair_batch, cfg.img_size,
+                           device, modes=(mode,), progress=lambda _: None)
         _reset_peak(device)
-        _sync(device)
+        bench._sync(device)
         began = time.perf_counter()
-        plasticity.measure(model, reference, downstream, cfg.pairs, cfg.pair_batch, cfg.img_size, device,
-                           modes=(mode,), progress=lambda _: None)
-        _sync(device)
+        table, _ = plasticity.measure(model, reference, downstream, cfg.pairs, cfg.pair_batch, cfg.img_size, device,
+                                      modes=(mode,), progress=lambda _: None)
+        bench._sync(device)
         seconds = time.perf_counter() - began
-        out[mode] = {"pairs": cfg.pairs, "seconds": seconds, "pairs_per_s": cfg.pairs / seconds,
-                     "peak_memory_gib": _peak_gib(device)}
+        pairs = int(table["n"].max())  # the pairs whose ratios were taken
+        timed = bench.Timed(pairs, cfg.pairs, seconds)
+        out[mode] = {"pairs": pairs, "seconds": seconds, "pairs_per_s": pairs / seconds,
+                     "peak_memory_gib": _peak_gib(device), "invalid": bench.check(timed, 0.0, limits)}
     return out
 
 
-def stage_sizes(cfg: DeviceConfig, device: torch.device, peak: float | None, split: Split) -> dict:
+def stage_sizes(cfg: DeviceConfig, device: torch.device, limits: bench.Limits, split: Split) -> dict:
     images = training.resident(split.images, device)
     out = {}
     for arch in cfg.size_archs:
         model = build(arch, cfg, device, "all")
         flops = executed_flops_per_image(model, cfg, device)
-        out[arch] = _with_mfu(time_steps(model, images, split.labels, replace(cfg, warmup_steps=1, timed_steps=1),
-                                         device), flops, peak)
+        out[arch] = _checked(time_steps(model, images, split.labels, replace(cfg, warmup_steps=1, timed_steps=1),
+                                         device), flops, limits)
         del model
     return out
 
 
 def eval_rate(cfg: DeviceConfig, device: torch.device, split: Split) -> float:
-    """Forward images/s at evaluation (bf16 autocast, batch `cfg.batch`)."""
+    """Forward images/s at evaluation (bf16 autocast, batch `cfg.batch`) over `cfg.eval_batches` timed batches,
+    after one untimed."""
     model = build(cfg.arch, cfg, device, arm=None).eval()
     images = training.resident(split.images, device)
+
+    def forward(start: int) -> int:
+        batch = transforms.eval_batch(images[start : start + cfg.batch], cfg.img_size, device)
+        with runtime.autocast(device):
+            model(batch).float().argmax(-1).sum().item()
+        return len(batch)
+
+    starts = [(i * cfg.batch) % max(1, len(split.labels) - cfg.batch + 1) for i in range(cfg.eval_batches)]
     with torch.no_grad():
-        for _ in range(2):  # the second pass is timed
-            _sync(device)
-            began = time.perf_counter()
-            batch = transforms.eval_batch(images[: cfg.batch], cfg.img_size, device)
-            with runtime.autocast(device):
-                model(batch).float().argmax(-1).sum().item()
-    return cfg.batch / (time.perf_counter() - began)
+        forward(0)
+        bench._sync(device)
+        began = time.perf_counter()
+        done = sum(forward(start) for start in starts)
+        bench._sync(device)
+    return done / (time.perf_counter() - began)
 
 
 def projection(results: dict, config_path: Path, forward_rate: float) -> dict:
     """GPU-hours per experiment of the study config: Σ runs × (steps × step time + eval images / forward rate)."""
     study = yaml.safe_load(config_path.read_text())
-    base = results.get("finetune", {})
+    base = {arm: r for arm, r in results.get("finetune", {}).items() if not r["invalid"]}
     per_arch_step = {"vit_base_patch16_224": {arm: r["step_s"] for arm, r in base.items()}}
-    sizes = results.get("sizes", {})
+    sizes = {arch: r for arch, r in results.get("sizes", {}).items() if not r["invalid"]}
     for arch, r in sizes.items():  # only arm `all` measured: scale B's arm ratios
         ratio = r["step_s"] / base["all"]["step_s"] if "all" in base else 1.0
         per_arch_step[arch] = {arm: s * ratio for arm, s in per_arch_step["vit_base_patch16_224"].items()}
     out, total = {}, 0.0
     for name, exp in study["experiments"].items():
         arch = ARCHS.get(exp["model"], exp["model"])
-        steps_by_arm = per_arch_step.get(arch)
-        if not steps_by_arm:
-            out[name] = {"skipped": f"no step time measured for {arch}"}
-            continue
+        steps_by_arm = per_arch_step.get(arch, {})
         controls = study.get("controls") or {}
         arms = exp.get("arms", list(study["arms"]) + list(controls))
+        proxies = {ARM_PROXY.get(controls[arm]["component"] if arm in controls else arm, "all") for arm in arms}
+        if not proxies <= steps_by_arm.keys():
+            missing = sorted(proxies - steps_by_arm.keys())
+            out[name] = {"skipped": f"no valid step time measured for {arch}, arms {', '.join(missing)}"}
+            continue
         seeds = len(study["finetune"]["seeds"])
         seconds, runs = 0.0, 0
         for task in exp["tasks"]:
@@ -353,7 +385,7 @@ def _size_ratio(arch: str, sizes: dict, base: dict) -> float:
     return 1.0
 
 
-def stage_host_gather(cfg: DeviceConfig, device: torch.device, peak: float | None, split: Split) -> dict:
+def stage_host_gather(cfg: DeviceConfig, device: torch.device, limits: bench.Limits, split: Split) -> dict:
     """Host side of the streamed path: images/s gathered from a 256 px memory-mapped file into batch buffers
     (pinned on a GPU host, pageable elsewhere), with 1 and 2 gathering threads, against the rate at which a
     ViT-B/16 training step at `CONSUMER_MFU` of an H100's dense bf16 peak would consume images."""
@@ -378,21 +410,27 @@ def stage_host_gather(cfg: DeviceConfig, device: torch.device, peak: float | Non
         for threads in (1, 2):
             buffers = [torch.empty((cfg.batch, cfg.store_size, cfg.store_size, 3), dtype=torch.uint8,
                                    pin_memory=device.type == "cuda") for _ in range(threads)]
+            # Warm-up batches (the pool's threads, the buffers' pages) are other steps than the timed ones.
+            warm = [training.batch_indices(images, cfg.batch, step, seed=0)
+                    for step in range(cfg.host_batches, cfg.host_batches + threads)]
             batches = [training.batch_indices(images, cfg.batch, step, seed=0) for step in range(cfg.host_batches)]
 
-            def gather(job: int, buffers=buffers, batches=batches, threads=threads) -> None:
-                np.take(mapped, batches[job], axis=0, out=buffers[job % threads].numpy())
+            def gather(job: tuple[int, np.ndarray], buffers=buffers, threads=threads) -> int:
+                np.take(mapped, job[1], axis=0, out=buffers[job[0] % threads][: len(job[1])].numpy())
+                return len(job[1])
 
             with ThreadPoolExecutor(threads) as pool:
-                list(pool.map(gather, range(threads)))  # warm-up
+                list(pool.map(gather, enumerate(warm)))
                 began = time.perf_counter()
-                list(pool.map(gather, range(cfg.host_batches)))
+                done = sum(pool.map(gather, enumerate(batches)))
                 seconds = time.perf_counter() - began
-            rate = cfg.batch * cfg.host_batches / seconds
-            out[f"threads_{threads}"] = {"images_per_s": rate, "ratio_to_consumer": rate / consumer}
-            print(f"  host gather, {threads} thread(s): {rate:.0f} images/s = {rate / consumer:.2f} x the "
-                  f"{consumer:.0f} images/s a ViT-B/16 step at {100 * CONSUMER_MFU:.0f}% of an H100 consumes",
-                  flush=True)
+            rate = done / seconds
+            reason = bench.check(bench.Timed(done, cfg.batch * cfg.host_batches, seconds), 0.0, limits)
+            out[f"threads_{threads}"] = {"images_per_s": rate, "ratio_to_consumer": rate / consumer,
+                                         "invalid": reason}
+            print(f"  host gather, {threads} thread(s): " + (f"INVALID: {reason}" if reason else
+                  f"{rate:.0f} images/s = {rate / consumer:.2f} x the {consumer:.0f} images/s a ViT-B/16 step at "
+                  f"{100 * CONSUMER_MFU:.0f}% of an H100 consumes"), flush=True)
     return out
 
 
@@ -405,19 +443,29 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def _rate(result: dict) -> str:
+    return "INVALID" if result.get("invalid") else f"{result['images_per_s']:.0f} images/s"
+
+
 def summary_line(results: dict) -> str:
     ft = results.get("finetune", {})
     parts = [f"device {results['machine']['name']}"]
     for arm, r in ft.items():
-        parts.append(f"{arm} {r['images_per_s']:.0f} img/s MFU {_pct(r['mfu'])}")
+        parts.append(f"{arm} {_rate(r)} MFU {_pct(r['mfu'])}")
     if "baseline" in results and "all" in ft:
-        parts.append(f"vs baseline x{ft['all']['images_per_s'] / results['baseline']['images_per_s']:.2f}")
+        valid = not results["baseline"]["invalid"] and not ft["all"]["invalid"]
+        ratio = ft["all"]["images_per_s"] / results["baseline"]["images_per_s"]
+        parts.append(f"vs baseline x{ratio:.2f}" if valid else "vs baseline INVALID")
     if "compile" in results:
-        parts.append(f"compiled {results['compile']['arm']} {results['compile']['images_per_s']:.0f} img/s")
+        parts.append(f"compiled {results['compile']['arm']} {_rate(results['compile'])}")
     if "data_path" in results:
-        parts.append(f"streamed/resident {results['data_path']['streamed_over_resident']:.2f}")
+        path = results["data_path"]
+        valid = not path["streamed"]["invalid"] and not path["resident"]["invalid"]
+        ratio = f"{path['streamed_over_resident']:.2f}" if valid else "INVALID"
+        parts.append(f"streamed/resident {ratio}")
     if "plasticity" in results:
-        parts.append("plasticity " + ", ".join(f"{m} {r['seconds']:.1f} s" for m, r in results["plasticity"].items()))
+        parts.append("plasticity " + ", ".join(f"{m} " + ("INVALID" if r["invalid"] else f"{r['seconds']:.1f} s")
+                                               for m, r in results["plasticity"].items()))
     if "projection" in results:
         parts.append(f"projected {results['projection']['total_gpu_hours']:.0f} GPU-hours")
     return "summary: " + "; ".join(parts)
@@ -432,9 +480,11 @@ def _write(path: Path, results: dict) -> None:
 def run(cfg: DeviceConfig, device: torch.device, out: Path, budget_s: float, peak_tflops: float | None,
         stages: list[str]) -> dict:
     started = time.perf_counter()
-    peak = bench.peak_flops(device, peak_tflops)
-    results = {"machine": bench.machine(device), "config": asdict(cfg), "peak_tflops": peak / 1e12 if peak else None,
-               "skipped": [], "errors": {}}
+    limits = bench.measure_limits(device, cfg.min_window_s, peak_tflops)
+    print(f"peak {limits.peak_flops / 1e12:.4g} TFLOP/s ({limits.peak_source}); matmul measured now "
+          f"{limits.matmul_flops / 1e12:.4g} TFLOP/s; shortest valid window {limits.min_window_s} s", flush=True)
+    results = {"machine": bench.machine(device), "config": asdict(cfg), "limits": asdict(limits),
+               "peak_tflops": limits.peak_flops / 1e12 if limits.rated else None, "skipped": [], "errors": {}}
     out.parent.mkdir(parents=True, exist_ok=True)
     _write(out, results)
     split = random_split(cfg, cfg.num_images, cfg.store_size, seed=0)
@@ -448,7 +498,7 @@ def run(cfg: DeviceConfig, device: torch.device, out: Path, budget_s: float, pea
         print(f"{name} ...", flush=True)
         began = time.perf_counter()
         try:
-            results[name] = stage(cfg, device, peak, split)
+            results[name] = stage(cfg, device, limits, split)
         except Exception as exc:  # noqa: BLE001 - one stage failing must not lose the others' figures
             results["errors"][name] = f"{type(exc).__name__}: {exc}"
             print(f"{name}: failed: {results['errors'][name]}", flush=True)

@@ -39,6 +39,10 @@ def test_tiny_mode_measures_every_stage_and_projects_the_study(tmp_path):
     assert set(result["finetune"]) == {"all", "mha", "ln1"}
     for arm in ("all", "mha", "ln1"):
         assert result["finetune"][arm]["images_per_s"] > 0
+        # Every timed step counted, under the CPU's peak (tiny windows are exempt from the minimum duration).
+        assert result["finetune"][arm]["invalid"] is None
+        assert result["finetune"][arm]["images"] == result["finetune"][arm]["planned_images"] == 4
+    assert result["limits"]["peak_flops"] > 0 and result["limits"]["min_window_s"] == 0.0
     # Fewer trainable parameters, fewer executed FLOPs: no weight gradients outside the arm.
     flops = {arm: r["flops_per_image"] for arm, r in result["finetune"].items()}
     assert flops["all"] > flops["mha"] > flops["ln1"] > 0
@@ -71,3 +75,14 @@ def test_unknown_stage_is_one_line(tmp_path):
     done = _run(tmp_path, "--stages", "finetune,warp")
     assert done.returncode == 2
     assert "unknown stages warp; choose from finetune, baseline" in done.stderr
+
+
+def test_projection_leaves_out_an_experiment_whose_arms_were_not_validly_measured():
+    import device
+
+    step = {"invalid": None, "step_s": 1.0}
+    results = {"finetune": {"all": {"invalid": "the window lasted 0.0001 s", "step_s": 1e-4}, "mha": step,
+                            "ln1": step}}
+    out = device.projection(results, ROOT / "config" / "config.yaml", forward_rate=1000.0)
+    assert out["main"] == {"skipped": "no valid step time measured for vit_base_patch16_224, arms all"}
+    assert out["total_gpu_hours"] == 0.0
