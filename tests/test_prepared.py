@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from vitplasticity.errors import UserError
-from vitplasticity.prepared import FORMAT_VERSION, load_split, prepared_writer, read_meta, write_prepared
+from vitplasticity.prepared import load_split, prepared_writer, read_meta, write_prepared
 
 CLASSES = ["circle", "square", "triangle"]
 
@@ -44,7 +44,7 @@ def test_meta_content(task):
     folder, _ = task
     meta = json.loads((folder / "meta.json").read_text())
     assert meta == read_meta(folder)
-    assert meta["format_version"] == FORMAT_VERSION
+    assert meta["format_version"] == 1
     assert meta["name"] == "shapes"
     assert meta["classes"] == CLASSES
     assert meta["splits"] == {"train": 12, "val": 6, "test": 9}
