@@ -308,3 +308,12 @@ def test_arms_keep_the_config_order_given_beside_sorted_settings(tmp_path):
         "| task | MHA (%) | LN1 (%) | FC1 (%) | LP (%) |")
     assert tables["main_table"]["arm"].tolist()[:3] == ["mha", "ln1", "fc1"]
     assert list(dict.fromkeys(tables["lr_gap"]["arm"])) == ["mha", "ln1", "fc1"]
+
+
+def test_best_lr_is_the_best_seed_mean_even_when_its_worst_seed_is_worse():
+    """lr 0.1: seeds 90, 60 (mean 75, worst 60); lr 0.01: 70, 70 (mean 70, worst 70). The seed mean picks 0.1."""
+    runs = pd.DataFrame({
+        "task": ["t"] * 4, "arm": ["mha"] * 4, "lr": [0.1, 0.1, 0.01, 0.01], "seed": [0, 1, 0, 1],
+        "status": ["completed"] * 4, "test_acc": [90.0, 60.0, 70.0, 70.0]})
+    row = _row(agg.main_table(runs), "t", "mha")
+    assert (row["best_lr"], row["mean"], row["std"], row["n_seeds"]) == (0.1, 75.0, 15.0, 2)

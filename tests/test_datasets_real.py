@@ -95,9 +95,21 @@ def test_cifar10_official_train_split_80_20_and_official_test(host, tmp_path):
         assert (part.images[:, :, :, 1] == np.arange(32)[None, :, None]).all()
         assert (part.images[:, :, :, 2] == 2 * np.arange(32)[None, None, :]).all()
     assert sorted(codes["train"] + codes["val"]) == list(range(20))
+    assert sorted(codes["val"]) == [7, 9, 14, 15]  # split_seed 42: 4 of the 20 training images, pinned
     assert splits["train"].labels.tolist() == [code % 10 for code in codes["train"]]
     assert codes["test"] == [200, 201, 202, 203, 204]
     assert splits["test"].labels.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_cifar10_split_seed_chooses_the_validation_images(host, tmp_path):
+    data = cifar10_archive()
+    url = host.put("seeded/cifar-10-python.tar.gz", data)
+    val = {}
+    for seed in (42, 7):
+        task = make_task("cifar10", url=url, checksum=md5(data), split_seed=seed)
+        _, out_dir = run(f"cifar10_{seed}", task, tmp_path)
+        val[seed] = sorted(load_split(out_dir, "val").images[:, 0, 0, 0].tolist())
+    assert val == {42: [7, 9, 14, 15], 7: [3, 8, 12, 13]}
 
 
 def test_a_second_preparation_reuses_the_download_and_gives_the_same_bytes(host, tmp_path):

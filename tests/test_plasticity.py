@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from helpers import random_split, tiny_vit
 from timm.layers import RmsNorm
 
-from vitplasticity import plasticity, transforms
+from vitplasticity import plasticity
 from vitplasticity.bounds import theoretical_bounds
-from vitplasticity.components import BLOCK_COMPONENTS, apply_component, embed
+from vitplasticity.components import BLOCK_COMPONENTS
 from vitplasticity.errors import UserError
 from vitplasticity.prepared import Split
 
@@ -128,15 +128,46 @@ def test_scaling_a_linear_weight_scales_its_plasticity(streams):
     assert _value(after, "fc1", 0) == pytest.approx(_value(before, "fc1", 0), rel=1e-6)
 
 
+def _pixels(images, size=None):
+    """uint8 (B, H, W, 3) → ImageNet-normalised float (B, 3, size, size), resized bilinearly when `size` is given."""
+    x = torch.from_numpy(np.asarray(images)).float().permute(0, 3, 1, 2) / 255.0
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
+        1, 3, 1, 1)
+    if size is not None and x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+def _plain_embedding(model, pixels):
+    """E: patches by a strided convolution, the class token prepended, the position embedding added. (B, N, D)"""
+    patch = model.patch_embed.proj.stride[0]
+    with torch.no_grad():
+        patches = F.conv2d(pixels, model.patch_embed.proj.weight, model.patch_embed.proj.bias, stride=patch)
+        tokens = patches.flatten(2).transpose(1, 2)
+        tokens = torch.cat([model.cls_token.expand(len(tokens), -1, -1), tokens], dim=1)
+        return tokens + model.pos_embed
+
+
+def _plain_component(block, component, x):
+    """A block component applied to tokens (B, N, D) as study-spec §3 defines it, with the timm sub-modules:
+    MHA with its LayerScale, FC2 fed [x, 0] padded to its input width and then its LayerScale."""
+    gamma1 = block.ls1.gamma if hasattr(block.ls1, "gamma") else 1.0
+    gamma2 = block.ls2.gamma if hasattr(block.ls2, "gamma") else 1.0
+    if component == "ln1":
+        return block.norm1(x)
+    if component == "mha":
+        return block.attn(x) * gamma1
+    if component == "ln2":
+        return block.norm2(x)
+    if component == "fc1":
+        return block.mlp.fc1(x)
+    return block.mlp.fc2(F.pad(x, (0, block.mlp.fc2.in_features - x.shape[-1]))) * gamma2
+
+
 def _brute_force(model, reference, downstream, n_pairs):
     """Per pair, each component written out with plain tensor algebra."""
     def embedding(image):
-        x = torch.from_numpy(image).float().permute(2, 0, 1)[None] / 255.0
-        x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
-            1, 3, 1, 1)
-        patches = F.conv2d(x, model.patch_embed.proj.weight, model.patch_embed.proj.bias, stride=8)
-        tokens = torch.cat([model.cls_token[0], patches.flatten(2)[0].T])
-        return tokens + model.pos_embed[0]
+        return _plain_embedding(model, _pixels(image[None]))[0]
 
     def attention(attn, x):
         n, d = x.shape
@@ -187,12 +218,12 @@ def _applied_to_both_streams(model, reference, downstream, n_pairs):
     """Mean over pairs of every component applied to E of both streams, as the definition reads."""
     images = np.concatenate([reference.images[:n_pairs], downstream.images[:n_pairs]])
     with torch.no_grad():
-        emb = embed(model, transforms.eval_batch(images, 32, CPU))
+        emb = _plain_embedding(model, _pixels(images))
         denominator = (emb[:n_pairs] - emb[n_pairs:]).flatten(1).norm(dim=1)
         means = {}
         for layer, block in enumerate(model.blocks):
             for name in BLOCK_COMPONENTS:
-                out = apply_component(block, name, emb)
+                out = _plain_component(block, name, emb)
                 means[(name, layer)] = ((out[:n_pairs] - out[n_pairs:]).flatten(1).norm(dim=1) / denominator).mean()
     return means
 
@@ -343,26 +374,30 @@ def test_no_pair_of_distinct_images_is_a_user_error():
 
 def _float64_reference(model, reference, downstream, n_pairs):
     """Per-pair ratios from float32 activations (E and each component's output), with only the Frobenius
-    norms and the means over pairs in float64: {(mode, component, layer): mean}."""
-    from vitplasticity.components import hidden_inputs
-
+    norms and the means over pairs in float64: {(mode, component, layer): mean}. The block is written out
+    (x → x + MHA(LN1(x)) → + FC2(GELU(FC1(LN2(·))))), each component fed what it receives there."""
     sums = {}
     for i in range(n_pairs):
-        pixels = torch.cat([transforms.eval_batch(split.images[i:i + 1], 224, CPU)
-                            for split in (reference, downstream)])
-        emb = embed(model, pixels).float()  # (2, N, D) float32
+        pixels = torch.cat([_pixels(split.images[i:i + 1], 224) for split in (reference, downstream)])
+        emb = _plain_embedding(model, pixels).float()  # (2, N, D) float32
         feeds = {("embedding", layer): {c: emb for c in BLOCK_COMPONENTS} for layer in range(len(model.blocks))}
         hidden = emb
-        for layer, block in enumerate(model.blocks):
-            feeds[("hidden", layer)], hidden = hidden_inputs(block, hidden)
+        with torch.no_grad():
+            for layer, block in enumerate(model.blocks):
+                mid = hidden + block.attn(block.norm1(hidden))
+                fc1_in = block.norm2(mid)
+                fc2_in = block.mlp.act(block.mlp.fc1(fc1_in))
+                feeds[("hidden", layer)] = {"ln1": hidden, "mha": block.norm1(hidden), "ln2": mid, "fc1": fc1_in,
+                                            "fc2": fc2_in}
+                hidden = mid + block.mlp.fc2(fc2_in)
         for (mode, layer), inputs in feeds.items():
             block = model.blocks[layer]
             for component in BLOCK_COMPONENTS:
                 x = inputs[component]
                 if mode == "embedding" and component == "fc2":
                     x = F.pad(emb, (0, block.mlp.fc2.in_features - emb.shape[-1]))  # [E, 0, 0, 0]
-                out = apply_component(block, component, x) if mode == "hidden" else _embedding_output(
-                    block, component, x)
+                with torch.no_grad():
+                    out = _embedding_output(block, component, x)
                 numerator = torch.linalg.vector_norm(out[0].double() - out[1].double())
                 denominator = torch.linalg.vector_norm(x[0].double() - x[1].double())
                 key = (mode, component, layer)
@@ -371,7 +406,7 @@ def _float64_reference(model, reference, downstream, n_pairs):
 
 
 def _embedding_output(block, component, x):
-    """The paper's embedding-mode component outputs, applied to E as written (float32)."""
+    """The paper's component outputs (no LayerScale in ViT-B/16), applied to their inputs as written (float32)."""
     if component == "ln1":
         return block.norm1(x)
     if component == "ln2":

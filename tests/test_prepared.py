@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from vitplasticity.errors import UserError
-from vitplasticity.prepared import FORMAT_VERSION, load_split, prepared_writer, read_meta, write_prepared
+from vitplasticity.prepared import load_split, prepared_writer, read_meta, write_prepared
 
 CLASSES = ["circle", "square", "triangle"]
 
@@ -44,7 +44,7 @@ def test_meta_content(task):
     folder, _ = task
     meta = json.loads((folder / "meta.json").read_text())
     assert meta == read_meta(folder)
-    assert meta["format_version"] == FORMAT_VERSION
+    assert meta["format_version"] == 1
     assert meta["name"] == "shapes"
     assert meta["classes"] == CLASSES
     assert meta["splits"] == {"train": 12, "val": 6, "test": 9}
@@ -136,16 +136,17 @@ def _leftovers(parent, keep="shapes"):
     return sorted(p.name for p in parent.iterdir() if p.name != keep)
 
 
-@pytest.mark.parametrize("broken", [
-    {"images": np.zeros((4, 8, 8, 3), dtype=np.float32)},
-    {"images": np.zeros((4, 8, 6, 3), dtype=np.uint8)},
-    {"labels": np.array([0, 1, 2], dtype=np.int64)},
-    {"labels": np.array([0, 1, 2, 3], dtype=np.int64)},
+@pytest.mark.parametrize(("broken", "message"), [
+    ({"images": np.zeros((4, 8, 8, 3), dtype=np.float32)}, r"val: images must be uint8 \(N, H, W, 3\), got float32 "
+                                                           r"\(4, 8, 8, 3\)"),
+    ({"images": np.zeros((4, 8, 6, 3), dtype=np.uint8)}, r"val: images must be square, got \(8, 6\)$"),
+    ({"labels": np.array([0, 1, 2], dtype=np.int64)}, "val: 4 images but 3 labels"),
+    ({"labels": np.array([0, 1, 2, 3], dtype=np.int64)}, r"val: labels outside 0\.\.2"),
 ])
-def test_failed_write_leaves_no_folder_and_no_temp_dirs(tmp_path, broken):
+def test_failed_write_leaves_no_folder_and_no_temp_dirs(tmp_path, broken, message):
     good = _arrays(4)
     bad = (broken.get("images", good[0]), broken.get("labels", good[1]))
-    with pytest.raises(ValueError, match="val: "):
+    with pytest.raises(ValueError, match=message):
         write_prepared(tmp_path / "shapes", {"train": good, "val": bad}, CLASSES, {})
     assert list(tmp_path.iterdir()) == []
 

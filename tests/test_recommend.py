@@ -25,7 +25,7 @@ from vitplasticity.fileio import sha256_file
 from vitplasticity.hub import fetch_pretrained
 from vitplasticity.models import load_checkpoint
 from vitplasticity.prepared import load_split, read_meta
-from vitplasticity.recommend import within_pairs
+from vitplasticity.recommend import lora_plan, within_pairs
 
 TINY = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
 # Shrunk members of each family: timm name, keyword arguments.
@@ -34,6 +34,12 @@ FAMILIES = {
     "deit3": ("deit3_small_patch16_224", {"img_size": 32, "depth": 2, "embed_dim": 32, "num_heads": 2}),
     "siglip": ("vit_base_patch16_siglip_224", {"img_size": 32, "depth": 2, "embed_dim": 32, "num_heads": 2}),
     "clip": ("vit_base_patch16_clip_224", {"img_size": 32, "depth": 2, "embed_dim": 32, "num_heads": 2}),
+}
+# The timm modules of the 2-block TINY ViT that LoRA adapts for each linear component.
+LORA_TARGETS = {
+    "mha": {"blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.1.attn.qkv", "blocks.1.attn.proj"},
+    "fc1": {"blocks.0.mlp.fc1", "blocks.1.mlp.fc1"},
+    "fc2": {"blocks.0.mlp.fc2", "blocks.1.mlp.fc2"},
 }
 # The finetuning jobs of the config `recommend` writes: 8 arms × 3 learning rates × 2 seeds.
 SNIPPET_JOBS = {"prepare_dataset": 2, "fetch_checkpoint": 1, "measure_plasticity": 1, "compute_bounds": 1,
@@ -135,9 +141,26 @@ def test_lora_config_applies_to_the_timm_model(tiny_report):
     targets = re.compile(config.target_modules)
     adapted = {n.split(".lora_A")[0].removeprefix("base_model.model.") for n in trained if ".lora_A." in n}
     assert adapted and all(targets.fullmatch(name) for name in adapted)
-    assert len(adapted) == 2 * (2 if "qkv" in config.target_modules else 1)  # every block
+    ranking = pd.read_csv(out / "ranking.csv")
+    embedding = ranking[ranking["mode"] == "embedding"]  # the first of --modes
+    top_linear = next(c for c in embedding.sort_values("rank")["component"] if c in LORA_TARGETS)
+    assert adapted == LORA_TARGETS[top_linear]
     assert any(n.endswith("head.modules_to_save.default.weight") for n in trained)
     assert peft_model(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+
+
+@pytest.mark.parametrize(("order", "component", "saved"), [
+    (["fc1", "ln1", "mha", "fc2", "ln2"], "fc1", ["norm", "head"]),
+    (["ln2", "ln1", "fc2", "mha", "fc1"], "fc2", ["norm2", "norm1", "norm", "head"]),
+    (["mha", "fc2", "fc1", "ln1", "ln2"], "mha", ["norm", "head"]),
+])
+def test_lora_plan_targets_the_first_linear_component_of_the_order(order, component, saved):
+    """TINY has no LayerScale (ls1, ls2 are Identity) and a class-token head (fc_norm is Identity)."""
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=3, **TINY)
+    first, target, to_save = lora_plan(order, model)
+    assert (first, to_save) == (component, saved)
+    matched = {name for name, _ in model.named_modules() if re.fullmatch(target, name)}
+    assert matched == LORA_TARGETS[component]
 
 
 def test_workflow_config_of_the_report_plans_every_arm(tiny_report, tmp_path):

@@ -243,3 +243,40 @@ def test_a_history_is_written_as_pandas_writes_it(tmp_path):
     pd.DataFrame(history, columns=list(training.HISTORY_COLUMNS)).to_csv(tmp_path / "pandas.csv", index=False)
     assert (tmp_path / "ours.csv").read_text() == (tmp_path / "pandas.csv").read_text()
     assert (tmp_path / "ours.csv").read_text().splitlines()[1] == "1,0.30000000000000004,0.005,,,"
+
+
+def _update_norm(before: dict, after: dict) -> float:
+    """Euclidean norm of the change of every parameter, taken together (float64)."""
+    return math.sqrt(sum(((after[n].double() - before[n].double()) ** 2).sum().item() for n in before))
+
+
+def test_plain_sgd_step_moves_the_weights_by_lr_times_the_clip_norm(splits):
+    """Clipping to 0.01 a gradient of norm well above it: one plain-SGD step at lr 0.5 moves the trainable
+    weights by exactly 0.5 x 0.01 = 0.005 (torch scales the gradient by clip / (norm + 1e-6))."""
+    model = _model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    cfg = _config(steps=1, eval_every=1, lr=0.5, warmup_steps=0, momentum=0.0, clip_norm=0.01)
+    result = train(model, splits, cfg, CPU, **QUIET)
+    assert result.history[0]["lr"] == 0.5  # one step without warm-up: the cosine at progress 0
+    assert result.history[0]["grad_norm"] > 1.0  # the raw gradient is 100 times the clip norm at least
+    after = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert _update_norm(before, after) == pytest.approx(0.005, rel=1e-3)
+
+
+def test_each_step_applies_the_scheduled_learning_rate(splits):
+    """1 warm-up step of 5 at lr 1: the schedule gives 1, then the cosine over 4 steps 1, (2 + sqrt 2) / 4,
+    1/2, (2 - sqrt 2) / 4. With plain SGD and every gradient clipped to norm 0.01, step k moves the weights
+    by exactly lr_k x 0.01, so the update norms show the learning rate the optimizer used."""
+    expected = [1.0, 1.0, (2 + math.sqrt(2)) / 4, 0.5, (2 - math.sqrt(2)) / 4]
+    model = _model()
+    weights = [{n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}]
+
+    def snapshot(rows):
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+
+    cfg = _config(steps=5, eval_every=1, lr=1.0, warmup_steps=1, momentum=0.0, clip_norm=0.01)
+    result = train(model, splits, cfg, CPU, on_eval=snapshot, **QUIET)
+    assert [row["lr"] for row in result.history] == pytest.approx(expected)
+    assert all(row["grad_norm"] > 0.1 for row in result.history)  # every step is clipped
+    moved = [_update_norm(a, b) for a, b in zip(weights, weights[1:], strict=False)]
+    assert moved == pytest.approx([0.01 * lr for lr in expected], rel=1e-3)
