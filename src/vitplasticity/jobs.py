@@ -151,9 +151,13 @@ def _publish_kept(scratch: Path, kept: Path, steps: list[int]) -> None:
 
 
 def fetch(settings: dict, weights: Path) -> dict:
-    from vitplasticity.hub import fetch_pretrained
-
-    return fetch_pretrained(settings, weights)
+    """Write the checkpoint of a `timm` or `local` model config entry (settings: its keys); its record."""
+    model, record = models.open_pretrained(
+        settings.get("source", "timm"), settings["timm_name"], path=settings.get("path"),
+        pretrained_tag=settings.get("pretrained_tag"), revision=settings.get("revision", "main"),
+        kwargs=settings.get("kwargs", {}), img_size=settings["img_size"], head=settings.get("head", "native"))
+    # The study normalises with ImageNet mean/std for every checkpoint (study-spec §3, §5).
+    return models.save_checkpoint(weights, model, record)
 
 
 def _apply_control(model, settings: dict) -> int:

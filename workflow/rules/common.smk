@@ -328,7 +328,7 @@ def start_fork_server():
     from vitplasticity import forkserver
 
     try:
-        server = forkserver.start()
+        server = forkserver.start("vitplasticity.cli:run_in_process")
     except RuntimeError as error:
         print(
             f"vitplasticity: {error}; jobs start their own interpreters",
