@@ -390,13 +390,22 @@ def test_rebuild_recreates_the_store_from_run_folders(tmp_path):
     assert summary["mha/sketch/lr0.01/seed0"][1] == "vit/sketch/sgd"
     assert summary["pretrain/vit"][2]["loss"] == 30
     assert summary["probe/vit/novel"] == ("probe", None, {"test_acc": 1})
-    assert summary["plasticity/vit/novel"][2] == {f"embedding/{c}/layer{i}": 1 for c in ("mha", "fc1") for i in (0, 1)}
+    client = MlflowClient(uri)
+
+    def points(folder: Path, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in client.get_metric_history(recorded_id(folder), key)]
+
+    # values that run along something are on MLflow's step axis: plasticity and criteria per layer
+    assert summary["plasticity/vit/novel"][2] == {"embedding/mha": 2, "embedding/fc1": 2}
+    assert points(results / "plasticity" / "vit" / "novel", "embedding/fc1") == [(0, 1.5), (1, 2.5)]
     assert summary["criteria/vit/novel"] == ("criteria", None, {"trainable_params/wall_s": 1,
-                                                                "relative_gradient_norm/wall_s": 1})
-    # step 10: layers 0 and 1 of task b (2, 3) and a (1, 2); step 20: 2 + the same
-    assert summary["trajectory/vit"] == ("trajectory", None, {"step10/embedding/mha": 1, "step20/embedding/mha": 1})
-    trajectory = MlflowClient(uri).get_run(recorded_id(results / "pretrain" / "vit" / "trajectory"))
-    assert trajectory.data.metrics == {"step10/embedding/mha": 2.0, "step20/embedding/mha": 3.0}
+                                                                "relative_gradient_norm/wall_s": 1,
+                                                                "trainable_params/mha": 1})
+    assert points(results / "criteria" / "vit" / "novel", "trainable_params/mha") == [(0, 12.0)]
+    # the trajectory per pretraining step; step 10: layers 0 and 1 of task b (2, 3) and a (1, 2); step 20: 2 + the same
+    assert summary["trajectory/vit"] == ("trajectory", None, {"embedding/mha": 2})
+    assert points(results / "pretrain" / "vit" / "trajectory", "embedding/mha") == [(10, 2.0), (20, 3.0)]
+    trajectory = client.get_run(recorded_id(results / "pretrain" / "vit" / "trajectory"))
     assert trajectory.data.params == {"model": "vit", "tasks": '["b", "a"]', "keep_steps": "[10, 20]", "n_pairs": "64"}
     # runs + pretrain + probe + plasticity + criteria + trajectory + parents
     assert len(summary) == 3 + 1 + 1 + 1 + 1 + 1 + 2
@@ -638,8 +647,10 @@ def test_without_live_tracking_the_workflow_mirrors_what_its_jobs_finished(smoke
     assert kinds.count("finetune") == 25 and kinds.count("aggregate") == 1  # aggregate and figures log live
 
 
-def test_trajectory_metrics_leave_out_a_missing_value_from_a_frame_as_from_its_csv():
-    live = [{"step": 100, "mode": "embedding", "component": "mha", "mean": value} for value in (0.5, float("nan"), 1.5)]
-    mirrored = [row | {"mean": "" if row["mean"] != row["mean"] else str(row["mean"])} for row in live]
-    assert tracking.trajectory_metrics(live) == tracking.trajectory_metrics(mirrored) == {
-        "step100/embedding/mha": 1.0}
+def test_trajectory_series_leave_out_a_missing_value_from_a_frame_as_from_its_csv():
+    live = [{"step": step, "mode": "embedding", "component": "mha", "mean": value}
+            for step in (100, 50) for value in (0.5, float("nan"), 1.5 + step)]
+    mirrored = [row | {"mean": "" if row["mean"] != row["mean"] else str(row["mean"]), "step": str(row["step"])}
+                for row in live]
+    assert tracking.trajectory_series(live) == tracking.trajectory_series(mirrored) == {
+        "embedding/mha": [(50, 26.0), (100, 51.0)]}

@@ -54,7 +54,7 @@ DEFAULT_STORE = Path("results") / "mlflow.db"
 PARENT_LOCK = Path("results") / "tracking.lock"
 HISTORY_KEYS = ("loss", "lr", "grad_norm", "val_loss", "val_acc")
 # Accuracies are fractions in the run folders and percentages in the tables; MLflow shows percentages.
-PERCENT_KEYS = frozenset({"val_acc", "best_val_acc", "test_acc", "source_test_acc"})
+PERCENT_KEYS = frozenset({"val_acc", "best_val_acc", "test_acc", "source_test_acc", "train_acc"})
 # Settings of the optimizer a run does not use, left out of its MLflow params.
 UNUSED_BY = {"sgd": ("betas",), "adamw": ("momentum",)}
 # MLflow 3's UI opens an experiment of this kind on its runs (not on the GenAI overview).
@@ -113,6 +113,9 @@ class JobRun:
     def log_metrics(self, metrics: dict) -> None:
         """Log final metrics; text values become tags."""
 
+    def log_series(self, series: dict[str, list[tuple[int, float]]]) -> None:
+        """Log values that run along something (layer, pretraining step) on MLflow's step axis."""
+
     def log_artifacts(self, paths: list[Path]) -> None:
         """Copy files or folders into the run's artifacts."""
 
@@ -138,11 +141,24 @@ class MlflowJobRun(JobRun):
                 self._last_steps[key] = step
         _log_batch(self.client, self.run_id, metrics=metrics)
 
+    def log_series(self, series: dict[str, list[tuple[int, float]]]) -> None:
+        from mlflow.entities import Metric
+
+        now, metrics = _now_ms(), []
+        for key, points in series.items():
+            for step, value in sorted(points):
+                if is_missing(value) or (key in self._last_steps and step <= self._last_steps[key]):
+                    continue
+                metrics.append(Metric(key, _shown(key, value), now, int(step)))
+                self._last_steps[key] = int(step)
+        _log_batch(self.client, self.run_id, metrics=metrics)
+
     def log_metrics(self, metrics: dict) -> None:
         """Final values, at the last step of the logged history (accuracies in %)."""
         from mlflow.entities import Metric
 
-        now, values, texts, step = _now_ms(), [], {}, max(self._last_steps.values(), default=0)
+        now, values, texts = _now_ms(), [], {}
+        step = max((self._last_steps[key] for key in HISTORY_KEYS if key in self._last_steps), default=0)
         for key, value in metrics.items():
             if is_missing(value):
                 continue
@@ -424,7 +440,7 @@ def open_run(client: MlflowClient, run_dir: Path, *, run_name: str, experiment_i
         client.update_run(run_id, status="RUNNING", name=run_name)
         _log_batch(client, run_id, tags=_tag_entities(tag_values))
         last_steps = {}
-        for key in HISTORY_KEYS:
+        for key in dict.fromkeys((*HISTORY_KEYS, *run.data.metrics)):
             steps = [m.step for m in client.get_metric_history(run_id, key)]
             if steps:
                 last_steps[key] = max(steps)
@@ -529,6 +545,7 @@ def _mirror_folder(client: MlflowClient, folder: dict, experiment_id: str, paren
                                                   INCOMPLETE: "true"},
                    uri=uri, start_time=folder["start_ms"], record=False)
     job.log_history(folder["history"])
+    job.log_series(folder["series"])
     job.log_metrics(folder["final"])
     job.log_artifacts(folder["artifacts"])
     job.close("FINISHED", end_time=folder["end_ms"])
@@ -586,16 +603,17 @@ def _run_folders(results_dir: Path, wanted=None) -> Iterator[dict]:
     for path in visible("plasticity"):
         with open(path, newline="") as handle:
             rows = list(csv.DictReader(handle))
-        final = {f"{r['mode']}/{r['component']}/layer{r['layer']}": float(r["mean"]) for r in rows if r["mean"]}
         stats = path.parent / "embedding.json"
-        yield _folder("plasticity", path, _model_task(path.parent, rows[0] if rows else {}), final,
-                      [path] + ([stats] if stats.exists() else []))
+        yield _folder("plasticity", path, _model_task(path.parent, rows[0] if rows else {}), {},
+                      [path] + ([stats] if stats.exists() else []), series=plasticity_series(rows))
     for path in visible("criteria"):
         cost = path.parent / "cost.csv"
         with open(cost, newline="") as handle:
             rows = list(csv.DictReader(handle))
-        final = {f"{r['criterion']}/wall_s": float(r["wall_s"]) for r in rows}
-        yield _folder("criteria", path, _model_task(path.parent, rows[0] if rows else {}), final, [path, cost])
+        with open(path, newline="") as handle:
+            scores = list(csv.DictReader(handle))
+        yield _folder("criteria", path, _model_task(path.parent, rows[0] if rows else {}), criteria_costs(rows),
+                      [path, cost], series=criteria_series(scores))
     for path in visible("trajectory"):
         with open(path, newline="") as handle:
             rows = list(csv.DictReader(handle))
@@ -603,29 +621,53 @@ def _run_folders(results_dir: Path, wanted=None) -> Iterator[dict]:
                   "tasks": list(dict.fromkeys(r["task"] for r in rows)),
                   "keep_steps": sorted({int(r["step"]) for r in rows}),
                   "n_pairs": int(rows[0]["pairs"]) if rows else None}
-        yield _folder("trajectory", path, params, trajectory_metrics(rows), [path])
+        yield _folder("trajectory", path, params, {}, [path], series=trajectory_series(rows))
 
 
-def trajectory_metrics(rows: Iterable[dict]) -> dict[str, float]:
-    """The metrics of a trajectory job from its table's rows (`jobs.measure_trajectory`): plasticity per
-    kept step, mode and component, mean over layers and tasks, as `step<N>/<mode>/<component>`."""
-    values: dict[str, list[float]] = {}
+def plasticity_series(rows: Iterable[dict]) -> dict[str, list[tuple[int, float]]]:
+    """What a plasticity run logs, from its table's rows (`plasticity.measure`): the mean plasticity of
+    each `<mode>/<component>`, step = layer (MLflow then draws plasticity against depth)."""
+    return _series(rows, "layer", ("mode", "component"), "mean")
+
+
+def trajectory_series(rows: Iterable[dict]) -> dict[str, list[tuple[int, float]]]:
+    """What a trajectory run logs, from its table's rows (`jobs.measure_trajectory`): plasticity of each
+    `<mode>/<component>`, mean over layers and tasks, step = pretraining step."""
+    return _series(rows, "step", ("mode", "component"), "mean")
+
+
+def criteria_series(rows: Iterable[dict]) -> dict[str, list[tuple[int, float]]]:
+    """What a criteria run logs of its scores (`criteria.measure`): each `<criterion>/<component>`,
+    step = layer."""
+    return _series(rows, "layer", ("criterion", "component"), "value")
+
+
+def criteria_costs(rows: Iterable[dict]) -> dict[str, float]:
+    """The wall time of each criterion (`criteria.measure`'s cost rows), as `<criterion>/wall_s`."""
+    return {f"{row['criterion']}/wall_s": float(row["wall_s"]) for row in rows}
+
+
+def _series(rows: Iterable[dict], along: str, by: Sequence[str], value: str) -> dict[str, list[tuple[int, float]]]:
+    """{"/"-joined `by` columns: [(step = column `along`, mean of `value` over the rows at that step)]};
+    a missing value (empty in a CSV, NaN in a frame) is left out."""
+    values: dict[str, dict[int, list[float]]] = {}
     for row in rows:
-        if row["mean"] == "" or is_missing(row["mean"]):  # missing: empty in the CSV, NaN in a frame
+        if row[value] == "" or is_missing(row[value]):
             continue
-        key = f"step{int(row['step'])}/{row['mode']}/{row['component']}"
-        values.setdefault(key, []).append(float(row["mean"]))
-    return {key: sum(found) / len(found) for key, found in values.items()}
+        key = "/".join(str(row[column]) for column in by)
+        values.setdefault(key, {}).setdefault(int(row[along]), []).append(float(row[value]))
+    return {key: [(step, sum(found) / len(found)) for step, found in sorted(steps.items())]
+            for key, steps in values.items()}
 
 
 def _folder(kind: str, path: Path, params: dict, final: dict, artifacts: list[Path],
-            history: list[dict] | None = None) -> dict:
+            history: list[dict] | None = None, series: dict | None = None) -> dict:
     """A run folder's record; it ended when `path` was written and ran for `wall_time_s` if known."""
     end = int(path.stat().st_mtime * 1000)
     wall = final.get("wall_time_s")
     start = end - int(1000 * wall) if isinstance(wall, numbers.Real) and math.isfinite(wall) else end
     return {"kind": kind, "dir": path.parent, "params": params, "final": final, "artifacts": artifacts,
-            "history": history or [], "start_ms": start, "end_ms": end}
+            "history": history or [], "series": series or {}, "start_ms": start, "end_ms": end}
 
 
 def _visible(paths: Iterable[Path]) -> list[Path]:
