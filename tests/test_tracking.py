@@ -647,6 +647,38 @@ def test_without_live_tracking_the_workflow_mirrors_what_its_jobs_finished(smoke
     assert kinds.count("finetune") == 25 and kinds.count("aggregate") == 1  # aggregate and figures log live
 
 
+def test_a_live_and_a_mirrored_plasticity_run_log_the_same_series(kit, tmp_path):
+    from jobkit import CKPT, RUNTIME, TASK
+
+    from vitplasticity import jobs
+    from vitplasticity.datasets.sources import prepare_task
+
+    reference = tmp_path / "data" / "prepared" / "source"
+    prepare_task("source", {"source": "synthetic", "kind": "source", "image_size": 16, "n_train": 16, "n_val": 16,
+                            "n_test": 64, "seed": 0}, reference, tmp_path / "data" / "raw")
+    live_uri, mirrored_uri = f"sqlite:///{tmp_path}/live.db", f"sqlite:///{tmp_path}/mirrored.db"
+    tracking.prepare_store(live_uri, "study")
+    folder = tmp_path / "results" / "plasticity" / "vit" / "novel"
+    settings = {"model": "vit", "task": "novel", "reference_task": "source", "n_pairs": 16,
+                "modes": ["embedding", "hidden"]}
+    jobs.measure_plasticity(settings, RUNTIME, kit / CKPT, reference, kit / TASK, folder / "plasticity.csv",
+                            folder / "embedding.json", Tracking(enabled=True, uri=live_uri, experiment="study"))
+    live_id = recorded_id(folder)
+    tracking.rebuild(tmp_path / "results", mirrored_uri, "study")
+    mirrored_id = recorded_id(folder)
+
+    def series(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
+        client = MlflowClient(uri)
+        return {key: [(m.step, pytest.approx(m.value, rel=1e-6)) for m in client.get_metric_history(run_id, key)]
+                for key in client.get_run(run_id).data.metrics}
+
+    live = series(live_uri, live_id)
+    assert live.keys() == {f"{mode}/{c}" for mode in ("embedding", "hidden")
+                           for c in ("ln1", "mha", "ln2", "fc1", "fc2")}
+    assert [step for step, _ in live["embedding/mha"]] == [0, 1]  # step = layer (depth 2)
+    assert series(mirrored_uri, mirrored_id) == live
+
+
 def test_trajectory_series_leave_out_a_missing_value_from_a_frame_as_from_its_csv():
     live = [{"step": step, "mode": "embedding", "component": "mha", "mean": value}
             for step in (100, 50) for value in (0.5, float("nan"), 1.5 + step)]
