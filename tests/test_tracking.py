@@ -252,7 +252,7 @@ def test_unreachable_server_leaves_the_job_untracked_with_one_line(tmp_path, cap
         assert type(run) is tracking.JobRun  # the job runs; its folder is mirrored once the store answers
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"vitplasticity tracking: MLflow store {uri} cannot be used (the server is not reachable")
-    assert line.endswith("; fix: start it (`mlflow server --host ... --port ...`)")
+    assert line.endswith("; fix: start the server (`mlflow server`), or correct `tracking.uri`")
     assert not (tmp_path / tracking.RUN_RECORD).exists()
 
 

@@ -340,7 +340,7 @@ def check_store(uri: str, *, create: bool) -> None:
                 status = response.status
         except (OSError, ValueError) as exc:
             raise Unusable(uri, f"the server is not reachable: {_one_line(getattr(exc, 'reason', exc))}",
-                           "start it (`mlflow server --host ... --port ...`)") from exc
+                           "start the server (`mlflow server`), or correct `tracking.uri`") from exc
         if status != 200:
             raise Unusable(uri, f"the server answered /health with HTTP {status}", "check the server")
         return
