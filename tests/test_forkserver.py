@@ -17,10 +17,11 @@ from jobkit import ENV, cli_command, comparable, finetune_argv
 
 from vitplasticity import forkserver
 
+PROGRAM = "vitplasticity.cli:run_in_process"
 
 @pytest.fixture(scope="module")
 def server():
-    started = forkserver.start()
+    started = forkserver.start(PROGRAM)
     yield started
     started.stop()
 
@@ -105,7 +106,7 @@ def test_without_a_server_the_command_runs_in_its_own_process(tmp_path):
 
 
 def test_the_server_ends_with_the_process_that_started_it(tmp_path):
-    starter = ("import sys; from vitplasticity import forkserver; s = forkserver.start(); "
+    starter = (f"import sys; from vitplasticity import forkserver; s = forkserver.start({PROGRAM!r}); "
                "print(s.process.pid, s.folder, flush=True)")
     out = subprocess.run([sys.executable, "-c", starter], env=ENV, check=True, capture_output=True, text=True).stdout
     pid, folder = out.split()
@@ -117,12 +118,12 @@ def test_a_server_that_cannot_start_says_why_and_leaves_nothing(tmp_path, monkey
     monkeypatch.setenv("VITPLASTICITY_MACHINE", "not json")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with pytest.raises(RuntimeError, match=r"^the fork server did not start \(.*VITPLASTICITY_MACHINE is not the JSON"):
-        forkserver.start()
+        forkserver.start(PROGRAM)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_job_whose_server_is_killed_ends_with_its_child_and_one_line(kit, tmp_path):
-    started = forkserver.start()
+    started = forkserver.start(PROGRAM)
     job = subprocess.Popen(cli_command(*finetune_argv(kit, tmp_path / "run", steps=100_000, eval_every=50_000)),
                            env=served(started), stderr=subprocess.PIPE, text=True)
     wait_for(lambda: children(started))
@@ -178,11 +179,22 @@ def test_a_malformed_request_is_refused_without_keeping_its_descriptors(server):
     assert psutil.Process(server.process.pid).num_fds() == before
 
 
+def test_a_client_silent_after_connecting_does_not_hold_the_server(server):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as silent:
+        silent.connect(str(server.socket))  # and sends nothing, as a client stopped right after connecting
+        # A job behind it is served (were the server held, it would wait for its reply for ever).
+        result = subprocess.run(cli_command("finetune", "--help"), env=served(server), capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0 and result.stdout.startswith("usage: vitplasticity finetune")
+        silent.settimeout(5)
+        assert silent.recv(100) == b""  # the server hung up on it
+
+
 def test_a_server_that_fails_after_it_listens_says_why_when_stopped(tmp_path, monkeypatch):
     """Its imports fail once it listens: jobs run on their own, and stopping it says so in one line."""
     (tmp_path / "timm.py").write_text("raise ImportError('timm is broken here')\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    started = forkserver.start()
+    started = forkserver.start(PROGRAM)
     started.process.wait(60)
     assert forkserver.delegate(["--help"], {forkserver.SOCKET_ENV: str(started.socket)}) is None
     assert started.stop() == ("the fork server ended early (ImportError: timm is broken here); jobs after that "

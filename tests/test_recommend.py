@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from vitplasticity import cli, components
 from vitplasticity.datasets.sources import prepare_task
 from vitplasticity.fileio import sha256_file
-from vitplasticity.hub import fetch_pretrained
+from vitplasticity.jobs import fetch
 from vitplasticity.models import load_checkpoint
 from vitplasticity.prepared import load_split, read_meta
 from vitplasticity.recommend import lora_plan, within_pairs
@@ -257,7 +257,7 @@ def test_local_model_source_records_the_file_sha256(tmp_path):
     weights = _weights(tmp_path / "mine.safetensors", "vit_tiny_patch16_224", TINY)
     settings = {"source": "local", "path": str(weights), "timm_name": "vit_tiny_patch16_224", "kwargs": TINY,
                 "img_size": 32}
-    record = fetch_pretrained(settings, tmp_path / "ckpt" / "mine.safetensors")
+    record = fetch(settings, tmp_path / "ckpt" / "mine.safetensors")
     assert record["provenance"]["sha256"] == sha256_file(weights)
     assert record["provenance"]["kind"] == "local" and record["provenance"]["pretrained_num_classes"] == 10
     model, _ = load_checkpoint(tmp_path / "ckpt" / "mine.safetensors", num_classes=4)

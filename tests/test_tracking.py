@@ -1,5 +1,6 @@
 """MLflow mirror: one run per job, resume/rerun without duplicates, failure states, parallel jobs, rebuild."""
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -7,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -19,7 +21,6 @@ from conftest import smoke_config, snakemake, write_config
 from mlflow.tracking import MlflowClient
 
 from vitplasticity import tracking
-from vitplasticity.errors import UserError
 from vitplasticity.machine import Tracking
 
 PARENT = "vit/novel/sgd"
@@ -244,16 +245,14 @@ def test_changed_params_replace_the_recorded_run(server, prepared, tmp_path):
     assert count(client, found.info.run_id, "loss") == 20
 
 
-def test_unreachable_server_fails_before_the_job_with_one_line(tmp_path):
+def test_unreachable_server_leaves_the_job_untracked_with_one_line(tmp_path, capsys):
     uri = f"http://127.0.0.1:{free_port()}"
     settings = {"enabled": True, "uri": uri, "experiment": "tests", "tags": {}}
-    entered = False
-    with pytest.raises(UserError) as caught, tracking.track_job(settings, run_dir=tmp_path, run_name="x",
-                                                                kind="finetune", params={}, tags={}):
-        entered = True
-    message = str(caught.value)
-    assert not entered
-    assert uri in message and "tracking.enabled: false" in message and "\n" not in message
+    with tracking.track_job(settings, run_dir=tmp_path, run_name="x", kind="finetune", params={}, tags={}) as run:
+        assert type(run) is tracking.JobRun  # the job runs; its folder is mirrored once the store answers
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"vitplasticity tracking: MLflow store {uri} cannot be used (the server is not reachable")
+    assert line.endswith("; fix: start the server (`mlflow server`), or correct `tracking.uri`")
     assert not (tmp_path / tracking.RUN_RECORD).exists()
 
 
@@ -302,9 +301,9 @@ def test_parallel_jobs_of_a_new_task_create_its_parent_run_once(tmp_path):
 def test_embedded_sqlite_store(tmp_path):
     uri = f"sqlite:///{tmp_path}/results/mlflow.db"
     settings = {"enabled": True, "uri": uri, "experiment": "tests", "tags": {}}
-    with pytest.raises(UserError, match="does not exist"), tracking.track_job(
-            settings, run_dir=tmp_path, run_name="x", kind="probe", params={}, tags={}):
-        pass
+    with tracking.track_job(settings, run_dir=tmp_path, run_name="x", kind="probe", params={}, tags={}) as run:
+        assert type(run) is tracking.JobRun  # jobs never create the store
+    assert not (tmp_path / "results" / "mlflow.db").exists()
     prepared = tracking.prepare_store(uri, "tests", [PARENT])
     assert tracking.prepare_store(uri, "tests", [PARENT]) == prepared
     settings = job_settings(uri, prepared)
@@ -391,13 +390,22 @@ def test_rebuild_recreates_the_store_from_run_folders(tmp_path):
     assert summary["mha/sketch/lr0.01/seed0"][1] == "vit/sketch/sgd"
     assert summary["pretrain/vit"][2]["loss"] == 30
     assert summary["probe/vit/novel"] == ("probe", None, {"test_acc": 1})
-    assert summary["plasticity/vit/novel"][2] == {f"embedding/{c}/layer{i}": 1 for c in ("mha", "fc1") for i in (0, 1)}
+    client = MlflowClient(uri)
+
+    def points(folder: Path, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in client.get_metric_history(recorded_id(folder), key)]
+
+    # values that run along something are on MLflow's step axis: plasticity and criteria per layer
+    assert summary["plasticity/vit/novel"][2] == {"embedding/mha": 2, "embedding/fc1": 2}
+    assert points(results / "plasticity" / "vit" / "novel", "embedding/fc1") == [(0, 1.5), (1, 2.5)]
     assert summary["criteria/vit/novel"] == ("criteria", None, {"trainable_params/wall_s": 1,
-                                                                "relative_gradient_norm/wall_s": 1})
-    # step 10: layers 0 and 1 of task b (2, 3) and a (1, 2); step 20: 2 + the same
-    assert summary["trajectory/vit"] == ("trajectory", None, {"step10/embedding/mha": 1, "step20/embedding/mha": 1})
-    trajectory = MlflowClient(uri).get_run(recorded_id(results / "pretrain" / "vit" / "trajectory"))
-    assert trajectory.data.metrics == {"step10/embedding/mha": 2.0, "step20/embedding/mha": 3.0}
+                                                                "relative_gradient_norm/wall_s": 1,
+                                                                "trainable_params/mha": 1})
+    assert points(results / "criteria" / "vit" / "novel", "trainable_params/mha") == [(0, 12.0)]
+    # the trajectory per pretraining step; step 10: layers 0 and 1 of task b (2, 3) and a (1, 2); step 20: 2 + the same
+    assert summary["trajectory/vit"] == ("trajectory", None, {"embedding/mha": 2})
+    assert points(results / "pretrain" / "vit" / "trajectory", "embedding/mha") == [(10, 2.0), (20, 3.0)]
+    trajectory = client.get_run(recorded_id(results / "pretrain" / "vit" / "trajectory"))
     assert trajectory.data.params == {"model": "vit", "tasks": '["b", "a"]', "keep_steps": "[10, 20]", "n_pairs": "64"}
     # runs + pretrain + probe + plasticity + criteria + trajectory + parents
     assert len(summary) == 3 + 1 + 1 + 1 + 1 + 1 + 2
@@ -449,6 +457,90 @@ def test_a_job_run_again_without_live_tracking_updates_its_run_at_the_next_mirro
     after = store_summary(uri)
     assert recorded_id(folder) != old_id and len(after) == len(before)
     assert after["mha/novel/lr0.01/seed0"][2]["loss"] == 30
+
+def stored_runs(store: Path) -> list[tuple]:
+    """(name, status, lifecycle stage, kind tag, incomplete tag) of every run in a SQLite store, read with sqlite3."""
+    if not store.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as db:
+        return db.execute("SELECT r.name, r.status, r.lifecycle_stage, k.value, i.value FROM runs r "
+                          "LEFT JOIN tags k ON k.run_uuid = r.run_uuid AND k.key = 'kind' "
+                          "LEFT JOIN tags i ON i.run_uuid = r.run_uuid AND i.key = ?",
+                          (tracking.INCOMPLETE,)).fetchall()
+
+
+def start_rebuild(study: Path, after_runs: int) -> subprocess.Popen:
+    """`tracking rebuild` in `study`, returned once the store holds `after_runs` job runs (or it ended)."""
+    process = subprocess.Popen([sys.executable, "-m", "vitplasticity", "tracking", "rebuild", "--experiment", "study"],
+                               cwd=study, stderr=subprocess.PIPE, text=True)
+    deadline, store = time.time() + 300, study / "results" / "mlflow.db"
+    while time.time() < deadline and process.poll() is None:
+        with contextlib.suppress(sqlite3.Error):
+            if sum(run[3] not in (None, "parent") for run in stored_runs(store)) >= after_runs:
+                break
+        time.sleep(0.05)
+    return process
+
+
+def test_a_rebuild_stopped_by_ctrl_c_or_killed_is_completed_by_the_next_mirror(tmp_path):
+    results = tmp_path / "results"
+    study_results(results)
+    for index in range(20):  # enough folders that the interrupt lands mid-way
+        settings = {"model": "vit", "task": "novel", "optimizer": "sgd", "arm": "fc1", "lr": 0.01, "seed": index,
+                    "components": ["fc1"], "steps": 20}
+        write_run_folder(results / "runs" / "vit" / "novel" / "sgd" / "fc1" / f"lr0.01_seed{index}", settings, 20)
+    store = results / "mlflow.db"
+    deferred = Tracking(enabled=True, uri=f"sqlite:///{store}", experiment="study")
+
+    process = start_rebuild(tmp_path, after_runs=3)
+    process.send_signal(signal.SIGINT)  # Ctrl-C: it stops once the folder being mirrored is complete
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert stderr.splitlines()[-1] == (
+        "vitplasticity tracking rebuild: interrupted; the folders not mirrored yet (and the one being mirrored) "
+        "are mirrored by the next snakemake run or by this command again")
+    missing = tracking.unmirrored(deferred, results)  # what `snakemake -n` reports
+    assert 0 < missing < 28
+    assert len(list(results.rglob(tracking.RUN_RECORD))) == 28 - missing
+    assert {run[1] for run in stored_runs(store)} == {"FINISHED"}
+
+    process = start_rebuild(tmp_path, after_runs=28 - missing + 2)
+    process.kill()  # killed mid-way: a run of a folder is left RUNNING, without its record
+    process.communicate(timeout=60)
+    assert tracking.unmirrored(deferred, results) > 0
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # the next mirror, as snakemake runs it
+        pool.apply(tracking.rebuild, (results, f"sqlite:///{store}", "study"), {"only_missing": True})
+    assert tracking.unmirrored(deferred, results) == 0
+    active = [run for run in stored_runs(store) if run[2] == "active"]
+    assert len(active) == 28 + 2  # every folder once, and the two parent runs
+    assert {(status, incomplete) for _, status, _, _, incomplete in active} == {("FINISHED", None)}
+    assert len({name for name, *_ in active}) == len(active)
+
+
+def test_a_store_of_another_mlflow_version_stops_neither_the_workflow_nor_rebuild(tmp_path):
+    store = tmp_path / "results" / "mlflow.db"
+    tracking.prepare_store(f"sqlite:///{store}", "smoke")
+    with contextlib.closing(sqlite3.connect(store)) as db, db:
+        db.execute("UPDATE alembic_version SET version_num='ffffffffffff'")
+    config = smoke_config()
+    config["tracking"] = {"enabled": True}
+    config_path = write_config(tmp_path / "tracked.yaml", config)
+    result = snakemake(tmp_path, "--cores", "1", "data/prepared/novel", config=config_path)
+    assert (tmp_path / "data" / "prepared" / "novel" / "meta.json").exists()  # the job ran
+    line = (f"vitplasticity tracking: MLflow store sqlite:///{store} cannot be used (its schema revision ffffffffffff "
+            "was written by another MLflow version); the jobs run and their run folders stay the record; fix: "
+            f"`mv {store} {store}.other && vitplasticity tracking rebuild --experiment smoke` (or use the MLflow "
+            "version that wrote it)")
+    assert result.stderr.splitlines().count(line) == 2  # at start and at end
+    assert "Traceback" not in result.stderr
+    rebuild = subprocess.run([sys.executable, "-m", "vitplasticity", "tracking", "rebuild", "--experiment", "smoke"],
+                             cwd=tmp_path, capture_output=True, text=True)
+    assert rebuild.returncode == 2
+    assert rebuild.stderr.splitlines()[-1] == line.replace("vitplasticity tracking:", "vitplasticity tracking: error:")
+    assert "Traceback" not in rebuild.stderr
+
 
 @pytest.mark.slow
 def test_smoke_workflow_with_parallel_jobs_mirrors_every_run_folder(server, tmp_path):
@@ -555,8 +647,42 @@ def test_without_live_tracking_the_workflow_mirrors_what_its_jobs_finished(smoke
     assert kinds.count("finetune") == 25 and kinds.count("aggregate") == 1  # aggregate and figures log live
 
 
-def test_trajectory_metrics_leave_out_a_missing_value_from_a_frame_as_from_its_csv():
-    live = [{"step": 100, "mode": "embedding", "component": "mha", "mean": value} for value in (0.5, float("nan"), 1.5)]
-    mirrored = [row | {"mean": "" if row["mean"] != row["mean"] else str(row["mean"])} for row in live]
-    assert tracking.trajectory_metrics(live) == tracking.trajectory_metrics(mirrored) == {
-        "step100/embedding/mha": 1.0}
+def test_a_live_and_a_mirrored_plasticity_run_log_the_same_series(kit, tmp_path):
+    from jobkit import CKPT, RUNTIME, TASK
+
+    from vitplasticity import jobs
+    from vitplasticity.datasets.sources import prepare_task
+
+    reference = tmp_path / "data" / "prepared" / "source"
+    prepare_task("source", {"source": "synthetic", "kind": "source", "image_size": 16, "n_train": 16, "n_val": 16,
+                            "n_test": 64, "seed": 0}, reference, tmp_path / "data" / "raw")
+    live_uri, mirrored_uri = f"sqlite:///{tmp_path}/live.db", f"sqlite:///{tmp_path}/mirrored.db"
+    tracking.prepare_store(live_uri, "study")
+    folder = tmp_path / "results" / "plasticity" / "vit" / "novel"
+    settings = {"model": "vit", "task": "novel", "reference_task": "source", "n_pairs": 16,
+                "modes": ["embedding", "hidden"]}
+    jobs.measure_plasticity(settings, RUNTIME, kit / CKPT, reference, kit / TASK, folder / "plasticity.csv",
+                            folder / "embedding.json", Tracking(enabled=True, uri=live_uri, experiment="study"))
+    live_id = recorded_id(folder)
+    tracking.rebuild(tmp_path / "results", mirrored_uri, "study")
+    mirrored_id = recorded_id(folder)
+
+    def series(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
+        client = MlflowClient(uri)
+        return {key: [(m.step, pytest.approx(m.value, rel=1e-6)) for m in client.get_metric_history(run_id, key)]
+                for key in client.get_run(run_id).data.metrics}
+
+    live = series(live_uri, live_id)
+    assert live.keys() == {f"{mode}/{c}" for mode in ("embedding", "hidden")
+                           for c in ("ln1", "mha", "ln2", "fc1", "fc2")}
+    assert [step for step, _ in live["embedding/mha"]] == [0, 1]  # step = layer (depth 2)
+    assert series(mirrored_uri, mirrored_id) == live
+
+
+def test_trajectory_series_leave_out_a_missing_value_from_a_frame_as_from_its_csv():
+    live = [{"step": step, "mode": "embedding", "component": "mha", "mean": value}
+            for step in (100, 50) for value in (0.5, float("nan"), 1.5 + step)]
+    mirrored = [row | {"mean": "" if row["mean"] != row["mean"] else str(row["mean"]), "step": str(row["step"])}
+                for row in live]
+    assert tracking.trajectory_series(live) == tracking.trajectory_series(mirrored) == {
+        "embedding/mha": [(50, 26.0), (100, 51.0)]}

@@ -296,10 +296,22 @@ def _recommend(args: argparse.Namespace) -> None:
 
 
 def _tracking(args: argparse.Namespace) -> None:
+    """`tracking rebuild`: a store it cannot use is one line; Ctrl-C leaves nothing the next mirror skips."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
     from vitplasticity import tracking
+    from vitplasticity.machine import Tracking
 
     uri = tracking.study_uri(args.uri, args.results.resolve().parent)
-    done = tracking.rebuild(args.results, uri, args.experiment)
+    try:
+        done = tracking.rebuild(args.results, uri, args.experiment)
+    except (MlflowException, SQLAlchemyError) as exc:
+        raise tracking.unusable(Tracking(uri=args.uri, experiment=args.experiment), exc) from exc
+    except KeyboardInterrupt:
+        print("vitplasticity tracking rebuild: interrupted; the folders not mirrored yet (and the one being "
+              "mirrored) are mirrored by the next snakemake run or by this command again", file=sys.stderr)
+        raise SystemExit(130) from None
     print(f"rebuilt {len(done)} runs in {uri}", file=sys.stderr)
 
 

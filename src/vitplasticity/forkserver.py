@@ -50,6 +50,9 @@ PRELOAD = ("numpy", "torch", "timm", "safetensors.torch", "vitplasticity.jobs")
 # The most a request may hold. The client's send buffer limits it further (about 200 KB of environment
 # under Linux's defaults); a larger request is refused and the job runs in its own interpreter.
 _MESSAGE_BYTES = 1 << 20
+# How long the server waits for a connected client's request: a client stopped between connecting and
+# sending (its process suspended or killed) must not hold the server; a client sends as it connects.
+REQUEST_TIMEOUT_S = 2.0
 _STREAM_FDS = (0, 1, 2)
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 _STOP_GRACE_S = 10.0
@@ -91,9 +94,11 @@ def _last_words(log: Path) -> str:
     return "it left no message"
 
 
-def start(ready_timeout_s: float = 60.0) -> Server:
-    """Start a server as a child of this process and wait until it listens (its imports go on while
-    the first clients queue). Raises RuntimeError, with the server's own words, if it fails to."""
+def start(program: str, ready_timeout_s: float = 60.0) -> Server:
+    """Start a server whose children run `program` ("module:function", called with a command's
+    argv, returning its exit status) as a child of this process, and wait until it listens (its
+    imports go on while the first clients queue). Raises RuntimeError, with the server's own words,
+    if it fails to."""
     try:
         folder = Path(tempfile.mkdtemp(prefix="vitplasticity-"))  # mode 0700: only this user connects
     except OSError as exc:
@@ -104,7 +109,7 @@ def start(ready_timeout_s: float = 60.0) -> Server:
         # -P: the working directory is not put first on sys.path (as the `vitplasticity` script
         # does not), so nothing in a study folder can shadow a module the jobs import.
         process = subprocess.Popen([sys.executable, "-P", "-m", "vitplasticity.forkserver", str(folder / "socket"),
-                                    str(os.getpid())], stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
+                                    str(os.getpid()), program], stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
                                    start_new_session=True)
     server = Server(process, folder)
     deadline = time.monotonic() + ready_timeout_s
@@ -267,7 +272,9 @@ def _accept(listener: socket.socket, selector: selectors.BaseSelector, children:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         if struct.unpack("3i", creds)[1] != os.getuid():
             raise ValueError("a request from another user")
-        data, fds, _, _ = socket.recv_fds(conn, _MESSAGE_BYTES, len(_STREAM_FDS))
+        conn.settimeout(REQUEST_TIMEOUT_S)
+        data, fds, _, _ = socket.recv_fds(conn, _MESSAGE_BYTES, len(_STREAM_FDS))  # TimeoutError: an OSError
+        conn.settimeout(None)
         request = json.loads(data)  # ValueError if none (the client went away) or not JSON
     except (OSError, ValueError):
         for fd in fds:
@@ -388,6 +395,7 @@ def _stop(children: dict) -> None:
 
 
 if __name__ == "__main__":
-    from vitplasticity.cli import run_in_process
+    import importlib
 
-    serve(Path(sys.argv[1]), int(sys.argv[2]), run_in_process)
+    module, _, function = sys.argv[3].partition(":")
+    serve(Path(sys.argv[1]), int(sys.argv[2]), getattr(importlib.import_module(module), function))

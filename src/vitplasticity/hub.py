@@ -1,8 +1,8 @@
 """Pretrained timm weights from the Hugging Face hub: the local cache first, then a download.
 
-The weights are taken at a pinned revision and loaded through `models.open_pretrained`
-(timm's checkpoint conversions included); `fetch_pretrained` saves them as a checkpoint
-whose sidecar records hub id, revision and sha256.
+The weights are taken at a pinned revision; `models.open_pretrained` loads them (timm's
+checkpoint conversions included) and the `fetch` job saves them as a checkpoint whose sidecar
+records hub id, revision and sha256.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from pathlib import Path
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-from vitplasticity import models
 from vitplasticity.errors import UserError
 
 
@@ -39,13 +38,3 @@ def cached_weights(timm_name: str, tag: str | None, revision: str = "main") -> t
                 f"--revision {revision}` and copy the hub cache (HF_HOME) here"
             ) from exc
     return Path(local), {"kind": "hub", "hub_id": repo, "revision": revision, "timm_tag": tag}
-
-
-def fetch_pretrained(settings: dict, weights: Path) -> dict:
-    """Write the checkpoint of a `timm` or `local` model config entry (settings: its keys)."""
-    model, record = models.open_pretrained(
-        settings.get("source", "timm"), settings["timm_name"], path=settings.get("path"),
-        pretrained_tag=settings.get("pretrained_tag"), revision=settings.get("revision", "main"),
-        kwargs=settings.get("kwargs", {}), img_size=settings["img_size"], head=settings.get("head", "native"))
-    # The study normalises with ImageNet mean/std for every checkpoint (study-spec §3, §5).
-    return models.save_checkpoint(weights, model, record)

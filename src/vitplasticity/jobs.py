@@ -151,9 +151,13 @@ def _publish_kept(scratch: Path, kept: Path, steps: list[int]) -> None:
 
 
 def fetch(settings: dict, weights: Path) -> dict:
-    from vitplasticity.hub import fetch_pretrained
-
-    return fetch_pretrained(settings, weights)
+    """Write the checkpoint of a `timm` or `local` model config entry (settings: its keys); its record."""
+    model, record = models.open_pretrained(
+        settings.get("source", "timm"), settings["timm_name"], path=settings.get("path"),
+        pretrained_tag=settings.get("pretrained_tag"), revision=settings.get("revision", "main"),
+        kwargs=settings.get("kwargs", {}), img_size=settings["img_size"], head=settings.get("head", "native"))
+    # The study normalises with ImageNet mean/std for every checkpoint (study-spec §3, §5).
+    return models.save_checkpoint(weights, model, record)
 
 
 def _apply_control(model, settings: dict) -> int:
@@ -229,7 +233,7 @@ def measure_plasticity(settings: dict, runtime: Runtime, weights: Path, referenc
         table.insert(0, "model", settings["model"])
         write_csv(out_table, table)
         write_json(out_stats, stats | {"model": settings["model"], "task": settings["task"]})
-        run.log_metrics({f"{r.mode}/{r.component}/layer{r.layer}": r.mean for r in table.itertuples()})
+        run.log_series(tracking.plasticity_series(table.to_dict("records")))
         run.log_artifacts([out_table, out_stats])
     return table
 
@@ -279,7 +283,8 @@ def measure_criteria(settings: dict, runtime: Runtime, weights: Path, reference_
             frame.insert(0, "model", settings["model"])
         write_csv(out_table.parent / "cost.csv", costs)
         write_csv(out_table, scores)
-        run.log_metrics({f"{r.criterion}/wall_s": r.wall_s for r in costs.itertuples()})
+        run.log_series(tracking.criteria_series(scores.to_dict("records")))
+        run.log_metrics(tracking.criteria_costs(costs.to_dict("records")))
         run.log_artifacts([out_table, out_table.parent / "cost.csv"])
     return scores
 
@@ -327,7 +332,7 @@ def measure_trajectory(settings: dict, runtime: Runtime, checkpoints: Path, refe
                 tables.append(table)
         frame = pd.concat(tables, ignore_index=True)
         write_csv(out, frame)
-        run.log_metrics(tracking.trajectory_metrics(frame.to_dict("records")))
+        run.log_series(tracking.trajectory_series(frame.to_dict("records")))
         run.log_artifacts([out])
     return frame
 

@@ -45,13 +45,16 @@ if TYPE_CHECKING:
     from vitplasticity.machine import Tracking
 
 RUN_RECORD = "mlflow_run.json"
+# Tag of a run the mirror has not completed yet: an interrupted mirror's run, which the next mirror
+# deletes and mirrors again (the run folder's record names a run only once it is complete).
+INCOMPLETE = "mirror_incomplete"
 # The study's own store, relative to the folder the workflow and its jobs run in.
 DEFAULT_STORE = Path("results") / "mlflow.db"
 # Held while a job creates a missing parent run (the workflow normally made them all before).
 PARENT_LOCK = Path("results") / "tracking.lock"
 HISTORY_KEYS = ("loss", "lr", "grad_norm", "val_loss", "val_acc")
 # Accuracies are fractions in the run folders and percentages in the tables; MLflow shows percentages.
-PERCENT_KEYS = frozenset({"val_acc", "best_val_acc", "test_acc", "source_test_acc"})
+PERCENT_KEYS = frozenset({"val_acc", "best_val_acc", "test_acc", "source_test_acc", "train_acc"})
 # Settings of the optimizer a run does not use, left out of its MLflow params.
 UNUSED_BY = {"sgd": ("betas",), "adamw": ("momentum",)}
 # MLflow 3's UI opens an experiment of this kind on its runs (not on the GenAI overview).
@@ -69,6 +72,34 @@ _CREDENTIAL = re.compile(r"(?=.*\d)(?=.*[A-Za-z])[A-Za-z0-9_\-+/=.:]{12,}")
 _URL_USERINFO = re.compile(r"//[^/\s@]+@")
 
 
+class Unusable(UserError):
+    """A store the study cannot use: its one line names the URI, the cause and the command that fixes it."""
+
+    def __init__(self, uri: str, cause: str, fix: str):
+        super().__init__(f"MLflow store {_redact(uri)} cannot be used ({cause}); the jobs run and their run "
+                         f"folders stay the record; fix: {fix}")
+
+
+def unusable(settings: Tracking, exc: BaseException) -> Unusable:
+    """The `Unusable` of any failure to use the study's store: another MLflow version, a lock, an
+    unreachable server, a bad URI, or whatever MLflow or SQLite raised."""
+    if isinstance(exc, Unusable):
+        return exc
+    uri, text = study_uri(settings.uri), _one_line(getattr(exc, "reason", None) or exc)
+    path, rebuild = sqlite_path(uri), rebuild_command(settings)
+    if found := re.search(r"found version (\w+)|Can't locate revision identified by '?(\w+)", text):
+        revision = found.group(1) or found.group(2)
+        cause = f"its schema revision {revision} was written by another MLflow version"
+        fix = (f"`mv {path} {path}.other && {rebuild}` (or use the MLflow version that wrote it)" if path else
+               "run the server with the MLflow version its database was written by")
+        return Unusable(uri, cause, fix)
+    if "database is locked" in text:
+        return Unusable(uri, "locked by another process", f"let that process end, then `{rebuild}`")
+    if "registered tracking store" in text or "scheme" in text.lower() and "uri" in text.lower():
+        return Unusable(uri, text, "set `tracking.uri` to sqlite:////absolute/path.db or http(s)://host:port")
+    return Unusable(uri, text, f"`{rebuild}` once the store answers")
+
+
 class Terminated(SystemExit):
     """SIGTERM inside `track_job`: the run is closed as KILLED, then the process exits with 143."""
 
@@ -81,6 +112,9 @@ class JobRun:
 
     def log_metrics(self, metrics: dict) -> None:
         """Log final metrics; text values become tags."""
+
+    def log_series(self, series: dict[str, list[tuple[int, float]]]) -> None:
+        """Log values that run along something (layer, pretraining step) on MLflow's step axis."""
 
     def log_artifacts(self, paths: list[Path]) -> None:
         """Copy files or folders into the run's artifacts."""
@@ -107,11 +141,24 @@ class MlflowJobRun(JobRun):
                 self._last_steps[key] = step
         _log_batch(self.client, self.run_id, metrics=metrics)
 
+    def log_series(self, series: dict[str, list[tuple[int, float]]]) -> None:
+        from mlflow.entities import Metric
+
+        now, metrics = _now_ms(), []
+        for key, points in series.items():
+            for step, value in sorted(points):
+                if is_missing(value) or (key in self._last_steps and step <= self._last_steps[key]):
+                    continue
+                metrics.append(Metric(key, _shown(key, value), now, int(step)))
+                self._last_steps[key] = int(step)
+        _log_batch(self.client, self.run_id, metrics=metrics)
+
     def log_metrics(self, metrics: dict) -> None:
         """Final values, at the last step of the logged history (accuracies in %)."""
         from mlflow.entities import Metric
 
-        now, values, texts, step = _now_ms(), [], {}, max(self._last_steps.values(), default=0)
+        now, values, texts = _now_ms(), [], {}
+        step = max((self._last_steps[key] for key in HISTORY_KEYS if key in self._last_steps), default=0)
         for key, value in metrics.items():
             if is_missing(value):
                 continue
@@ -143,13 +190,39 @@ def track_job(settings: dict | None, *, run_dir: Path, run_name: str, kind: str,
     (a parent-run name, created if missing under the file lock `lock`), `tags`; or, disabled,
     `mirrored_later`: the run folder's recorded run (of an earlier run of this job) is marked stale,
     so that the mirror after the workflow updates it from the folder this run writes.
-    The store and the experiment are checked before the block runs; a failure raises `UserError`.
+    The store and the experiment are checked before the block runs; a store the job cannot use is one
+    line (`unusable`) and the block runs untracked: its folder is mirrored once the store answers.
     """
     if not settings or not settings.get("enabled"):
         if settings and settings.get("mirrored_later"):
             _mark_stale(Path(run_dir) / RUN_RECORD)
         yield JobRun()
         return
+    try:
+        job = _open_job(settings, run_dir=Path(run_dir), run_name=run_name, kind=kind, params=params, tags=tags)
+    except Exception as exc:  # noqa: BLE001 (tracking is a view: any store failure leaves the job untracked)
+        from vitplasticity.machine import Tracking
+
+        track = Tracking(uri=settings.get("uri"), experiment=settings.get("experiment") or "")
+        print(f"vitplasticity tracking: {unusable(track, exc)}", file=sys.stderr, flush=True)
+        _mark_stale(Path(run_dir) / RUN_RECORD)  # its folder is mirrored when the store answers again
+        yield JobRun()
+        return
+    with _sigterm_raises():
+        try:
+            yield job
+        except (KeyboardInterrupt, Terminated):
+            _close_quietly(job, "KILLED")
+            raise
+        except BaseException:
+            _close_quietly(job, "FAILED")
+            raise
+    job.close("FINISHED")
+
+
+def _open_job(settings: dict, *, run_dir: Path, run_name: str, kind: str, params: dict,
+              tags: dict) -> MlflowJobRun:
+    """The run of one live-tracked job (`track_job`), its id recorded in the run folder."""
     uri = study_uri(settings.get("uri"))
     check_store(uri, create=False)
     client = _client(uri)
@@ -161,18 +234,8 @@ def track_job(settings: dict | None, *, run_dir: Path, run_name: str, kind: str,
             with _exclusive(settings.get("lock")):
                 parent_id = parent_runs(client, experiment_id, [name])[name]
     all_tags = environment_tags() | {"kind": kind} | dict(settings.get("tags") or {}) | dict(tags)
-    job = open_run(client, Path(run_dir), run_name=run_name, experiment_id=experiment_id, parent_id=parent_id,
-                   params=params, tags=all_tags, uri=uri)
-    with _sigterm_raises():
-        try:
-            yield job
-        except (KeyboardInterrupt, Terminated):
-            _close_quietly(job, "KILLED")
-            raise
-        except BaseException:
-            _close_quietly(job, "FAILED")
-            raise
-    job.close("FINISHED")
+    return open_run(client, run_dir, run_name=run_name, experiment_id=experiment_id, parent_id=parent_id,
+                    params=params, tags=all_tags, uri=uri)
 
 
 def study_uri(uri: str | None, cwd: Path | None = None) -> str:
@@ -209,17 +272,16 @@ def rebuild_command(settings: Tracking) -> str:
 
 
 def mirror_at_end(settings: Tracking, parents: Sequence[str], results_dir: Path = Path("results")) -> None:
-    """After the jobs of a workflow with `settings.live` off: mirror the run folders they finished.
+    """After the jobs of a workflow: mirror the finished run folders the store lacks.
 
     Never raises: the folders are the record and every job succeeded or failed on its own, so a
-    store that fails now (unreachable, locked, a damaged folder) gets one line saying how to
-    mirror later, and the workflow's exit status stays the jobs'.
+    store that fails now (another MLflow version, locked, unreachable, a damaged folder) gets one
+    line (`unusable`), and the workflow's exit status stays the jobs'.
     """
     try:
         prepare_study(settings, parents, results_dir)
     except Exception as exc:  # noqa: BLE001 (any failure: one line, the results stand)
-        print(f"vitplasticity tracking error: {_redact(_one_line(exc))}; the run folders are complete, "
-              f"mirror them later: {rebuild_command(settings)}", file=sys.stderr, flush=True)
+        print(f"vitplasticity tracking: {unusable(settings, exc)}", file=sys.stderr, flush=True)
 
 
 def prepare_study(settings: Tracking, parents: Sequence[str], results_dir: Path = Path("results")) -> str:
@@ -268,22 +330,19 @@ def _set_aside_copied_store(uri: str, experiment: str) -> None:
 
 
 def check_store(uri: str, *, create: bool) -> None:
-    """Raise `UserError` unless the store answers: a server's /health, or a writable SQLite folder.
+    """Raise `Unusable` unless the store answers: a server's /health, or a writable SQLite folder.
 
     With `create` false a SQLite file must already exist (jobs never create the store).
     """
-    fix = "or set `tracking.enabled: false` in the config"
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S) as response:  # noqa: S310 (http(s))
                 status = response.status
         except (OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise UserError(f"MLflow tracking server {_redact(uri)} is not reachable ({_one_line(reason)}); "
-                            f"start it (`mlflow server --host ... --port ...`) {fix}") from exc
+            raise Unusable(uri, f"the server is not reachable: {_one_line(getattr(exc, 'reason', exc))}",
+                           "start the server (`mlflow server`), or correct `tracking.uri`") from exc
         if status != 200:
-            raise UserError(f"MLflow tracking server {_redact(uri)} answered /health with HTTP {status}; "
-                            f"check the server {fix}")
+            raise Unusable(uri, f"the server answered /health with HTTP {status}", "check the server")
         return
     path = sqlite_path(uri)
     if path is None:
@@ -292,13 +351,13 @@ def check_store(uri: str, *, create: bool) -> None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise UserError(f"cannot create the folder of the MLflow store {uri} ({_one_line(exc)}); "
-                            f"choose another tracking.uri {fix}") from exc
+            raise Unusable(uri, f"its folder cannot be created: {_one_line(exc)}",
+                           "choose another `tracking.uri`") from exc
     elif not path.exists():
-        raise UserError(f"the MLflow store {uri} does not exist; run the job through snakemake (it creates the "
-                        f"store before any job) or `vitplasticity tracking rebuild` {fix}")
+        raise Unusable(uri, "it does not exist", "run the job through snakemake (it creates the store before "
+                       "any job) or `vitplasticity tracking rebuild`")
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise UserError(f"the MLflow store {uri} is not writable; fix the permissions of {path.parent} {fix}")
+        raise Unusable(uri, "it is not writable", f"fix the permissions of {path.parent}")
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -352,8 +411,10 @@ def _parents(client: MlflowClient, experiment_id: str) -> dict[str, str]:
 
 
 def open_run(client: MlflowClient, run_dir: Path, *, run_name: str, experiment_id: str, parent_id: str | None,
-             params: dict, tags: dict, uri: str, start_time: int | None = None) -> MlflowJobRun:
-    """Continue the run recorded in `run_dir/mlflow_run.json`, or create one; record its id there.
+             params: dict, tags: dict, uri: str, start_time: int | None = None, record: bool = True
+             ) -> MlflowJobRun:
+    """Continue the run recorded in `run_dir/mlflow_run.json`, or create one; record its id there
+    (with `record` false the caller records it, once the run is complete: `write_record`).
 
     A recorded run that still exists (and was not deleted) is reused with status RUNNING and
     keeps its history. If its params differ from `params` (MLflow params cannot change) it is
@@ -379,7 +440,7 @@ def open_run(client: MlflowClient, run_dir: Path, *, run_name: str, experiment_i
         client.update_run(run_id, status="RUNNING", name=run_name)
         _log_batch(client, run_id, tags=_tag_entities(tag_values))
         last_steps = {}
-        for key in HISTORY_KEYS:
+        for key in dict.fromkeys((*HISTORY_KEYS, *run.data.metrics)):
             steps = [m.step for m in client.get_metric_history(run_id, key)]
             if steps:
                 last_steps[key] = max(steps)
@@ -388,9 +449,15 @@ def open_run(client: MlflowClient, run_dir: Path, *, run_name: str, experiment_i
     from mlflow.entities import Param
 
     _log_batch(client, run_id, params=[Param(k, v) for k, v in new_params.items()])
+    if record:
+        write_record(run_dir, run_id, experiment_id, run_name, uri)
+    return MlflowJobRun(client, run_id, last_steps, latest)
+
+
+def write_record(run_dir: Path, run_id: str, experiment_id: str, run_name: str, uri: str) -> None:
+    """Name the folder's MLflow run in `run_dir/mlflow_run.json`."""
     write_json(run_dir / RUN_RECORD, {"run_id": run_id, "experiment_id": experiment_id, "run_name": run_name,
                                       "tracking_uri": _redact(uri)})
-    return MlflowJobRun(client, run_id, last_steps, latest)
 
 
 def flatten_params(params: dict, prefix: str = "") -> dict[str, str]:
@@ -439,33 +506,52 @@ def rebuild(results_dir: Path, uri: str, experiment_name: str, *, only_missing: 
     """Recreate the MLflow runs from the run folders under `results_dir`; returns {folder: run id}.
 
     Folders whose recorded run is still in the store are completed in place, not duplicated;
-    with `only_missing` they are skipped (one search of the experiment, not one call per folder).
+    with `only_missing` those whose run is complete are skipped (one search of the experiment, not
+    one call per folder). Each folder is mirrored whole or not at all: its run carries the tag
+    `INCOMPLETE` until it is FINISHED and recorded in the folder, and the runs an interrupted mirror
+    left with that tag are deleted first, so their folders are mirrored again. Ctrl-C (SIGINT) in the
+    main thread stops after the folder being mirrored (KeyboardInterrupt); a second one stops at once.
     """
     results_dir = Path(results_dir)
+    experiment_id = prepare_store(uri, experiment_name)["experiment_id"]
+    client = _client(uri)
+    for run in _search(client, experiment_id, f"tags.{INCOMPLETE} = 'true'"):
+        client.delete_run(run.info.run_id)
     wanted = None
     if only_missing:
-        experiment = _client(uri).get_experiment_by_name(experiment_name)
-        present = set() if experiment is None else {
-            r.info.run_id for r in _search(_client(uri), experiment.experiment_id, "")}
+        present = {r.info.run_id for r in _search(client, experiment_id, "attributes.status = 'FINISHED'")}
         wanted = lambda folder: _needs_mirror(folder / RUN_RECORD, present)  # noqa: E731
     folders = list(_run_folders(results_dir, wanted))
-    parents = sorted({parent_name(f["params"]) for f in folders if f["kind"] == "finetune"})
-    prepared = prepare_store(uri, experiment_name, parents)
-    client = _client(uri)
+    parents = parent_runs(client, experiment_id, sorted({parent_name(f["params"]) for f in folders
+                                                         if f["kind"] == "finetune"}))
     done = {}
-    for folder in folders:
-        relative = str(folder["dir"].relative_to(results_dir))
-        parent = prepared["parent_run_ids"][parent_name(folder["params"])] if folder["kind"] == "finetune" else None
-        job = open_run(client, folder["dir"], run_name=run_name(folder["kind"], folder["params"]),
-                       experiment_id=prepared["experiment_id"], parent_id=parent, params=folder["params"],
-                       tags={"kind": folder["kind"], "mirrored_from": relative}, uri=uri,
-                       start_time=folder["start_ms"])
-        job.log_history(folder["history"])
-        job.log_metrics(folder["final"])
-        job.log_artifacts(folder["artifacts"])
-        job.close("FINISHED", end_time=folder["end_ms"])
-        done[relative] = job.run_id
+    with _sigint_after_the_folder() as stopped:
+        for folder in folders:
+            if stopped():
+                raise KeyboardInterrupt
+            done[str(folder["dir"].relative_to(results_dir))] = _mirror_folder(client, folder, experiment_id,
+                                                                               parents, uri, results_dir)
     return done
+
+
+def _mirror_folder(client: MlflowClient, folder: dict, experiment_id: str, parents: dict[str, str], uri: str,
+                   results_dir: Path) -> str:
+    """Mirror one run folder (`_run_folders`) whole; its run id."""
+    relative = str(folder["dir"].relative_to(results_dir))
+    name = run_name(folder["kind"], folder["params"])
+    job = open_run(client, folder["dir"], run_name=name, experiment_id=experiment_id,
+                   parent_id=parents.get(parent_name(folder["params"])) if folder["kind"] == "finetune" else None,
+                   params=folder["params"], tags={"kind": folder["kind"], "mirrored_from": relative,
+                                                  INCOMPLETE: "true"},
+                   uri=uri, start_time=folder["start_ms"], record=False)
+    job.log_history(folder["history"])
+    job.log_series(folder["series"])
+    job.log_metrics(folder["final"])
+    job.log_artifacts(folder["artifacts"])
+    job.close("FINISHED", end_time=folder["end_ms"])
+    write_record(folder["dir"], job.run_id, experiment_id, name, uri)
+    client.delete_tag(job.run_id, INCOMPLETE)
+    return job.run_id
 
 
 # Where each kind of job leaves its last-written file, relative to the results folder.
@@ -491,7 +577,9 @@ def unmirrored(settings: Tracking, results_dir: Path = Path("results")) -> int |
                 contextlib.suppress(sqlite3.Error):
             present = {row[0] for row in db.execute(
                     "SELECT r.run_uuid FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id "
-                    "WHERE e.name = ? AND r.lifecycle_stage = 'active'", (settings.experiment,))}
+                    "WHERE e.name = ? AND r.lifecycle_stage = 'active' AND r.status = 'FINISHED' AND NOT EXISTS "
+                    "(SELECT 1 FROM tags t WHERE t.run_uuid = r.run_uuid AND t.key = ?)",
+                    (settings.experiment, INCOMPLETE))}
     return sum(_needs_mirror(folder / RUN_RECORD, present) for folder in folders)
 
 
@@ -515,16 +603,17 @@ def _run_folders(results_dir: Path, wanted=None) -> Iterator[dict]:
     for path in visible("plasticity"):
         with open(path, newline="") as handle:
             rows = list(csv.DictReader(handle))
-        final = {f"{r['mode']}/{r['component']}/layer{r['layer']}": float(r["mean"]) for r in rows if r["mean"]}
         stats = path.parent / "embedding.json"
-        yield _folder("plasticity", path, _model_task(path.parent, rows[0] if rows else {}), final,
-                      [path] + ([stats] if stats.exists() else []))
+        yield _folder("plasticity", path, _model_task(path.parent, rows[0] if rows else {}), {},
+                      [path] + ([stats] if stats.exists() else []), series=plasticity_series(rows))
     for path in visible("criteria"):
         cost = path.parent / "cost.csv"
         with open(cost, newline="") as handle:
             rows = list(csv.DictReader(handle))
-        final = {f"{r['criterion']}/wall_s": float(r["wall_s"]) for r in rows}
-        yield _folder("criteria", path, _model_task(path.parent, rows[0] if rows else {}), final, [path, cost])
+        with open(path, newline="") as handle:
+            scores = list(csv.DictReader(handle))
+        yield _folder("criteria", path, _model_task(path.parent, rows[0] if rows else {}), criteria_costs(rows),
+                      [path, cost], series=criteria_series(scores))
     for path in visible("trajectory"):
         with open(path, newline="") as handle:
             rows = list(csv.DictReader(handle))
@@ -532,29 +621,53 @@ def _run_folders(results_dir: Path, wanted=None) -> Iterator[dict]:
                   "tasks": list(dict.fromkeys(r["task"] for r in rows)),
                   "keep_steps": sorted({int(r["step"]) for r in rows}),
                   "n_pairs": int(rows[0]["pairs"]) if rows else None}
-        yield _folder("trajectory", path, params, trajectory_metrics(rows), [path])
+        yield _folder("trajectory", path, params, {}, [path], series=trajectory_series(rows))
 
 
-def trajectory_metrics(rows: Iterable[dict]) -> dict[str, float]:
-    """The metrics of a trajectory job from its table's rows (`jobs.measure_trajectory`): plasticity per
-    kept step, mode and component, mean over layers and tasks, as `step<N>/<mode>/<component>`."""
-    values: dict[str, list[float]] = {}
+def plasticity_series(rows: Iterable[dict]) -> dict[str, list[tuple[int, float]]]:
+    """What a plasticity run logs, from its table's rows (`plasticity.measure`): the mean plasticity of
+    each `<mode>/<component>`, step = layer (MLflow then draws plasticity against depth)."""
+    return _series(rows, "layer", ("mode", "component"), "mean")
+
+
+def trajectory_series(rows: Iterable[dict]) -> dict[str, list[tuple[int, float]]]:
+    """What a trajectory run logs, from its table's rows (`jobs.measure_trajectory`): plasticity of each
+    `<mode>/<component>`, mean over layers and tasks, step = pretraining step."""
+    return _series(rows, "step", ("mode", "component"), "mean")
+
+
+def criteria_series(rows: Iterable[dict]) -> dict[str, list[tuple[int, float]]]:
+    """What a criteria run logs of its scores (`criteria.measure`): each `<criterion>/<component>`,
+    step = layer."""
+    return _series(rows, "layer", ("criterion", "component"), "value")
+
+
+def criteria_costs(rows: Iterable[dict]) -> dict[str, float]:
+    """The wall time of each criterion (`criteria.measure`'s cost rows), as `<criterion>/wall_s`."""
+    return {f"{row['criterion']}/wall_s": float(row["wall_s"]) for row in rows}
+
+
+def _series(rows: Iterable[dict], along: str, by: Sequence[str], value: str) -> dict[str, list[tuple[int, float]]]:
+    """{"/"-joined `by` columns: [(step = column `along`, mean of `value` over the rows at that step)]};
+    a missing value (empty in a CSV, NaN in a frame) is left out."""
+    values: dict[str, dict[int, list[float]]] = {}
     for row in rows:
-        if row["mean"] == "" or is_missing(row["mean"]):  # missing: empty in the CSV, NaN in a frame
+        if row[value] == "" or is_missing(row[value]):
             continue
-        key = f"step{int(row['step'])}/{row['mode']}/{row['component']}"
-        values.setdefault(key, []).append(float(row["mean"]))
-    return {key: sum(found) / len(found) for key, found in values.items()}
+        key = "/".join(str(row[column]) for column in by)
+        values.setdefault(key, {}).setdefault(int(row[along]), []).append(float(row[value]))
+    return {key: [(step, sum(found) / len(found)) for step, found in sorted(steps.items())]
+            for key, steps in values.items()}
 
 
 def _folder(kind: str, path: Path, params: dict, final: dict, artifacts: list[Path],
-            history: list[dict] | None = None) -> dict:
+            history: list[dict] | None = None, series: dict | None = None) -> dict:
     """A run folder's record; it ended when `path` was written and ran for `wall_time_s` if known."""
     end = int(path.stat().st_mtime * 1000)
     wall = final.get("wall_time_s")
     start = end - int(1000 * wall) if isinstance(wall, numbers.Real) and math.isfinite(wall) else end
     return {"kind": kind, "dir": path.parent, "params": params, "final": final, "artifacts": artifacts,
-            "history": history or [], "start_ms": start, "end_ms": end}
+            "history": history or [], "series": series or {}, "start_ms": start, "end_ms": end}
 
 
 def _visible(paths: Iterable[Path]) -> list[Path]:
@@ -573,17 +686,14 @@ def _read_history(path: Path) -> list[dict]:
 
 
 def _experiment_id(client: MlflowClient, uri: str, name: str | None) -> str:
-    """The id of the active experiment `name`; UserError if the store cannot give it."""
-    fix = "run the job through snakemake (it creates the experiment before any job) or set `tracking.enabled: false`"
-    try:
-        experiment = client.get_experiment_by_name(name) if name else None
-    except Exception as exc:  # any store failure here means the store is unusable for this job
-        raise UserError(f"MLflow store {_redact(uri)} cannot be read ({_one_line(exc)}); {fix}") from exc
+    """The id of the active experiment `name`; `Unusable` if the store cannot give it."""
+    fix = "run the job through snakemake (it creates the experiment before any job)"
+    experiment = client.get_experiment_by_name(name) if name else None
     if experiment is None:
-        raise UserError(f"MLflow store {_redact(uri)} has no experiment {name!r}; {fix}")
+        raise Unusable(uri, f"it has no experiment {name!r}", fix)
     if experiment.lifecycle_stage != "active":
-        raise UserError(f"MLflow experiment {name!r} in {_redact(uri)} is deleted; restore it "
-                        "(`mlflow experiments restore`) or rerun snakemake")
+        raise Unusable(uri, f"its experiment {name!r} is deleted", "restore it (`mlflow experiments restore`) "
+                       "or rerun snakemake")
     return experiment.experiment_id
 
 
@@ -605,7 +715,8 @@ def _mark_stale(record: Path) -> None:
 
 
 def _needs_mirror(record: Path, present: set) -> bool:
-    """A finished folder the store lacks, or whose recorded run predates what the folder holds."""
+    """A finished folder whose recorded run is not among the complete runs `present`, or predates
+    what the folder holds."""
     try:
         payload = read_json(record)
         return payload["run_id"] not in present or bool(payload.get("stale"))
@@ -678,6 +789,26 @@ def _close_quietly(job: MlflowJobRun, status: str) -> None:
     except Exception as exc:  # the job's own exception is the one to report
         print(f"warning: could not mark MLflow run {job.run_id} {status} ({_one_line(exc)})", file=sys.stderr,
               flush=True)
+
+
+@contextlib.contextmanager
+def _sigint_after_the_folder() -> Iterator:
+    """While the block runs, a first SIGINT only sets the flag the block polls (`stopped()`); the
+    default handler is back for a second one."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag.is_set
+        return
+
+    def handler(signum, frame):
+        flag.set()
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager

@@ -286,22 +286,30 @@ def tracking_parents():
 
 
 def prepare_tracking():
-    """Make the study's MLflow store, experiment and parent runs; one line and exit if it fails."""
+    """Make the study's MLflow store, experiment and parent runs, and mirror the finished run
+    folders it lacks. A store the study cannot use is one line; the jobs then run without logging
+    to it, and the mirror at the end tries again.
+    """
     if not MACHINE.tracking.enabled:
         return
-    from vitplasticity.tracking import prepare_study
+    from dataclasses import replace
+    from vitplasticity import tracking
 
     try:
-        prepare_study(MACHINE.tracking, tracking_parents())
-    except UserError as error:
-        print(f"vitplasticity tracking error: {error}", file=sys.stderr)
-        sys.exit(1)
+        tracking.prepare_study(MACHINE.tracking, tracking_parents())
+    except Exception as error:
+        print(
+            f"vitplasticity tracking: {tracking.unusable(MACHINE.tracking, error)}",
+            file=sys.stderr,
+        )
+        unlogged = replace(MACHINE.tracking, live=False)
+        os.environ[MACHINE_ENV] = replace(MACHINE, tracking=unlogged).to_env()
 
 
 def mirror_finished_runs():
-    """With `tracking.live: false`, mirror the run folders the jobs just finished (a failure is one
-    line; the workflow's exit status stays the jobs')."""
-    if not (MACHINE.tracking.enabled and not MACHINE.tracking.live):
+    """Mirror the run folders the store lacks once the jobs ended (a failure is one line; the
+    workflow's exit status stays the jobs')."""
+    if not MACHINE.tracking.enabled:
         return
     from vitplasticity.tracking import mirror_at_end
 
@@ -321,7 +329,7 @@ def start_fork_server():
     from vitplasticity import forkserver
 
     try:
-        server = forkserver.start()
+        server = forkserver.start("vitplasticity.cli:run_in_process")
     except RuntimeError as error:
         print(
             f"vitplasticity: {error}; jobs start their own interpreters",
