@@ -1,6 +1,6 @@
 # vitplasticity: which components of a pretrained ViT to finetune.
-# Stages: prepare_dataset -> checkpoint (fetch or pretrain) -> plasticity + bounds
-#         -> finetune arms + linear probe -> aggregate -> figures -> report.
+# Stages: prepare_dataset -> checkpoint (fetch or pretrain) -> plasticity + bounds, criteria,
+#         pretraining trajectory -> finetune arms + linear probe -> aggregate -> figures -> report.
 from snakemake.utils import min_version
 
 min_version("9.0")

@@ -55,7 +55,7 @@ def test_tiny_mode_measures_every_stage_and_projects_the_study(tmp_path):
         gather["threads_1"]["images_per_s"] / gather["consumer_images_per_s"])
     # The consumer rate is 40% of 989 TFLOP/s over ViT-B/16's forward + backward FLOPs at 224 px (≈105 GFLOP).
     assert 3000 < gather["consumer_images_per_s"] < 4500
-    # Run counts of config/config.yaml, as README's job table gives them.
+    # Run counts of config/config.yaml, as the job table of docs/paper-study.md gives them.
     runs = {name: r["runs"] for name, r in result["projection"].items() if isinstance(r, dict)}
     assert runs == {"main": 1188 + 660, "adamw": 432, "size_large": 108, "size_huge": 108}  # main: 5 controls
     assert result["projection"]["total_gpu_hours"] > 0

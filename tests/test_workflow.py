@@ -63,7 +63,7 @@ def test_adding_a_task_plans_its_jobs_in_one_invocation(smoke_copy, tmp_path):
     }, result.stdout + result.stderr
 
 
-# Every machine setting of a study config (README: "What reruns after which change"): each key of
+# Every machine setting of a study config (docs/configuration.md: "What reruns after which change"): each key of
 # `runtime`, `tracking`, the study name, and the profile's threads.
 MACHINE_CHANGES = {
     "runtime.device": ("runtime", "device", "cpu"),
