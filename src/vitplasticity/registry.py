@@ -5,8 +5,7 @@ The one list the workflow, the code and the tests read. `aggregate.aggregate` wr
 `results/tables/<experiment>/` and `results/figures/<experiment>/`; the workflow declares them as outputs
 and the report shows each beside its caption (`caption`). `ENABLED_BY` names the setting without which a
 table or figure is written but says that nothing was measured (or, for the paper comparison, is not
-written at all). `dvc.yaml` versions every folder of `RESULT_FOLDERS` (tests/test_dvc.py checks both
-against a dry run of the quick study). Kept free of imports: Snakemake reads it at every start.
+written at all). Kept free of imports: Snakemake reads it at every start.
 """
 
 TABLES = ("main_table", "relative_gain", "lr_gap", "stat_tests", "separation", "plasticity_rank", "plasticity",
@@ -22,9 +21,6 @@ ENABLED_BY = {
     "plasticity_trajectory": "models.<model>.pretrain.keep_steps",
     PAPER_COMPARISON: "experiments.<experiment>.compare_to_paper",
 }
-# Every folder the study's jobs write results to (logs and Snakemake's benchmark files aside): what DVC versions.
-RESULT_FOLDERS = ("data/prepared", "data/checkpoints", "results/pretrain", "results/runs", "results/plasticity",
-                  "results/bounds", "results/criteria", "results/probes", "results/tables", "results/figures")
 # Rules that compute on a GPU when there is one: each asks for a GPU (SLURM profile, local GPU slots)
 # and its command takes a slot of its own (`vitplasticity.gpus`).
 GPU_RULES = ("pretrain_checkpoint", "finetune", "measure_plasticity", "measure_criteria", "measure_trajectory",

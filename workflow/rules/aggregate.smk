@@ -75,14 +75,14 @@ rule compare_to_paper:
         probes=get_experiment_probes,
     output:
         table=report(
-            f"results/tables/{{experiment}}/{PAPER_COMPARISON}.csv",
-            caption=registry.caption("table", PAPER_COMPARISON),
+            f"results/tables/{{experiment}}/{registry.PAPER_COMPARISON}.csv",
+            caption=registry.caption("table", registry.PAPER_COMPARISON),
             category="Tables",
             subcategory="{experiment}",
         ),
         figure=report(
-            f"results/figures/{{experiment}}/{PAPER_COMPARISON}.png",
-            caption=registry.caption("figure", PAPER_COMPARISON),
+            f"results/figures/{{experiment}}/{registry.PAPER_COMPARISON}.png",
+            caption=registry.caption("figure", registry.PAPER_COMPARISON),
             category="Figures",
             subcategory="{experiment}",
         ),

@@ -43,7 +43,6 @@ REFERENCE = config["plasticity"]["reference_task"]
 # Table and figure names: one list, shared with the package and the tests.
 TABLES = list(registry.TABLES)
 FIGURES = list(registry.FIGURES)
-PAPER_COMPARISON = registry.PAPER_COMPARISON
 CRITERIA = config["criteria"]
 
 
@@ -170,7 +169,7 @@ def get_all_targets():
             "results/figures/{experiment}/{figure}.png", experiment=name, figure=FIGURES
         )
         if EXPERIMENTS[name]["compare_to_paper"]:
-            targets.append(f"results/tables/{name}/{PAPER_COMPARISON}.csv")
+            targets.append(f"results/tables/{name}/{registry.PAPER_COMPARISON}.csv")
     return targets
 
 
