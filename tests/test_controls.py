@@ -98,3 +98,11 @@ def test_a_finetuning_job_counts_what_its_control_trains():
     plain = tiny_vit()
     components.set_trainable(plain, ["ln2"])
     assert _apply_control(plain, {}) == 2 * 2 * D + head
+
+
+def test_lora_factors_live_on_the_device_of_the_layer_they_wrap():
+    """A LoRA update is made on its base layer's device (here PyTorch's meta device, which allocates
+    nothing), not on the default device: a model already moved to a GPU gets its factors there."""
+    layer = controls.LoRALinear(torch.nn.Linear(6, 4, device="meta"), rank=2)
+    assert (layer.lora_a.device.type, layer.lora_b.device.type) == ("meta", "meta")
+    assert (tuple(layer.lora_a.shape), tuple(layer.lora_b.shape)) == ((2, 6), (4, 2))
