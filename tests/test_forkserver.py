@@ -34,6 +34,24 @@ def children(server) -> list[psutil.Process]:
     return psutil.Process(server.process.pid).children()
 
 
+def forked_child(server) -> psutil.Process:
+    """The server's child that runs a job, once there is one. A fork keeps the server's command line; a
+    short-lived helper that an import starts (Python 3.12's `platform` runs `uname`) does not, and may be
+    gone by the time it is looked at."""
+    parent = psutil.Process(server.process.pid)
+    found = []
+
+    def forked() -> list[psutil.Process]:
+        for child in parent.children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if child.cmdline() == parent.cmdline():
+                    found.append(child)
+        return found
+
+    wait_for(forked)
+    return found[0]
+
+
 def has_ended(pid: int) -> bool:
     """The process has exited (a zombie whose parent has not reaped it yet counts)."""
     try:
@@ -77,8 +95,7 @@ def test_exit_status_and_streams_pass_through(kit, tmp_path, server):
 def test_a_signal_to_the_job_reaches_its_forked_child_and_the_server_serves_on(kit, tmp_path, server):
     job = subprocess.Popen(cli_command(*finetune_argv(kit, tmp_path / "run", steps=100_000, eval_every=50_000)),
                            env=served(server), stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: children(server))
-    child = children(server)[0]
+    child = forked_child(server)
     wait_for(lambda: (tmp_path / "run").exists())  # the run has started
     job.send_signal(signal.SIGTERM)
     assert job.wait(60) == 128 + signal.SIGTERM
@@ -93,8 +110,7 @@ def test_a_killed_job_takes_its_forked_child_with_it(kit, tmp_path, server, stdi
     job = subprocess.Popen(cli_command(*finetune_argv(kit, tmp_path / "run", steps=100_000, eval_every=50_000)),
                            env=served(server), stderr=subprocess.DEVNULL,
                            preexec_fn=(lambda: os.close(0)) if stdin == "closed" else None)
-    wait_for(lambda: children(server))
-    child = children(server)[0]
+    child = forked_child(server)
     job.kill()
     job.wait(60)
     wait_for(lambda: not psutil.pid_exists(child.pid), timeout_s=30)
@@ -126,8 +142,7 @@ def test_a_job_whose_server_is_killed_ends_with_its_child_and_one_line(kit, tmp_
     started = forkserver.start(PROGRAM)
     job = subprocess.Popen(cli_command(*finetune_argv(kit, tmp_path / "run", steps=100_000, eval_every=50_000)),
                            env=served(started), stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: children(started))
-    child = children(started)[0]
+    child = forked_child(started)
     try:
         wait_for(lambda: (tmp_path / "run").exists())  # the run has started
         started.process.kill()
