@@ -13,17 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, snakemake, write_config
+from conftest import snakemake, write_config
 from jobkit import CKPT, ENV, SIDECAR, SMOKE, TASK, cli_command, finetune_argv, run_cli, snapshot
 
 from vitplasticity import jobs
 from vitplasticity.config import check_config
 from vitplasticity.errors import UserError
 from vitplasticity.fileio import sha256_file
+from vitplasticity.settings import SCHEMA
 
 pytestmark = pytest.mark.reliability
 
-SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
 
 def _edit(config: dict, path: str, value) -> None:

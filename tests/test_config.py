@@ -9,9 +9,9 @@ import yaml
 from vitplasticity.config import check_config
 from vitplasticity.errors import UserError
 from vitplasticity.machine import MACHINE_ENV, Machine, Runtime, Tracking, machine, machine_from_env
+from vitplasticity.settings import SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 QUICK = yaml.safe_load((ROOT / "config" / "quick.yaml").read_text())
 PAPER = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
 

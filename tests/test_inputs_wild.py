@@ -37,7 +37,7 @@ import pytest
 import timm
 import torch
 import yaml
-from conftest import ROOT, SMOKE_CONFIG
+from conftest import SMOKE_CONFIG
 from helpers import random_split, tiny_vit
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -53,11 +53,11 @@ from vitplasticity.datasets.sources import prepare_task
 from vitplasticity.errors import UserError
 from vitplasticity.machine import Runtime, Tracking
 from vitplasticity.prepared import load_split
+from vitplasticity.settings import SCHEMA
 from vitplasticity.settings import check as with_defaults
 
 pytestmark = pytest.mark.reliability
 
-SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 SMOKE = yaml.safe_load(SMOKE_CONFIG.read_text())
 
 

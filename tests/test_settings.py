@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,3 +68,16 @@ def test_aggregate_accepts_the_arm_order_the_workflow_passes():
     passed = {"experiment": "main", "model": "m", "tasks": ["t"], "optimizer": "sgd",
               "arms": {"mha": ["mha"], "all": ["emb", "mha"]}, "arm_order": ["mha", "all"]}
     assert settings.check("aggregate", passed)["arm_order"] == ["mha", "all"]
+
+
+def test_the_schema_ships_with_the_package():
+    """Jobs and `recommend` read the schema from the installed package, never from a source checkout:
+    it lies in the package's data folder, which the wheel's package data includes."""
+    import tomllib
+
+    import vitplasticity
+
+    assert Path(vitplasticity.__file__).parent / "data" / "config.schema.yaml" == settings.SCHEMA
+    assert settings.SCHEMA.is_file()
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert "data/*.yaml" in pyproject["tool"]["setuptools"]["package-data"]["vitplasticity"]

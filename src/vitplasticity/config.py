@@ -19,6 +19,7 @@ import yaml
 
 from vitplasticity.datasets.synthetic import CORRUPTIONS
 from vitplasticity.errors import UserError
+from vitplasticity.settings import SCHEMA
 
 
 def _key(path) -> str:
@@ -216,8 +217,9 @@ def check_reference_stream(config: dict) -> None:
              "reference task no experiment finetunes on")
 
 
-def check_config(config: dict, schema_path: str | Path) -> None:
-    """Validate `config` once, filling its defaults in place, then check its cross-references."""
+def check_config(config: dict, schema_path: str | Path = SCHEMA) -> None:
+    """Validate `config` once against the package's schema (`settings.SCHEMA`), filling its defaults in place,
+    then check its cross-references."""
     validate_schema(config, schema_path)
     check_references(config)
 

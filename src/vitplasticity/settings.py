@@ -18,7 +18,8 @@ import yaml
 
 from vitplasticity.errors import UserError
 
-SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+# The study config's JSON schema, shipped with the package: the workflow validates against it, jobs read it.
+SCHEMA = Path(__file__).resolve().parent / "data" / "config.schema.yaml"
 
 _MODEL = "the model's name (a key of models)"
 _TASK = "the task's name (a key of tasks)"
@@ -50,10 +51,10 @@ _OPTIONAL = {"finetune": ("control",)}
 
 
 @cache
-def _schema() -> dict | None:
+def _schema() -> dict:
     # Read by every command's --help text, so by every job: libyaml's safe parser where PyYAML has it.
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    return yaml.load(SCHEMA.read_text(), Loader=loader) if SCHEMA.exists() else None  # noqa: S506
+    return yaml.load(SCHEMA.read_text(), Loader=loader)  # noqa: S506
 
 
 def _node(path: str) -> dict:
@@ -100,9 +101,9 @@ def _line(key: str, node: dict, required: bool) -> str:
 
 def help_text(command: str) -> str:
     """The settings keys of `command`, one a line, with type, default and description."""
-    if command not in KEYS or _schema() is None:
+    if command not in KEYS:
         return ""
-    lines = [f"--settings keys (JSON object; the workflow builds it from {SCHEMA.parent.name}/{SCHEMA.name}):"]
+    lines = [f"--settings keys (JSON object; the workflow builds it from the study config, schema {SCHEMA.name}):"]
     for key, (node, required) in fields(command).items():
         lines.append(_line(key, node, required))
         if node.get("type") == "object" and "properties" in node:
@@ -115,7 +116,7 @@ def help_text(command: str) -> str:
 def check(command: str, settings: dict) -> dict:
     """`settings` with the schema's defaults filled in; one-line `UserError` for an unknown key
     (a missing one is named by `missing` when the command reads it)."""
-    if command not in KEYS or _schema() is None:
+    if command not in KEYS:
         return settings
     known = fields(command)
     where = f"--settings of `vitplasticity {command}`"
@@ -135,7 +136,7 @@ def check(command: str, settings: dict) -> dict:
 def missing(command: str, settings: dict, error: KeyError) -> UserError | None:
     """The one-line error for a settings key `command` read but was not given; None if `error` is another."""
     key = error.args[0] if error.args else None
-    if command not in KEYS or _schema() is None or key in settings or key not in fields(command):
+    if command not in KEYS or key in settings or key not in fields(command):
         return None
     node, _ = fields(command)[key]
     about = " ".join(str(node.get("description", "")).split()).rstrip(".")

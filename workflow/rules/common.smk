@@ -13,7 +13,7 @@ from vitplasticity.machine import MACHINE_ENV, machine
 
 try:
     # Validated once; every default the schema declares is filled in here.
-    check_config(config, workflow.source_path("../schemas/config.schema.yaml"))
+    check_config(config)
 except UserError as error:
     print(f"vitplasticity config error: {error}", file=sys.stderr)
     sys.exit(1)
