@@ -1,6 +1,6 @@
 """This project's hot paths against the authors' style, side by side in one process.
 
-    PYTHONPATH=src python3 benchmarks/bench.py --quick --threads 1   # @@DURATION@@
+    PYTHONPATH=src python3 benchmarks/bench.py --quick --threads 1   # 61 s on 2 CPU cores at load average 4.3
     PYTHONPATH=src python3 benchmarks/bench.py --out bench.json [--device cuda]
 
 Each comparison uses the same model shape, batch and output shape on both sides.
