@@ -1,6 +1,6 @@
 """This project's hot paths against the authors' style, side by side in one process.
 
-    PYTHONPATH=src python3 benchmarks/bench.py --quick     # 1.5 to 5 minutes on 2 shared CPU cores
+    PYTHONPATH=src python3 benchmarks/bench.py --quick --threads 1   # 61 s on 2 CPU cores at load average 4.3
     PYTHONPATH=src python3 benchmarks/bench.py --out bench.json [--device cuda]
 
 Each comparison uses the same model shape, batch and output shape on both sides.
@@ -18,16 +18,20 @@ Each comparison uses the same model shape, batch and output shape on both sides.
 Timed windows of the two sides alternate (``rounds``) so that a change in machine load hits both. Each
 window does its set-up untimed, then its timed part runs exactly once between two ``perf_counter``
 readings (the GPU synchronised before each), under the same torch thread count on both sides, and returns
-the images it processed, counted as it went. A baseline window's set-up starts its DataLoader's workers by
-fetching the first batch: the data path drops that batch; finetuning and plasticity process it in the
-timed part, so the baseline gets that one batch's data preparation free. The project's data-path and
-plasticity windows are lengthened to at least ``project_window_s``, since windows of a few milliseconds
-would swing with a single scheduler stall; images/s are per window, so window lengths need not match.
+the images it processed, counted as it went. A baseline window's set-up brings its DataLoader to a steady
+state (`steady_batches`): the batches its workers prepare as they start (workers x prefetch factor) are
+fetched and dropped untimed, so the timed batches' data preparation happens while the clock runs. The
+project's data-path and plasticity windows are lengthened to at least ``project_window_s`` (calibrated on
+the second of two untimed runs), since windows of a few milliseconds would swing with a single scheduler
+stall; images/s are per window, so window lengths need not match.
 
 No figure is printed unchecked (`check`): a window whose timed call processed another number of images than
-it was set up for (an iterator consumed before the clock started), that lasted less than ``min_window_s``
-(a no-op), or whose FLOP rate (its side's FLOPs per image, counted over its warm-up window) exceeds this
-machine's peak, makes its comparison invalid: one line says why, and no ratio is given.
+it was set up for (an iterator consumed before the clock started), or that lasted less than ``min_window_s``
+(a no-op), makes its comparison invalid: one line says why, and no ratio is given. Finetuning and plasticity
+windows are also checked for a FLOP rate (their side's FLOPs per image, counted over its warm-up window) over
+this machine's peak; data-path windows, where torch counts no FLOPs (PIL, batched crops), for output bytes per
+second over twice a memory copy's rate measured at start, and they count only float32 batches of the model's
+input shape.
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import itertools
 import json
 import math
 import os
@@ -63,6 +66,7 @@ from vitplasticity.prepared import Split
 
 # Dense bf16 tensor-core peaks (TFLOPS) by device-name fragment; first match wins.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+PREFETCH_FACTOR = 2  # batches in flight per DataLoader worker (PyTorch's default)
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,7 @@ class BenchConfig:
 
 
 def quick_config() -> BenchConfig:
-    """Small sizes: 1.5 to 5 minutes on 2 CPU cores shared with other jobs."""
+    """Small sizes (duration: the module docstring)."""
     return BenchConfig(workers=min(2, os.cpu_count() or 1))
 
 
@@ -105,7 +109,7 @@ def full_config(device: torch.device) -> BenchConfig:
     if device.type == "cuda":  # a GPU host has cores to spare for the authors' 8 workers
         workers = min(8, os.cpu_count() or 1)
         return BenchConfig(num_images=4096, workers=workers, plasticity_workers=workers, rounds=3, data_batch=512,
-                           data_steps=8, arch="vit_base_patch16_224", train_batch=512, micro_batch=128, train_steps=4,
+                           data_steps=32, arch="vit_base_patch16_224", train_batch=512, micro_batch=128, train_steps=4,
                            plasticity_arch="vit_base_patch16_224", pair_batch=128, pairs=512)
     return BenchConfig(num_images=1024, workers=min(2, os.cpu_count() or 1), rounds=3, data_batch=128, data_steps=8,
                        train_batch=32, train_steps=3, pair_batch=32, pairs=128)
@@ -141,12 +145,28 @@ def random_split(count: int, size: int, num_classes: int, seed: int) -> Split:
                  labels=rng.integers(0, num_classes, count).astype(np.int64))
 
 
-def shuffled_loader(split: Split, transform: Callable, batch: int, batches: int, workers: int,
-                    device: torch.device) -> DataLoader:
-    """`batches` random batches through per-sample PIL transforms."""
-    sampler = RandomSampler(range(len(split.labels)), replacement=True, num_samples=batch * batches)
-    return DataLoader(PILImages(split.images, split.labels, transform), batch_size=batch, sampler=sampler,
-                      num_workers=workers, drop_last=True, pin_memory=device.type == "cuda")
+def steady_batches(split: Split, transform: Callable, batch: int, images: int, workers: int, device: torch.device,
+                   shuffle: bool = True) -> Iterator:
+    """`images` images of `split` in batches of `batch` through per-sample PIL `transform` in a DataLoader with
+    `workers` workers, in steady state: drawn at random with replacement (`shuffle`), else in order, wrapping.
+
+    A DataLoader keeps workers x its prefetch factor (`PREFETCH_FACTOR`) batches in flight. The loader is given
+    that many batches more, and those, which its workers prepare as they start, are fetched and dropped here,
+    before any clock starts; the workers are then preparing the first batches returned. So a timed part over the
+    returned batches holds all of their data preparation but what the workers did on at most `workers` of them
+    while the last dropped ones were fetched (none without workers: then nothing is dropped or started here).
+    """
+    lead = workers * PREFETCH_FACTOR
+    total = lead * batch + images
+    indices = (RandomSampler(range(len(split.labels)), replacement=True, num_samples=total) if shuffle
+               else [i % len(split.labels) for i in range(total)])
+    loader = DataLoader(PILImages(split.images, split.labels, transform), batch_size=batch, sampler=indices,
+                        num_workers=workers, prefetch_factor=PREFETCH_FACTOR if workers else None,
+                        pin_memory=device.type == "cuda")
+    iterator = iter(loader)
+    for _ in range(lead):
+        next(iterator)
+    return iterator
 
 
 def build_models(arch: str, cfg: BenchConfig, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -175,6 +195,7 @@ class Limits:
     peak_source: str  # how `peak_flops` was found, for the output
     matmul_flops: float  # best dense matmul FLOP/s measured at start (float32 on a CPU, bf16 on a GPU)
     min_window_s: float
+    copy_bytes_per_s: float = math.inf  # bytes written per second by a large memory copy measured at start
     rated: bool = False  # `peak_flops` is the device's rated peak (given, or the GPU table): fit for MFU
 
 
@@ -203,6 +224,15 @@ def measured_matmul_flops(device: torch.device) -> float:
     return 2 * size**3 / min(timer.blocked_autorange(min_run_time=0.5).times)
 
 
+def measured_copy_bytes_per_s(device: torch.device) -> float:
+    """Best rate of a 256 MiB tensor copy on `device` over `blocked_autorange` blocks, in bytes written per second."""
+    source = torch.empty(64 * 2**20, device=device)  # float32
+    target = torch.empty_like(source)
+    timer = Timer(stmt="target.copy_(source)", globals={"target": target, "source": source},
+                  num_threads=torch.get_num_threads())
+    return source.nbytes / min(timer.blocked_autorange(min_run_time=0.3).times)
+
+
 def measure_limits(device: torch.device, min_window_s: float, override_tflops: float | None = None) -> Limits:
     """The peak every window is checked against: the override, the GPU table, the CPU's vector units, or else
     `MEASURED_MARGIN` times the matmul rate measured now."""
@@ -215,7 +245,7 @@ def measure_limits(device: torch.device, min_window_s: float, override_tflops: f
         peak, source = cpu
     else:
         peak, source = MEASURED_MARGIN * matmul, f"{MEASURED_MARGIN} x the measured matmul rate"
-    return Limits(peak, source, matmul, min_window_s, rated=bool(table))
+    return Limits(peak, source, matmul, min_window_s, measured_copy_bytes_per_s(device), rated=bool(table))
 
 
 # A window does its untimed set-up and returns its timed part and the images it is set up to process;
@@ -252,9 +282,11 @@ def time_once(window: Window, device: torch.device, count_flops: bool = False) -
     return Timed(images, planned, seconds, float(counter.get_total_flops()) if counter else 0.0)
 
 
-def check(timed: Timed, flops_per_image: float, limits: Limits) -> str | None:
+def check(timed: Timed, flops_per_image: float, limits: Limits, bytes_per_image: float = 0.0) -> str | None:
     """Why `timed` cannot be a real measurement, or None: another image count than planned, a window shorter
-    than `limits.min_window_s`, or more FLOP/s (at `flops_per_image`) than `limits.peak_flops`."""
+    than `limits.min_window_s`, more FLOP/s (at `flops_per_image`) than `limits.peak_flops`, or more output bytes
+    per second (at `bytes_per_image`) than `MEASURED_MARGIN` x `limits.copy_bytes_per_s` (a copy reads and writes
+    each byte, so writing alone may be up to twice as fast)."""
     if timed.images != timed.planned:
         return (f"the timed call processed {timed.images} images, not the {timed.planned} its window was set up "
                 f"for (consumed before the clock started?)")
@@ -264,24 +296,22 @@ def check(timed: Timed, flops_per_image: float, limits: Limits) -> str | None:
     if achieved > limits.peak_flops:
         return (f"{achieved / 1e12:.4g} TFLOP/s achieved, over this machine's peak of "
                 f"{limits.peak_flops / 1e12:.4g} TFLOP/s ({limits.peak_source})")
+    written = bytes_per_image * timed.images / timed.seconds
+    if written > MEASURED_MARGIN * limits.copy_bytes_per_s:
+        return (f"{written / 1e9:.4g} GB/s of output written, over {MEASURED_MARGIN} x the "
+                f"{limits.copy_bytes_per_s / 1e9:.4g} GB/s a memory copy wrote at start")
     return None
 
 
-def _primed(loader: DataLoader) -> Iterator:
-    """The loader's batches, its workers started and the first batch fetched (so before any clock starts)."""
-    iterator = iter(loader)
-    return itertools.chain([next(iterator)], iterator)
-
-
 def compare(name: str, baseline: tuple[Window, Window], project: tuple[Window, Window], rounds: int,
-            device: torch.device, limits: Limits) -> dict:
+            device: torch.device, limits: Limits, bytes_per_image: float = 0.0) -> dict:
     """Images/s of both sides (each a (timed window, warm-up window) pair): each side's fastest of `rounds`
     alternating timed windows (the one least slowed by other work on the machine).
 
     Each side first runs its warm-up window once, untimed for throughput, under `FlopCounterMode`: its FLOPs
     per image. Every window is then checked (`check`); if any fails, the comparison's figures are None and
     `invalid` lists the reasons. FLOPs count only what torch runs in this process (not PIL, not DataLoader
-    workers).
+    workers); `bytes_per_image`, the output each image is written as, gives the check of output bytes per second.
     """
     sides = {"baseline": baseline, "project": project}
     problems, per_image = [], {}
@@ -295,7 +325,7 @@ def compare(name: str, baseline: tuple[Window, Window], project: tuple[Window, W
     for r in range(rounds):
         for side, (window, _) in sides.items():
             timed = time_once(window, device)
-            reason = check(timed, per_image[side], limits)
+            reason = check(timed, per_image[side], limits, bytes_per_image)
             if reason:
                 problems.append(f"{side} round {r + 1}: {reason}")
             windows[side].append(timed)
@@ -316,25 +346,33 @@ def compare(name: str, baseline: tuple[Window, Window], project: tuple[Window, W
 
 
 def bench_data(cfg: BenchConfig, device: torch.device, limits: Limits) -> dict:
-    """uint8 arrays → normalised, augmented `img_size` float batches on the device."""
+    """uint8 arrays → normalised, augmented `img_size` float batches on the device.
+
+    Only float32 (B, 3, `img_size`, `img_size`) outputs count as images (another output leaves its window short of
+    its planned images), and their bytes per second are checked against the memory copy rate (`check`): torch
+    counts no FLOPs for PIL or for the batched transforms.
+    """
     split = random_split(cfg.num_images, cfg.source_size, cfg.num_classes, seed=0)
     images = training.resident(split.images, device)
+    shape = (3, cfg.img_size, cfg.img_size)
     step = 0
 
+    def counted(batch: torch.Tensor) -> int:
+        return len(batch) if batch.dtype == torch.float32 and tuple(batch.shape[1:]) == shape else 0
+
     def baseline_window(batches: int) -> tuple[Callable[[], int], int]:
-        loader = shuffled_loader(split, train_transform(cfg.img_size), cfg.data_batch, batches + 1, cfg.workers,
-                                 device)
-        iterator = iter(loader)
-        next(iterator)  # workers started; not timed, not counted
-        planned = batches * cfg.data_batch
-        return lambda: sum(len(batch.to(device, non_blocking=True)) for batch, _ in iterator), planned
+        iterator = steady_batches(split, train_transform(cfg.img_size), cfg.data_batch, batches * cfg.data_batch,
+                                  cfg.workers, device)
+        return lambda: sum(counted(batch.to(device, non_blocking=True)) for batch, _ in iterator), \
+            batches * cfg.data_batch
 
     def project_run(batches: int) -> int:
         nonlocal step
         done = 0
         for _ in range(batches):
             index = training.batch_indices(cfg.num_images, cfg.data_batch, step, seed=0)
-            done += len(transforms.train_batch(images[index], cfg.img_size, device, runtime.step_generator(0, step, 1)))
+            done += counted(transforms.train_batch(images[index], cfg.img_size, device,
+                                                   runtime.step_generator(0, step, 1)))
             step += 1
         return done
 
@@ -343,14 +381,17 @@ def bench_data(cfg: BenchConfig, device: torch.device, limits: Limits) -> dict:
 
     project_batches = _lengthened(cfg.project_window_s, cfg.data_steps, project_window, device)
     return compare("data path", (lambda: baseline_window(cfg.data_steps), lambda: baseline_window(1)),
-                   (project_window(project_batches), project_window(1)), cfg.rounds, device, limits)
+                   (project_window(project_batches), project_window(1)), cfg.rounds, device, limits,
+                   bytes_per_image=4 * math.prod(shape))
 
 
 def _lengthened(seconds: float, units: int, window: Callable[[int], Window], device: torch.device) -> int:
-    """How many units (batches, pairs) `window` needs to last at least `seconds`, from one untimed run of `units`.
+    """How many units (batches, pairs) `window` needs to last at least `seconds`, from the second of two untimed
+    runs of `units` (the first pays one-time costs: allocations, lazy initialisation).
 
     A window of a few milliseconds would be at the mercy of one scheduler stall.
     """
+    time_once(window(units), device)
     elapsed = time_once(window(units), device).seconds
     return max(units, math.ceil(units * seconds / max(elapsed, 1e-6)))
 
@@ -403,9 +444,8 @@ def bench_finetune(cfg: BenchConfig, device: torch.device, limits: Limits) -> di
 
     def baseline_window(steps: int) -> Window:
         def set_up() -> tuple[Callable[[], int], int]:
-            loader = shuffled_loader(split, train_transform(cfg.img_size), micro, steps * accumulate,
+            batches = steady_batches(split, train_transform(cfg.img_size), micro, steps * cfg.train_batch,
                                      cfg.train_workers, device)
-            batches = _primed(loader)
             return lambda: baseline_run(batches), steps * cfg.train_batch
         return set_up
 
@@ -495,10 +535,8 @@ def bench_plasticity(cfg: BenchConfig, device: torch.device, limits: Limits) -> 
 
     def baseline_window(pairs: int) -> Window:
         def set_up() -> tuple[Callable[[], int], int]:
-            streams = [_primed(DataLoader(PILImages(s.images[:pairs], s.labels[:pairs], eval_transform(cfg.img_size)),
-                                          batch_size=cfg.pair_batch, num_workers=cfg.plasticity_workers,
-                                          pin_memory=device.type == "cuda"))
-                       for s in (reference, downstream)]
+            streams = [steady_batches(s, eval_transform(cfg.img_size), cfg.pair_batch, pairs, cfg.plasticity_workers,
+                                      device, shuffle=False) for s in (reference, downstream)]
             return lambda: baseline_run(streams), 2 * pairs
         return set_up
 
@@ -594,7 +632,8 @@ def run(cfg: BenchConfig, device: torch.device, out: Path | None = None, peak_tf
           f"worker: 1); baseline DataLoader workers: data path {cfg.workers}, finetuning {cfg.train_workers}, "
           f"plasticity {cfg.plasticity_workers} per stream", flush=True)
     print(f"peak {limits.peak_flops / 1e12:.4g} TFLOP/s ({limits.peak_source}); matmul measured now "
-          f"{limits.matmul_flops / 1e12:.4g} TFLOP/s; shortest valid window {limits.min_window_s} s", flush=True)
+          f"{limits.matmul_flops / 1e12:.4g} TFLOP/s, memory copy {limits.copy_bytes_per_s / 1e9:.3g} GB/s; shortest "
+          f"valid window {limits.min_window_s} s", flush=True)
     result = {"machine": info, "config": asdict(cfg), "limits": asdict(limits)}
     result["data"] = bench_data(cfg, device, limits)
     print(_line(f"data path ({cfg.source_size} px uint8 -> {cfg.img_size} px float, batch {cfg.data_batch})",
@@ -624,7 +663,7 @@ def run(cfg: BenchConfig, device: torch.device, out: Path | None = None, peak_tf
 
 
 def main(quick: bool, device: str, out: Path | None, peak_tflops: float | None = None, **overrides) -> dict:
-    """Quick (1.5 to 5 minutes on 2 shared CPU cores) or full; `overrides` replace config fields."""
+    """Quick (duration: the module docstring) or full; `overrides` replace config fields."""
     target = runtime.pick_device(device)
     cfg = quick_config() if quick else full_config(target)
     return run(replace(cfg, **overrides), target, out, peak_tflops)
@@ -632,7 +671,7 @@ def main(quick: bool, device: str, out: Path | None, peak_tflops: float | None =
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="throughput of this project's paths against the authors' approach")
-    parser.add_argument("--quick", action="store_true", help="small sizes: 1.5 to 5 minutes on 2 shared CPU cores")
+    parser.add_argument("--quick", action="store_true", help="small sizes (duration: this script's docstring)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--peak-tflops", type=float, default=None,

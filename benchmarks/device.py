@@ -1,9 +1,9 @@
-"""One-shot device benchmark: what the paper study costs on this GPU, measured in a few minutes.
+"""One-shot device benchmark: what the paper study costs on this GPU, within a time budget.
 
 Run from a checkout, with nothing installed beyond PyTorch, timm, numpy, pandas, pillow, PyYAML and
-safetensors (no network, random weights):
+safetensors, and py-cpuinfo with ``--device cpu`` (no network, random weights):
 
-    PYTHONPATH=src python3 benchmarks/device.py --out device.json          # ≤ 4 min on one GPU
+    PYTHONPATH=src python3 benchmarks/device.py --out device.json          # starts no stage after 200 s (--budget-s)
     PYTHONPATH=src python3 benchmarks/device.py --tiny --out device.json   # seconds on a CPU (the test suite)
 
 Stages, each written to the JSON as soon as it ends (a run cut short still reports what it measured):
@@ -22,7 +22,8 @@ Stages, each written to the JSON as soon as it ends (a run cut short still repor
 6. ``sizes``: one timed step each of ViT-L/16 and ViT-H/14 (arm ``all``) after one warm-up step.
 7. ``projection``: GPU-hours of each experiment of ``config/config.yaml`` from the measured step times
    (arms without a measurement of their own take the closest measured one, as ``ARM_PROXY`` says) plus the
-   evaluation passes at the measured forward rate; the arithmetic is in the JSON.
+   evaluation passes at the measured forward rate (``eval_rate``, checked as the stages are; left out when
+   invalid); the arithmetic is in the JSON.
 
 The last line printed is the summary. ``--budget-s`` skips the stages that would start after it.
 """
@@ -228,9 +229,9 @@ def stage_compile(cfg: DeviceConfig, device: torch.device, limits: bench.Limits,
 def stage_baseline(cfg: DeviceConfig, device: torch.device, limits: bench.Limits, split: Split) -> dict:
     """Float32, attention written out, per-sample PIL transforms in a DataLoader; arm `all`.
 
-    One untimed warm-up step on a batch of its own; then a fresh DataLoader's first batch is fetched (its workers
-    started) and the clock runs over `cfg.baseline_steps` steps. Batches the workers prepared while that first
-    one was fetched come free: at most workers x 2 (the prefetch factor), so this favours the baseline."""
+    One untimed warm-up step on a batch of its own; then a fresh DataLoader is brought to its steady state
+    (`bench.steady_batches`: the batches its workers prepare as they start are dropped untimed) and the clock runs
+    over its next `cfg.baseline_steps` steps, whose data preparation falls inside the clock."""
     baseline = build(cfg.arch, cfg, device, "all")
     for block in baseline.blocks:
         block.attn.fused_attn = False
@@ -248,10 +249,9 @@ def stage_baseline(cfg: DeviceConfig, device: torch.device, limits: bench.Limits
         loss.item()
         return len(labels)
 
-    step(*next(iter(bench.shuffled_loader(split, bench.train_transform(cfg.img_size), cfg.batch, 1, 0, device))))
-    loader = bench.shuffled_loader(split, bench.train_transform(cfg.img_size), cfg.batch, cfg.baseline_steps,
-                                   cfg.baseline_workers, device)
-    batches = bench._primed(loader)
+    step(*next(bench.steady_batches(split, bench.train_transform(cfg.img_size), cfg.batch, cfg.batch, 0, device)))
+    batches = bench.steady_batches(split, bench.train_transform(cfg.img_size), cfg.batch,
+                                   cfg.baseline_steps * cfg.batch, cfg.baseline_workers, device)
     bench._sync(device)
     began = time.perf_counter()
     done = sum(step(images, labels) for images, labels in batches)
@@ -313,9 +313,11 @@ def stage_sizes(cfg: DeviceConfig, device: torch.device, limits: bench.Limits, s
     return out
 
 
-def eval_rate(cfg: DeviceConfig, device: torch.device, split: Split) -> float:
+def eval_rate(cfg: DeviceConfig, device: torch.device, limits: bench.Limits, split: Split) -> dict:
     """Forward images/s at evaluation (bf16 autocast, batch `cfg.batch`) over `cfg.eval_batches` timed batches,
-    after one untimed."""
+    after one untimed, whose forward FLOPs `FlopCounterMode` counts; checked as every other window (`_checked`)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     model = build(cfg.arch, cfg, device, arm=None).eval()
     images = training.resident(split.images, device)
 
@@ -327,62 +329,71 @@ def eval_rate(cfg: DeviceConfig, device: torch.device, split: Split) -> float:
 
     starts = [(i * cfg.batch) % max(1, len(split.labels) - cfg.batch + 1) for i in range(cfg.eval_batches)]
     with torch.no_grad():
-        forward(0)
+        with FlopCounterMode(display=False) as counter:
+            warm = forward(0)
         bench._sync(device)
         began = time.perf_counter()
         done = sum(forward(start) for start in starts)
         bench._sync(device)
-    return done / (time.perf_counter() - began)
+        seconds = time.perf_counter() - began
+    result = {"images_per_s": done / seconds, "images": done, "planned_images": cfg.batch * cfg.eval_batches,
+              "seconds": seconds}
+    return _checked(result, counter.get_total_flops() / warm, limits)
 
 
-def projection(results: dict, config_path: Path, forward_rate: float) -> dict:
-    """GPU-hours per experiment of the study config: Σ runs × (steps × step time + eval images / forward rate)."""
+def projection(results: dict, config_path: Path, forward_rate: float | None) -> dict:
+    """GPU-hours per experiment of the study config: Σ runs × (steps × step time + eval images / forward rate).
+
+    Only valid measurements enter: an experiment whose arms (or their proxies) lack a valid step time is left out
+    with the reason; ViT-L/H step times are ViT-B's per arm scaled by the measured arm-`all` ratio, so without a
+    valid ViT-B `all` they are left out too; with `forward_rate` None (no valid evaluation rate) evaluation passes
+    are left out of every figure, as `assumptions` then says.
+    """
     study = yaml.safe_load(config_path.read_text())
     base = {arm: r for arm, r in results.get("finetune", {}).items() if not r["invalid"]}
     per_arch_step = {"vit_base_patch16_224": {arm: r["step_s"] for arm, r in base.items()}}
+    size_ratio = {"vit_base_patch16_224": 1.0}
     sizes = {arch: r for arch, r in results.get("sizes", {}).items() if not r["invalid"]}
-    for arch, r in sizes.items():  # only arm `all` measured: scale B's arm ratios
-        ratio = r["step_s"] / base["all"]["step_s"] if "all" in base else 1.0
-        per_arch_step[arch] = {arm: s * ratio for arm, s in per_arch_step["vit_base_patch16_224"].items()}
-    out, total = {}, 0.0
+    out: dict = {}
+    if sizes and "all" not in base:
+        out["sizes_left_out"] = f"{', '.join(sizes)}: no valid ViT-B arm `all` step time to scale ViT-B's arms by"
+    elif sizes:
+        for arch, r in sizes.items():  # only arm `all` measured: scale B's arm step times by its ratio
+            size_ratio[arch] = r["step_s"] / base["all"]["step_s"]
+            per_arch_step[arch] = {arm: step * size_ratio[arch]
+                                   for arm, step in per_arch_step["vit_base_patch16_224"].items()}
+    controls = study.get("controls") or {}
+    seeds = len(study["finetune"]["seeds"])
+    total = 0.0
     for name, exp in study["experiments"].items():
         arch = ARCHS.get(exp["model"], exp["model"])
         steps_by_arm = per_arch_step.get(arch, {})
-        controls = study.get("controls") or {}
         arms = exp.get("arms", list(study["arms"]) + list(controls))
-        proxies = {ARM_PROXY.get(controls[arm]["component"] if arm in controls else arm, "all") for arm in arms}
-        if not proxies <= steps_by_arm.keys():
-            missing = sorted(proxies - steps_by_arm.keys())
+        # A control (a masked or LoRA component) costs at most its component's arm.
+        proxy = {arm: ARM_PROXY.get(controls[arm]["component"] if arm in controls else arm, "all") for arm in arms}
+        missing = sorted(set(proxy.values()) - steps_by_arm.keys())
+        if missing:
             out[name] = {"skipped": f"no valid step time measured for {arch}, arms {', '.join(missing)}"}
             continue
-        seeds = len(study["finetune"]["seeds"])
         seconds, runs = 0.0, 0
         for task in exp["tasks"]:
             spec = study["tasks"][task]
             n_val, n_test = EVAL_SIZES.get(task, (0, 0))
             eval_images = spec["steps"] // spec["eval_every"] * n_val + n_test
+            eval_s = eval_images / forward_rate * size_ratio[arch] if forward_rate else 0.0
             for arm in arms:
-                # A control (a masked or LoRA component) costs at most its component's arm.
-                proxy = ARM_PROXY.get(controls[arm]["component"] if arm in controls else arm, "all")
-                step_s = steps_by_arm[proxy]
                 count = len(spec["lrs"]) * seeds
                 runs += count
-                seconds += count * (spec["steps"] * step_s + eval_images / forward_rate * _size_ratio(arch, sizes,
-                                                                                                      base))
+                seconds += count * (spec["steps"] * steps_by_arm[proxy[arm]] + eval_s)
         out[name] = {"runs": runs, "gpu_hours": seconds / 3600}
         total += seconds / 3600
     out["total_gpu_hours"] = total
+    evaluation = ("evaluation passes at the measured ViT-B forward rate scaled by the model's step-time ratio"
+                  if forward_rate else "evaluation passes LEFT OUT (no valid forward rate measured)")
     out["assumptions"] = ("steps x measured step time of the arm (or its proxy, ARM_PROXY; a control arm: its "
-                          "component's) at batch 512; evaluation "
-                          "passes at the measured ViT-B forward rate scaled by the model's step-time ratio; "
-                          "no data loading stalls (resident splits); one GPU per run")
+                          f"component's) at batch 512; {evaluation}; no data loading stalls (resident splits); "
+                          "one GPU per run")
     return out
-
-
-def _size_ratio(arch: str, sizes: dict, base: dict) -> float:
-    if arch in sizes and "all" in base:
-        return sizes[arch]["step_s"] / base["all"]["step_s"]
-    return 1.0
 
 
 def stage_host_gather(cfg: DeviceConfig, device: torch.device, limits: bench.Limits, split: Split) -> dict:
@@ -482,7 +493,8 @@ def run(cfg: DeviceConfig, device: torch.device, out: Path, budget_s: float, pea
     started = time.perf_counter()
     limits = bench.measure_limits(device, cfg.min_window_s, peak_tflops)
     print(f"peak {limits.peak_flops / 1e12:.4g} TFLOP/s ({limits.peak_source}); matmul measured now "
-          f"{limits.matmul_flops / 1e12:.4g} TFLOP/s; shortest valid window {limits.min_window_s} s", flush=True)
+          f"{limits.matmul_flops / 1e12:.4g} TFLOP/s, memory copy {limits.copy_bytes_per_s / 1e9:.3g} GB/s; shortest "
+          f"valid window {limits.min_window_s} s", flush=True)
     results = {"machine": bench.machine(device), "config": asdict(cfg), "limits": asdict(limits),
                "peak_tflops": limits.peak_flops / 1e12 if limits.rated else None, "skipped": [], "errors": {}}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -507,7 +519,11 @@ def run(cfg: DeviceConfig, device: torch.device, out: Path, budget_s: float, pea
             torch.cuda.empty_cache()
         _write(out, results)
     if "finetune" in results:
-        results["projection"] = projection(results, ROOT / "config" / "config.yaml", eval_rate(cfg, device, split))
+        results["eval_rate"] = forward = eval_rate(cfg, device, limits, split)
+        if forward["invalid"]:
+            print(f"evaluation rate INVALID: {forward['invalid']}; the projection leaves evaluation out", flush=True)
+        results["projection"] = projection(results, ROOT / "config" / "config.yaml",
+                                           None if forward["invalid"] else forward["images_per_s"])
     results["total_seconds"] = time.perf_counter() - started
     _write(out, results)
     print(summary_line(results), flush=True)

@@ -4,6 +4,8 @@ installed extras, writes its JSON stage by stage, and projects the study's runs 
 import json
 import subprocess
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,43 @@ def test_projection_leaves_out_an_experiment_whose_arms_were_not_validly_measure
     out = device.projection(results, ROOT / "config" / "config.yaml", forward_rate=1000.0)
     assert out["main"] == {"skipped": "no valid step time measured for vit_base_patch16_224, arms all"}
     assert out["total_gpu_hours"] == 0.0
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")
+def test_baseline_stage_times_the_preparation_of_its_batches(monkeypatch):
+    """4 workers keep 8 batches in flight; the 3 timed batches of 4 images, each image 0.5 s of a worker's time,
+    must not have been prepared before the clock started: at most 4 workers / 0.5 s = 8 images/s (20% allowed
+    for scheduling), whatever the model step adds."""
+    import bench
+    import device
+    import torch
+
+    def sleeping(size):
+        def transform(image):
+            time.sleep(0.5)
+            return torch.zeros(3, size, size)
+        return transform
+    monkeypatch.setattr(bench, "train_transform", sleeping)
+    # ViT-Ti/16 with one block at 32 px: a step of milliseconds beside the 2 s a worker takes per batch.
+    cfg = replace(device.DeviceConfig.tiny(), arch="vit_tiny_patch16_224", img_size=32, baseline_workers=4,
+                  baseline_steps=3)
+    cpu = torch.device("cpu")
+    limits = bench.Limits(peak_flops=1e15, peak_source="test", matmul_flops=1e12, min_window_s=0.0)
+    result = device.stage_baseline(cfg, cpu, limits, device.random_split(cfg, cfg.num_images, cfg.store_size, 0))
+    assert result["invalid"] is None and result["images"] == 12
+    assert result["images_per_s"] <= 1.2 * 4 / 0.5, result
+
+
+def test_projection_leaves_out_what_an_invalid_measurement_would_have_scaled():
+    """ViT-B's arm `all` invalid: no ratio for ViT-L/H; no valid forward rate: no evaluation passes."""
+    import device
+
+    step = {"invalid": None, "step_s": 1.0}
+    results = {"finetune": {"all": {"invalid": "the window lasted 0.0001 s", "step_s": 1e-4}, "mha": step,
+                            "ln1": step},
+               "sizes": {"vit_large_patch16_224": {"invalid": None, "step_s": 3.0}}}
+    out = device.projection(results, ROOT / "config" / "config.yaml", forward_rate=None)
+    assert out["sizes_left_out"] == ("vit_large_patch16_224: no valid ViT-B arm `all` step time to scale ViT-B's "
+                                     "arms by")
+    assert out["size_large"] == {"skipped": "no valid step time measured for vit_large_patch16_224, arms all, ln1, mha"}
+    assert "evaluation passes LEFT OUT (no valid forward rate measured)" in out["assumptions"]
