@@ -1,6 +1,6 @@
 """This project's hot paths against the authors' style, side by side in one process.
 
-    PYTHONPATH=src python3 benchmarks/bench.py --quick --threads 1   # 61 s on 2 CPU cores at load average 4.3
+    PYTHONPATH=src python3 benchmarks/bench.py --quick --threads 1   # 49 s on 2 idle CPU cores
     PYTHONPATH=src python3 benchmarks/bench.py --out bench.json [--device cuda]
 
 Each comparison uses the same model shape, batch and output shape on both sides.
@@ -20,10 +20,11 @@ window does its set-up untimed, then its timed part runs exactly once between tw
 readings (the GPU synchronised before each), under the same torch thread count on both sides, and returns
 the images it processed, counted as it went. A baseline window's set-up brings its DataLoader to a steady
 state (`steady_batches`): the batches its workers prepare as they start (workers x prefetch factor) are
-fetched and dropped untimed, so the timed batches' data preparation happens while the clock runs. The
-project's data-path and plasticity windows are lengthened to at least ``project_window_s`` (calibrated on
-the second of two untimed runs), since windows of a few milliseconds would swing with a single scheduler
-stall; images/s are per window, so window lengths need not match.
+fetched and dropped untimed, so the timed batches' data preparation happens while the clock runs. Every
+window of either side is lengthened to last at least ``window_s`` (calibrated on the second of two untimed
+runs; `lengthened`), on any machine: a window of fixed size that lasts long enough on one machine is a few
+milliseconds on a faster one, at the mercy of a single scheduler stall. Images/s are per window, so window
+lengths need not match.
 
 No figure is printed unchecked (`check`): a window whose timed call processed another number of images than
 it was set up for (an iterator consumed before the clock started), or that lasted less than ``min_window_s``
@@ -84,19 +85,19 @@ class BenchConfig:
     plasticity_workers: int = 0  # per stream (two loaders)
     rounds: int = 2  # alternating timed windows per side
     data_batch: int = 32
-    data_steps: int = 16  # batches per baseline window
-    project_window_s: float = 0.5  # the project's data-path and plasticity windows are lengthened to this
+    data_steps: int = 16  # batches per data-path window, at least
+    window_s: float = 0.5  # every timed window is lengthened to last at least this (`lengthened`)
     min_window_s: float = 0.25  # a shorter timed window is no measurement (`check`)
     threads: int | None = None  # torch threads on both sides; None: torch's default
     arch: str = "vit_tiny_patch16_224"  # finetuning model
     depth: int | None = None  # None: the architecture's own
     train_batch: int = 8
     micro_batch: int | None = None  # gradient accumulation, same on both sides; None: whole batch
-    train_steps: int = 2  # per timed window
+    train_steps: int = 2  # per timed window, at least
     lr: float = 0.01
     plasticity_arch: str = "vit_tiny_patch16_224"
     pair_batch: int = 16
-    pairs: int = 32  # per timed window
+    pairs: int = 32  # per timed window, at least
 
 
 def quick_config() -> BenchConfig:
@@ -303,10 +304,20 @@ def check(timed: Timed, flops_per_image: float, limits: Limits, bytes_per_image:
     return None
 
 
-def compare(name: str, baseline: tuple[Window, Window], project: tuple[Window, Window], rounds: int,
-            device: torch.device, limits: Limits, bytes_per_image: float = 0.0) -> dict:
-    """Images/s of both sides (each a (timed window, warm-up window) pair): each side's fastest of `rounds`
-    alternating timed windows (the one least slowed by other work on the machine).
+@dataclass(frozen=True)
+class Side:
+    """One side of a comparison: `window(n)` is its window over n units (batches, steps, pairs), of which a timed
+    window has at least `units` (more when `lengthened` asks) and its warm-up window `warm`."""
+
+    window: Callable[[int], Window]
+    units: int
+    warm: int = 1
+
+
+def compare(name: str, baseline: Side, project: Side, rounds: int, device: torch.device, limits: Limits,
+            window_s: float, bytes_per_image: float = 0.0) -> dict:
+    """Images/s of both sides: each side's fastest of `rounds` alternating timed windows (the one least slowed
+    by other work on the machine), each window lengthened to last at least `window_s` (`lengthened`).
 
     Each side first runs its warm-up window once, untimed for throughput, under `FlopCounterMode`: its FLOPs
     per image. Every window is then checked (`check`); if any fails, the comparison's figures are None and
@@ -314,17 +325,18 @@ def compare(name: str, baseline: tuple[Window, Window], project: tuple[Window, W
     workers); `bytes_per_image`, the output each image is written as, gives the check of output bytes per second.
     """
     sides = {"baseline": baseline, "project": project}
-    problems, per_image = [], {}
-    for side, (_, warmup) in sides.items():
-        warm = time_once(warmup, device, count_flops=True)
+    problems, per_image, units = [], {}, {}
+    for side, spec in sides.items():
+        warm = time_once(spec.window(spec.warm), device, count_flops=True)
         reason = check(warm, 0.0, replace(limits, min_window_s=0.0))
         if reason:
             problems.append(f"{side} warm-up: {reason}")
         per_image[side] = warm.flops / warm.images if warm.images else 0.0
+        units[side] = lengthened(window_s, spec.units, spec.window, device)
     windows: dict[str, list[Timed]] = {side: [] for side in sides}
     for r in range(rounds):
-        for side, (window, _) in sides.items():
-            timed = time_once(window, device)
+        for side, spec in sides.items():
+            timed = time_once(spec.window(units[side]), device)
             reason = check(timed, per_image[side], limits, bytes_per_image)
             if reason:
                 problems.append(f"{side} round {r + 1}: {reason}")
@@ -379,21 +391,24 @@ def bench_data(cfg: BenchConfig, device: torch.device, limits: Limits) -> dict:
     def project_window(batches: int) -> Window:
         return lambda: (lambda: project_run(batches), batches * cfg.data_batch)
 
-    project_batches = _lengthened(cfg.project_window_s, cfg.data_steps, project_window, device)
-    return compare("data path", (lambda: baseline_window(cfg.data_steps), lambda: baseline_window(1)),
-                   (project_window(project_batches), project_window(1)), cfg.rounds, device, limits,
+    return compare("data path", Side(lambda batches: lambda: baseline_window(batches), cfg.data_steps),
+                   Side(project_window, cfg.data_steps), cfg.rounds, device, limits, cfg.window_s,
                    bytes_per_image=4 * math.prod(shape))
 
 
-def _lengthened(seconds: float, units: int, window: Callable[[int], Window], device: torch.device) -> int:
-    """How many units (batches, pairs) `window` needs to last at least `seconds`, from the second of two untimed
-    runs of `units` (the first pays one-time costs: allocations, lazy initialisation).
+LENGTHEN_AT_MOST = 10_000  # times the asked units: a window that stays instant this long is a no-op (`check`)
+
+
+def lengthened(seconds: float, units: int, window: Callable[[int], Window], device: torch.device) -> int:
+    """How many units (batches, steps, pairs) `window` needs to last at least `seconds`, from the second of two
+    untimed runs of `units` (the first pays one-time costs: allocations, lazy initialisation, worker start-up);
+    never fewer than `units`, never more than `LENGTHEN_AT_MOST` times them.
 
     A window of a few milliseconds would be at the mercy of one scheduler stall.
     """
     time_once(window(units), device)
     elapsed = time_once(window(units), device).seconds
-    return max(units, math.ceil(units * seconds / max(elapsed, 1e-6)))
+    return min(max(units, math.ceil(units * seconds / max(elapsed, 1e-9))), LENGTHEN_AT_MOST * units)
 
 
 # --- (b) finetuning step ---------------------------------------------------------------------
@@ -467,8 +482,8 @@ def bench_finetune(cfg: BenchConfig, device: torch.device, limits: Limits) -> di
     def project_window(steps: int) -> Window:
         return lambda: (lambda: project_run(steps), steps * cfg.train_batch)
 
-    result = compare("finetune step", (baseline_window(cfg.train_steps), baseline_window(1)),
-                     (project_window(cfg.train_steps), project_window(1)), cfg.rounds, device, limits)
+    result = compare("finetune step", Side(baseline_window, cfg.train_steps), Side(project_window, cfg.train_steps),
+                     cfg.rounds, device, limits, cfg.window_s)
     rated = limits.peak_flops if limits.rated else None
     for side in ("baseline", "project"):
         achieved = result[f"{side}_tflops"]
@@ -516,8 +531,7 @@ def reference_plasticity(model: torch.nn.Module, batches: Iterable[tuple[torch.T
 
 
 def bench_plasticity(cfg: BenchConfig, device: torch.device, limits: Limits) -> dict:
-    """Every component of every block, embedding mode, `pairs` image pairs per baseline window (the project's
-    windows lengthened to `project_window_s`)."""
+    """Every component of every block, embedding mode, at least `pairs` image pairs per timed window."""
     reference = random_split(max(cfg.num_images, cfg.pairs), cfg.source_size, cfg.num_classes, seed=2)
     downstream = random_split(max(cfg.num_images, cfg.pairs), cfg.source_size, cfg.num_classes, seed=3)
     baseline, project = build_models(cfg.plasticity_arch, cfg, device)
@@ -549,9 +563,8 @@ def bench_plasticity(cfg: BenchConfig, device: torch.device, limits: Limits) -> 
         return lambda: (lambda: project_run(pairs), 2 * pairs)
 
     warm = min(cfg.pairs, cfg.pair_batch)
-    project_pairs = _lengthened(cfg.project_window_s, cfg.pairs, project_window, device)
-    result = compare("plasticity", (baseline_window(cfg.pairs), baseline_window(warm)),
-                     (project_window(project_pairs), project_window(warm)), cfg.rounds, device, limits)
+    result = compare("plasticity", Side(baseline_window, cfg.pairs, warm), Side(project_window, cfg.pairs, warm),
+                     cfg.rounds, device, limits, cfg.window_s)
     result["measurements"] = len(project.blocks) * len(BLOCK_COMPONENTS)
     return result
 

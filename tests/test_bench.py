@@ -21,7 +21,7 @@ FINAL_LINE = re.compile(r"data speedup \d+\.\d\d, finetune speedup \d+\.\d\d, pl
 # Every stage at toy sizes, DataLoader workers included (a few seconds); toy windows are too short for the
 # duration check, which the tests below exercise on their own.
 TINY = dict(source_size=16, img_size=32, num_images=16, workers=1, plasticity_workers=1, data_batch=4, data_steps=1,
-            depth=1, train_batch=4, micro_batch=2, train_steps=1, pair_batch=2, pairs=3, project_window_s=0.01,
+            depth=1, train_batch=4, micro_batch=2, train_steps=1, pair_batch=2, pairs=3, window_s=0.01,
             min_window_s=0.0)
 
 
@@ -89,15 +89,16 @@ def test_peak_flops_uses_the_override_and_knows_no_cpu_peak():
     assert bench.peak_flops(CPU, None) is None
 
 
-@pytest.mark.parametrize(("elapsed", "expected"), [(0.02, 10), (0.05, 4), (1.0, 2)])
+@pytest.mark.parametrize(("elapsed", "expected"), [(0.02, 10), (0.05, 4), (1.0, 2), (0.0, 20_000)])
 def test_short_windows_are_lengthened_to_the_minimum_duration(monkeypatch, elapsed, expected):
-    """2 batches took `elapsed` s; a window of at least 0.1 s needs ceil(2 * 0.1 / elapsed) of them, never fewer."""
+    """2 batches took `elapsed` s; a window of at least 0.1 s needs ceil(2 * 0.1 / elapsed) of them, never fewer,
+    and never more than 10,000 times 2 (an instant window stays a no-op, which `check` reports)."""
     calls = []
 
     def window(units):
         return lambda: (lambda: calls.append(units) or units, units)
     monkeypatch.setattr(bench, "time_once", lambda window, device: bench.Timed(window()[0](), 2, elapsed))
-    assert bench._lengthened(0.1, 2, window, CPU) == expected
+    assert bench.lengthened(0.1, 2, window, CPU) == expected
     assert calls == [2, 2]  # the first run untimed for calibration, the second calibrates
 
 
@@ -169,7 +170,7 @@ def test_baseline_data_path_times_the_preparation_of_its_batches(monkeypatch):
     after only the first batch (the workers started) gave the 3 others, prepared alongside it, almost free."""
     monkeypatch.setattr(bench, "train_transform", _sleeping_transform)
     cfg = bench.BenchConfig(source_size=8, img_size=8, num_images=16, workers=4, data_batch=4, data_steps=3, rounds=1,
-                            project_window_s=0.01)
+                            window_s=0.01)
     result = bench.bench_data(cfg, CPU, bench.replace(limits(), min_window_s=0.0))
     assert result["invalid"] == []
     assert result["baseline_images_per_s"] <= 1.2 * 4 / SLEEP_S, result["baseline_windows"]
@@ -178,7 +179,7 @@ def test_baseline_data_path_times_the_preparation_of_its_batches(monkeypatch):
 def test_data_path_counts_only_float_batches_of_the_model_input_shape(monkeypatch):
     monkeypatch.setattr(bench, "train_transform", lambda size: lambda image: torch.zeros(3, size, size + 1))
     cfg = bench.BenchConfig(source_size=8, img_size=8, num_images=16, workers=0, data_batch=2, data_steps=2, rounds=1,
-                            project_window_s=0.01)
+                            window_s=0.01)
     result = bench.bench_data(cfg, CPU, bench.replace(limits(), min_window_s=0.0))
     assert result["speedup"] is None
     assert result["invalid"][0] == ("baseline warm-up: the timed call processed 0 images, not the 2 its window was "
@@ -192,15 +193,36 @@ def test_a_comparison_with_a_broken_window_gives_no_ratio(capsys):
 
     def sleeper():
         return lambda: time.sleep(0.3) or 8, 8
-    result = bench.compare("broken", (_one_shot_window(consumed_before=True), _one_shot_window()), (no_op, no_op), 1,
-                           CPU, limits())
+    drained = bench.Side(lambda units: _one_shot_window(consumed_before=True), 4)
+    result = bench.compare("broken", drained, bench.Side(lambda units: no_op, 1), 1, CPU, limits(), window_s=0.3)
     assert result["speedup"] is None and result["baseline_images_per_s"] is None
-    assert result["invalid"][0] == ("baseline round 1: the timed call processed 0 images, not the 8 its window was "
-                                    "set up for (consumed before the clock started?)")
-    assert result["invalid"][1].startswith("project round 1: the window lasted 0.0")
+    assert result["invalid"] == [
+        "baseline warm-up: the timed call processed 0 images, not the 8 its window was set up for (consumed before "
+        "the clock started?)",
+        "baseline round 1: the timed call processed 0 images, not the 8 its window was set up for (consumed before "
+        "the clock started?)",
+        result["invalid"][2]]
+    assert result["invalid"][2].startswith("project round 1: the window lasted 0.0")
     assert "broken round 1/1 baseline: 0 images in " in capsys.readouterr().out
-    fine = bench.compare("fine", (sleeper, sleeper), (sleeper, sleeper), 1, CPU, limits())
+    fine = bench.compare("fine", bench.Side(lambda units: sleeper, 1), bench.Side(lambda units: sleeper, 1), 1, CPU,
+                         limits(), window_s=0.25)
     assert fine["invalid"] == [] and fine["speedup"] == pytest.approx(1.0, rel=0.2)
+
+
+def _sleeping_units(per_unit_s: float):
+    """A window of n units that takes n x `per_unit_s` and counts one image per unit."""
+    return lambda units: lambda: (lambda: time.sleep(per_unit_s * units) or units, units)
+
+
+def test_both_sides_are_lengthened_whatever_the_machine_speed():
+    """2 units of 10 ms (baseline) and 20 ms (project) are far under the 0.25 s minimum; both sides are lengthened
+    to at least 0.3 s (30 and 15 units), so the comparison is valid, and the ratio stays the true 0.5. A fixed-size
+    baseline window, as before, was invalid on any machine fast enough."""
+    result = bench.compare("short", bench.Side(_sleeping_units(0.01), 2), bench.Side(_sleeping_units(0.02), 2), 1,
+                           CPU, limits(), window_s=0.3)
+    assert result["invalid"] == []
+    assert result["baseline_windows"][0]["images"] >= 30 and result["project_windows"][0]["images"] >= 15
+    assert result["speedup"] == pytest.approx(0.5, rel=0.15)
 
 
 def test_cpu_peak_is_cores_times_clock_times_vector_flops(monkeypatch):
@@ -217,7 +239,7 @@ def test_cpu_peak_is_cores_times_clock_times_vector_flops(monkeypatch):
 # The quick benchmark at lean sizes (one torch thread, 96 px, ViT-Ti/16 with 3 blocks; every window still at least
 # 0.25 s): about 15 s on 2 CPU cores under a load average of 4.
 LEAN = dict(threads=1, img_size=96, num_images=128, data_batch=16, data_steps=24, depth=3, train_batch=8,
-            train_steps=6, pair_batch=8, pairs=64, rounds=2, project_window_s=0.6)
+            train_steps=6, pair_batch=8, pairs=64, rounds=2, window_s=0.6)
 # What the ratios may be on a CPU, idle or shared. Data path: per-sample PIL transforms in worker processes
 # against a few batched kernels (about 8 at these sizes with one thread; near 1 with two threads on a loaded
 # machine). Finetuning: the same float32 model work on both sides, attention and data a few percent of a step.
