@@ -226,3 +226,22 @@ def test_accuracy_per_arm_shows_the_probe_per_task(drawn):
     assert probe_lines == [[55.0], [60.0], [65.0]]
     low, high = fig.axes[0].get_ylim()
     assert low > 40  # not a bar from 0: the arms' differences stay visible
+
+
+def _depth_table(values: dict[str, float]) -> pd.DataFrame:
+    """Two layers of each component at the given plasticity, 40 pairs of 12 images within one folder."""
+    return pd.DataFrame([{"mode": "embedding", "component": c, "layer": layer, "depth_pct": 50.0 * (layer + 1),
+                          "mean": value, "ci95": 0.0, "pairs": 40, "images": 12}
+                         for c, value in values.items() for layer in (0, 1)])
+
+
+def test_plasticity_vs_depth_goes_logarithmic_only_when_values_span_decades():
+    """LayerNorms at 22 and 18 beside MHA at 0.05 span 2.6 decades: a linear axis would flatten MHA, FC1 and FC2
+    to a line at zero. Values within two decades keep the linear axis."""
+    spread = figures.plasticity_vs_depth.__wrapped__(_depth_table({"ln1": 17.9, "ln2": 22.1, "mha": 0.05,
+                                                                   "fc1": 0.68, "fc2": 0.36}))
+    assert spread.axes[0].get_yscale() == "log" and spread.axes[0].get_ylabel().endswith("log)")
+    close = figures.plasticity_vs_depth.__wrapped__(_depth_table({"ln1": 1.0, "ln2": 1.2, "mha": 2.0, "fc1": 0.5,
+                                                                  "fc2": 0.4}))
+    assert close.axes[0].get_yscale() == "linear"
+    assert close.axes[0].get_title() == "embedding mode\n40 pairs of 12 images (cycled)"

@@ -473,3 +473,29 @@ def test_scale_free_mode_is_invariant_to_the_scale_of_e_while_layernorm_values_s
     assert scaled["embedding"][("fc1", 1)] == pytest.approx(base["embedding"][("fc1", 1)], rel=1e-5)
     assert scaled_stats["max_token_norm"] == pytest.approx(8 * base_stats["max_token_norm"], rel=1e-5)
     assert scaled_stats["min_token_std"] == pytest.approx(8 * base_stats["min_token_std"], rel=1e-5)
+
+
+def test_repeated_pairs_are_measured_once_and_counted_as_such():
+    """2 images a stream, 10 pairs asked: pass 0 pairs (0,0) (1,1), pass 1 (0,1) (1,0), then pass 2 repeats pass 0.
+    Only 4 distinct pairs exist; a repeated pair is no new evidence, so n, the spread and the counts are over 4."""
+    reference, downstream = random_split(2, seed=1), random_split(2, seed=2)
+    lines = []
+    table, stats = plasticity.measure(tiny_vit(), reference, downstream, n_pairs=10, batch_size=3, img_size=32,
+                                      device=CPU, progress=lines.append)
+    assert lines[0] == "plasticity: 6 of the 10 pairs repeat an earlier pair and are measured once: 4 distinct pairs"
+    assert (stats["pairs"], stats["pairs_asked"]) == (4, 10)
+    assert set(table["n"]) == {4} and set(table["pairs"]) == {4}
+    assert (stats["reference_images"], stats["downstream_images"]) == (2, 2)
+    alone, _ = _measure(tiny_vit(), reference, downstream, n_pairs=4, batch_size=3,
+                        pairs=(np.array([0, 1, 0, 1]), np.array([0, 1, 1, 0])))
+    np.testing.assert_allclose(table["mean"], alone["mean"], rtol=1e-6)
+    np.testing.assert_allclose(table["std"], alone["std"], rtol=1e-6)
+
+
+def test_given_pairs_count_only_the_images_they_use():
+    reference, downstream = random_split(6, seed=1), random_split(6, seed=2)
+    table, stats = _measure(tiny_vit(), reference, downstream, n_pairs=3, batch_size=3,
+                            pairs=(np.array([0, 0, 5]), np.array([1, 2, 1])))
+    assert (stats["pairs"], stats["reference_images"], stats["downstream_images"]) == (3, 2, 2)
+    with pytest.raises(UserError, match="at least 2 distinct image pairs, got 1; give more images"):
+        _measure(tiny_vit(), reference, downstream, n_pairs=3, pairs=(np.array([0, 0, 0]), np.array([1, 1, 1])))

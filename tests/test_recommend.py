@@ -19,13 +19,14 @@ from conftest import ROOT, planned_jobs, snakemake
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from vitplasticity import cli, components
+from vitplasticity import cli, components, recommend, transforms
+from vitplasticity.datasets.images import fit_square
 from vitplasticity.datasets.sources import prepare_task
 from vitplasticity.fileio import sha256_file
 from vitplasticity.jobs import fetch
 from vitplasticity.models import load_checkpoint
 from vitplasticity.prepared import load_split, read_meta
-from vitplasticity.recommend import lora_plan, within_pairs
+from vitplasticity.recommend import cross_pairs, lora_plan, unordered_pair, within_pairs
 
 TINY = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
 # Shrunk members of each family: timm name, keyword arguments.
@@ -111,8 +112,70 @@ def test_recommend_never_pairs_an_image_with_itself(tiny_report):
     assert len(pairs) == 40
     assert all(first != second for first, second in (line.split(",") for line in pairs))
     first, second = within_pairs(5, 23, np.random.default_rng(1))
-    assert len(first) == 23 and not np.any(first == second)
-    assert sorted(first[:5]) == [0, 1, 2, 3, 4]  # each round uses every image once
+    # 5 images make 10 unordered pairs of two different images: all of them, none twice, 23 asked or not.
+    assert sorted(zip(first.tolist(), second.tolist(), strict=True)) == [
+        (0, 1), (0, 2), (0, 3), (0, 4), (1, 2), (1, 3), (1, 4), (2, 3), (2, 4), (3, 4)]
+
+
+@pytest.mark.parametrize("count", [2, 3, 7, 30])
+def test_unordered_pair_numbers_every_pair_once(count):
+    first, second = unordered_pair(np.arange(count * (count - 1) // 2), count)
+    assert list(zip(first.tolist(), second.tolist(), strict=True)) == [
+        (i, j) for i in range(count) for j in range(i + 1, count)]
+
+
+def test_cross_pairs_are_distinct_and_capped_at_every_combination():
+    first, second = cross_pairs(3, 4, 100, np.random.default_rng(0))
+    assert sorted(zip(first.tolist(), second.tolist(), strict=True)) == [(i, j) for i in range(3) for j in range(4)]
+    first, second = cross_pairs(50, 40, 300, np.random.default_rng(0))
+    assert len(set(zip(first.tolist(), second.tolist(), strict=True))) == 300
+
+
+def test_pairs_beyond_what_the_images_give_are_counted_as_distinct_pairs(tmp_path, capsys):
+    """12 images give 66 distinct pairs; 5,000 asked is reported as 66, with the cycling said, as are the images
+    (not the pair count) in the JSON and the figure title."""
+    data = _image_folder(tmp_path / "twelve", classes=("a", "b"), per_class=6)
+    weights = _weights(tmp_path / "tiny.safetensors", "vit_tiny_patch16_224", TINY)
+    out = tmp_path / "report"
+    code, _, err = _recommend(capsys, "--model", str(weights), "--arch", "vit_tiny_patch16_224", "--arch-kwargs",
+                              json.dumps(TINY), "--data", str(data), "--pairs", "5000", "--batch-size", "33",
+                              "--out", str(out))
+    assert code == 0, err
+    tokens = json.loads((out / "token_norms.json").read_text())
+    assert (tokens["pairs"], tokens["pairs_asked"], tokens["images"]) == (66, 5000, 12)
+    assert "reference_images" not in tokens and tokens["most_pairs_per_image"] == 11
+    assert set(pd.read_csv(out / "plasticity_per_layer.csv")["n"]) == {66}
+    assert len((out / "pairs.csv").read_text().splitlines()) == 1 + 66
+    report = (out / "report.md").read_text()
+    assert ("Pairs: 66 distinct pairs of two different images, out of 12 images of --data; 5,000 were asked for, "
+            "but these images give no more distinct pairs (a repeated pair is no new evidence). The images are "
+            "cycled: one image is in up to 11 pairs.") in report
+
+
+def test_reference_pairs_report_distinct_images_per_stream(tmp_path, capsys):
+    reference = _image_folder(tmp_path / "reference", classes=("x",), per_class=3, seed=1)
+    data = _image_folder(tmp_path / "data", classes=("a",), per_class=5, seed=2)
+    weights = _weights(tmp_path / "tiny.safetensors", "vit_tiny_patch16_224", TINY)
+    out = tmp_path / "report"
+    code, _, err = _recommend(capsys, "--model", str(weights), "--arch", "vit_tiny_patch16_224", "--arch-kwargs",
+                              json.dumps(TINY), "--data", str(data), "--reference", str(reference), "--pairs", "15",
+                              "--out", str(out))
+    assert code == 0, err
+    tokens = json.loads((out / "token_norms.json").read_text())
+    assert (tokens["pairs"], tokens["reference_images"], tokens["downstream_images"]) == (15, 3, 5)
+    assert (tokens["most_pairs_per_reference_image"], tokens["most_pairs_per_downstream_image"]) == (5, 3)
+    assert ("Pairs: 15 distinct pairs of a --reference image and a --data image, out of 3 reference and 5 data "
+            "images. The images are cycled: one image is in up to 5 pairs.") in (out / "report.md").read_text()
+
+
+def test_two_images_make_one_pair_and_are_refused_before_any_work(tmp_path, capsys):
+    data = _image_folder(tmp_path / "two", classes=("a",), per_class=2)
+    code, _, err = _recommend(capsys, "--model", "no_such_model_is_opened", "--data", str(data), "--pairs", "5000",
+                              "--out", str(tmp_path / "report"))
+    assert code != 0 and not (tmp_path / "report").exists()
+    assert err.strip().splitlines()[-1] == (
+        f"vitplasticity recommend: error: --data {data} holds 2 images: they make 1 distinct pair, and plasticity "
+        "needs at least 2; give 3 images or more (or a --reference folder)")
 
 
 def test_freeze_list_trains_exactly_the_named_parameters(tiny_report):
@@ -204,7 +267,7 @@ def test_recommend_on_each_family(family, tmp_path, capsys):
 def test_a_model_the_map_does_not_cover_is_one_line(tmp_path, capsys):
     weights = _weights(tmp_path / "relpos.safetensors", "vit_relpos_small_patch16_224",
                        {"img_size": 32, "depth": 1, "embed_dim": 32, "num_heads": 2})
-    data = _image_folder(tmp_path / "data", classes=("x",), per_class=2)
+    data = _image_folder(tmp_path / "data", classes=("x",), per_class=3)
     code, _, stderr = _recommend(capsys, "--model", str(weights), "--arch", "vit_relpos_small_patch16_224",
                                  "--data", str(data), "--out", str(tmp_path / "report"))
     assert code == 2
@@ -217,7 +280,7 @@ def test_a_model_the_map_does_not_cover_is_one_line(tmp_path, capsys):
 
 def test_weights_file_without_arch_is_one_line(tmp_path, capsys):
     weights = _weights(tmp_path / "w.safetensors", "vit_tiny_patch16_224", TINY)
-    data = _image_folder(tmp_path / "data", classes=("x",), per_class=2)
+    data = _image_folder(tmp_path / "data", classes=("x",), per_class=3)
     code, _, stderr = _recommend(capsys, "--model", str(weights), "--data", str(data), "--out", str(tmp_path / "r"))
     assert code == 2
     assert stderr == (f"vitplasticity recommend: error: {weights} is a weights file: name its timm architecture "
@@ -284,3 +347,63 @@ def test_recommend_takes_a_timm_name_from_the_hub_cache(tmp_path):
                                          "img_size": 224, "head": "native"}
     assert f'timm.create_model("{name}.{tag}", pretrained=True, num_classes=NUM_CLASSES)' in (
         tmp_path / "report" / "report.md").read_text()
+
+
+def _ranking(values: dict[str, float], mode: str = "embedding") -> pd.DataFrame:
+    rows = sorted(values.items(), key=lambda item: -item[1])
+    return pd.DataFrame([{"mode": mode, "component": c, "label": components.LABELS[c], "mean": v, "ci95": 0.0,
+                          "rank": rank} for rank, (c, v) in enumerate(rows, start=1)])
+
+
+PAPER_LIKE = {"mha": 2.0, "fc1": 1.2, "fc2": 0.9, "ln2": 0.5, "ln1": 0.4}
+
+
+def test_conditions_hold_at_the_papers_token_scale_and_fail_far_from_it():
+    """The paper's r = 19.4 at d = 768 is σ = 0.70. The DINOv2-S case (RMS 1.71 at d = 384, σ = 0.087) is 8.0
+    times below it, with LayerNorms 22.1 against FC1 0.68 (32 times): two conditions fail."""
+    paper = recommend.conditions(_ranking(PAPER_LIKE), {"downstream_rms_token_norm": 19.4, "embed_dim": 768},
+                                 ("embedding",))
+    assert [(c.name, c.holds) for c in paper] == [("token scale", True), ("layer norms not dominant", True)]
+    dino = recommend.conditions(_ranking({"ln2": 22.1, "ln1": 17.9, "fc1": 0.68, "fc2": 0.36, "mha": 0.05}),
+                                {"downstream_rms_token_norm": 1.71, "embed_dim": 384}, ("embedding",))
+    assert [(c.name, c.holds) for c in dino] == [("token scale", False), ("layer norms not dominant", False)]
+    assert dino[0].text.startswith("the embedding's token σ (RMS token norm 1.71 / √384) is 0.0873, 8.0 times below "
+                                   "the paper's 0.70")
+    assert dino[1].text.startswith("the most plastic LayerNorm is 32.5 times the most plastic linear component")
+    both = pd.concat([_ranking(PAPER_LIKE), _ranking({**PAPER_LIKE, "fc1": 3.0}, mode="hidden")])
+    agree = recommend.conditions(both, {"downstream_rms_token_norm": 19.4, "embed_dim": 768}, ("embedding", "hidden"))
+    assert agree[2] == recommend.Condition("modes agree", False, "the most plastic component per mode: embedding "
+                                           "MHA, hidden FC1; they disagree.")
+
+
+def _scaled_embedding(model: torch.nn.Module, factor: float) -> None:
+    """E = patch_embed(x) + pos_embed (with the class token) times `factor`: every term scaled."""
+    with torch.no_grad():
+        for tensor in (model.patch_embed.proj.weight, model.patch_embed.proj.bias, model.pos_embed, model.cls_token):
+            tensor.mul_(factor)
+
+
+def test_the_headline_is_withheld_when_the_embedding_is_scaled_down_tenfold(tmp_path, capsys):
+    """A tiny ViT whose embedding is set to the paper's token σ, then the same model with E scaled down 10×:
+    the first report gives the paper's answer, the second names the failed condition and withholds it."""
+    data = _image_folder(tmp_path / "data")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, **TINY)
+    norm = timm.data.resolve_data_config({}, model=model)
+    pixels = np.stack([fit_square(Image.open(path).convert("RGB"), 32) for path in sorted(data.rglob("*.png"))])
+    images = transforms.eval_batch(pixels, 32, torch.device("cpu"), norm["mean"], norm["std"])
+    with torch.no_grad():
+        sigma = float(model._pos_embed(model.patch_embed(images)).square().mean().sqrt())
+    _scaled_embedding(model, recommend.PAPER_TOKEN_SIGMA / sigma)
+    reports = {}
+    for name, factor in (("paper_scale", 1.0), ("tenfold_smaller", 0.1)):
+        _scaled_embedding(model, factor)
+        weights = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+        code, _, err = _recommend(capsys, "--model", str(weights), "--arch", "vit_tiny_patch16_224", "--arch-kwargs",
+                                  json.dumps(TINY), "--data", str(data), "--pairs", "30", "--out", str(tmp_path / name))
+        assert code == 0, err
+        reports[name] = (tmp_path / name / "report.md").read_text()
+    assert "- holds: token scale:" in reports["paper_scale"]
+    assert "- **does not hold**: token scale:" in reports["tenfold_smaller"]
+    assert "**No settled answer: the paper's criterion points to" in reports["tenfold_smaller"]

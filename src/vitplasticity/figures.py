@@ -135,8 +135,12 @@ def pair_note(data: pd.DataFrame) -> str:
     """The pair count and distinct images per stream behind a plasticity panel, for its title.
 
     Over the panel's tasks: "12,800 pairs; images: reference 50,000, downstream 2,000–10,000
-    (cycled)". Empty for tables without the count columns.
+    (cycled)"; pairs within one folder (an `images` column): "132 pairs of 12 images (cycled)". Empty for
+    tables without the count columns.
     """
+    if not data.empty and {"pairs", "images"} <= set(data):
+        cycled = (data["images"] < 2 * data["pairs"]).any()
+        return f"{_span(data['pairs'])} pairs of {_span(data['images'])} images" + (" (cycled)" if cycled else "")
     columns = ("pairs", "reference_images", "downstream_images")
     if data.empty or any(column not in data for column in columns):
         return ""
@@ -177,9 +181,19 @@ def plasticity_vs_rank(plasticity: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+DECADES_FOR_LOG = 2  # a panel whose positive values span more than this many decades gets a log axis
+
+
+def spans_decades(values: pd.Series, decades: float = DECADES_FOR_LOG) -> bool:
+    """True when every value is positive and the largest is more than 10^`decades` times the smallest."""
+    return bool(len(values) and (values > 0).all() and values.max() > 10**decades * values.min())
+
+
 @_saved
 def plasticity_vs_depth(plasticity: pd.DataFrame) -> plt.Figure:
-    """Plasticity against layer depth (%) with its 95% CI, averaged over tasks."""
+    """Plasticity against layer depth (%) with its 95% CI, averaged over tasks; on a log axis where the panel's
+    values span more than `DECADES_FOR_LOG` decades (LayerNorm values of 10–50 beside linear ones under 1 would
+    flatten the others to a line)."""
     modes = _modes(plasticity)
     fig, axes = _grid(len(modes), 4.6, 3.4)
     drawn = []
@@ -198,7 +212,10 @@ def plasticity_vs_depth(plasticity: pd.DataFrame) -> plt.Figure:
                             color=colour(component), alpha=0.15, lw=0)
             drawn.append(component)
         ax.set_xlabel("layer depth (% of blocks)")
-        ax.set_ylabel("plasticity (ratio, ± 95% CI)")
+        logarithmic = spans_decades(curve["mean"])
+        if logarithmic:
+            ax.set_yscale("log")
+        ax.set_ylabel("plasticity (ratio, ± 95% CI" + (", log)" if logarithmic else ")"))
         ax.set_title(_plasticity_title(mode, "", data), fontsize=9)
     for ax in list(axes.flat)[len(modes):]:
         ax.set_axis_off()

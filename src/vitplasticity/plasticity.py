@@ -106,6 +106,15 @@ def pair_indices(n_reference: int, n_downstream: int, n_pairs: int) -> tuple[np.
     return (small, large) if reference_smaller else (large, small)
 
 
+def distinct_pairs(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (first, second) index pairs without repeats, each kept where it first occurs. Two (m,) int64 arrays,
+    m ≤ len(first)."""
+    stacked = np.stack([np.asarray(first, dtype=np.int64), np.asarray(second, dtype=np.int64)], axis=1)
+    _, where = np.unique(stacked, axis=0, return_index=True)
+    kept = np.sort(where)
+    return stacked[kept, 0], stacked[kept, 1]
+
+
 def _frobenius(x: torch.Tensor) -> torch.Tensor:
     """Per-sample Frobenius norm of a (B, N, D) token matrix, summed in float64. (B,) float64"""
     return x.double().flatten(1).norm(dim=1)
@@ -189,25 +198,41 @@ def measure(
     mean=transforms.IMAGENET_MEAN,
     std=transforms.IMAGENET_STD,
     progress: Callable[[str], None] = print,
+    pairs: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Plasticity per (mode, component, layer) and token-norm statistics of E per stream.
 
     `reference` and `downstream` hold uint8 (N, H, W, 3) images whose sizes may differ; each
     batch of each stream is resized and centre-cropped to `img_size` before the two are
     joined. `n_pairs` pairs are formed by `pair_indices` (a smaller stream is cycled; one
-    line says so). Pairs of identical images (zero denominator) are left out and counted.
+    line says so), or given as `pairs` (reference rows, downstream rows; `n_pairs` each). A pair that repeats an
+    earlier one is no new evidence: it is measured once (`distinct_pairs`; one line says how many
+    repeats were dropped), so means, spreads and intervals are over distinct pairs. Pairs of
+    identical images (zero denominator) are left out and counted.
 
     Returns the table (one row per mode, component and layer: mean, std, n kept pairs, 95%
-    CI, and the pair count and distinct images of each stream) and the stats record.
-    Raises UserError for an unknown mode or fewer than 2 pairs.
+    CI, the distinct pairs measured and the distinct images of each stream they use) and the
+    stats record (the same counts, `pairs_asked`, token-norm statistics).
+    Raises UserError for an unknown mode or fewer than 2 distinct pairs.
     """
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise UserError(f"plasticity modes {unknown} unknown; allowed: {', '.join(MODES)}")
     if n_pairs < 2:
         raise UserError(f"plasticity needs at least 2 image pairs, got n_pairs = {n_pairs}; raise n_pairs")
-    counts = {"reference": len(reference.labels), "downstream": len(downstream.labels)}
-    reference_rows, downstream_rows = pair_indices(counts["reference"], counts["downstream"], n_pairs)
+    if pairs is None:
+        pairs = pair_indices(len(reference.labels), len(downstream.labels), n_pairs)
+    elif len(pairs[0]) != n_pairs or len(pairs[1]) != n_pairs:
+        raise ValueError(f"pairs hold {len(pairs[0])} and {len(pairs[1])} rows, not n_pairs = {n_pairs}")
+    asked = len(pairs[0])
+    reference_rows, downstream_rows = distinct_pairs(*pairs)
+    n_pairs = len(reference_rows)
+    if n_pairs < asked:
+        progress(f"plasticity: {asked - n_pairs} of the {asked} pairs repeat an earlier pair and are measured once: "
+                 f"{n_pairs} distinct pairs")
+    if n_pairs < 2:
+        raise UserError(f"plasticity needs at least 2 distinct image pairs, got {n_pairs}; give more images")
+    counts = {"reference": len(np.unique(reference_rows)), "downstream": len(np.unique(downstream_rows))}
     for stream, count in counts.items():
         if count < n_pairs:
             progress(f"plasticity: the {stream} stream has {count} images; it is cycled to make {n_pairs} pairs")
@@ -271,8 +296,8 @@ def measure(
             "ci95": 1.96 * spread / math.sqrt(n) if n else math.nan, "pairs": n_pairs,
             "reference_images": counts["reference"], "downstream_images": counts["downstream"],
         })
-    stats = {"pairs": n_pairs, "skipped_identical_pairs": skipped, "num_tokens": int(emb.shape[1]),
-             "embed_dim": int(emb.shape[2]), "reference_images": counts["reference"],
+    stats = {"pairs": n_pairs, "pairs_asked": asked, "skipped_identical_pairs": skipped,
+             "num_tokens": int(emb.shape[1]), "embed_dim": int(emb.shape[2]), "reference_images": counts["reference"],
              "downstream_images": counts["downstream"], **extremes}
     for key in tokens.count:
         stats[f"{key[0]}_{key[1]}"] = tokens.summary(key)[0]

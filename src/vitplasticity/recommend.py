@@ -130,21 +130,33 @@ def _create_call(name: str, kwargs: dict, file: Path | None = None) -> str:
     return f'timm.create_model("{name}", pretrained=True, num_classes=NUM_CLASSES{extra})'
 
 
-def stream_indices(count: int, pairs: int, rng: np.random.Generator) -> np.ndarray:
-    """`pairs` image indices out of `count`: a random order without repeats, cycled when count < pairs."""
-    rounds = math.ceil(pairs / count)
-    return np.concatenate([rng.permutation(count) for _ in range(rounds)])[:pairs]
+def cross_pairs(n_first: int, n_second: int, pairs: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """min(`pairs`, n_first x n_second) distinct (first image, second image) pairs, drawn uniformly without
+    repeats from every combination. Two (m,) int64 arrays."""
+    drawn = rng.choice(n_first * n_second, size=min(pairs, n_first * n_second), replace=False)
+    return drawn // n_second, drawn % n_second
 
 
 def within_pairs(count: int, pairs: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs of two different images out of `count` (≥ 2): each round a random order against itself
-    shifted by one, so no image meets itself and no pair repeats within a round."""
-    firsts, seconds = [], []
-    for _ in range(math.ceil(pairs / count)):
-        order = rng.permutation(count)
-        firsts.append(order)
-        seconds.append(np.roll(order, -1))
-    return np.concatenate(firsts)[:pairs], np.concatenate(seconds)[:pairs]
+    """min(`pairs`, count (count - 1) / 2) distinct pairs of two different images out of `count` (≥ 2), drawn
+    uniformly without repeats from every unordered pair (a distance is symmetric: (a, b) and (b, a) are one
+    pair). Two (m,) int64 arrays, first < second."""
+    space = count * (count - 1) // 2
+    return unordered_pair(rng.choice(space, size=min(pairs, space), replace=False), count)
+
+
+def unordered_pair(k: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k-th pair (i, j), i < j < `count`, of the rows i = 0, 1, … each listing j = i + 1, …, count - 1.
+    Row i starts at offset i (2 count - i - 1) / 2; i is found in floating point, then corrected exactly."""
+    k = np.asarray(k, dtype=np.int64)
+    width = 2 * count - 1
+    i = np.floor((width - np.sqrt(np.maximum(width**2 - 8.0 * k, 0.0))) / 2).astype(np.int64)
+
+    def offset(row: np.ndarray) -> np.ndarray:
+        return row * (2 * count - row - 1) // 2
+    i -= offset(i) > k
+    i += offset(i + 1) <= k
+    return i, k - offset(i) + i + 1
 
 
 def read_images(files: ImageFiles, rows: np.ndarray, size: int, what: str) -> np.ndarray:
@@ -224,29 +236,83 @@ def workflow_config(model: Model, data: Path, reference: Path | None, pairs: int
     }
 
 
-def _words(ranking: pd.DataFrame, stats: dict, mode: str, within: bool, counts: dict) -> list[str]:
+# The paper's operating point: the authors' token radius r = 19.4 (RMS token norm of E, CIFAR-10 test images,
+# ViT-B/16 in21k, d = 768; study-spec §4), a token standard deviation σ = r / √d ≈ 0.70.
+PAPER_TOKEN_SIGMA = 19.4 / 768**0.5
+TOKEN_SIGMA_FACTOR = 3.0  # σ more than this many times off the paper's: its reading of the LayerNorms is in doubt
+LAYERNORM_DOMINANCE = 10.0  # a LayerNorm this many times every linear component's plasticity: its 1/σ speaks
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One condition under which the paper's reading (most plastic = finetune best) was observed."""
+
+    name: str
+    holds: bool
+    text: str
+
+
+def conditions(ranking: pd.DataFrame, stats: dict, modes: tuple[str, ...]) -> list[Condition]:
+    """The paper's conditions, checked on this measurement (the first of `modes` is the one reported):
+
+    - token scale: the embedding's token standard deviation σ = RMS token norm / √d on the user's images within
+      `TOKEN_SIGMA_FACTOR` of the paper's (`PAPER_TOKEN_SIGMA`); a LayerNorm's rate of change scales as
+      max|γ| / σ (study-spec §8), so far from it the LayerNorms' place in the ranking is set by the scale of E;
+    - LayerNorms not dominant: no LayerNorm above `LAYERNORM_DOMINANCE` times every linear component;
+    - modes agree: every measured mode puts the same component first.
+    """
+    rms, width = stats["downstream_rms_token_norm"], stats["embed_dim"]
+    sigma = rms / width**0.5
+    factor = max(sigma / PAPER_TOKEN_SIGMA, PAPER_TOKEN_SIGMA / sigma)
+    found = [Condition(
+        "token scale", factor <= TOKEN_SIGMA_FACTOR,
+        f"the embedding's token σ (RMS token norm {rms:.3g} / √{width}) is {sigma:.3g}, {factor:.1f} times "
+        f"{'below' if sigma < PAPER_TOKEN_SIGMA else 'above'} the paper's {PAPER_TOKEN_SIGMA:.2f} (r = 19.4 at "
+        f"d = 768); a LayerNorm's plasticity scales as 1/σ, so "
+        + ("it is comparable with the paper's." if factor <= TOKEN_SIGMA_FACTOR else
+           "the LayerNorms' place in this ranking reflects the scale of E more than their use for finetuning."))]
+    part = ranking[ranking["mode"] == modes[0]].set_index("component")["mean"]
+    norms, linear = part[["ln1", "ln2"]], part[["mha", "fc1", "fc2"]]
+    ratio = norms.max() / linear.max() if linear.max() > 0 else math.inf
+    found.append(Condition(
+        "layer norms not dominant", ratio <= LAYERNORM_DOMINANCE,
+        f"the most plastic LayerNorm is {ratio:.3g} times the most plastic linear component ({modes[0]} mode)"
+        + ("." if ratio <= LAYERNORM_DOMINANCE else
+           f", over {LAYERNORM_DOMINANCE:g} times: the ranking is led by the LayerNorms' 1/σ scaling.")))
+    firsts = {mode: ranking[ranking["mode"] == mode].iloc[0]["component"] for mode in modes}
+    if len(firsts) > 1:
+        agree = len(set(firsts.values())) == 1
+        found.append(Condition("modes agree", agree, "the most plastic component per mode: " + ", ".join(
+            f"{mode} {LABELS[c]}" for mode, c in firsts.items()) + ("." if agree else "; they disagree.")))
+    return found
+
+
+def _words(ranking: pd.DataFrame, stats: dict, modes: tuple[str, ...], within: bool, counts: dict) -> list[str]:
+    mode = modes[0]
     part = ranking[ranking["mode"] == mode]
     order = part["component"].tolist()
     top, second = part.iloc[0], part.iloc[1]
-    lines = [
-        f"**Finetune {top['label']}** (with the head): it is the most plastic component in {mode} mode, "
-        f"P = {top['mean']:.4g} ± {top['ci95']:.2g} (mean over layers, 95% CI), "
-        f"{counts[top['component']]:,} parameters over all blocks.",
-        "Order, most plastic first: " + " > ".join(f"{r.label} {r.mean:.3g}" for r in part.itertuples()) + ".",
-    ]
+    failed = [c for c in conditions(ranking, stats, modes) if not c.holds]
+    measured = (f"P = {top['mean']:.4g} ± {top['ci95']:.2g} (mean over layers, 95% CI), "
+                f"{counts[top['component']]:,} parameters over all blocks.")
+    if failed:
+        lines = [f"**No settled answer: the paper's criterion points to {top['label']}, but "
+                 f"{' and '.join(c.name for c in failed)} {'does' if len(failed) == 1 else 'do'} not hold** (see "
+                 f"Conditions). {top['label']} is the most plastic component in {mode} mode, {measured} Compare "
+                 "the arms by finetuning on your data (the workflow config below) before trusting this order."]
+    else:
+        lines = [f"**Finetune {top['label']}** (with the head), the paper's answer: it is the most plastic "
+                 f"component in {mode} mode, {measured}"]
+    lines.append("Order, most plastic first: " + " > ".join(f"{r.label} {r.mean:.3g}" for r in part.itertuples())
+                 + ".")
     if top["mean"] - top["ci95"] <= second["mean"] + second["ci95"]:
         lines.append(f"{top['label']} and {second['label']} overlap within their 95% CIs: either is a sound choice; "
                      "the workflow config below compares them by finetuning.")
     theory = sorted(BLOCK_COMPONENTS, key=THEORETICAL_RANK.get)
     agree = "agrees with" if order == theory else "differs from"
-    lines.append(f"This order {agree} the paper's theoretical one (MHA > FC1 > FC2 > LN2 > LN1). In the paper "
-                 "the most plastic components also gave the best finetuning accuracy.")
-    rms = stats.get("downstream_rms_token_norm")
-    if rms is not None:
-        width = stats["embed_dim"]
-        lines.append(f"Token scale: the embedding's RMS token norm is {rms:.3g} on your images (√d = {width ** 0.5:.3g}"
-                     f" for width d = {width}). A LayerNorm's rate of change scales as 1/σ(token), so small tokens "
-                     "raise LN1/LN2 plasticity and large ones lower it; the linear components do not depend on it.")
+    lines.append(f"This order {agree} the paper's theoretical one (MHA > FC1 > FC2 > LN2 > LN1). In the paper, "
+                 "under the conditions checked below, the most plastic components also gave the best finetuning "
+                 "accuracy.")
     if within:
         lines.append("No --reference was given, so each pair is two different images of your folder (never an "
                      "image with itself). The paper pairs an image like the pretraining data with one of yours, "
@@ -255,6 +321,27 @@ def _words(ranking: pd.DataFrame, stats: dict, mode: str, within: bool, counts: 
                      "paper's quantity; pass --reference with images like the pretraining data (e.g. ImageNet "
                      "validation images for ImageNet-pretrained models) to measure it.")
     return lines
+
+
+def pairs_line(stats: dict, within: bool) -> str:
+    """What was measured, in distinct images and distinct pairs, and whether an image served in several pairs."""
+    if within:
+        line = (f"Pairs: {stats['pairs']:,} distinct pairs of two different images, out of {stats['images']:,} "
+                f"images of --data")
+        most = stats["most_pairs_per_image"]
+    else:
+        line = (f"Pairs: {stats['pairs']:,} distinct pairs of a --reference image and a --data image, out of "
+                f"{stats['reference_images']:,} reference and {stats['downstream_images']:,} data images")
+        most = max(stats["most_pairs_per_reference_image"], stats["most_pairs_per_downstream_image"])
+    if stats["pairs"] < stats["pairs_asked"]:
+        line += (f"; {stats['pairs_asked']:,} were asked for, but these images give no more distinct pairs (a "
+                 "repeated pair is no new evidence)")
+    line += "."
+    if most > 1:
+        line += (f" The images are cycled: one image is in up to {most:,} pairs. Pairs sharing an image are not "
+                 "independent, so the 95% intervals below, which treat pairs as independent, are narrower than the "
+                 "evidence; more images narrow them where more pairs of the same images cannot.")
+    return line
 
 
 def _markdown(frame: pd.DataFrame) -> str:
@@ -271,8 +358,14 @@ def run(request: Request) -> dict:
     check_writable(request.out, "--out")
     data = _open_folder(request.data, "--data")
     reference = _open_folder(request.reference, "--reference") if request.reference else None
-    if reference is None and len(data) < 2:
-        raise UserError(f"--data {request.data} holds 1 image; pairs need at least 2 different images")
+    if reference is None and len(data) < 3:
+        made = len(data) * (len(data) - 1) // 2
+        raise UserError(f"--data {request.data} holds {len(data)} image{'s' * (len(data) != 1)}: they make {made} "
+                        f"distinct pair{'s' * (made != 1)}, and plasticity needs at least 2; give 3 images or more "
+                        "(or a --reference folder)")
+    if reference is not None and len(reference) * len(data) < 2:
+        raise UserError("--reference and --data hold 1 image each: they make 1 distinct pair, and plasticity needs "
+                        "at least 2; give more images")
     model = open_model(request.model, request.arch, request.head, request.arch_kwargs)
     size = model.record["img_size"]
     rng = np.random.default_rng(request.seed)
@@ -280,28 +373,44 @@ def run(request: Request) -> dict:
         first, second = within_pairs(len(data), request.pairs, rng)
         first_files, first_name = data, "images"
     else:
-        first = stream_indices(len(reference), request.pairs, rng)
-        second = stream_indices(len(data), request.pairs, rng)
+        first, second = cross_pairs(len(reference), len(data), request.pairs, rng)
         first_files, first_name = reference, "reference images"
-    # Read each image once, then index: pairs may reuse images.
+    # Read each image a pair uses once; the pairs index the images read.
     if reference is None:
         used = np.unique(np.concatenate([first, second]))
-        pixels = read_images(data, used, size, "images")
-        streams = [pixels[np.searchsorted(used, first)], pixels[np.searchsorted(used, second)]]
+        pixels = Split(read_images(data, used, size, "images"), np.zeros(len(used), dtype=np.int64))
+        streams = (pixels, pixels)
+        rows = (np.searchsorted(used, first), np.searchsorted(used, second))
     else:
-        streams = []
-        for files, rows, what in ((first_files, first, first_name), (data, second, "images")):
-            used = np.unique(rows)
-            streams.append(read_images(files, used, size, what)[np.searchsorted(used, rows)])
-    labels = np.zeros(request.pairs, dtype=np.int64)
+        streams, rows = [], []
+        for files, picked, what in ((first_files, first, first_name), (data, second, "images")):
+            used = np.unique(picked)
+            streams.append(Split(read_images(files, used, size, what), np.zeros(len(used), dtype=np.int64)))
+            rows.append(np.searchsorted(used, picked))
     device = pick_device(request.device)
-    with tqdm(total=request.pairs, desc=f"plasticity ({', '.join(request.modes)})", unit="pair") as bar:
+    with tqdm(total=len(first), desc=f"plasticity ({', '.join(request.modes)})", unit="pair") as bar:
         table, stats = plasticity.measure(
-            model.network, Split(streams[0], labels), Split(streams[1], labels), request.pairs, request.batch_size,
-            size, device, tuple(request.modes), tuple(model.record["mean"]), tuple(model.record["std"]),
-            progress=lambda _: bar.update(min(request.batch_size, request.pairs - bar.n)))
+            model.network, streams[0], streams[1], len(first), request.batch_size, size, device,
+            tuple(request.modes), tuple(model.record["mean"]), tuple(model.record["std"]),
+            progress=lambda _: bar.update(min(request.batch_size, len(first) - bar.n)), pairs=tuple(rows))
+    stats.update(pairs_asked=request.pairs, **pair_counts(first, second, within=reference is None))
+    if reference is None:  # one folder: "reference" and "downstream" would name the two halves of a pair
+        for key in ("reference_images", "downstream_images"):
+            stats.pop(key)
+        table = table.drop(columns=["reference_images", "downstream_images"]).assign(images=stats["images"])
     ranking = rank_components(table)
     return write_report(request, model, data, first_files, (first, second), table, stats, ranking)
+
+
+def pair_counts(first: np.ndarray, second: np.ndarray, within: bool) -> dict:
+    """Distinct images each stream gives to the pairs (one folder's images when `within`), and the most pairs any
+    one image is in: above 1, a stream is cycled."""
+    if within:
+        images = np.concatenate([first, second])
+        return {"images": len(np.unique(images)), "most_pairs_per_image": int(np.bincount(images).max())}
+    return {"reference_images": len(np.unique(first)), "downstream_images": len(np.unique(second)),
+            "most_pairs_per_reference_image": int(np.bincount(first).max()),
+            "most_pairs_per_downstream_image": int(np.bincount(second).max())}
 
 
 def write_report(request: Request, model: Model, data: ImageFiles, first_files: ImageFiles, pairs: tuple,
@@ -331,14 +440,16 @@ def write_report(request: Request, model: Model, data: ImageFiles, first_files: 
         native = model.record["provenance"].get("native_head_params")
         head_kind = ("linear: the attention pool replaced by mean pooling + linear"
                      + (f"; the native attention-pool head would train {native:,} parameters" if native else ""))
-    pair_kind = "two different images of --data" if within else "a --reference image and a --data image"
     shown_rank = ranking[["mode", "rank", "label", "mean", "ci95", "layer_min", "layer_max", "theoretical_rank"]]
     report = [
         f"# Which components to finetune: {model.name} on {request.data}", "",
-        *_words(ranking, stats, mode, within, counts), "",
+        *_words(ranking, stats, tuple(request.modes), within, counts), "",
+        "## Conditions", "", "Under which the paper observed that the most plastic components finetune best:", "",
+        *[f"- {'holds' if c.holds else '**does not hold**'}: {c.name}: {c.text}"
+          for c in conditions(ranking, stats, tuple(request.modes))], "",
         "## Ranking", "", "Plasticity per component, mean over the layers (per layer: `plasticity_per_layer.csv`; "
         "figure: `plasticity_vs_depth.png`).", "", _markdown(shown_rank), "",
-        f"Pairs: {stats['pairs']} ({pair_kind}); tokens per image {stats['num_tokens']}, width "
+        pairs_line(stats, within) + f" Tokens per image {stats['num_tokens']}, width "
         f"{stats['embed_dim']}; input {model.record['img_size']} px, normalised with mean {model.record['mean']} "
         f"and std {model.record['std']}.", "",
         "## What the components hold in this model", "",
@@ -373,5 +484,6 @@ def write_report(request: Request, model: Model, data: ImageFiles, first_files: 
                       "second": [data.names[i] for i in second]}).to_csv(tmp / "pairs.csv", index=False)
         (tmp / "report.md").write_text("\n".join(report))
     return {"ranking": ranking, "recommended": top, "lora": lora_component,
-            "summary": _words(ranking, stats, mode, within, counts)}
+            "summary": _words(ranking, stats, tuple(request.modes), within, counts),
+            "conditions": conditions(ranking, stats, tuple(request.modes))}
 
