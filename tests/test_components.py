@@ -214,3 +214,20 @@ def test_check_vit_rejects_other_models():
     with pytest.raises(UserError, match="not a timm VisionTransformer"):
         components.check_vit(torch.nn.Linear(2, 2))
     assert components.check_vit(tiny_vit()) is not None
+
+
+def test_describe_counts_emb_and_head_of_the_model_as_trained():
+    """d = 32, 8 px patches on 32 px images (16 patches), 3 classes: emb = patch conv 3·8·8·32 + 32, class
+    token 32, position embedding 17·32 = 6,752; head = final LayerNorm 2·32 + linear 32·3 + 3 = 163."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=8,
+                              embed_dim=32, depth=1, num_heads=2)
+    words = components.describe(model)
+    assert words["emb"].endswith(": 6,752 parameters")
+    assert words["head"] == ("the class token's final state (the token itself is a parameter of emb), final "
+                             "LayerNorm `norm`, linear classifier `head`: 163 parameters")
+    assert words["layer_scale"] == ""
+    scaled = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=8,
+                               embed_dim=32, depth=1, num_heads=2, init_values=1e-5)
+    assert components.describe(scaled)["layer_scale"].startswith(
+        "LayerScale in every block: `ls1` scales MHA's output and belongs to MHA, `ls2` scales FC2's and belongs to "
+        "FC2 (64 parameters a block)")

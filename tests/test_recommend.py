@@ -407,3 +407,47 @@ def test_the_headline_is_withheld_when_the_embedding_is_scaled_down_tenfold(tmp_
     assert "- holds: token scale:" in reports["paper_scale"]
     assert "- **does not hold**: token scale:" in reports["tenfold_smaller"]
     assert "**No settled answer: the paper's criterion points to" in reports["tenfold_smaller"]
+
+
+def test_split_folders_are_splits_and_only_train_is_measured(tmp_path, capsys):
+    """--data with train/ and test/ is two splits, not two classes: the train split's three classes are read, and
+    no test image is paired."""
+    data = tmp_path / "split"
+    _image_folder(data / "train", classes=("cat", "dog", "fox"), per_class=2, seed=1)
+    _image_folder(data / "test", classes=("cat", "dog", "fox"), per_class=1, seed=2)
+    weights = _weights(tmp_path / "tiny.safetensors", "vit_tiny_patch16_224", TINY)
+    out = tmp_path / "report"
+    code, _, err = _recommend(capsys, "--model", str(weights), "--arch", "vit_tiny_patch16_224", "--arch-kwargs",
+                              json.dumps(TINY), "--data", str(data), "--pairs", "10", "--out", str(out))
+    assert code == 0, err
+    paired = pd.read_csv(out / "pairs.csv")
+    assert {name.split("/")[0] for name in [*paired["first"], *paired["second"]]} == {"cat", "dog", "fox"}
+    assert json.loads((out / "token_norms.json").read_text())["images"] == 6
+    assert "its train/ split (6 images) was measured, and its test images were not looked at" in (
+        (out / "report.md").read_text())
+
+
+def test_one_class_is_measured_with_its_meaning_said_and_refused_by_the_study(tmp_path, capsys):
+    data = _image_folder(tmp_path / "one", classes=("cat",), per_class=4)
+    weights = _weights(tmp_path / "tiny.safetensors", "vit_tiny_patch16_224", TINY)
+    out = tmp_path / "report"
+    code, _, err = _recommend(capsys, "--model", str(weights), "--arch", "vit_tiny_patch16_224", "--arch-kwargs",
+                              json.dumps(TINY), "--data", str(data), "--pairs", "6", "--out", str(out))
+    assert code == 0, err
+    assert "--data holds one class: plasticity needs no labels, so the measurement stands" in (
+        (out / "report.md").read_text())
+    result = snakemake(tmp_path, "-n", config=out / "workflow_config.yaml", check=False)
+    assert result.returncode != 0
+    assert (f"config key 'tasks.my_images.data.path': {data} holds one class (cat), and experiment 'main' finetunes "
+            "a classifier on it; put the images in at least two class sub-folders") in result.stderr
+
+
+def test_an_image_size_the_study_refuses_is_refused_before_measuring(tmp_path, capsys):
+    data = _image_folder(tmp_path / "data", per_class=2)
+    weights = _weights(tmp_path / "tiny.safetensors", "vit_tiny_patch16_224", TINY)
+    code, _, err = _recommend(capsys, "--model", str(weights), "--arch", "vit_tiny_patch16_224", "--arch-kwargs",
+                              json.dumps({**TINY, "img_size": 36}), "--data", str(data), "--out", str(tmp_path / "r"))
+    assert code == 2 and not (tmp_path / "r").exists()
+    assert err == ("vitplasticity recommend: error: the model as given cannot run in the study the report writes: "
+                   "config key 'models.model.img_size': 36 is not divisible by the patch size 8; choose a multiple "
+                   "of 8\n")

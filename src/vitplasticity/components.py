@@ -147,7 +147,9 @@ def use_linear_head(model: VisionTransformer) -> VisionTransformer:
 
 
 def describe(model: VisionTransformer) -> dict[str, str]:
-    """What `emb` and `head` hold in this model, in words (for reports and the README)."""
+    """What `emb` and `head` hold in `model` (built with the head it will be trained with) and their parameter
+    counts, and its LayerScale, in words (for reports): keys ``emb``, ``head``, ``layer_scale`` ("" when the
+    blocks have none)."""
     counts = count_by_component(model)
     extra = [f"{model.num_reg_tokens} register tokens" if getattr(model, "num_reg_tokens", 0) else "",
              "distillation token" if hasattr(model, "dist_token") else ""]
@@ -157,13 +159,14 @@ def describe(model: VisionTransformer) -> dict[str, str]:
     if not isinstance(model.norm_pre, torch.nn.Identity):
         emb += (" and norm_pre, a LayerNorm applied to E before block 0 (CLIP): it is part of E, so it "
                 "sets the token scale every LayerNorm's plasticity depends on")
+    emb += f": {counts['emb']:,} parameters"
     final = "final LayerNorm `norm`" if not isinstance(model.norm, torch.nn.Identity) else ""
     if not isinstance(model.fc_norm, torch.nn.Identity):
         final = "LayerNorm `fc_norm` after pooling"
     if has_attention_pool(model):
         pooled = "an attention-pool (MAP) block `attn_pool` over all tokens"
     elif model.global_pool == "token":
-        pooled = "the class token"
+        pooled = "the class token's final state (the token itself is a parameter of emb)"
     else:
         pooled = f"{model.global_pool or 'no'}-pooled patch tokens"
     head = f"{pooled}, {final + ', ' if final else ''}linear classifier `head`"
@@ -173,7 +176,14 @@ def describe(model: VisionTransformer) -> dict[str, str]:
     if has_attention_pool(model):
         head += (f", against {counts['ln1']:,} in the LN1 arm: the attention pool dwarfs the small arms; "
                  "the linear head (mean-pooled tokens + linear) restores the paper's comparison")
-    return {"emb": emb, "head": head}
+    scale = getattr(model.blocks[0], "ls1", None)
+    layer_scale = ""
+    if scale is not None and not isinstance(scale, torch.nn.Identity):
+        per_block = sum(p.numel() for module in (scale, model.blocks[0].ls2) for p in module.parameters())
+        layer_scale = (f"LayerScale in every block: `ls1` scales MHA's output and belongs to MHA, `ls2` scales FC2's "
+                       f"and belongs to FC2 ({per_block:,} parameters a block); it multiplies those components' "
+                       "plasticity by its gains")
+    return {"emb": emb, "head": head, "layer_scale": layer_scale}
 
 
 def embed(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from vitplasticity.datasets.imagefolder import class_folders
 from vitplasticity.datasets.synthetic import CORRUPTIONS
 from vitplasticity.errors import UserError
 from vitplasticity.settings import SCHEMA
@@ -155,6 +156,7 @@ def check_references(config: dict) -> None:
             for key in ("steps", "eval_every", "lrs"):
                 _require(key in tasks[task], f"config key 'tasks.{task}.{key}': required because experiment "
                          f"'{name}' finetunes on it")
+            check_classes(task, tasks[task]["data"], name)
         for arm in experiment.get("arms", list(arms)):
             _require(arm in arms, f"config key '{where}.arms': unknown arm '{arm}'; allowed: {', '.join(arms)}")
     check_reference_stream(config)
@@ -204,6 +206,19 @@ def check_model_shape(name: str, model: dict) -> None:
     _require(not (type(width) is int and type(heads) is int and heads > 0 and width % heads),
              f"config key 'models.{name}.kwargs.num_heads': embed_dim {width} is not divisible by {heads} heads; "
              "choose a number of heads that divides embed_dim")
+
+
+def check_classes(name: str, data: dict, experiment: str) -> None:
+    """An image folder that an experiment finetunes on must hold at least two classes (class sub-folders):
+    a classifier of one class has nothing to learn (and the linear probe cannot be fitted)."""
+    if data["source"] != "imagefolder" or not data.get("path"):
+        return
+    classes = class_folders(data["path"])
+    _require(classes is None or len(classes) >= 2,
+             f"config key 'tasks.{name}.data.path': {data['path']} holds "
+             + (f"one class ({classes[0]})" if classes else "no class sub-folders, so one class")
+             + f", and experiment '{experiment}' finetunes a classifier on it; put the images in at least two "
+             "class sub-folders")
 
 
 def check_reference_stream(config: dict) -> None:

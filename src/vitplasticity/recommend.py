@@ -42,6 +42,7 @@ from vitplasticity.components import (
     set_trainable,
     use_linear_head,
 )
+from vitplasticity.config import check_model_shape
 from vitplasticity.datasets.imagefiles import ImageFiles
 from vitplasticity.datasets.images import fit_square
 from vitplasticity.errors import UserError
@@ -169,11 +170,19 @@ def read_images(files: ImageFiles, rows: np.ndarray, size: int, what: str) -> np
     return out
 
 
-def _open_folder(path: Path, flag: str) -> ImageFiles:
+def _open_folder(path: Path, flag: str, split: str = "") -> ImageFiles:
+    """The images of folder `path` (class sub-folders or flat), or of its `split` sub-folder."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise UserError(f"{flag} {path} is not a folder; give a folder of images (class sub-folders allowed)")
-    return ImageFiles(path, flat_class="images")
+    return ImageFiles(path, root=split, flat_class="images")
+
+
+def data_split(path: Path) -> str:
+    """The sub-folder of --data that `recommend` measures: ``train`` when the folder is split into
+    ``train/`` (``val/``, ``test/``) as the `imagefolder` source reads it, the data a practitioner
+    trains on (no look at the test images); else the whole folder ("")."""
+    return "train" if (Path(path).expanduser() / "train").is_dir() else ""
 
 
 def rank_components(table: pd.DataFrame) -> pd.DataFrame:
@@ -344,6 +353,19 @@ def pairs_line(stats: dict, within: bool) -> str:
     return line
 
 
+def data_line(path: Path, data: ImageFiles) -> str:
+    """Which images of --data were measured, and what a single class means for the answer."""
+    line = ""
+    if data_split(path):
+        line += (f" --data is split into train/val/test folders: its train/ split ({len(data):,} images) was "
+                 "measured, and its test images were not looked at.")
+    if len(data.classes) < 2:
+        line += (" --data holds one class: plasticity needs no labels, so the measurement stands, but the study "
+                 "config below cannot train a classifier on one class; put the images in class sub-folders before "
+                 "running it.")
+    return line
+
+
 def _markdown(frame: pd.DataFrame) -> str:
     return frame.to_markdown(index=False, floatfmt=".4g")
 
@@ -356,7 +378,8 @@ def run(request: Request) -> dict:
     if bad:
         raise UserError(f"--modes {','.join(bad)} unknown; allowed: {','.join(plasticity.MODES)}")
     check_writable(request.out, "--out")
-    data = _open_folder(request.data, "--data")
+    split = data_split(request.data)
+    data = _open_folder(request.data, "--data", split)
     reference = _open_folder(request.reference, "--reference") if request.reference else None
     if reference is None and len(data) < 3:
         made = len(data) * (len(data) - 1) // 2
@@ -367,6 +390,10 @@ def run(request: Request) -> dict:
         raise UserError("--reference and --data hold 1 image each: they make 1 distinct pair, and plasticity needs "
                         "at least 2; give more images")
     model = open_model(request.model, request.arch, request.head, request.arch_kwargs)
+    try:  # the model entry the report writes is checked as the workflow checks it, before any measuring
+        check_model_shape("model", model.config)
+    except UserError as error:
+        raise UserError(f"the model as given cannot run in the study the report writes: {error}") from None
     size = model.record["img_size"]
     rng = np.random.default_rng(request.seed)
     if reference is None:
@@ -426,7 +453,7 @@ def write_report(request: Request, model: Model, data: ImageFiles, first_files: 
     shown = models.build(model.record["arch"], num_classes=max(2, len(data.classes)))
     trainable = set_trainable(shown, [top])
     lora_component, target, saved = lora_plan(order, shown)
-    words = describe(model.network)
+    words = describe(shown)  # the model as it will be trained: with the head the task needs
     within = request.reference is None
     linear_note = ""
     if model.record["arch"].get("head") == "linear":
@@ -449,11 +476,12 @@ def write_report(request: Request, model: Model, data: ImageFiles, first_files: 
           for c in conditions(ranking, stats, tuple(request.modes))], "",
         "## Ranking", "", "Plasticity per component, mean over the layers (per layer: `plasticity_per_layer.csv`; "
         "figure: `plasticity_vs_depth.png`).", "", _markdown(shown_rank), "",
-        pairs_line(stats, within) + f" Tokens per image {stats['num_tokens']}, width "
+        pairs_line(stats, within) + data_line(request.data, data) + f" Tokens per image {stats['num_tokens']}, width "
         f"{stats['embed_dim']}; input {model.record['img_size']} px, normalised with mean {model.record['mean']} "
         f"and std {model.record['std']}.", "",
         "## What the components hold in this model", "",
-        f"- emb: {words['emb']}.", f"- head ({head_kind}): {words['head']}.",
+        f"- emb: {words['emb']}.", f"- head ({head_kind}; for {max(2, len(data.classes))} classes): "
+        f"{words['head']}.", *([f"- {words['layer_scale']}."] if words["layer_scale"] else []),
         "- ln1, mha, ln2, fc1, fc2: `norm1`, `attn` (fused `qkv` and `proj`, with LayerScale `ls1` where present), "
         "`norm2`, `mlp.fc1`, `mlp.fc2` (with LayerScale `ls2`) of every block.", "",
         "## Train it", "",

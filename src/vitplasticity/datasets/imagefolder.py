@@ -42,6 +42,16 @@ class _Relabelled:
         return image, int(self._map[label])
 
 
+def class_folders(path: Path) -> list[str] | None:
+    """The class sub-folders `prepare` reads from the local folder `path` (those of ``train/`` when the
+    folder is split), sorted; None when `path` is not a local folder (an archive: `prepare` reads it)."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return None
+    top = path / "train" if (path / "train").is_dir() else path
+    return sorted(entry.name for entry in top.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+
+
 def _split_folders(path: Path) -> list[str]:
     return [split for split in SPLITS if (path / split).is_dir()]
 
