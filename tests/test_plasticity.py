@@ -255,7 +255,8 @@ def test_batching_does_not_change_the_result(streams):
 def test_table_columns_and_depth(streams):
     table, _ = _measure(tiny_vit(), *streams)
     assert list(table.columns) == ["mode", "component", "label", "layer", "depth_pct", "mean", "std", "n", "ci95",
-                                   "pairs", "reference_images", "downstream_images"]
+                                   "pairs", "reference_images", "downstream_images", "reference_classes",
+                                   "downstream_classes"]
     assert set(table["component"]) == {"ln1", "mha", "ln2", "fc1", "fc2"}
     assert dict(zip(table["layer"], table["depth_pct"], strict=False)) == {0: 50.0, 1: 100.0}
     assert set(table[table["component"] == "mha"]["label"]) == {"MHA"}
@@ -357,6 +358,9 @@ def test_a_smaller_stream_is_cycled_to_n_pairs_and_says_so(streams):
     assert set(table["n"]) == {8} and set(table["pairs"]) == {8}
     assert set(table["reference_images"]) == {8} and set(table["downstream_images"]) == {3}
     assert (stats["pairs"], stats["reference_images"], stats["downstream_images"]) == (8, 8, 3)
+    # labels are index mod 5: the 8 reference images cover all 5 classes, the 3 cycled ones 3
+    assert set(table["reference_classes"]) == {5} and set(table["downstream_classes"]) == {3}
+    assert (stats["reference_classes"], stats["downstream_classes"]) == (5, 3)
 
 
 def test_the_same_images_in_both_streams_keep_only_the_cycled_pairs():
@@ -473,3 +477,32 @@ def test_scale_free_mode_is_invariant_to_the_scale_of_e_while_layernorm_values_s
     assert scaled["embedding"][("fc1", 1)] == pytest.approx(base["embedding"][("fc1", 1)], rel=1e-5)
     assert scaled_stats["max_token_norm"] == pytest.approx(8 * base_stats["max_token_norm"], rel=1e-5)
     assert scaled_stats["min_token_std"] == pytest.approx(8 * base_stats["min_token_std"], rel=1e-5)
+
+
+def test_a_job_records_the_reference_order_and_the_classes_its_pairs_cover(kit, tmp_path):
+    """An ImageNet reference in the authors' order: 6 pairs take the first 2 classes' images (12,800 take 256)."""
+    import io
+    import json
+    import tarfile
+
+    from dataset_archives import jpeg, tar_bytes
+    from jobkit import CKPT, RUNTIME, TASK
+
+    from vitplasticity import jobs
+    from vitplasticity.datasets.sources import prepare_task
+    from vitplasticity.machine import Tracking
+
+    wnids = ["n01440764", "n01443537", "n01484850", "n01491361"]
+    files = {f"{wnids[k % 4]}/ILSVRC2012_val_{k:08d}.JPEG": jpeg((20 * k, 9 * k, 0), (24, 20)) for k in range(1, 13)}
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes(files, mode="w"))) as tar:
+        tar.extractall(tmp_path / "val", filter="data")
+    reference = tmp_path / "prepared" / "imagenet_val"
+    prepare_task("imagenet_val", {"source": "imagenet_val", "path": str(tmp_path / "val"), "store_size": 16,
+                                  "split_seed": 42}, reference, None)
+    settings = {"model": "vit", "task": "novel", "n_pairs": 6, "modes": ["embedding"]}
+    table = jobs.measure_plasticity(settings, RUNTIME, kit / CKPT, reference, kit / TASK, tmp_path / "p.csv",
+                                    tmp_path / "p.json", Tracking(enabled=False))
+    stats = json.loads((tmp_path / "p.json").read_text())
+    assert stats["reference_order"] == "imagefolder" and stats["reference_classes_paired"] == wnids[:2]
+    assert stats["reference_classes"] == 2
+    assert set(table["reference_order"]) == {"imagefolder"} and set(table["reference_classes"]) == {2}

@@ -198,7 +198,8 @@ def measure(
     line says so). Pairs of identical images (zero denominator) are left out and counted.
 
     Returns the table (one row per mode, component and layer: mean, std, n kept pairs, 95%
-    CI, and the pair count and distinct images of each stream) and the stats record.
+    CI, the pair count, and the distinct images of each stream and the classes its paired images
+    cover, by label) and the stats record.
     Raises UserError for an unknown mode or fewer than 2 pairs.
     """
     unknown = [m for m in modes if m not in MODES]
@@ -208,6 +209,8 @@ def measure(
         raise UserError(f"plasticity needs at least 2 image pairs, got n_pairs = {n_pairs}; raise n_pairs")
     counts = {"reference": len(reference.labels), "downstream": len(downstream.labels)}
     reference_rows, downstream_rows = pair_indices(counts["reference"], counts["downstream"], n_pairs)
+    classes = {stream: len(np.unique(split.labels[rows])) for stream, split, rows in
+               (("reference", reference, reference_rows), ("downstream", downstream, downstream_rows))}
     for stream, count in counts.items():
         if count < n_pairs:
             progress(f"plasticity: the {stream} stream has {count} images; it is cycled to make {n_pairs} pairs")
@@ -270,10 +273,12 @@ def measure(
             "depth_pct": 100.0 * (layer + 1) / depth, "mean": value, "std": spread, "n": n,
             "ci95": 1.96 * spread / math.sqrt(n) if n else math.nan, "pairs": n_pairs,
             "reference_images": counts["reference"], "downstream_images": counts["downstream"],
+            "reference_classes": classes["reference"], "downstream_classes": classes["downstream"],
         })
     stats = {"pairs": n_pairs, "skipped_identical_pairs": skipped, "num_tokens": int(emb.shape[1]),
              "embed_dim": int(emb.shape[2]), "reference_images": counts["reference"],
-             "downstream_images": counts["downstream"], **extremes}
+             "downstream_images": counts["downstream"], "reference_classes": classes["reference"],
+             "downstream_classes": classes["downstream"], **extremes}
     for key in tokens.count:
         stats[f"{key[0]}_{key[1]}"] = tokens.summary(key)[0]
     return pd.DataFrame(rows), stats
