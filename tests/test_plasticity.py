@@ -506,3 +506,40 @@ def test_a_job_records_the_reference_order_and_the_classes_its_pairs_cover(kit, 
     assert stats["reference_order"] == "imagefolder" and stats["reference_classes_paired"] == wnids[:2]
     assert stats["reference_classes"] == 2
     assert set(table["reference_order"]) == {"imagefolder"} and set(table["reference_classes"]) == {2}
+    jobs.measure_plasticity(settings | {"loader_batch": 5}, RUNTIME, kit / CKPT, reference, kit / TASK,
+                            tmp_path / "p.csv", tmp_path / "p.json", Tracking(enabled=False))
+    stats = json.loads((tmp_path / "p.json").read_text())  # the loaders yield 10 of 12 and 60 of 64 images
+    assert (stats["reference_images"], stats["downstream_images"]) == (10, 60)
+
+
+@pytest.mark.parametrize(("n_reference", "n_downstream", "batch"), [(50, 20, 8), (33, 100, 8), (64, 10, 5)])
+def test_loader_batch_pairs_as_unshuffled_drop_last_dataloaders_repeated(n_reference, n_downstream, batch):
+    """The authors' pairing: two DataLoaders (batch B, no shuffle, drop_last) each repeated, zipped."""
+    import itertools
+
+    from torch.utils.data import DataLoader
+
+    def stream(count: int):
+        loader = DataLoader(torch.arange(count), batch_size=batch, shuffle=False, drop_last=True)
+        return itertools.chain.from_iterable(itertools.repeat(loader))
+
+    n_pairs = 12 * batch
+    zipped = list(itertools.islice(zip(stream(n_reference), stream(n_downstream), strict=False), 12))
+    reference, downstream = (torch.cat(part).numpy() for part in zip(*zipped, strict=True))
+    ours = plasticity.pair_indices(n_reference, n_downstream, n_pairs, loader_batch=batch)
+    assert ours[0].tolist() == reference.tolist() and ours[1].tolist() == downstream.tolist()
+
+
+def test_loader_batch_by_hand_and_its_image_counts(streams):
+    reference, downstream = plasticity.pair_indices(10, 7, 12, loader_batch=3)
+    assert reference.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2]  # 9 of 10 images: 3 batches of 3
+    assert downstream.tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]  # 6 of 7
+    lines = []
+    table, stats = plasticity.measure(tiny_vit(), streams[0], streams[1], n_pairs=8, batch_size=4, img_size=32,
+                                      device=CPU, progress=lines.append, loader_batch=3)
+    assert (stats["reference_images"], stats["downstream_images"]) == (6, 6)
+    assert lines[0] == "plasticity: the reference stream has 6 images; it is cycled to make 8 pairs"
+    with pytest.raises(UserError) as caught:
+        plasticity.pair_indices(10, 7, 12, loader_batch=8)
+    assert str(caught.value) == ("plasticity.loader_batch 8 exceeds the 7 images of the downstream stream, so its "
+                                 "loader (drop_last) yields no batch; lower plasticity.loader_batch")

@@ -228,13 +228,15 @@ def measure_plasticity(settings: dict, runtime: Runtime, weights: Path, referenc
                             kind="plasticity", params=settings, tags={"device": str(device)}) as run:
         table, stats = plasticity.measure(
             model, reference, downstream, settings["n_pairs"], runtime.plasticity_batch, record["img_size"], device,
-            tuple(settings["modes"]), tuple(record["mean"]), tuple(record["std"]), progress=log)
+            tuple(settings["modes"]), tuple(record["mean"]), tuple(record["std"]), progress=log,
+            loader_batch=settings.get("loader_batch"))
         table.insert(0, "task", settings["task"])
         table.insert(0, "model", settings["model"])
         reference_meta = read_meta(reference_dir)
         order = reference_meta["provenance"].get("order", "stored")
         table["reference_order"] = order
-        paired = reference_classes(reference_meta, reference, downstream, settings["n_pairs"])
+        paired = reference_classes(reference_meta, reference, downstream, settings["n_pairs"],
+                                   settings.get("loader_batch"))
         write_csv(out_table, table)
         write_json(out_stats, stats | {"model": settings["model"], "task": settings["task"], "reference_order": order,
                                        "reference_classes_paired": paired})
@@ -243,7 +245,8 @@ def measure_plasticity(settings: dict, runtime: Runtime, weights: Path, referenc
     return table
 
 
-def reference_classes(meta: dict, reference: Split, downstream: Split, n_pairs: int) -> list[str]:
+def reference_classes(meta: dict, reference: Split, downstream: Split, n_pairs: int,
+                      loader_batch: int | None = None) -> list[str]:
     """The class names of the reference images that `n_pairs` pairs take, in stream order.
 
     The pairs are `plasticity.pair_indices`'; `meta` is the reference task's. In the authors'
@@ -251,7 +254,7 @@ def reference_classes(meta: dict, reference: Split, downstream: Split, n_pairs: 
     """
     from vitplasticity.plasticity import pair_indices
 
-    rows, _ = pair_indices(len(reference.labels), len(downstream.labels), n_pairs)
+    rows, _ = pair_indices(len(reference.labels), len(downstream.labels), n_pairs, loader_batch)
     return [meta["classes"][label] for label in dict.fromkeys(reference.labels[rows].tolist())]
 
 

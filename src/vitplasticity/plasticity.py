@@ -84,21 +84,33 @@ class RunningStats:
         return self.mean[key], math.sqrt(max(var, 0.0)), n
 
 
-def pair_indices(n_reference: int, n_downstream: int, n_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+def pair_indices(n_reference: int, n_downstream: int, n_pairs: int,
+                 loader_batch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Which reference and downstream image make each of `n_pairs` pairs. Two (n_pairs,) int64 arrays.
 
     Pairs are formed index by index (study-spec §3). Where a stream has fewer images than
     `n_pairs`, it is cycled, as the authors' loader cycles its smaller stream to reach
-    64 × 200 = 12,800 pairs. Pass c over the smaller stream (the downstream one on a tie) is
-    rotated by c images: pair k takes image (k + k // n_small) mod n_small of it and image
-    k mod n_large of the other. So no pair repeats before the larger stream runs out as well,
-    and when both streams hold the same images, a cycled pass never pairs an image with
-    itself (pass c pairs image i with image i + c).
+    64 × 200 = 12,800 pairs.
+
+    With `loader_batch` B, each stream is read as the authors' code reads it: a DataLoader of
+    batch B, unshuffled, with drop_last=True, repeated without end; so pair k takes image
+    k mod (B·⌊N/B⌋) of each stream of N images. Otherwise every image is used and pass c over
+    the smaller stream (the downstream one on a tie) is rotated by c images: pair k takes image
+    (k + k // n_small) mod n_small of it and image k mod n_large of the other. So no pair
+    repeats before the larger stream runs out as well, and when both streams hold the same
+    images, a cycled pass never pairs an image with itself (pass c pairs image i with image i + c).
+    Raises UserError for an empty stream or one shorter than B.
     """
     if min(n_reference, n_downstream) < 1:
         raise UserError(f"plasticity needs images in both streams, got {n_reference} reference and "
                         f"{n_downstream} downstream; check both tasks' test splits")
     k = np.arange(n_pairs, dtype=np.int64)
+    if loader_batch is not None:
+        for stream, count in (("reference", n_reference), ("downstream", n_downstream)):
+            if count < loader_batch:
+                raise UserError(f"plasticity.loader_batch {loader_batch} exceeds the {count} images of the {stream} "
+                                "stream, so its loader (drop_last) yields no batch; lower plasticity.loader_batch")
+        return k % (loader_batch * (n_reference // loader_batch)), k % (loader_batch * (n_downstream // loader_batch))
     reference_smaller = n_reference < n_downstream
     n_small, n_large = sorted((n_reference, n_downstream)) if reference_smaller else (n_downstream, n_reference)
     small = (k + k // n_small) % n_small
@@ -189,13 +201,15 @@ def measure(
     mean=transforms.IMAGENET_MEAN,
     std=transforms.IMAGENET_STD,
     progress: Callable[[str], None] = print,
+    loader_batch: int | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Plasticity per (mode, component, layer) and token-norm statistics of E per stream.
 
     `reference` and `downstream` hold uint8 (N, H, W, 3) images whose sizes may differ; each
     batch of each stream is resized and centre-cropped to `img_size` before the two are
     joined. `n_pairs` pairs are formed by `pair_indices` (a smaller stream is cycled; one
-    line says so). Pairs of identical images (zero denominator) are left out and counted.
+    line says so; `loader_batch` as there, and then the image counts are those the loaders
+    yield). Pairs of identical images (zero denominator) are left out and counted.
 
     Returns the table (one row per mode, component and layer: mean, std, n kept pairs, 95%
     CI, the pair count, and the distinct images of each stream and the classes its paired images
@@ -208,7 +222,9 @@ def measure(
     if n_pairs < 2:
         raise UserError(f"plasticity needs at least 2 image pairs, got n_pairs = {n_pairs}; raise n_pairs")
     counts = {"reference": len(reference.labels), "downstream": len(downstream.labels)}
-    reference_rows, downstream_rows = pair_indices(counts["reference"], counts["downstream"], n_pairs)
+    reference_rows, downstream_rows = pair_indices(counts["reference"], counts["downstream"], n_pairs, loader_batch)
+    if loader_batch is not None:  # the images the loaders yield
+        counts = {stream: count - count % loader_batch for stream, count in counts.items()}
     classes = {stream: len(np.unique(split.labels[rows])) for stream, split, rows in
                (("reference", reference, reference_rows), ("downstream", downstream, downstream_rows))}
     for stream, count in counts.items():
