@@ -145,3 +145,24 @@ def pets_files(trainval: int = 10, test: int = 4) -> dict[str, bytes]:
     annotations = {f"annotations/{split}.txt": "".join(rows).encode()
                    for split, rows in lines.items()}
     return {"images.tar.gz": tar_bytes(images), "annotations.tar.gz": tar_bytes(annotations)}
+
+
+def imagenet_devkit(wnids: list[str], ground_truth: list[int]) -> bytes:
+    """ILSVRC2012_devkit_t12.tar.gz: data/meta.mat and data/ILSVRC2012_validation_ground_truth.txt.
+
+    meta.mat's `synsets` is a struct array with the real file's fields in its order; the classes
+    are ILSVRC2012_IDs 1..len(wnids) (leaves, num_children 0), followed by one parent synset
+    (ID len(wnids) + 1, num_children > 0) that readers must skip, as the real file has 860 of them.
+    The ground truth holds one ID per validation image, in file-name order.
+    """
+    fields = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("gloss", "O"), ("num_children", "O"),
+              ("children", "O"), ("wordnet_height", "O"), ("num_train_images", "O")]
+    synsets = np.zeros(len(wnids) + 1, dtype=fields)
+    for index, wnid in enumerate([*wnids, "n00001740"]):
+        parent = index == len(wnids)
+        synsets[index] = (index + 1, wnid, "entity" if parent else f"class {wnid}, thing {index}", "a gloss",
+                          len(wnids) if parent else 0, np.arange(1, len(wnids) + 1, dtype=np.float64)
+                          if parent else np.zeros(0), 1 if parent else 0, 0 if parent else 1300)
+    truth = "".join(f"{label}\n" for label in ground_truth).encode()
+    return tar_bytes({"ILSVRC2012_devkit_t12/data/meta.mat": mat({"synsets": synsets}),
+                      "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt": truth})

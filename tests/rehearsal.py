@@ -7,8 +7,9 @@ at, inside the study folder (``rehearsal/``):
   sizes (CIFAR and CIFAR-10-C at 32 px; DomainNet, Flowers102 and Pet JPEGs of varied sizes
   and aspect ratios) and the class counts that shape code (DomainNet 345, CIFAR-100 100,
   Flowers102 102, Pet 37), served on 127.0.0.1 at the overlay's port;
-- ``ILSVRC2012_img_val.tar``: a flat tar of ImageNet-style val JPEGs, one of them CMYK and one
-  grayscale, as the official tar holds;
+- ``imagenet_val.tar``: ImageNet-style val JPEGs in four class folders named by WordNet id (the
+  layout torchvision's `ImageNet` unpacks the official tar to, read in the authors' ImageFolder
+  order), one of them CMYK and one grayscale, as the official tar holds;
 - ``hub/``: a Hugging Face hub cache holding random weights of each `timm` model of the merged
   config, built with the config's `kwargs` (the rehearsal cuts depth), read with
   ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE=1``.
@@ -196,11 +197,16 @@ def oxford_pets(trainval_per_breed: int = 2, test_per_breed: int = 1) -> dict[st
             "annotations.tar.gz": tar_bytes(annotations, compress=True)}
 
 
+IMAGENET_WNIDS = ("n01440764", "n01443537", "n01484850", "n01491361")  # the first four classes
+
+
 def imagenet_val(images: int = 24) -> bytes:
-    """ILSVRC2012_img_val.tar: flat JPEGs; image 3 is CMYK and image 5 grayscale, as in the real tar."""
+    """ImageNet val as class folders (torchvision's `ImageNet` layout): the official file names, each
+    in its WordNet id's folder; image 3 is CMYK and image 5 grayscale, as in the real tar."""
     modes = {3: "CMYK", 5: "L"}
-    return tar_bytes({f"ILSVRC2012_val_{k:08d}.JPEG": picture(k, SIZES[k % len(SIZES)], modes.get(k, "RGB"))
-                      for k in range(1, images + 1)}, compress=False)
+    return tar_bytes({f"{IMAGENET_WNIDS[k % len(IMAGENET_WNIDS)]}/ILSVRC2012_val_{k:08d}.JPEG":
+                      picture(k, SIZES[k % len(SIZES)], modes.get(k, "RGB")) for k in range(1, images + 1)},
+                     compress=False)
 
 
 def archives() -> dict[str, bytes]:
@@ -250,13 +256,13 @@ def build_hub_cache(cache: Path, config: dict) -> list[str]:
 
 
 def build(study: Path, config: dict) -> Path:
-    """Write the served archives, the ImageNet val tar and the hub cache under study/rehearsal."""
+    """Write the served archives, the ImageNet val tar of class folders and the hub cache under study/rehearsal."""
     folder = Path(study) / FOLDER
     for name, data in archives().items():
         path = folder / "host" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-    (folder / "ILSVRC2012_img_val.tar").write_bytes(imagenet_val())
+    (folder / "imagenet_val.tar").write_bytes(imagenet_val())
     build_hub_cache(folder / "hub", config)
     return folder
 

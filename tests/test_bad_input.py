@@ -217,9 +217,9 @@ FILE_CASES = {
         "vitplasticity finetune: error: arm: unknown component(s) ['attention']; "
         "allowed: emb, ln1, mha, ln2, fc1, fc2, head"),
     "ImageNet path not set": (_nothing, _imagenet_argv(None),
-        "vitplasticity prepare: error: ImageNet val cannot be downloaded freely: get ILSVRC2012_img_val.tar from "
-        "https://image-net.org (after accepting its terms) and set `path` of the imagenet_val task in the config "
-        "to that tar or to a folder of its images"),
+        "vitplasticity prepare: error: ImageNet val cannot be downloaded freely: get ILSVRC2012_img_val.tar and "
+        "ILSVRC2012_devkit_t12.tar.gz from https://image-net.org (after accepting its terms) and set `path` and "
+        "`devkit` of the imagenet_val task in the config to them, or `path` to a folder of class folders"),
     "ImageNet path missing": (_nothing, _imagenet_argv("ILSVRC2012_img_val.tar"),
         "vitplasticity prepare: error: ImageNet val path {root}/ILSVRC2012_img_val.tar does not exist; "
         "fix `path` of the imagenet_val task"),

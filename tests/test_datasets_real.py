@@ -7,6 +7,8 @@ host (127.0.0.1) and the archives' sizes differ from the real thing.
 from __future__ import annotations
 
 import hashlib
+import io
+import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,12 +22,15 @@ from dataset_archives import (
     cifar100_archive,
     domainnet_zip,
     flowers_files,
+    imagenet_devkit,
     jpeg,
     pets_files,
     tar_bytes,
 )
 from http_fixture import DatasetHost
 from PIL import Image
+from torchvision.datasets import ImageFolder
+from torchvision.datasets import imagenet as tv_imagenet
 
 from vitplasticity.datasets.cifar10c import read_severity
 from vitplasticity.datasets.download import Resource, fetch, parse_checksum, resolve
@@ -205,20 +210,140 @@ def test_oxford_pets_trainval_80_20_and_official_test(host, tmp_path):
     assert sorted(round(int(g) / 10) for g in trainval_green) == list(range(10))
 
 
-def test_imagenet_val_tar_is_one_test_split_capped_by_max_images(tmp_path):
-    names = [f"ILSVRC2012_val_{k:08d}.JPEG" for k in range(1, 7)]
-    archive = tmp_path / "ILSVRC2012_img_val.tar"
-    archive.write_bytes(tar_bytes({n: jpeg((40 * k, 0, 0), (40, 30)) for k, n in enumerate(names)},
-                                  mode="w"))
-    task = {"source": "imagenet_val", "store_size": 16, "split_seed": 42, "path": str(archive),
-            "max_images": 4}
+# ImageNet val: 12 images of 4 classes; image k (1-based, as in the official file names) is red 20·k,
+# of class CLASS_OF[k - 1] (an ILSVRC2012_ID, 1-based, as in the devkit's ground truth).
+IMAGENET_WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]
+CLASS_OF = [3, 1, 4, 1, 2, 3, 2, 4, 1, 3, 4, 2]
+# ImageFolder's order: the classes' images by WordNet id, then by file name; k of each, and its label
+AUTHORS_ORDER = [2, 4, 9, 5, 7, 12, 1, 6, 10, 3, 8, 11]
+
+
+def imagenet_name(k: int) -> str:
+    return f"ILSVRC2012_val_{k:08d}.JPEG"
+
+
+def imagenet_val_tar(classes: list[int] | None = None) -> bytes:
+    """The flat official layout; with `classes`, one folder per WordNet id instead."""
+    folder = (lambda k: f"{IMAGENET_WNIDS[classes[k - 1] - 1]}/") if classes else (lambda k: "")
+    return tar_bytes({folder(k) + imagenet_name(k): jpeg((20 * k, 0, 0), (40, 30)) for k in range(1, 13)},
+                     mode="w")
+
+
+def imagenet_archives(tmp_path: Path) -> dict[str, Path]:
+    files = {"val": (tmp_path / "ILSVRC2012_img_val.tar", imagenet_val_tar()),
+             "devkit": (tmp_path / "ILSVRC2012_devkit_t12.tar.gz", imagenet_devkit(IMAGENET_WNIDS, CLASS_OF))}
+    for path, data in files.values():
+        path.write_bytes(data)
+    return {key: path for key, (path, _) in files.items()}
+
+
+def as_official(monkeypatch, archives: dict[str, Path], keys=("val", "devkit")) -> None:
+    """Let generated archives pass as the official ones: torchvision's listed md5 sums become theirs."""
+    for key in keys:
+        name = tv_imagenet.ARCHIVE_META[key][0]
+        monkeypatch.setitem(tv_imagenet.ARCHIVE_META, key, (name, md5(archives[key].read_bytes())[4:]))
+
+
+def image_numbers(out_dir: Path) -> list[int]:
+    return [round(int(red) / 20) for red in load_split(out_dir, "test").images[:, 8, 8, 0]]
+
+
+def test_imagenet_val_official_tar_and_devkit_give_the_authors_order(tmp_path, monkeypatch):
+    archives = imagenet_archives(tmp_path)
+    as_official(monkeypatch, archives)
+    task = {"source": "imagenet_val", "store_size": 16, "split_seed": 42, "path": str(archives["val"]),
+            "devkit": str(archives["devkit"])}
     meta, out_dir = run("imagenet_val", task, tmp_path)
-    assert meta["classes"] == ["imagenet"]
-    assert meta["splits"] == {"test": 4}
+    assert meta["classes"] == IMAGENET_WNIDS
+    assert image_numbers(out_dir) == AUTHORS_ORDER
+    assert load_split(out_dir, "test").labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    # the first 6 images, as 12,800 of the real 50,000: all images of the first 2 classes
+    assert sorted(image_numbers(out_dir)[:6]) == [k for k in range(1, 13) if CLASS_OF[k - 1] <= 2]
+    provenance = meta["provenance"]
+    assert provenance["order"] == "imagefolder" and provenance["devkit"] == task["devkit"]
+    assert provenance["md5"] == {key: tv_imagenet.ARCHIVE_META[key][1] for key in ("devkit", "val")}
+    assert not list((tmp_path / "raw" / "imagenet_val").iterdir())  # the unpacked scratch folder is gone
+
+
+def test_imagenet_val_archive_without_torchvisions_md5_is_refused_in_one_line(tmp_path, monkeypatch):
+    archives = imagenet_archives(tmp_path)
+    task = {"source": "imagenet_val", "store_size": 16, "split_seed": 42, "path": str(archives["val"]),
+            "devkit": str(archives["devkit"])}
+    found = md5(archives["devkit"].read_bytes())[4:]
+    with pytest.raises(UserError) as caught:
+        run("imagenet_val", task, tmp_path)
+    assert str(caught.value) == (
+        f"{archives['devkit']} has md5 {found}, not fa75699e90414af021442c21a62c3abf, which torchvision lists for "
+        "the official ILSVRC2012_devkit_t12.tar.gz: point `devkit` of the imagenet_val task at the official file "
+        "(download it again if it is damaged)")
+    as_official(monkeypatch, archives, keys=("devkit",))
+    with pytest.raises(UserError, match=r"ILSVRC2012_img_val.tar has md5 [0-9a-f]{32}, not "
+                                        r"29b22e2961454d5413ddabcf34fc5622, .* point `path` of") as caught:
+        run("imagenet_val", task, tmp_path)
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "prepared" / "imagenet_val").exists()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["folder", "tar"])
+def test_imagenet_val_class_folders_are_read_in_imagefolder_order(tmp_path, packed):
+    tree = tmp_path / "val"
+    with tarfile.open(fileobj=io.BytesIO(imagenet_val_tar(CLASS_OF))) as tar:
+        tar.extractall(tree, filter="data")
+    task = {"source": "imagenet_val", "store_size": 16, "split_seed": 42, "path": str(tree)}
+    if packed:
+        task["path"] = str(tmp_path / "val.tar")
+        Path(task["path"]).write_bytes(imagenet_val_tar(CLASS_OF))
+    meta, out_dir = run("imagenet_val", task, tmp_path)
+    reference = ImageFolder(str(tree))  # torchvision's reader, as the authors read the stream
+    assert meta["classes"] == reference.classes == IMAGENET_WNIDS
+    assert image_numbers(out_dir) == [int(Path(path).stem[-8:]) for path, _ in reference.samples] == AUTHORS_ORDER
+    assert load_split(out_dir, "test").labels.tolist() == reference.targets
+    assert meta["provenance"]["order"] == "imagefolder"
+
+
+def test_imagenet_val_flat_tar_without_devkit_needs_order_file_name(tmp_path):
+    archive = tmp_path / "ILSVRC2012_img_val.tar"
+    archive.write_bytes(imagenet_val_tar())
+    task = {"source": "imagenet_val", "store_size": 16, "split_seed": 42, "path": str(archive)}
+    with pytest.raises(UserError) as caught:
+        run("imagenet_val", task, tmp_path)
+    assert str(caught.value) == (
+        f"{archive} holds ImageNet val images without classes (no class folders, no `devkit`), so the authors' "
+        "order cannot be formed: in it (ImageFolder's: class folders sorted by WordNet id) the first 12,800 images "
+        "are the 50 of each of the first 256 classes, in file-name order they mix all 1,000; set `devkit` of the "
+        "imagenet_val task to ILSVRC2012_devkit_t12.tar.gz, or set `order: file_name` to pair in file-name order "
+        "on purpose")
+    meta, out_dir = run("imagenet_val", task | {"order": "file_name", "max_images": 4}, tmp_path)
+    assert meta["classes"] == ["imagenet"] and meta["provenance"]["order"] == "file_name"
     part = load_split(out_dir, "test", verify=True)
     assert part.images.shape == (4, 16, 16, 3) and part.labels.tolist() == [0, 0, 0, 0]
-    picked = [round(int(r) / 40) for r in part.images[:, 8, 8, 0]]
-    assert picked == sorted(set(picked)) and set(picked) <= set(range(6))  # a subset, in order
+    picked = image_numbers(out_dir)
+    assert picked == sorted(set(picked)) and set(picked) <= set(range(1, 13))  # a subset, in order
+
+
+def test_imagenet_val_class_folders_in_file_name_order_keep_their_labels(tmp_path):
+    archive = tmp_path / "val.tar"
+    archive.write_bytes(imagenet_val_tar(CLASS_OF))
+    task = {"source": "imagenet_val", "store_size": 16, "split_seed": 42, "path": str(archive), "order": "file_name"}
+    meta, out_dir = run("imagenet_val", task, tmp_path)
+    assert image_numbers(out_dir) == list(range(1, 13))
+    assert load_split(out_dir, "test").labels.tolist() == [c - 1 for c in CLASS_OF]
+    _, capped = run("imagenet_val", task | {"max_images": 5}, tmp_path / "capped")
+    picked = image_numbers(capped)  # a subset in the stream's order, not the folders'
+    assert len(picked) == 5 and picked == sorted(picked)
+
+
+def test_imagenet_val_devkit_needs_the_tar_not_a_folder(tmp_path):
+    archives = imagenet_archives(tmp_path)
+    (tmp_path / "val").mkdir()
+    task = {"source": "imagenet_val", "store_size": 16, "split_seed": 42, "path": str(tmp_path / "val"),
+            "devkit": str(archives["devkit"])}
+    with pytest.raises(UserError, match=r"^`devkit` sorts the official ILSVRC2012_img_val.tar into class folders, "
+                                        r"but `path` .*/val is a folder; point `path` at that tar"):
+        run("imagenet_val", task, tmp_path)
+    task |= {"path": str(archives["val"]), "devkit": str(tmp_path / "missing.tar.gz")}
+    with pytest.raises(UserError, match="ImageNet val devkit .*missing.tar.gz does not exist; fix `devkit`"):
+        run("imagenet_val", task, tmp_path)
 
 
 def test_imagenet_val_folder_with_class_subfolders_is_labelled_by_them(tmp_path):

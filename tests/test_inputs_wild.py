@@ -72,7 +72,7 @@ def grey(level: int, size: int = 8) -> bytes:
 
 
 def imagenet_task(path: Path, **keys) -> dict:
-    """The own-folder source: a folder or archive of images, read in place."""
+    """The own-folder source: a folder or archive of images, read in place (a flat one needs order: file_name)."""
     return {"source": "imagenet_val", "store_size": 8, "split_seed": 42, "path": str(path), **keys}
 
 
@@ -301,7 +301,7 @@ def test_a_16_bit_png_stores_x_over_257_not_white(tmp_path):
     values = np.tile(np.repeat(np.array([10_280, 51_400], dtype=np.uint16), 4), (8, 1))  # left half, right half
     (data / "deep.png").write_bytes(png(values))
     assert Image.open(data / "deep.png").mode == "I;16"
-    _, out = prepare(imagenet_task(data), tmp_path)
+    _, out = prepare(imagenet_task(data, order="file_name"), tmp_path)
     stored = load_split(out, "test").images[0]  # (8, 8, 3)
     assert (stored[:, :4] == 40).all() and (stored[:, 4:] == 200).all()
 
@@ -371,13 +371,13 @@ def test_a_32_bit_tiff_is_refused_then_read_with_its_declared_range(tmp_path):
     data.mkdir()
     Image.fromarray(np.full((8, 8), 3000, dtype=np.int32)).save(data / "scan.tif")
     with pytest.raises(UserError) as error:
-        prepare(imagenet_task(data), tmp_path)
+        prepare(imagenet_task(data, order="file_name"), tmp_path)
     assert one_line(error).startswith(f"image {data / 'scan.tif'} has 32-bit integer pixels (PIL mode I)")
     assert not any((tmp_path / "prepared").iterdir())  # nothing published, no temporary left
     with pytest.raises(UserError) as error:
-        prepare(imagenet_task(data, pixel_range=[4095, 0]), tmp_path)
+        prepare(imagenet_task(data, order="file_name", pixel_range=[4095, 0]), tmp_path)
     assert one_line(error) == "task key pixel_range: [4095, 0] must be [low, high] with low < high; fix it"
-    _, out = prepare(imagenet_task(data, pixel_range=[0, 4095]), tmp_path)
+    _, out = prepare(imagenet_task(data, order="file_name", pixel_range=[0, 4095]), tmp_path)
     assert (load_split(out, "test").images == 187).all()  # 3000 / 4095 · 255 = 186.8
 
 
@@ -407,7 +407,7 @@ def test_a_very_large_image_is_one_line_naming_it_its_size_and_the_fix(file, hea
     data.mkdir()
     (data / "normal.png").write_bytes(grey(5))
     (data / file).write_bytes(header)
-    settings = json.dumps({"name": "task", "data": imagenet_task(data)})
+    settings = json.dumps({"name": "task", "data": imagenet_task(data, order="file_name")})
     out = tmp_path / "prepared" / "task"
     capsys.readouterr()
     assert cli.main(["prepare", "--settings", settings, "--out", str(out), "--raw", str(tmp_path / "raw")]) == 2

@@ -255,7 +255,8 @@ def test_batching_does_not_change_the_result(streams):
 def test_table_columns_and_depth(streams):
     table, _ = _measure(tiny_vit(), *streams)
     assert list(table.columns) == ["mode", "component", "label", "layer", "depth_pct", "mean", "std", "n", "ci95",
-                                   "pairs", "reference_images", "downstream_images"]
+                                   "pairs", "reference_images", "downstream_images", "reference_classes",
+                                   "downstream_classes"]
     assert set(table["component"]) == {"ln1", "mha", "ln2", "fc1", "fc2"}
     assert dict(zip(table["layer"], table["depth_pct"], strict=False)) == {0: 50.0, 1: 100.0}
     assert set(table[table["component"] == "mha"]["label"]) == {"MHA"}
@@ -357,6 +358,9 @@ def test_a_smaller_stream_is_cycled_to_n_pairs_and_says_so(streams):
     assert set(table["n"]) == {8} and set(table["pairs"]) == {8}
     assert set(table["reference_images"]) == {8} and set(table["downstream_images"]) == {3}
     assert (stats["pairs"], stats["reference_images"], stats["downstream_images"]) == (8, 8, 3)
+    # labels are index mod 5: the 8 reference images cover all 5 classes, the 3 cycled ones 3
+    assert set(table["reference_classes"]) == {5} and set(table["downstream_classes"]) == {3}
+    assert (stats["reference_classes"], stats["downstream_classes"]) == (5, 3)
 
 
 def test_the_same_images_in_both_streams_keep_only_the_cycled_pairs():
@@ -499,3 +503,71 @@ def test_given_pairs_count_only_the_images_they_use():
     assert (stats["pairs"], stats["reference_images"], stats["downstream_images"]) == (3, 2, 2)
     with pytest.raises(UserError, match="at least 2 distinct image pairs, got 1; give more images"):
         _measure(tiny_vit(), reference, downstream, n_pairs=3, pairs=(np.array([0, 0, 0]), np.array([1, 1, 1])))
+
+
+def test_a_job_records_the_reference_order_and_the_classes_its_pairs_cover(kit, tmp_path):
+    """An ImageNet reference in the authors' order: 6 pairs take the first 2 classes' images (12,800 take 256)."""
+    import io
+    import json
+    import tarfile
+
+    from dataset_archives import jpeg, tar_bytes
+    from jobkit import CKPT, RUNTIME, TASK
+
+    from vitplasticity import jobs
+    from vitplasticity.datasets.sources import prepare_task
+    from vitplasticity.machine import Tracking
+
+    wnids = ["n01440764", "n01443537", "n01484850", "n01491361"]
+    files = {f"{wnids[k % 4]}/ILSVRC2012_val_{k:08d}.JPEG": jpeg((20 * k, 9 * k, 0), (24, 20)) for k in range(1, 13)}
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes(files, mode="w"))) as tar:
+        tar.extractall(tmp_path / "val", filter="data")
+    reference = tmp_path / "prepared" / "imagenet_val"
+    prepare_task("imagenet_val", {"source": "imagenet_val", "path": str(tmp_path / "val"), "store_size": 16,
+                                  "split_seed": 42}, reference, None)
+    settings = {"model": "vit", "task": "novel", "n_pairs": 6, "modes": ["embedding"]}
+    table = jobs.measure_plasticity(settings, RUNTIME, kit / CKPT, reference, kit / TASK, tmp_path / "p.csv",
+                                    tmp_path / "p.json", Tracking(enabled=False))
+    stats = json.loads((tmp_path / "p.json").read_text())
+    assert stats["reference_order"] == "imagefolder" and stats["reference_classes_paired"] == wnids[:2]
+    assert stats["reference_classes"] == 2
+    assert set(table["reference_order"]) == {"imagefolder"} and set(table["reference_classes"]) == {2}
+    jobs.measure_plasticity(settings | {"loader_batch": 5}, RUNTIME, kit / CKPT, reference, kit / TASK,
+                            tmp_path / "p.csv", tmp_path / "p.json", Tracking(enabled=False))
+    stats = json.loads((tmp_path / "p.json").read_text())  # 6 pairs use 6 images of each stream
+    assert (stats["reference_images"], stats["downstream_images"]) == (6, 6)
+
+
+@pytest.mark.parametrize(("n_reference", "n_downstream", "batch"), [(50, 20, 8), (33, 100, 8), (64, 10, 5)])
+def test_loader_batch_pairs_as_unshuffled_drop_last_dataloaders_repeated(n_reference, n_downstream, batch):
+    """The authors' pairing: two DataLoaders (batch B, no shuffle, drop_last) each repeated, zipped."""
+    import itertools
+
+    from torch.utils.data import DataLoader
+
+    def stream(count: int):
+        loader = DataLoader(torch.arange(count), batch_size=batch, shuffle=False, drop_last=True)
+        return itertools.chain.from_iterable(itertools.repeat(loader))
+
+    n_pairs = 12 * batch
+    zipped = list(itertools.islice(zip(stream(n_reference), stream(n_downstream), strict=False), 12))
+    reference, downstream = (torch.cat(part).numpy() for part in zip(*zipped, strict=True))
+    ours = plasticity.pair_indices(n_reference, n_downstream, n_pairs, loader_batch=batch)
+    assert ours[0].tolist() == reference.tolist() and ours[1].tolist() == downstream.tolist()
+
+
+def test_loader_batch_by_hand_and_its_image_counts(streams):
+    reference, downstream = plasticity.pair_indices(10, 7, 12, loader_batch=3)
+    assert reference.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2]  # 9 of 10 images: 3 batches of 3
+    assert downstream.tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]  # 6 of 7
+    lines = []
+    table, stats = plasticity.measure(tiny_vit(), streams[0], streams[1], n_pairs=8, batch_size=4, img_size=32,
+                                      device=CPU, progress=lines.append, loader_batch=3)
+    assert (stats["reference_images"], stats["downstream_images"]) == (6, 6)
+    # Both loaders yield 6 images and cycle in step: pairs 7 and 8 repeat pairs 1 and 2, measured once.
+    assert lines[0] == "plasticity: 2 of the 8 pairs repeat an earlier pair and are measured once: 6 distinct pairs"
+    assert (stats["pairs"], stats["pairs_asked"]) == (6, 8)
+    with pytest.raises(UserError) as caught:
+        plasticity.pair_indices(10, 7, 12, loader_batch=8)
+    assert str(caught.value) == ("plasticity.loader_batch 8 exceeds the 7 images of the downstream stream, so its "
+                                 "loader (drop_last) yields no batch; lower plasticity.loader_batch")

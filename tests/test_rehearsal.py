@@ -39,7 +39,7 @@ PLANNED = {
 }
 # The class counts that shape heads and probes, as the real datasets have them.
 CLASSES = {"cifar10": 10, "cifar100": 100, "contrast": 10, "clipart": 345, "sketch": 345, "flowers102": 102,
-           "oxford_pets": 37, "imagenet_val": 1}
+           "oxford_pets": 37, "imagenet_val": 4}
 
 
 def _snakemake(study, *args, timeout=3600):
@@ -123,6 +123,8 @@ def check_results(study) -> None:
     assert set(plasticity["pairs"]) == {16}
     cifar = plasticity[plasticity["task"] == "cifar10"]
     assert set(cifar["downstream_images"]) == {12} and set(cifar["reference_images"]) == {24}
+    # ImageNet val in the authors' order: the 16 pairs take the images of the first 3 of its 4 classes
+    assert set(plasticity["reference_order"]) == {"imagefolder"} and set(plasticity["reference_classes"]) == {3}
     assert np.isfinite(plasticity["mean"]).all()
     runs = pd.read_csv(results / "tables" / "main" / "runs.csv")
     assert len(runs) == 11 * 11  # 9 arms and 2 controls

@@ -52,3 +52,11 @@ def test_cap_keeps_a_seeded_subset_in_order():
     assert cap(rows, 4, seed=42).tolist() == [100, 104, 105, 106]
     assert cap(rows, 4, seed=42).tolist() != cap(rows, 4, seed=3).tolist()
     assert len(cap(rows, 9, seed=0)) == 9
+
+
+def test_cap_keeps_the_order_of_rows_given_out_of_order():
+    """A stream in its own order (ImageNet val by file name over class folders) stays in that order."""
+    rows = np.array([9, 3, 7, 1, 5, 0, 8])
+    positions = cap(np.arange(7), 4, seed=42)
+    assert positions.tolist() == [0, 3, 5, 6]
+    assert cap(rows, 4, seed=42).tolist() == rows[positions].tolist() == [9, 1, 0, 8]

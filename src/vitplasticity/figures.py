@@ -134,7 +134,7 @@ def _span(values: pd.Series) -> str:
 def pair_note(data: pd.DataFrame) -> str:
     """The pair count and distinct images per stream behind a plasticity panel, for its title.
 
-    Over the panel's tasks: "12,800 pairs; images: reference 50,000, downstream 2,000–10,000
+    Over the panel's tasks: "12,800 pairs; images: reference 12,800, downstream 2,000–10,000
     (cycled)"; pairs within one folder (an `images` column): "132 pairs of 12 images (cycled)". Empty for
     tables without the count columns.
     """

@@ -18,7 +18,7 @@ from vitplasticity import models, tracking, training
 from vitplasticity.components import block_parameters, component_of, set_trainable
 from vitplasticity.errors import UserError
 from vitplasticity.fileio import atomic_dir, read_json, write_csv, write_json, write_rows, write_yaml
-from vitplasticity.prepared import load_split, read_meta
+from vitplasticity.prepared import Split, load_split, read_meta
 from vitplasticity.runtime import pick_device, seed_everything
 
 if TYPE_CHECKING:
@@ -228,14 +228,34 @@ def measure_plasticity(settings: dict, runtime: Runtime, weights: Path, referenc
                             kind="plasticity", params=settings, tags={"device": str(device)}) as run:
         table, stats = plasticity.measure(
             model, reference, downstream, settings["n_pairs"], runtime.plasticity_batch, record["img_size"], device,
-            tuple(settings["modes"]), tuple(record["mean"]), tuple(record["std"]), progress=log)
+            tuple(settings["modes"]), tuple(record["mean"]), tuple(record["std"]), progress=log,
+            loader_batch=settings.get("loader_batch"))
         table.insert(0, "task", settings["task"])
         table.insert(0, "model", settings["model"])
+        reference_meta = read_meta(reference_dir)
+        order = reference_meta["provenance"].get("order", "stored")
+        table["reference_order"] = order
+        paired = reference_classes(reference_meta, reference, downstream, settings["n_pairs"],
+                                   settings.get("loader_batch"))
         write_csv(out_table, table)
-        write_json(out_stats, stats | {"model": settings["model"], "task": settings["task"]})
+        write_json(out_stats, stats | {"model": settings["model"], "task": settings["task"], "reference_order": order,
+                                       "reference_classes_paired": paired})
         run.log_series(tracking.plasticity_series(table.to_dict("records")))
         run.log_artifacts([out_table, out_stats])
     return table
+
+
+def reference_classes(meta: dict, reference: Split, downstream: Split, n_pairs: int,
+                      loader_batch: int | None = None) -> list[str]:
+    """The class names of the reference images that `n_pairs` pairs take, in stream order.
+
+    The pairs are `plasticity.pair_indices`'; `meta` is the reference task's. In the authors'
+    ImageNet order, 12,800 pairs take the 256 first WordNet ids.
+    """
+    from vitplasticity.plasticity import pair_indices
+
+    rows, _ = pair_indices(len(reference.labels), len(downstream.labels), n_pairs, loader_batch)
+    return [meta["classes"][label] for label in dict.fromkeys(reference.labels[rows].tolist())]
 
 
 def measure_criteria(settings: dict, runtime: Runtime, weights: Path, reference_dir: Path, task_dir: Path,

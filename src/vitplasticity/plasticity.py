@@ -84,21 +84,33 @@ class RunningStats:
         return self.mean[key], math.sqrt(max(var, 0.0)), n
 
 
-def pair_indices(n_reference: int, n_downstream: int, n_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+def pair_indices(n_reference: int, n_downstream: int, n_pairs: int,
+                 loader_batch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Which reference and downstream image make each of `n_pairs` pairs. Two (n_pairs,) int64 arrays.
 
     Pairs are formed index by index (study-spec §3). Where a stream has fewer images than
     `n_pairs`, it is cycled, as the authors' loader cycles its smaller stream to reach
-    64 × 200 = 12,800 pairs. Pass c over the smaller stream (the downstream one on a tie) is
-    rotated by c images: pair k takes image (k + k // n_small) mod n_small of it and image
-    k mod n_large of the other. So no pair repeats before the larger stream runs out as well,
-    and when both streams hold the same images, a cycled pass never pairs an image with
-    itself (pass c pairs image i with image i + c).
+    64 × 200 = 12,800 pairs.
+
+    With `loader_batch` B, each stream is read as the authors' code reads it: a DataLoader of
+    batch B, unshuffled, with drop_last=True, repeated without end; so pair k takes image
+    k mod (B·⌊N/B⌋) of each stream of N images. Otherwise every image is used and pass c over
+    the smaller stream (the downstream one on a tie) is rotated by c images: pair k takes image
+    (k + k // n_small) mod n_small of it and image k mod n_large of the other. So no pair
+    repeats before the larger stream runs out as well, and when both streams hold the same
+    images, a cycled pass never pairs an image with itself (pass c pairs image i with image i + c).
+    Raises UserError for an empty stream or one shorter than B.
     """
     if min(n_reference, n_downstream) < 1:
         raise UserError(f"plasticity needs images in both streams, got {n_reference} reference and "
                         f"{n_downstream} downstream; check both tasks' test splits")
     k = np.arange(n_pairs, dtype=np.int64)
+    if loader_batch is not None:
+        for stream, count in (("reference", n_reference), ("downstream", n_downstream)):
+            if count < loader_batch:
+                raise UserError(f"plasticity.loader_batch {loader_batch} exceeds the {count} images of the {stream} "
+                                "stream, so its loader (drop_last) yields no batch; lower plasticity.loader_batch")
+        return k % (loader_batch * (n_reference // loader_batch)), k % (loader_batch * (n_downstream // loader_batch))
     reference_smaller = n_reference < n_downstream
     n_small, n_large = sorted((n_reference, n_downstream)) if reference_smaller else (n_downstream, n_reference)
     small = (k + k // n_small) % n_small
@@ -199,21 +211,23 @@ def measure(
     std=transforms.IMAGENET_STD,
     progress: Callable[[str], None] = print,
     pairs: tuple[np.ndarray, np.ndarray] | None = None,
+    loader_batch: int | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Plasticity per (mode, component, layer) and token-norm statistics of E per stream.
 
     `reference` and `downstream` hold uint8 (N, H, W, 3) images whose sizes may differ; each
     batch of each stream is resized and centre-cropped to `img_size` before the two are
     joined. `n_pairs` pairs are formed by `pair_indices` (a smaller stream is cycled; one
-    line says so), or given as `pairs` (reference rows, downstream rows; `n_pairs` each). A pair that repeats an
-    earlier one is no new evidence: it is measured once (`distinct_pairs`; one line says how many
-    repeats were dropped), so means, spreads and intervals are over distinct pairs. Pairs of
-    identical images (zero denominator) are left out and counted.
+    line says so; `loader_batch` pairs as the authors' loaders do, see there), or given as `pairs`
+    (reference rows, downstream rows; `n_pairs` each). A pair that repeats an earlier one is no new
+    evidence: it is measured once (`distinct_pairs`; one line says how many repeats were dropped), so
+    means, spreads and intervals are over distinct pairs. Pairs of identical images (zero
+    denominator) are left out and counted.
 
-    Returns the table (one row per mode, component and layer: mean, std, n kept pairs, 95%
-    CI, the distinct pairs measured and the distinct images of each stream they use) and the
-    stats record (the same counts, `pairs_asked`, token-norm statistics).
-    Raises UserError for an unknown mode or fewer than 2 distinct pairs.
+    Returns the table (one row per mode, component and layer: mean, std, n kept pairs, 95% CI, the
+    distinct pairs measured, the distinct images of each stream they use and the classes those
+    images cover, by label) and the stats record (the same counts, `pairs_asked`, token-norm
+    statistics). Raises UserError for an unknown mode or fewer than 2 distinct pairs.
     """
     unknown = [m for m in modes if m not in MODES]
     if unknown:
@@ -221,7 +235,7 @@ def measure(
     if n_pairs < 2:
         raise UserError(f"plasticity needs at least 2 image pairs, got n_pairs = {n_pairs}; raise n_pairs")
     if pairs is None:
-        pairs = pair_indices(len(reference.labels), len(downstream.labels), n_pairs)
+        pairs = pair_indices(len(reference.labels), len(downstream.labels), n_pairs, loader_batch)
     elif len(pairs[0]) != n_pairs or len(pairs[1]) != n_pairs:
         raise ValueError(f"pairs hold {len(pairs[0])} and {len(pairs[1])} rows, not n_pairs = {n_pairs}")
     asked = len(pairs[0])
@@ -233,6 +247,8 @@ def measure(
     if n_pairs < 2:
         raise UserError(f"plasticity needs at least 2 distinct image pairs, got {n_pairs}; give more images")
     counts = {"reference": len(np.unique(reference_rows)), "downstream": len(np.unique(downstream_rows))}
+    classes = {stream: len(np.unique(split.labels[rows])) for stream, split, rows in
+               (("reference", reference, reference_rows), ("downstream", downstream, downstream_rows))}
     for stream, count in counts.items():
         if count < n_pairs:
             progress(f"plasticity: the {stream} stream has {count} images; it is cycled to make {n_pairs} pairs")
@@ -295,10 +311,12 @@ def measure(
             "depth_pct": 100.0 * (layer + 1) / depth, "mean": value, "std": spread, "n": n,
             "ci95": 1.96 * spread / math.sqrt(n) if n else math.nan, "pairs": n_pairs,
             "reference_images": counts["reference"], "downstream_images": counts["downstream"],
+            "reference_classes": classes["reference"], "downstream_classes": classes["downstream"],
         })
     stats = {"pairs": n_pairs, "pairs_asked": asked, "skipped_identical_pairs": skipped,
              "num_tokens": int(emb.shape[1]), "embed_dim": int(emb.shape[2]), "reference_images": counts["reference"],
-             "downstream_images": counts["downstream"], **extremes}
+             "downstream_images": counts["downstream"], "reference_classes": classes["reference"],
+             "downstream_classes": classes["downstream"], **extremes}
     for key in tokens.count:
         stats[f"{key[0]}_{key[1]}"] = tokens.summary(key)[0]
     return pd.DataFrame(rows), stats

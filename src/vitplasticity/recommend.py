@@ -229,8 +229,8 @@ def workflow_config(model: Model, data: Path, reference: Path | None, pairs: int
         reference_task = {"data": {"source": "imagefolder", "path": str(reference), "store_size": store}}
     else:
         # The workflow pairs a reference stream with the task: it needs images like the pretraining data.
-        reference_task = {"data": {"source": "imagenet_val", "path": "ILSVRC2012_img_val.tar", "store_size": store,
-                                   "max_images": pairs}}
+        reference_task = {"data": {"source": "imagenet_val", "path": "ILSVRC2012_img_val.tar", "order": "file_name",
+                                   "store_size": store, "max_images": pairs}}
     entry = {k: str(v) if isinstance(v, Path) else v for k, v in model.config.items()}
     return {
         "study": "own_data",

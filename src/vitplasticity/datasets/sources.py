@@ -12,7 +12,7 @@ module for its split rule and official files):
 - ``max_images``: keep at most this many images of each split (a seeded random subset, in
   order); the classes stay all of the dataset's
 - ``corruption``, ``severity`` (cifar10c); ``domain`` (domainnet); ``path`` (imagenet_val,
-  imagefolder)
+  imagefolder); ``devkit``, ``order`` (imagenet_val: the reference stream's classes and order)
 - ``max_image_pixels``, ``pixel_range`` (sources read from image files: domainnet, flowers102,
   oxford_pets, imagenet_val, imagefolder): how images are decoded
   (`vitplasticity.datasets.images.Decoding`)
@@ -46,7 +46,7 @@ SOURCES = {
 LOCAL_SOURCES = ("synthetic", "imagenet_val", "imagefolder")
 # The keys that shape the prepared data; they are recorded in its provenance.
 DATA_KEYS = ("source", "store_size", "split_seed", "val_fraction", "test_fraction", "corruption",
-             "severity", "domain", "path", "max_images", "max_image_pixels", "pixel_range")
+             "severity", "domain", "path", "devkit", "order", "max_images", "max_image_pixels", "pixel_range")
 
 
 def prepare_task(name: str, task: dict, out_dir: Path, raw_dir: Path | None) -> dict:

@@ -24,8 +24,8 @@ def train_val_test(count: int, val_fraction: float, test_fraction: float, seed: 
 
 
 def cap(rows: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
-    """At most `limit` of `rows`, a seeded random subset kept in order (all of them when None)."""
+    """At most `limit` of `rows`, a seeded random subset kept in the order of `rows` (all of them when None)."""
     rows = np.asarray(rows, dtype=np.int64)
     if limit is None or limit >= len(rows):
         return rows
-    return np.sort(np.random.default_rng(seed).choice(rows, limit, replace=False))
+    return rows[np.sort(np.random.default_rng(seed).choice(len(rows), limit, replace=False))]
