@@ -243,7 +243,7 @@ def measure(criteria: dict[str | tuple[str, ...], Callable], device: torch.devic
 
 
 def component_scores(scores: pd.DataFrame) -> pd.DataFrame:
-    """Mean over layers per (criterion, component): the score `selection` ranks. Columns criterion, component,
-    score."""
+    """Mean over the layers it scores per (criterion, component): the score `selection` ranks (NaN where no
+    layer is scored, as for a LayerNorm under ``kappatune``). Columns criterion, component, score."""
     mean = scores.groupby(["criterion", "component"], as_index=False, sort=False)["value"].mean()
     return mean.rename(columns={"value": "score"})

@@ -114,8 +114,8 @@ def hit_rates(criteria: pd.DataFrame, runs: pd.DataFrame, n_boot: int = 1000, se
     """Per (task, criterion): spearman, its bootstrap interval, top1, and the components each side ranks first.
 
     `criteria`: columns task, criterion (a name of `registry.CRITERIA`, whose direction is applied through
-    `oriented`), component, score. `runs`: task, arm, lr,
-    seed, test_acc (%). The `random` criterion is added with its analytic expectation.
+    `oriented`), component, score. `runs`: task, arm, lr, seed, test_acc (%). The `random` criterion is
+    added with its analytic expectation.
     """
     rng = np.random.default_rng(seed)
     runs = runs[runs["arm"].isin(BLOCK_COMPONENTS)]
