@@ -574,11 +574,12 @@ def bench_plasticity(cfg: BenchConfig, device: torch.device, limits: Limits) -> 
 
 def bench_criteria(arch: str, pairs: int, pair_batch: int, gradient_batches: int, gradient_batch: int,
                    device: torch.device) -> list[dict]:
-    """Cost of each selection criterion (`criteria.CRITERIA`) as the criteria job runs it (`criteria.measure`):
+    """Cost of each selection criterion (`registry.CRITERIA`) as the criteria job runs it (`criteria.measure`):
     random-init `arch` without a head, `pairs` pairs of 224 px reference against 32 px downstream images, the
-    relative gradient norm over `gradient_batches` batches of `gradient_batch` 32 px images (10 classes).
-    Rows: criterion, wall_s, peak_mib (added above the loaded model), per_unit_s (per pair, or per gradient
-    image)."""
+    relative gradient norm and Fisher (one set of backward passes, timed together) and FPS (forward only)
+    over `gradient_batches` batches of `gradient_batch` 32 px images (10 classes), KappaTune data-free.
+    Rows: criterion, wall_s, peak_mib (added above the loaded model), measured_with, per_unit_s (per pair,
+    per gradient or FPS image, or per run)."""
     from vitplasticity import criteria
 
     model = timm.create_model(arch, pretrained=False, num_classes=0).to(device)
@@ -594,11 +595,14 @@ def bench_criteria(arch: str, pairs: int, pair_batch: int, gradient_batches: int
         return run
 
     measured = {f"plasticity_{mode}": plasticity_in(mode) for mode in ("embedding", "hidden", "scale_free")}
-    measured["relative_gradient_norm"] = lambda: criteria.relative_gradient_norms(
+    measured["relative_gradient_norm", "fisher"] = lambda: criteria.gradient_criteria(
         headed, downstream, 10, gradient_batch, gradient_batches, 224, device)
+    measured["fps"] = lambda: criteria.fps(model, downstream, gradient_batch, gradient_batches, 224, device)
+    measured["kappatune"] = lambda: criteria.kappatune(model)
     measured["trainable_params"] = lambda: criteria.trainable_params(model)
     _, costs = criteria.measure(measured, device, progress=print)
-    units = {"relative_gradient_norm": gradient_batch * gradient_batches, "trainable_params": 1}
+    images = gradient_batch * gradient_batches
+    units = {"relative_gradient_norm": images, "fisher": images, "fps": images, "kappatune": 1, "trainable_params": 1}
     return [{**row, "per_unit_s": row["wall_s"] / units.get(row["criterion"], pairs)}
             for row in costs.to_dict("records")]
 

@@ -317,3 +317,27 @@ def test_best_lr_is_the_best_seed_mean_even_when_its_worst_seed_is_worse():
         "status": ["completed"] * 4, "test_acc": [90.0, 60.0, 70.0, 70.0]})
     row = _row(agg.main_table(runs), "t", "mha")
     assert (row["best_lr"], row["mean"], row["std"], row["n_seeds"]) == (0.1, 75.0, 15.0, 2)
+
+
+def test_criteria_table_shows_each_direction_and_the_cost_it_shares():
+    accuracy = {"mha": 92.0, "fc1": 91.0, "fc2": 88.0, "ln2": 85.0, "ln1": 84.0}
+    runs = pd.DataFrame([{"task": "T", "arm": arm, "lr": 0.01, "seed": seed, "test_acc": acc}
+                         for arm, acc in accuracy.items() for seed in (0, 1)])
+    kappa = {"mha": 2.0, "fc1": 1.0, "fc2": 3.0, "ln2": math.nan, "ln1": math.nan}  # fc1 best conditioned
+    criteria = pd.DataFrame([{"task": "T", "criterion": name, "component": c, "layer": 0, "value": value}
+                             for name, scores in (("kappatune", kappa), ("fisher", accuracy))
+                             for c, value in scores.items()])
+    costs = pd.DataFrame([{"task": "T", "criterion": "kappatune", "wall_s": 2.0, "peak_mib": 5.0,
+                           "measured_with": "kappatune"},
+                          {"task": "T", "criterion": "fisher", "wall_s": 3.0, "peak_mib": 7.0,
+                           "measured_with": "relative_gradient_norm+fisher"}])
+    table = agg.criteria_table(criteria, costs, runs)
+    shown = agg._criteria_view(table)
+    view, task = shown.loc["Average"].set_index("criterion"), shown.loc["T"].set_index("criterion")
+    assert view.loc["kappatune", "chosen first"] == "lower score"
+    assert view.loc["fisher", "chosen first"] == "higher score"
+    assert task.loc["kappatune", "first choice"] == "fc1"  # the lowest rank, never a LayerNorm
+    assert task.loc["fisher", "first choice"] == "mha"
+    assert view.loc["fisher", "cost shared with"] == "relative_gradient_norm"
+    assert view.loc["kappatune", "cost shared with"] == "—" and view.loc["random", "chosen first"] == "—"
+    assert view.loc["fisher", "wall time (s)"] == 3.0

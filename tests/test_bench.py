@@ -265,13 +265,16 @@ def test_random_split_is_prepared_format():
 
 
 def test_criteria_cost_has_every_criterion_and_its_cost_per_unit(capsys):
-    from vitplasticity.criteria import CRITERIA
+    from vitplasticity.registry import CRITERIA
 
     rows = bench.bench_criteria("vit_tiny_patch16_224", pairs=2, pair_batch=2, gradient_batches=1, gradient_batch=3,
                                 device=CPU)
     assert [row["criterion"] for row in rows] == list(CRITERIA)
     by_name = {row["criterion"]: row for row in rows}
     assert by_name["plasticity_hidden"]["per_unit_s"] == by_name["plasticity_hidden"]["wall_s"] / 2  # per pair
-    assert by_name["relative_gradient_norm"]["per_unit_s"] == by_name["relative_gradient_norm"]["wall_s"] / 3
+    for name in ("relative_gradient_norm", "fisher", "fps"):  # per image
+        assert by_name[name]["per_unit_s"] == by_name[name]["wall_s"] / 3
+    assert by_name["fisher"]["wall_s"] == by_name["relative_gradient_norm"]["wall_s"]  # one set of passes
+    assert by_name["kappatune"]["per_unit_s"] == by_name["kappatune"]["wall_s"]
     assert all(row["wall_s"] > 0 for row in rows)
     assert "criterion plasticity_embedding: " in capsys.readouterr().out

@@ -15,7 +15,7 @@ import yaml
 from matplotlib.transforms import Bbox
 
 from vitplasticity import aggregate, figures
-from vitplasticity.registry import FIGURES
+from vitplasticity.registry import CRITERIA, FIGURES
 
 TASKS = ("shapes_noise", "shapes_novel", "shapes_sketch")
 ARMS = ("all", "emb", "ln1", "mha", "ln2", "fc1", "fc2", "smooth", "non_smooth")
@@ -68,8 +68,7 @@ def drawn(tmp_path_factory):
     for task in TASKS:
         folder = root / "criteria" / task
         folder.mkdir(parents=True)
-        names = ("plasticity_embedding", "plasticity_hidden", "plasticity_scale_free", "relative_gradient_norm",
-                 "trainable_params")
+        names = tuple(CRITERIA)
         pd.DataFrame([{"model": "vit", "task": task, "criterion": name, "component": component, "layer": layer,
                        "value": rng.uniform(0.1, 2.0)} for name in names for component in COMPONENTS
                       for layer in layers]).to_csv(folder / "criteria.csv", index=False)
@@ -143,7 +142,7 @@ def test_every_figure_is_drawn(drawn):
 def test_criteria_figure_has_a_row_per_criterion_and_random_as_the_floor(drawn):
     ticks = [t.get_text() for t in drawn["criteria_hit_rate"].axes[0].get_yticklabels()]
     assert ticks == ["plasticity embedding", "plasticity hidden", "plasticity scale free", "relative gradient norm",
-                     "trainable params", "random"]
+                     "fisher", "fps", "kappatune", "trainable params", "random"]
 
 
 @pytest.mark.parametrize("name", FIGURES)

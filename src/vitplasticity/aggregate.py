@@ -273,10 +273,11 @@ def _in_arm_order(frame: pd.DataFrame, arm_order: list[str]) -> pd.DataFrame:
 
 def criteria_table(criteria: pd.DataFrame, costs: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """Per (task, criterion) and averaged over tasks ("Average"): the hit rate of each selection criterion
-    (`selection.hit_rates`) and its cost (wall time in s, added peak memory in MiB; mean over tasks).
+    (`selection.hit_rates`) and its cost (wall time in s, added peak memory in MiB; mean over tasks), with
+    the criteria it was timed together with (`measured_with`, "+"-joined; itself when timed alone).
 
     `criteria`: task, criterion, component, layer, value rows of the criteria jobs; `costs`: task, criterion,
-    wall_s, peak_mib.
+    wall_s, peak_mib and, from the jobs that write it, measured_with.
     """
     from vitplasticity import criteria as measured
     from vitplasticity import selection
@@ -285,16 +286,20 @@ def criteria_table(criteria: pd.DataFrame, costs: pd.DataFrame, runs: pd.DataFra
         return pd.DataFrame()
     scores = pd.concat([measured.component_scores(part).assign(task=task) for task, part in criteria.groupby("task")])
     per_task = selection.hit_rates(scores, runs)
-    per_task = per_task.merge(costs[["task", "criterion", "wall_s", "peak_mib"]], on=["task", "criterion"],
-                              how="left")
+    costs = costs.assign(measured_with=costs.get("measured_with", costs["criterion"]))
+    per_task = per_task.merge(costs[["task", "criterion", "wall_s", "peak_mib", "measured_with"]],
+                              on=["task", "criterion"], how="left")
     summary = selection.summary(per_task).merge(
-        per_task.groupby("criterion", as_index=False)[["wall_s", "peak_mib"]].mean(), on="criterion")
+        per_task.groupby("criterion", as_index=False).agg(wall_s=("wall_s", "mean"), peak_mib=("peak_mib", "mean"),
+                                                          measured_with=("measured_with", "first")),
+        on="criterion")
     summary.insert(0, "task", "Average")
     return pd.concat([per_task, summary], ignore_index=True)
 
 
 def _criteria_view(table: pd.DataFrame) -> pd.DataFrame:
-    """Averages over tasks first, then each task: Spearman [95% bootstrap CI], top-1, cost."""
+    """Averages over tasks first, then each task: which end is chosen first, Spearman [95% bootstrap CI], top-1,
+    cost and what the cost was shared with."""
     def interval(row) -> str:
         if pd.isna(row["spearman"]):
             return "—"
@@ -304,12 +309,16 @@ def _criteria_view(table: pd.DataFrame) -> pd.DataFrame:
     ordered = pd.concat([table[table["task"] == "Average"], table[table["task"] != "Average"]])
     view = pd.DataFrame({
         "criterion": ordered["criterion"].to_numpy(),
+        "chosen first": [f"{registry.CRITERIA[c]} score" if c in registry.CRITERIA else "—"
+                         for c in ordered["criterion"]],
         "Spearman (ratio) [95% CI over seeds]": [interval(r) for _, r in ordered.iterrows()],
         "top-1 hit (share)": ordered["top1"].to_numpy(),
         "first choice": ordered["choice"].fillna("—").to_numpy() if "choice" in ordered else "—",
         "best arm": ordered["best_arm"].fillna("—").to_numpy() if "best_arm" in ordered else "—",
         "wall time (s)": ordered["wall_s"].to_numpy(),
         "added peak memory (MiB)": ordered["peak_mib"].to_numpy(),
+        "cost shared with": [" + ".join(n for n in str(w).split("+") if n != c) if isinstance(w, str) and w != c
+                             else "—" for c, w in zip(ordered["criterion"], ordered["measured_with"], strict=True)],
     }, index=ordered["task"].to_numpy())
     return view
 

@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     _output(p, "--out-stats", required=True)
 
     p = sub.add_parser("criteria", _criteria,
-                       help="selection criteria side by side (plasticity modes, gradient norm, size)")
+                       help="selection criteria side by side (plasticity modes, gradient norm, Fisher, FPS, "
+                            "KappaTune, size)")
     _model_job(p)
     p.add_argument("--reference", type=Path, required=True, help="prepared pretraining-distribution task")
     _output(p, "--out-table", required=True, help="criteria.csv (cost.csv is written beside it)")

@@ -260,10 +260,10 @@ def reference_classes(meta: dict, reference: Split, downstream: Split, n_pairs: 
 
 def measure_criteria(settings: dict, runtime: Runtime, weights: Path, reference_dir: Path, task_dir: Path,
                      out_table: Path, track: Tracking) -> pd.DataFrame:
-    """Every selection criterion of `criteria.CRITERIA` on one model and task, with its cost.
+    """Every selection criterion of `registry.CRITERIA` on one model and task, with its cost.
 
     Writes `out_table` (model, task, criterion, component, layer, value) and `cost.csv` beside it
-    (model, task, criterion, wall_s, peak_mib).
+    (model, task, criterion, wall_s, peak_mib, measured_with), both in `registry.CRITERIA`'s order.
     """
     import copy
 
@@ -285,14 +285,15 @@ def measure_criteria(settings: dict, runtime: Runtime, weights: Path, reference_
         return run
 
     headed = copy.deepcopy(model)  # gets a new head and gradients; copied outside the measured cost
-
-    def gradient_norms() -> pd.DataFrame:
-        return criteria.relative_gradient_norms(headed, train, classes, settings["gradient_batch_size"],
-                                                settings["gradient_batches"], record["img_size"], device,
-                                                settings["seed"], *norm)
+    batches = (settings["gradient_batch_size"], settings["gradient_batches"], record["img_size"], device,
+               settings["seed"], *norm)
 
     measured = {"plasticity_embedding": plasticity_in("embedding"), "plasticity_hidden": plasticity_in("hidden"),
-                "plasticity_scale_free": plasticity_in("scale_free"), "relative_gradient_norm": gradient_norms,
+                "plasticity_scale_free": plasticity_in("scale_free"),
+                ("relative_gradient_norm", "fisher"): lambda: criteria.gradient_criteria(headed, train, classes,
+                                                                                         *batches),
+                "fps": lambda: criteria.fps(model, train, *batches),
+                "kappatune": lambda: criteria.kappatune(model),
                 "trainable_params": lambda: criteria.trainable_params(model)}
     name = tracking.run_name("criteria", settings)
     with tracking.track_job(tracking.job_tracking(track, "criteria", settings), run_dir=out_table.parent,

@@ -1,4 +1,5 @@
-"""The names of what the study writes: an experiment's tables and figures, and the folders its jobs write.
+"""The names of what the study writes: an experiment's tables and figures, the folders its jobs write, and the
+selection criteria it compares (with the end of each criterion's scale chosen first).
 
 The one list the workflow, the code and the tests read. `aggregate.aggregate` writes every table of `TABLES`
 (CSV, Markdown, HTML) and `figures.make_figures` draws every figure of `FIGURES` (PNG, PDF), each under
@@ -20,6 +21,20 @@ ENABLED_BY = {
     "trajectory": "models.<model>.pretrain.keep_steps",
     "plasticity_trajectory": "models.<model>.pretrain.keep_steps",
     PAPER_COMPARISON: "experiments.<experiment>.compare_to_paper",
+}
+# The selection criteria (study-spec §8; `vitplasticity.criteria` measures them), in the order every table and
+# figure lists them, each with the end of its scale that is chosen first: "higher" (the largest score first) or
+# "lower" (the smallest first). A unit a criterion cannot score (NaN) comes after every unit it scores
+# (`selection.oriented`).
+CRITERIA = {
+    "plasticity_embedding": "higher",
+    "plasticity_hidden": "higher",
+    "plasticity_scale_free": "higher",
+    "relative_gradient_norm": "higher",
+    "fisher": "higher",
+    "fps": "higher",
+    "kappatune": "lower",
+    "trainable_params": "higher",
 }
 # Rules that compute on a GPU when there is one: each asks for a GPU (SLURM profile, local GPU slots)
 # and its command takes a slot of its own (`vitplasticity.gpus`).

@@ -1,8 +1,12 @@
 """How often a selection criterion picks the component that finetunes best (study-spec §8).
 
-A criterion scores the five block components (``ln1 mha ln2 fc1 fc2``) of a model on a task; higher
-means "finetune this one". The finetuning ranking of a task is the components' test accuracy at
-their best learning rate (the lr with the highest seed mean, as the main table chooses it). Per task:
+A criterion scores the five block components (``ln1 mha ln2 fc1 fc2``) of a model on a task; the end of
+its scale chosen first is declared in `registry.CRITERIA` (higher first for most, lower first for
+``kappatune``), and every ranking here uses it through `oriented`: a component the criterion does not
+score (NaN, e.g. a LayerNorm for ``kappatune``) is placed after every component it scores, tied with the
+other unscored ones, and never chosen first unless none is scored. The finetuning ranking of a task is
+the components' test accuracy at their best learning rate (the lr with the highest seed mean, as the
+main table chooses it). Per task:
 
 - ``spearman``: Spearman's rank correlation between the criterion's scores and the accuracies.
   Ties in either ranking get average ranks (scipy's ``spearmanr``), so two components with equal
@@ -28,8 +32,22 @@ import pandas as pd
 from scipy import stats
 
 from vitplasticity.components import BLOCK_COMPONENTS
+from vitplasticity.errors import UserError
+from vitplasticity.registry import CRITERIA
 
 RANDOM = "random"
+
+
+def oriented(scores: pd.Series, criterion: str) -> pd.Series:
+    """`scores` of `criterion` turned so that higher = chosen first (negated for a lower-first criterion), with
+    an unscored entry (NaN) at −∞: after every scored one. All NaN stays NaN (nothing to rank).
+
+    Raises UserError for a criterion `registry.CRITERIA` does not name.
+    """
+    if criterion not in CRITERIA:
+        raise UserError(f"unknown selection criterion '{criterion}'; known: {', '.join(CRITERIA)}")
+    turned = scores.astype(float) * (1.0 if CRITERIA[criterion] == "higher" else -1.0)
+    return turned if turned.isna().all() else turned.fillna(-math.inf)
 
 
 def component_accuracy(runs: pd.DataFrame) -> pd.DataFrame:
@@ -95,8 +113,9 @@ def _bootstrap_spearman(scores: pd.Series, runs: pd.DataFrame, n_boot: int, rng:
 def hit_rates(criteria: pd.DataFrame, runs: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Per (task, criterion): spearman, its bootstrap interval, top1, and the components each side ranks first.
 
-    `criteria`: columns task, criterion, component, score (higher = recommended). `runs`: task, arm, lr,
-    seed, test_acc (%). The `random` criterion is added with its analytic expectation.
+    `criteria`: columns task, criterion (a name of `registry.CRITERIA`, whose direction is applied through
+    `oriented`), component, score. `runs`: task, arm, lr, seed, test_acc (%). The `random` criterion is
+    added with its analytic expectation.
     """
     rng = np.random.default_rng(seed)
     runs = runs[runs["arm"].isin(BLOCK_COMPONENTS)]
@@ -108,7 +127,7 @@ def hit_rates(criteria: pd.DataFrame, runs: pd.DataFrame, n_boot: int = 1000, se
         acc = accuracy.set_index("arm")["acc"]
         best_arm = acc.idxmax()
         for criterion, group in criteria[criteria["task"] == task].groupby("criterion", sort=False):
-            scores = group.set_index("component")["score"]
+            scores = oriented(group.set_index("component")["score"], criterion)
             low, high = _bootstrap_spearman(scores, task_runs, n_boot, rng)
             choice = scores.reindex(acc.index).idxmax() if scores.reindex(acc.index).notna().any() else None
             rows.append({"task": task, "criterion": criterion, "spearman": spearman(scores, acc),
