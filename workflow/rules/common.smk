@@ -236,6 +236,21 @@ def get_finetune_settings(wildcards):
     return json.dumps(settings, sort_keys=True)
 
 
+def get_preflight_settings(wildcards):
+    """The study's science and runtime section: what the preflight measures (`vitplasticity.preflight`)."""
+    keys = (
+        "models",
+        "tasks",
+        "arms",
+        "controls",
+        "finetune",
+        "plasticity",
+        "experiments",
+    )
+    settings = {key: config[key] for key in keys}
+    return json.dumps(dict(settings, runtime=MACHINE.runtime.__dict__), sort_keys=True)
+
+
 def get_plasticity_settings(wildcards):
     settings = dict(config["plasticity"], model=wildcards.model, task=wildcards.task)
     return json.dumps(settings, sort_keys=True)
