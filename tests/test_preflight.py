@@ -51,7 +51,7 @@ def test_writes_each_measurement_with_cpu_figures(measured):
     assert written["plasticity"]["vit_quick"]["pairs"] == 8 and written["plasticity"]["vit_quick"]["batch_s"] > 0
     assert written["projection"]["main"]["runs"] == 3 * 11 * 1 * 3  # tasks x (arms + controls) x lrs x seeds
     text = preflight.summary(results)
-    assert text.startswith("preflight on CPU") and "(CPU figures)" in text
+    assert text.startswith("preflight on CPU, ") and ": CPU figures, batch 16, memory limit " in text
     assert "vit_quick sgd arm all: micro-batch 16 (automatic), peak " in text and "MFU none" in text
     assert "projected CPU-hours: main " in text and "does not fit" not in text
 

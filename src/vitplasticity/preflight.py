@@ -88,7 +88,8 @@ def device_memory_bytes(device: torch.device) -> int:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({torch.get_num_threads()} torch threads)"
+    threads = torch.get_num_threads()
+    return f"CPU, {threads} torch thread{'s' if threads != 1 else ''}"
 
 
 def rated_peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
@@ -395,8 +396,8 @@ def summary(results: dict) -> str:
     that would fit where one does not, and the projected device-hours."""
     dev = results["device"]
     kind = "GPU" if dev["type"] == "cuda" else "CPU"
-    lines = [f"preflight on {dev['name']} ({kind} figures), batch {results['batch_size']}, memory limit "
-             f"{results['memory_limit_gib']:.1f} GiB ({dev['peak_memory']} measured):"]
+    lines = [f"preflight on {dev['name']}: {kind} figures, batch {results['batch_size']}, memory limit "
+             f"{results['memory_limit_gib']:.1f} GiB ({dev['peak_memory']} measured)"]
     advice = []
     for model, by_optimizer in results["models"].items():
         for optimizer, by_arm in by_optimizer.items():
