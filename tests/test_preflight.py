@@ -156,3 +156,15 @@ def test_the_workflow_plans_the_preflight_only_when_asked(tmp_path):
                                   {"vit_quick": 1.0}, 250)
     assert projected["main"]["runs"] == study["finetune"]
     assert projected["plasticity"]["jobs"] == study["measure_plasticity"]
+
+
+def test_the_paper_projection_counts_the_runs_the_paper_dag_plans():
+    """The counts `test_workflow.test_paper_dag_plans_every_job` asserts of the paper config's dry run."""
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    check_config(config)
+    steps = {opt: {"all": 1.0, "mha": 1.0} for opt in ("sgd", "adamw")}
+    projected = preflight.project(config, {model: steps for model in config["models"]},
+                                  {model: 1.0 for model in config["models"]}, 64)
+    runs = {name: p["runs"] for name, p in projected.items() if isinstance(p, dict) and "runs" in p}
+    assert runs == {"main": 1188 + 660, "adamw": 432, "size_large": 108, "size_huge": 108}
+    assert projected["plasticity"]["jobs"] == 13

@@ -237,7 +237,9 @@ def get_finetune_settings(wildcards):
 
 
 def get_preflight_settings(wildcards):
-    """The study's science and runtime section: what the preflight measures (`vitplasticity.preflight`)."""
+    """What the preflight measures (`vitplasticity.preflight`): the study's science and the runtime
+    settings that change its figures (as params, so a change reruns it; the job reads them from
+    the environment as every job does)."""
     keys = (
         "models",
         "tasks",
@@ -248,7 +250,9 @@ def get_preflight_settings(wildcards):
         "experiments",
     )
     settings = {key: config[key] for key in keys}
-    return json.dumps(dict(settings, runtime=MACHINE.runtime.__dict__), sort_keys=True)
+    measured = ("device", "micro_batch", "compile", "plasticity_batch")
+    runtime = {key: getattr(MACHINE.runtime, key) for key in measured}
+    return json.dumps(dict(settings, runtime=runtime), sort_keys=True)
 
 
 def get_plasticity_settings(wildcards):
