@@ -14,6 +14,7 @@ from conftest import ROOT, planned_jobs, snakemake
 
 from vitplasticity import preflight
 from vitplasticity.config import check_config
+from vitplasticity.errors import UserError
 from vitplasticity.machine import MACHINE_ENV, Runtime
 
 QUICK = ROOT / "config" / "quick.yaml"
@@ -126,7 +127,7 @@ def test_projection_by_hand():
 
 
 def test_a_config_without_a_single_component_arm_is_one_line():
-    with pytest.raises(Exception, match=r"^the preflight measures the arms `all` and one single block component; "
+    with pytest.raises(UserError, match=r"^the preflight measures the arms `all` and one single block component; "
                                         r"the config's arms define all, smooth; add e\.g\."):
         preflight.single_arm({"arms": {"all": ["emb", "ln1"], "smooth": ["ln1", "ln2"]}})
 

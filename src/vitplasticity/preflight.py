@@ -246,9 +246,12 @@ def project(settings: Mapping, step_s: Mapping[str, Mapping[str, Mapping[str, fl
 # --- the preflight --------------------------------------------------------------------------------------
 
 
-def _stored_side(settings: Mapping, model: str) -> int:
-    """Side of the images the model's tasks store (the largest), else the model's input side."""
-    tasks = {task for exp in settings["experiments"].values() if exp["model"] == model for task in exp["tasks"]}
+def _model_tasks(settings: Mapping, model: str) -> list[str]:
+    return sorted({task for exp in settings["experiments"].values() if exp["model"] == model for task in exp["tasks"]})
+
+
+def _stored_side(settings: Mapping, tasks: list[str], model: str) -> int:
+    """Side of the images `tasks` store (the largest), else the model's input side."""
     sides = [settings["tasks"][t]["data"].get("store_size") or settings["tasks"][t]["data"].get("image_size")
              for t in tasks]
     return max([s for s in sides if s] or [settings["models"][model]["img_size"]])
@@ -296,7 +299,7 @@ def measure(settings: Mapping, rt, device: torch.device, progress: Callable[[str
     plans = sorted({(exp["model"], exp["optimizer"]) for exp in settings["experiments"].values()})
     for model_name, optimizer in plans:
         spec = settings["models"][model_name]
-        side = _stored_side(settings, model_name)
+        side = _stored_side(settings, _model_tasks(settings, model_name), model_name)
         split = _random_split(max(batch, 2), side, seed=0)
         images = training.resident(split.images, device)
         cfg = training.TrainConfig(
@@ -350,10 +353,10 @@ def _plasticity_batch(settings: Mapping, rt, model_name: str, device: torch.devi
     """Seconds per plasticity batch of `rt.plasticity_batch` pairs: two batches timed after one untimed."""
     spec = settings["models"][model_name]
     pairs = rt.plasticity_batch
-    reference_side = _stored_side({**settings, "experiments": {"r": {
-        "model": model_name, "tasks": [settings["plasticity"]["reference_task"]]}}}, model_name)
+    reference_side = _stored_side(settings, [settings["plasticity"]["reference_task"]], model_name)
     reference = _random_split(pairs * 2, reference_side, seed=1)
-    downstream = _random_split(pairs * 2, _stored_side(settings, model_name), seed=2)
+    downstream = _random_split(pairs * 2, _stored_side(settings, _model_tasks(settings, model_name), model_name),
+                               seed=2)
     model = _build(settings, model_name, device).eval()
     modes = tuple(settings["plasticity"]["modes"])
 
