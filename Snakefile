@@ -42,6 +42,7 @@ include: "workflow/rules/finetune.smk"
 include: "workflow/rules/probe.smk"
 include: "workflow/rules/hooks.smk"
 include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/preflight.smk"
 
 
 rule all:

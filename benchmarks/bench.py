@@ -63,10 +63,9 @@ from torchvision import transforms as T
 from vitplasticity import plasticity, runtime, training, transforms
 from vitplasticity.components import BLOCK_COMPONENTS
 from vitplasticity.errors import UserError
+from vitplasticity.preflight import PEAK_TFLOPS
 from vitplasticity.prepared import Split
 
-# Dense bf16 tensor-core peaks (TFLOPS) by device-name fragment; first match wins.
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 PREFETCH_FACTOR = 2  # batches in flight per DataLoader worker (PyTorch's default)
 
 

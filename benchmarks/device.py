@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from vitplasticity import components, plasticity, runtime, streaming, training, transforms
+from vitplasticity import components, plasticity, preflight, runtime, training, transforms
 from vitplasticity.prepared import Split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,14 +106,9 @@ class DeviceConfig:
                             compile_backend="eager", min_window_s=0.0)
 
 
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def _peak_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    peak = preflight.peak_memory_bytes(device)
+    return None if peak is None else peak / preflight.GIB
 
 
 def random_split(cfg: DeviceConfig, count: int, size: int, seed: int) -> Split:
@@ -138,53 +133,16 @@ def _arm_components(arm: str) -> list[str]:
 
 def time_steps(model: torch.nn.Module, images: np.ndarray | torch.Tensor, labels: np.ndarray, cfg: DeviceConfig,
                device: torch.device, compile_model: bool = False, prefetch: int = 0) -> dict:
-    """Images/s of the training loop's step (`training.train_step`) on `images`: `cfg.timed_steps` steps timed
-    after `cfg.warmup_steps` untimed ones; the images counted are those the timed steps were given."""
+    """`preflight.time_steps` at `cfg`'s batch, image size and step counts (the micro-batch automatic)."""
     train_cfg = training.TrainConfig(steps=cfg.warmup_steps + cfg.timed_steps, eval_every=1, batch_size=cfg.batch,
                                      lr=0.01, seed=0, img_size=cfg.img_size, prefetch=prefetch)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = training.make_optimizer(params, train_cfg, device)
     forward = torch.compile(model, backend=cfg.compile_backend) if compile_model else model
-    model.train()
-    _reset_peak(device)
-    micro = training.largest_micro_batch(forward, model, images, labels, train_cfg, device)
-    fetch = training.batch_fetcher(images, labels, train_cfg, device)
-    steps = range(train_cfg.steps)
-    prefetcher = streaming.Prefetcher(fetch, steps, prefetch) if prefetch else None
-    get = prefetcher.get if prefetcher else fetch
-    height, width = images.shape[1:3]
-
-    def step(index: int) -> int:
-        batch_images, batch_labels = get(index)
-        draws = transforms.sample_crop_flip(cfg.batch, height, width, runtime.step_generator(0, index, 1))
-        training.train_step(forward, optimizer, params, batch_images, batch_labels, draws, train_cfg, micro, device)
-        return len(batch_labels)
-
-    try:
-        for index in steps[: cfg.warmup_steps]:
-            step(index)
-        bench._sync(device)
-        began = time.perf_counter()
-        done = sum(step(index) for index in steps[cfg.warmup_steps :])
-        bench._sync(device)
-        seconds = time.perf_counter() - began
-    finally:
-        if prefetcher:
-            prefetcher.close()
-    return {"images_per_s": done / seconds, "step_s": seconds / cfg.timed_steps, "micro_batch": micro,
-            "peak_memory_gib": _peak_gib(device), "timed_steps": cfg.timed_steps, "images": done,
-            "planned_images": cfg.batch * cfg.timed_steps, "seconds": seconds}
+    return preflight.time_steps(model, images, labels, train_cfg, device, cfg.warmup_steps, cfg.timed_steps,
+                                forward, prefetch)
 
 
 def executed_flops_per_image(model: torch.nn.Module, cfg: DeviceConfig, device: torch.device) -> float:
-    """Forward + backward FLOPs of one image with the model's current trainable set (FlopCounterMode)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        logits = model(torch.zeros(1, 3, cfg.img_size, cfg.img_size, device=device))
-        F.cross_entropy(logits, torch.zeros(1, dtype=torch.long, device=device)).backward()
-    model.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
+    return preflight.executed_flops_per_image(model, cfg.img_size, device)
 
 
 def _checked(result: dict, flops: float, limits: bench.Limits) -> dict:
@@ -238,7 +196,7 @@ def stage_baseline(cfg: DeviceConfig, device: torch.device, limits: bench.Limits
     flops = executed_flops_per_image(baseline, cfg, device)
     optimizer = torch.optim.SGD(baseline.parameters(), lr=0.01, momentum=0.9)
     baseline.train()
-    _reset_peak(device)
+    preflight.reset_peak_memory(device)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> int:
         optimizer.zero_grad(set_to_none=True)
@@ -252,10 +210,10 @@ def stage_baseline(cfg: DeviceConfig, device: torch.device, limits: bench.Limits
     step(*next(bench.steady_batches(split, bench.train_transform(cfg.img_size), cfg.batch, cfg.batch, 0, device)))
     batches = bench.steady_batches(split, bench.train_transform(cfg.img_size), cfg.batch,
                                    cfg.baseline_steps * cfg.batch, cfg.baseline_workers, device)
-    bench._sync(device)
+    preflight.synchronize(device)
     began = time.perf_counter()
     done = sum(step(images, labels) for images, labels in batches)
-    bench._sync(device)
+    preflight.synchronize(device)
     seconds = time.perf_counter() - began
     result = {"images_per_s": done / seconds, "step_s": seconds / cfg.baseline_steps, "images": done,
               "planned_images": cfg.batch * cfg.baseline_steps, "seconds": seconds,
@@ -287,12 +245,12 @@ def stage_plasticity(cfg: DeviceConfig, device: torch.device, limits: bench.Limi
     for mode in ("embedding", "hidden"):
         plasticity.measure(model, reference, downstream, max(2, cfg.pair_batch), cfg.pair_batch, cfg.img_size,
                            device, modes=(mode,), progress=lambda _: None)
-        _reset_peak(device)
-        bench._sync(device)
+        preflight.reset_peak_memory(device)
+        preflight.synchronize(device)
         began = time.perf_counter()
         table, _ = plasticity.measure(model, reference, downstream, cfg.pairs, cfg.pair_batch, cfg.img_size, device,
                                       modes=(mode,), progress=lambda _: None)
-        bench._sync(device)
+        preflight.synchronize(device)
         seconds = time.perf_counter() - began
         pairs = int(table["n"].max())  # the pairs whose ratios were taken
         timed = bench.Timed(pairs, cfg.pairs, seconds)
@@ -331,10 +289,10 @@ def eval_rate(cfg: DeviceConfig, device: torch.device, limits: bench.Limits, spl
     with torch.no_grad():
         with FlopCounterMode(display=False) as counter:
             warm = forward(0)
-        bench._sync(device)
+        preflight.synchronize(device)
         began = time.perf_counter()
         done = sum(forward(start) for start in starts)
-        bench._sync(device)
+        preflight.synchronize(device)
         seconds = time.perf_counter() - began
     result = {"images_per_s": done / seconds, "images": done, "planned_images": cfg.batch * cfg.eval_batches,
               "seconds": seconds}

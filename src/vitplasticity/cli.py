@@ -105,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     _model_job(p)
     _output(p, "--out", required=True)
 
+    p = sub.add_parser("preflight", _preflight,
+                       help="a few real training steps and a plasticity batch of each model of a study: "
+                            "fit, images/s, MFU and projected device-hours")
+    p.add_argument("--settings", required=True, help="the validated study config as one JSON object")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--memory-gib", type=float, default=None,
+                   help="memory limit to check against (default: the device's memory)")
+    _output(p, "--out", required=True, help="the results as JSON")
+    p.set_defaults(gpu=True)
+
     p = sub.add_parser("aggregate", _aggregate, help="tables and statistics of one experiment")
     p.add_argument("--settings", required=True)
     p.add_argument("--runs", type=Path, nargs="+", required=True, help="metrics.json of every run")
@@ -265,6 +275,12 @@ def _probe(args, settings, runtime, track) -> None:
     jobs = _jobs()
     metrics = jobs.linear_probe(settings, runtime, args.checkpoint, args.task, args.out, track)
     jobs.log(f"linear probe: test accuracy {metrics['test_acc']:.4f}")
+
+
+def _preflight(args, settings, runtime, track) -> None:
+    from vitplasticity import preflight
+
+    preflight.run(settings, runtime, args.out, args.memory_gib, progress=_jobs().log)
 
 
 def _aggregate(args, settings, runtime, track) -> None:

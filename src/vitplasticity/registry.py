@@ -39,7 +39,7 @@ CRITERIA = {
 # Rules that compute on a GPU when there is one: each asks for a GPU (SLURM profile, local GPU slots)
 # and its command takes a slot of its own (`vitplasticity.gpus`).
 GPU_RULES = ("pretrain_checkpoint", "finetune", "measure_plasticity", "measure_criteria", "measure_trajectory",
-             "linear_probe")
+             "linear_probe", "preflight")
 
 
 def caption(kind: str, name: str) -> str:

@@ -236,6 +236,25 @@ def get_finetune_settings(wildcards):
     return json.dumps(settings, sort_keys=True)
 
 
+def get_preflight_settings(wildcards):
+    """What the preflight measures (`vitplasticity.preflight`): the study's science and the runtime
+    settings that change its figures (as params, so a change reruns it; the job reads them from
+    the environment as every job does)."""
+    keys = (
+        "models",
+        "tasks",
+        "arms",
+        "controls",
+        "finetune",
+        "plasticity",
+        "experiments",
+    )
+    settings = {key: config[key] for key in keys}
+    measured = ("device", "micro_batch", "compile", "plasticity_batch")
+    runtime = {key: getattr(MACHINE.runtime, key) for key in measured}
+    return json.dumps(dict(settings, runtime=runtime), sort_keys=True)
+
+
 def get_plasticity_settings(wildcards):
     settings = dict(config["plasticity"], model=wildcards.model, task=wildcards.task)
     return json.dumps(settings, sort_keys=True)
