@@ -63,7 +63,7 @@ from torchvision import transforms as T
 from vitplasticity import plasticity, runtime, training, transforms
 from vitplasticity.components import BLOCK_COMPONENTS
 from vitplasticity.errors import UserError
-from vitplasticity.preflight import PEAK_TFLOPS
+from vitplasticity.preflight import rated_peak_flops
 from vitplasticity.prepared import Split
 
 PREFETCH_FACTOR = 2  # batches in flight per DataLoader worker (PyTorch's default)
@@ -237,7 +237,7 @@ def measure_limits(device: torch.device, min_window_s: float, override_tflops: f
     """The peak every window is checked against: the override, the GPU table, the CPU's vector units, or else
     `MEASURED_MARGIN` times the matmul rate measured now."""
     matmul = measured_matmul_flops(device)
-    table = peak_flops(device, override_tflops)
+    table = rated_peak_flops(device, override_tflops)
     cpu = cpu_peak_flops(len(os.sched_getaffinity(0))) if device.type == "cpu" and table is None else None
     if table:
         peak, source = table, "given" if override_tflops else "dense bf16 table"
@@ -411,16 +411,6 @@ def lengthened(seconds: float, units: int, window: Callable[[int], Window], devi
 
 
 # --- (b) finetuning step ---------------------------------------------------------------------
-
-
-def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
-    """The device's dense bf16 peak in FLOP/s: the override, else the table, else None."""
-    if override_tflops:
-        return override_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((tflops * 1e12 for fragment, tflops in PEAK_TFLOPS if fragment in name), None)
 
 
 def bench_finetune(cfg: BenchConfig, device: torch.device, limits: Limits) -> dict:

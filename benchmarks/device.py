@@ -51,7 +51,7 @@ from vitplasticity import components, plasticity, preflight, runtime, training, 
 from vitplasticity.prepared import Split
 
 ROOT = Path(__file__).resolve().parents[1]
-H100_BF16_TFLOPS = 989.0  # dense, SXM
+H100_BF16_TFLOPS = dict(preflight.PEAK_TFLOPS)["H100"]  # dense, SXM: the rated peaks' one home
 CONSUMER_MFU = 0.4  # the utilisation a good ViT-B/16 training step reaches
 # Arms without a measurement of their own take the step time of the closest measured arm: every block arm
 # back-propagates through all blocks (its block 0 is trainable), so arms differ mainly in weight gradients.

@@ -85,8 +85,8 @@ def test_reference_plasticity_equals_plasticity_measure_on_the_same_pairs():
 
 
 def test_peak_flops_uses_the_override_and_knows_no_cpu_peak():
-    assert bench.peak_flops(CPU, 2.5) == 2.5e12
-    assert bench.peak_flops(CPU, None) is None
+    assert bench.rated_peak_flops(CPU, 2.5) == 2.5e12
+    assert bench.rated_peak_flops(CPU, None) is None
 
 
 @pytest.mark.parametrize(("elapsed", "expected"), [(0.02, 10), (0.05, 4), (1.0, 2), (0.0, 20_000)])
@@ -216,12 +216,13 @@ def _sleeping_units(per_unit_s: float):
 
 def test_both_sides_are_lengthened_whatever_the_machine_speed():
     """2 units of 10 ms (baseline) and 20 ms (project) are far under the 0.25 s minimum; both sides are lengthened
-    to at least 0.3 s (30 and 15 units), so the comparison is valid, and the ratio stays the true 0.5. A fixed-size
-    baseline window, as before, was invalid on any machine fast enough."""
+    toward 0.5 s (about 50 and 25 units; fewer when a loaded machine stretches the calibrating sleeps), so the
+    comparison is valid, and the ratio stays the true 0.5. A fixed-size baseline window, as before, was invalid on
+    any machine fast enough."""
     result = bench.compare("short", bench.Side(_sleeping_units(0.01), 2), bench.Side(_sleeping_units(0.02), 2), 1,
-                           CPU, limits(), window_s=0.3)
+                           CPU, limits(), window_s=0.5)
     assert result["invalid"] == []
-    assert result["baseline_windows"][0]["images"] >= 30 and result["project_windows"][0]["images"] >= 15
+    assert result["baseline_windows"][0]["images"] > 25 and result["project_windows"][0]["images"] > 12
     assert result["speedup"] == pytest.approx(0.5, rel=0.15)
 
 
