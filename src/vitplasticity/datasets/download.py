@@ -68,8 +68,9 @@ class DownloadError(UserError):
             checksum_key = f"{where}.checksums: {{{resource.filename}: md5:<hex>}}"
         else:
             url_key, checksum_key = f"{where}.url: <mirror URL>", f"{where}.checksum: md5:<hex>"
-        return (f"task {name}: cannot download {resource.filename} from {resource.url} ({self.status}); if the "
-                f"host is down, point the task at a mirror of the same file with {url_key} (the download is still "
+        network = "" if self.status.startswith("HTTP ") else "check the network; "
+        return (f"task {name}: cannot download {resource.filename} from {resource.url} ({self.status}); {network}if "
+                f"the host is down, point the task at a mirror of the same file with {url_key} (the download is still "
                 f"checked against {resource.checksum}; {checksum_key} replaces that sum for a copy known to differ)")
 
 

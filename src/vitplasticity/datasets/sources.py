@@ -11,8 +11,9 @@ module for its split rule and official files):
 - ``split_seed``, ``val_fraction``, ``test_fraction``: the fixed random splits
 - ``max_images``: keep at most this many images of each split (a seeded random subset, in
   order); the classes stay all of the dataset's
-- ``subset`` ({images, seed}): train on a class-balanced subset of the training pool,
-  ``images // classes`` images of every class drawn with ``seed``, of which ``val_fraction``
+- ``subset`` ({images or per_class, seed}): train on a class-balanced subset of the training
+  pool, ``images // classes`` (or ``per_class``) images of every class drawn with ``seed``, of
+  which ``val_fraction``
   is held out for validation (`splits.balanced_subset`; sources in ``SUBSET_SOURCES``); the
   test split stays whole
 - ``corruption``, ``severity`` (cifar10c); ``domain`` (domainnet); ``path`` (imagenet_val,
