@@ -55,18 +55,21 @@ H100_BF16_TFLOPS = dict(preflight.PEAK_TFLOPS)["H100"]  # dense, SXM: the rated 
 CONSUMER_MFU = 0.4  # the utilisation a good ViT-B/16 training step reaches
 # Arms without a measurement of their own take the step time of the closest measured arm: every block arm
 # back-propagates through all blocks (its block 0 is trainable), so arms differ mainly in weight gradients.
-ARM_PROXY = {"all": "all", "emb": "all", "non_smooth": "all", "mha": "mha", "fc1": "mha", "fc2": "mha",
-             "ln1": "ln1", "ln2": "ln1", "smooth": "ln1"}
+ARM_PROXY = {"all": "all", "emb": "all", "non_smooth": "all", "mha_fc1": "all", "mha": "mha", "fc1": "mha",
+             "fc2": "mha", "ln1": "ln1", "ln2": "ln1", "smooth": "ln1"}
 ARCHS = {"vit_b16": "vit_base_patch16_224", "vit_l16": "vit_large_patch16_224", "vit_h14": "vit_huge_patch14_224"}
 # Validation and test sizes per task (images) under the study's splits (study-spec §5), from each dataset's
 # official split sizes: CIFAR 50,000 train (20% val) and 10,000 test; CIFAR-10-C 10,000 per corruption (20% test,
 # then 20% of the rest val); DomainNet clipart 48,833 and sketch 70,386 images; Flowers102 1,020 val and 6,149
-# test; Oxford-IIIT Pet 3,680 trainval (20% val) and 3,669 test.
+# test; Oxford-IIIT Pet 3,680 trainval (20% val) and 3,669 test. The low-data tasks validate on 20% of their
+# subset (CIFAR-100 and CIFAR-10-C 1,000 images, clipart 3,450, Pet 999) and test on the whole task's test split.
 EVAL_SIZES = {
     "cifar10": (10_000, 10_000), "cifar100": (10_000, 10_000),
     **{c: (1_600, 2_000) for c in ("contrast", "gaussian_noise", "motion_blur", "snow", "speckle_noise")},
     "clipart": (7_813, 9_767), "sketch": (11_262, 14_077), "flowers102": (1_020, 6_149),
     "oxford_pets": (736, 3_669),
+    "cifar100_low": (200, 10_000), "motion_blur_low": (200, 2_000), "clipart_low": (690, 9_767),
+    "oxford_pets_low": (200, 3_669),
 }
 
 
@@ -323,6 +326,7 @@ def projection(results: dict, config_path: Path, forward_rate: float | None) -> 
     controls = study.get("controls") or {}
     seeds = len(study["finetune"]["seeds"])
     total = 0.0
+    counted: set[tuple] = set()  # (model, task, optimizer, arm): a run two experiments share is costed once
     for name, exp in study["experiments"].items():
         arch = ARCHS.get(exp["model"], exp["model"])
         steps_by_arm = per_arch_step.get(arch, {})
@@ -340,6 +344,10 @@ def projection(results: dict, config_path: Path, forward_rate: float | None) -> 
             eval_images = spec["steps"] // spec["eval_every"] * n_val + n_test
             eval_s = eval_images / forward_rate * size_ratio[arch] if forward_rate else 0.0
             for arm in arms:
+                key = (exp["model"], task, exp.get("optimizer", "sgd"), arm)
+                if key in counted:
+                    continue
+                counted.add(key)
                 count = len(spec["lrs"]) * seeds
                 runs += count
                 seconds += count * (spec["steps"] * steps_by_arm[proxy[arm]] + eval_s)

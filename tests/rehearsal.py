@@ -139,7 +139,8 @@ def cifar100() -> bytes:
                              "coarse_labels": [label // 5 for label in labels]}, protocol=4)
 
     files = {
-        "cifar-100-python/train": entry(cifar_images(40, 0), [(7 * k) % 100 for k in range(40)]),
+        # Two images of every class: the low-data subset draws one of each.
+        "cifar-100-python/train": entry(cifar_images(200, 0), [(7 * k) % 100 for k in range(200)]),
         "cifar-100-python/test": entry(cifar_images(12, 500), [(13 * k) % 100 for k in range(12)]),
         "cifar-100-python/meta": pickle.dumps({"fine_label_names": names, "coarse_label_names": names[:20]},
                                               protocol=4),
@@ -160,12 +161,14 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def domainnet(domain: str, classes: int = 345, extra: int = 35) -> bytes:
-    """<domain>.zip: <domain>/<class>/<domain>_<c>_<i>.jpg, one image per class plus `extra`."""
+def domainnet(domain: str, classes: int = 345, extra: int = 35, copies: int = 1) -> bytes:
+    """<domain>.zip: <domain>/<class>/<domain>_<c>_<i>.jpg, one image per class plus `extra`, and `copies` - 1
+    more small ones of every class (so that a low-data subset finds every class in the training pool)."""
     files = {}
-    for n in range(classes + extra):
+    for n in range(classes * copies + extra):
         c = n % classes
-        files[f"{domain}/class_{c:03d}/{domain}_{c:03d}_{n:06d}.jpg"] = picture(n, SIZES[n % len(SIZES)])
+        size = SIZES[n % len(SIZES)] if n < classes + extra else (64, 48)
+        files[f"{domain}/class_{c:03d}/{domain}_{c:03d}_{n:06d}.jpg"] = picture(n, size)
     return zip_bytes(files)
 
 
@@ -212,7 +215,7 @@ def imagenet_val(images: int = 24) -> bytes:
 def archives() -> dict[str, bytes]:
     """Every served file by its path on the host."""
     files = {"cifar-10-python.tar.gz": cifar10(), "cifar-100-python.tar.gz": cifar100(),
-             "CIFAR-10-C.tar": cifar10c(), "domainnet/clipart.zip": domainnet("clipart"),
+             "CIFAR-10-C.tar": cifar10c(), "domainnet/clipart.zip": domainnet("clipart", copies=4),
              "domainnet/sketch.zip": domainnet("sketch")}
     files |= {f"flowers102/{name}": data for name, data in flowers102().items()}
     files |= {f"oxford_pets/{name}": data for name, data in oxford_pets().items()}

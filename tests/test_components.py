@@ -37,11 +37,12 @@ def _expected(arm: list[str], depth: int) -> set[str]:
 
 ARMS = {
     "emb": ["emb"], "ln1": ["ln1"], "mha": ["mha"], "ln2": ["ln2"], "fc1": ["fc1"], "fc2": ["fc2"],
-    "smooth": ["ln1", "ln2"], "non_smooth": ["mha", "fc1", "fc2"],
+    "smooth": ["ln1", "ln2"], "non_smooth": ["mha", "fc1", "fc2"], "mha_fc1": ["mha", "fc1"],
     "all": ["emb", "ln1", "mha", "ln2", "fc1", "fc2"],
 }
 # Parameter names per arm on the tiny model: head (4) + per block (x2 blocks).
-TINY_COUNTS = {"emb": 8, "ln1": 8, "mha": 12, "ln2": 8, "fc1": 8, "fc2": 8, "smooth": 12, "non_smooth": 20, "all": 32}
+TINY_COUNTS = {"emb": 8, "ln1": 8, "mha": 12, "ln2": 8, "fc1": 8, "fc2": 8, "smooth": 12, "non_smooth": 20,
+               "mha_fc1": 16, "all": 32}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_tiny_arm_trains_exactly_its_components(arm):
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(names)
 
 
-@pytest.mark.parametrize("arm", ["mha", "ln1", "fc2", "smooth", "non_smooth", "emb"])
+@pytest.mark.parametrize("arm", ["mha", "ln1", "fc2", "smooth", "non_smooth", "mha_fc1", "emb"])
 def test_vit_b_arm_trains_exactly_its_components(vit_b, arm):
     names = components.set_trainable(vit_b, ARMS[arm])
     assert set(names) == _expected(ARMS[arm], 12)
@@ -74,6 +75,18 @@ def test_vit_b_mha_arm_is_12_blocks_of_qkv_and_proj_plus_head(vit_b):
     assert "blocks.11.attn.qkv.weight" in names and "blocks.11.attn.proj.bias" in names
     assert "blocks.0.norm1.weight" not in names
     assert names[-4:] == HEAD
+
+
+def test_vit_b_mha_fc1_arm_trains_attention_and_the_first_mlp_layer_of_every_block(vit_b):
+    """The authors' later MHA + FC1 arm: 12 blocks × (qkv, proj, fc1: weight and bias) + head = 76 tensors;
+    12 × (4d² + 4d + 4d² + 4d) = 56,696,832 parameters at d = 768, plus the final norm (2d) and the head
+    (1,000 classes: 769,000)."""
+    names = components.set_trainable(vit_b, ["mha", "fc1"])
+    assert len(names) == 12 * 6 + 4 == 76
+    assert {"blocks.0.attn.qkv.weight", "blocks.11.mlp.fc1.bias"} <= set(names)
+    assert not any(".mlp.fc2." in name or ".norm1." in name or ".norm2." in name for name in names)
+    trained = sum(p.numel() for n, p in vit_b.named_parameters() if n in names)
+    assert trained == 12 * (8 * 768**2 + 8 * 768) + (768 * 1000 + 1000) + 2 * 768
 
 
 def test_set_trainable_freezes_everything_else():

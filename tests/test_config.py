@@ -113,6 +113,16 @@ MALFORMED = {
         "config key 'tasks.shapes_noise.data.severity': 6 is greater than the maximum of 5"]),
     "machine setting out of range": (QUICK, "runtime/eval_batch", 0, [
         "config key 'runtime.eval_batch': 0 is less than the minimum of 1; set it to at least 1"]),
+    "subset without a size": (PAPER, "tasks/cifar100_low/data/subset", {"seed": 1}, [
+        "config key 'tasks.cifar100_low.data.subset': {'seed': 1} is not valid under any of the given schemas"]),
+    "subset of no images": (PAPER, "tasks/cifar100_low/data/subset", {"images": 0}, [
+        "config key 'tasks.cifar100_low.data.subset.images': 0 is less than the minimum of 1"]),
+    "subset with an unknown key": (PAPER, "tasks/cifar100_low/data/subset", {"images": 1000, "per_image": 10}, [
+        "config key 'tasks.cifar100_low.data.subset': unknown key(s) 'per_image'; allowed keys: images, per_class, "
+        "seed"]),
+    "subset of a source without one training pool": (PAPER, "tasks/flowers102/data/subset", {"images": 1000}, [
+        "config key 'tasks.flowers102.data.subset': source flowers102 has no single training pool to draw a subset "
+        "from; remove subset or use a source of synthetic, cifar10, cifar100, cifar10c, domainnet, oxford_pets"]),
     "unknown machine setting": (QUICK, "runtime/batch", 8, [
         "config key 'runtime': unknown key(s) 'batch'",
         "allowed keys: compile, device, eval_batch, fork_server, micro_batch, plasticity_batch, prefetch"]),
@@ -185,3 +195,26 @@ def test_the_loader_fills_schema_defaults_once_and_splits_off_the_machine(tmp_pa
     assert machine_from_env({}) == Machine(Runtime(), Tracking(enabled=False, uri=None, experiment=""))
     with pytest.raises(UserError, match=f"^{MACHINE_ENV} is not the JSON of the machine settings"):
         machine_from_env({MACHINE_ENV: '{"runtime": {"gpu": 1}, "tracking": {}}'})
+
+
+def test_the_paper_config_has_the_authors_later_ablations():
+    """Low data (a 1,000-image subset, seed 42, 2,500 steps, evaluated every 125, the paper's arms but emb, the
+    main lr grids), MHA + FC1 on CIFAR-100 and clipart, and rank-8 LoRA on MHA in the AdamW ablation."""
+    config = copy.deepcopy(PAPER)
+    check_config(config, SCHEMA)
+    tasks, experiments = config["tasks"], config["experiments"]
+    low = experiments["low_data"]
+    assert low["tasks"] == ["cifar100_low", "motion_blur_low", "clipart_low", "oxford_pets_low"]
+    assert low["arms"] == ["all", "ln1", "mha", "ln2", "fc1", "fc2"] and low["optimizer"] == "sgd"
+    for name in low["tasks"]:
+        full = name.removesuffix("_low")
+        assert tasks[name]["data"]["subset"] == ({"per_class": 10, "seed": 42} if name == "clipart_low"
+                                                 else {"images": 1000, "seed": 42})
+        assert (tasks[name]["steps"], tasks[name]["eval_every"]) == (2500, 125)
+        assert tasks[name]["lrs"] == tasks[full]["lrs"]
+        assert {k: v for k, v in tasks[name]["data"].items() if k != "subset"} == tasks[full]["data"]
+    assert config["finetune"]["batch_size"] == 512 and len(config["finetune"]["seeds"]) == 3
+    assert config["arms"]["mha_fc1"] == ["mha", "fc1"]
+    assert experiments["mha_fc1"]["tasks"] == ["cifar100", "clipart"] and "mha_fc1" in experiments["mha_fc1"]["arms"]
+    assert PAPER["controls"]["mha_lora8"] == {"component": "mha", "lora_rank": 8}
+    assert "mha_lora8" in experiments["adamw"]["arms"] and "mha_lora8" not in experiments["main"]["arms"]

@@ -156,6 +156,28 @@ def test_cifar10c_severity_5_is_the_last_fifth_split_into_train_val_test(host, t
     assert sorted(rows) == list(range(40, 50))
 
 
+def test_a_subset_is_class_balanced_seeded_and_recorded_while_the_test_split_stays_whole(host, tmp_path):
+    """CIFAR-10-C with 50 images a severity (value = row 200..249, label = value % 10): 10 to test, then a
+    subset of 20 // 10 classes = 2 per class drawn from the 40 left, 80/20 into 16 train and 4 val."""
+    keys = serve(host, "c10c-subset", {"CIFAR-10-C.tar": cifar10c_archive(per_severity=50)})
+    whole_meta, whole_dir = run("whole", make_task("cifar10c", corruption="contrast", severity=5, **keys), tmp_path)
+    picked = {}
+    for seed in (42, 7):
+        task = make_task("cifar10c", corruption="contrast", severity=5, subset={"images": 20, "seed": seed}, **keys)
+        meta, out_dir = run(f"subset{seed}", task, tmp_path)
+        assert meta["splits"] == {"train": 16, "val": 4, "test": 10}
+        assert meta["provenance"]["subset"] == {"images": 20, "seed": seed}
+        splits = splits_of(out_dir)
+        pool = np.concatenate([splits["train"].images[:, 0, 0, 0], splits["val"].images[:, 0, 0, 0]]).astype(int)
+        assert sorted(np.bincount(pool % 10, minlength=10).tolist()) == [2] * 10
+        picked[seed] = sorted(pool.tolist())
+        # The test split is the whole task's, image for image.
+        assert np.array_equal(splits["test"].images, splits_of(whole_dir)["test"].images)
+        assert not set(pool) & set(splits["test"].images[:, 0, 0, 0].tolist())
+    assert picked[42] != picked[7]
+    assert "subset" not in whole_meta["provenance"] and whole_meta["splits"] == {"train": 32, "val": 8, "test": 10}
+
+
 def test_cifar10c_reads_the_chosen_corruption_and_severity(tmp_path):
     archive = tmp_path / "CIFAR-10-C.tar"
     archive.write_bytes(cifar10c_archive(per_severity=10))
@@ -443,6 +465,38 @@ def test_a_missing_file_names_the_url(host, tmp_path):
     resource = Resource("gone.bin", host.url("nowhere/gone.bin"), md5(b""))
     with pytest.raises(UserError, match=r"cannot download .*nowhere/gone.bin \(HTTP 404"):
         fetch(resource, tmp_path)
+
+
+def test_a_host_that_is_down_names_the_task_url_status_and_the_mirror_keys(host, tmp_path):
+    task = make_task("domainnet", domain="clipart", url=host.url("down/clipart.zip"), checksum=md5(b"clipart"))
+    with pytest.raises(UserError) as failed:
+        run("clipart", task, tmp_path)
+    assert str(failed.value) == (
+        f"task clipart: cannot download clipart.zip from {host.url('down/clipart.zip')} (HTTP 404 Not Found); "
+        "if the host is down, point the task at a mirror of the same file with tasks.clipart.data.url: <mirror URL> "
+        f"(the download is still checked against {md5(b'clipart')}; tasks.clipart.data.checksum: md5:<hex> replaces "
+        "that sum for a copy known to differ)")
+
+
+def test_a_host_that_is_down_for_one_of_several_files_names_the_file_keyed_mirror_keys(host, tmp_path):
+    keys = serve(host, "pets-down", pets_files(10, 4))
+    keys["urls"]["annotations.tar.gz"] = host.url("pets-down/gone/annotations.tar.gz")
+    with pytest.raises(UserError) as failed:
+        run("oxford_pets", make_task("oxford_pets", store_size=8, **keys), tmp_path)
+    assert str(failed.value).startswith(
+        "task oxford_pets: cannot download annotations.tar.gz from "
+        f"{host.url('pets-down/gone/annotations.tar.gz')} (HTTP 404 Not Found); if the host is down, point the task "
+        "at a mirror of the same file with tasks.oxford_pets.data.urls: {annotations.tar.gz: <mirror URL>} (the "
+        f"download is still checked against {keys['checksums']['annotations.tar.gz']}; "
+        "tasks.oxford_pets.data.checksums: {annotations.tar.gz: md5:<hex>} replaces")
+
+
+def test_a_mirror_set_by_url_is_still_checked_against_the_checksum(host, tmp_path):
+    data = cifar10_archive()
+    task = make_task("cifar10", url=host.put("mirror/cifar-10-python.tar.gz", data + b"changed"),
+                     checksum=md5(data))
+    with pytest.raises(UserError, match=r"^checksum mismatch for cifar-10-python.tar.gz from .*mirror/"):
+        run("cifar10", task, tmp_path)
 
 
 def test_jobs_sharing_a_raw_folder_download_once(host, tmp_path):

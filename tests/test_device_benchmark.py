@@ -59,7 +59,9 @@ def test_tiny_mode_measures_every_stage_and_projects_the_study(tmp_path):
     assert 3000 < gather["consumer_images_per_s"] < 4500
     # Run counts of config/config.yaml, as the job table of docs/paper-study.md gives them.
     runs = {name: r["runs"] for name, r in result["projection"].items() if isinstance(r, dict)}
-    assert runs == {"main": 1188 + 660, "adamw": 432, "size_large": 108, "size_huge": 108}  # main: 5 controls
+    # main: 5 controls; AdamW: rank-8 LoRA beside the 9 arms; mha_fc1: only its new arm (all, mha, fc1 are main's)
+    assert runs == {"main": 1188 + 660, "adamw": 480, "size_large": 108, "size_huge": 108, "low_data": 288,
+                    "mha_fc1": 24}
     assert result["projection"]["total_gpu_hours"] > 0
     assert done.stdout.strip().splitlines()[-1].startswith("summary: device ")
 
@@ -128,3 +130,16 @@ def test_projection_leaves_out_what_an_invalid_measurement_would_have_scaled():
                                      "arms by")
     assert out["size_large"] == {"skipped": "no valid step time measured for vit_large_patch16_224, arms all, ln1, mha"}
     assert "evaluation passes LEFT OUT (no valid forward rate measured)" in out["assumptions"]
+
+
+def test_projection_costs_the_later_ablations_and_a_shared_run_once():
+    """At 1 s a step for every arm: low data 288 runs × 2,500 steps = 200 h; MHA+FC1 only its 24 new runs (12 on
+    CIFAR-100 at 10,000 steps, 12 on clipart at 20,000) = 100 h, its arms all, mha and fc1 being main's runs."""
+    import device
+
+    step = {"invalid": None, "step_s": 1.0}
+    out = device.projection({"finetune": {"all": step, "mha": step, "ln1": step}}, ROOT / "config" / "config.yaml",
+                            forward_rate=None)
+    assert out["low_data"] == {"runs": 288, "gpu_hours": pytest.approx(200.0)}
+    assert out["mha_fc1"] == {"runs": 24, "gpu_hours": pytest.approx(100.0)}
+    assert out["adamw"]["runs"] == 4 * 4 * 3 * 10

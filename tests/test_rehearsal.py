@@ -31,11 +31,13 @@ from rehearsal import (
 from vitplasticity.datasets.sources import prepare_task
 from vitplasticity.prepared import load_split, read_meta
 
-# Every job of the paper study, with one lr and one seed: 11 tasks x (9 arms + 2 controls) + (4 + 1 + 1) x 9 arms.
+# Every job of the paper study, with one lr and one seed: main 11 tasks x (9 arms + 2 controls), AdamW 4 x (9 arms
+# + rank-8 LoRA), model size (1 + 1) x 9 arms, low data 4 tasks x 6 arms, and MHA+FC1's own arm on 2 tasks (its
+# arms all, mha and fc1 are main's runs).
 PLANNED = {
-    "prepare_dataset": 12, "fetch_checkpoint": 3, "measure_plasticity": 13, "measure_criteria": 13,
-    "compute_bounds": 13, "linear_probe": 13, "finetune": 11 * 11 + (4 + 1 + 1) * 9, "aggregate": 4, "figures": 4,
-    "compare_to_paper": 1, "all": 1,
+    "prepare_dataset": 16, "fetch_checkpoint": 3, "measure_plasticity": 17, "measure_criteria": 17,
+    "compute_bounds": 17, "linear_probe": 17, "finetune": 11 * 11 + 4 * 10 + (1 + 1) * 9 + 4 * 6 + 2,
+    "aggregate": 6, "figures": 6, "compare_to_paper": 1, "all": 1,
 }
 # The class counts that shape heads and probes, as the real datasets have them.
 CLASSES = {"cifar10": 10, "cifar100": 100, "contrast": 10, "clipart": 345, "sketch": 345, "flowers102": 102,
@@ -67,15 +69,20 @@ def test_overlay_merges_into_the_paper_config_key_by_key():
     # Tasks keep their source, store size and split keys, and gain the local host's URL and a cap.
     for name, task in paper["tasks"].items():
         for key, value in task["data"].items():
-            if key != "path":
+            if key not in ("path", "subset"):
                 assert config["tasks"][name]["data"][key] == value, (name, key)
+    # The low-data subsets keep their seed, smaller: one image of every class.
+    assert {name: task["data"]["subset"] for name, task in config["tasks"].items() if "subset" in task["data"]} == {
+        "cifar100_low": {"images": 100, "seed": 42}, "motion_blur_low": {"images": 10, "seed": 42},
+        "clipart_low": {"per_class": 1, "seed": 42}, "oxford_pets_low": {"images": 37, "seed": 42}}
     assert config["tasks"]["clipart"]["data"]["domain"] == "clipart"
     assert config["tasks"]["snow"]["data"] | {"url": None} == paper["tasks"]["snow"]["data"] | {
         "url": None, "checksum": "md5:92b88aad43888e226d999f8d2f09a3da", "max_images": 12}
     # Lists replace: one lr, one seed; the experiments, arms and plasticity modes are the paper's.
     assert config["tasks"]["clipart"]["lrs"] == [0.01] and config["finetune"]["seeds"] == [0]
     assert config["arms"] == paper["arms"] and config["controls"] == paper["controls"]
-    main = paper["experiments"]["main"] | {"arms": [*paper["arms"], "mha_as_ln1", "mha_lora1"]}
+    arms = [arm for arm in paper["experiments"]["main"]["arms"] if arm in paper["arms"]]
+    main = paper["experiments"]["main"] | {"arms": [*arms, "mha_as_ln1", "mha_lora1"]}
     assert config["experiments"] == paper["experiments"] | {"main": main}
     assert config["plasticity"]["modes"] == ["embedding", "hidden"]
     assert config["plasticity"]["reference_task"] == "imagenet_val"
@@ -103,6 +110,25 @@ def test_max_images_caps_every_split_and_keeps_every_class(tmp_path):
     assert test.images.shape == (5, 256, 256, 3)
 
 
+def test_the_low_data_tasks_draw_one_image_of_every_class_from_the_rehearsal_archives(tmp_path):
+    files = archives()
+    host = DatasetHost(tmp_path / "host")
+    config = merged_config([OVERLAY])
+    try:
+        for name, path in (("cifar100_low", "cifar-100-python.tar.gz"), ("motion_blur_low", "CIFAR-10-C.tar"),
+                           ("clipart_low", "domainnet/clipart.zip")):
+            data = dict(config["tasks"][name]["data"], url=host.put(path, files[path]), max_images=None,
+                        split_seed=42, val_fraction=0.2, test_fraction=0.2)
+            meta = prepare_task(name, data, tmp_path / name, tmp_path / "raw" / name)
+            classes = len(meta["classes"])
+            assert meta["splits"]["train"] + meta["splits"]["val"] == classes, name
+            labels = np.concatenate([load_split(tmp_path / name, split).labels for split in ("train", "val")])
+            assert sorted(labels.tolist()) == list(range(classes)), name
+            assert meta["provenance"]["subset"]["seed"] == 42
+    finally:
+        host.close()
+
+
 def check_results(study) -> None:
     """What a finished rehearsal must hold: the real class counts, stored sizes, token counts and widths,
     both plasticity modes with their pair counts, every run and every experiment's figures."""
@@ -128,14 +154,17 @@ def check_results(study) -> None:
     assert np.isfinite(plasticity["mean"]).all()
     runs = pd.read_csv(results / "tables" / "main" / "runs.csv")
     assert len(runs) == 11 * 11  # 9 arms and 2 controls
-    for experiment in ("main", "adamw", "size_large", "size_huge"):
+    low = pd.read_csv(results / "tables" / "low_data" / "runs.csv")
+    assert len(low) == 4 * 6 and "emb" not in set(low["arm"])
+    assert "mha_fc1" in set(pd.read_csv(results / "tables" / "mha_fc1" / "runs.csv")["arm"])
+    for experiment in ("main", "adamw", "size_large", "size_huge", "low_data", "mha_fc1"):
         assert (results / "figures" / experiment / "plasticity_vs_rank.png").stat().st_size > 0
     assert (results / "tables" / "main" / "paper_comparison.csv").is_file()
 
 
 @pytest.mark.slow
 def test_paper_rehearsal_runs_every_job(tmp_path):
-    """About 15 minutes on an idle 2-core CPU: 251 jobs of about 8 s of CPU each, mostly start-up."""
+    """About 20 minutes on an idle 2-core CPU: 306 jobs of about 8 s of CPU each, mostly start-up."""
     study = tmp_path / "study"
     config = merged_config([OVERLAY])
     assert checksums_problems(config) == []

@@ -64,7 +64,8 @@ def test_a_credential_in_a_download_url_is_never_printed(tmp_path, capsys):
     code, lines = run_cli(capsys, ["prepare", "--settings", json.dumps({"name": "cifar10", "data": data}),
                                    "--out", str(tmp_path / "prepared"), "--raw", str(tmp_path / "raw")])
     assert code == 2 and len(lines) == 1
-    assert lines[0].startswith("vitplasticity prepare: error: cannot download http://127.0.0.1:9/cifar-10-python")
+    assert lines[0].startswith("vitplasticity prepare: error: task cifar10: cannot download cifar-10-python.tar.gz "
+                               "from http://127.0.0.1:9/cifar-10-python")
     assert "s3cr3t" not in lines[0] and "reader" not in lines[0]
     assert not (tmp_path / "prepared").exists()
 

@@ -150,3 +150,23 @@ def test_a_synthetic_task_is_prepared_by_the_command_line_without_loading_torch(
     images, labels, _ = synthetic.generate("corrupt", "corrupt", "val", 5, 16, 3, corruption="contrast", severity=2)
     val = load_split(out, "val", verify=True)
     assert np.array_equal(val.images, images) and np.array_equal(val.labels, labels)
+
+
+def test_a_subset_pools_train_and_val_draws_a_balance_of_every_class_and_keeps_the_test_split(tmp_path):
+    """40 train + 20 val images of 5 classes pooled; a subset of 16 // 5 = 3 a class (15), round(15 × 0.2) = 3 to
+    val; the test split is generated as without a subset."""
+    from vitplasticity.datasets.sources import prepare_task
+
+    task = {"source": "synthetic", "kind": "novel", "image_size": 16, "n_train": 40, "n_val": 20, "n_test": 10,
+            "seed": 0, "split_seed": 42, "val_fraction": 0.2}
+    plain = prepare_task("novel", task, tmp_path / "plain", None)
+    meta = prepare_task("novel", dict(task, subset={"images": 16, "seed": 42}), tmp_path / "subset", None)
+    assert meta["splits"] == {"train": 12, "val": 3, "test": 10} and plain["splits"]["train"] == 40
+    assert meta["provenance"]["subset"] == {"images": 16, "seed": 42}
+    labels = np.concatenate([load_split(tmp_path / "subset", split).labels for split in ("train", "val")])
+    assert np.bincount(labels).tolist() == [3] * 5
+    assert np.array_equal(load_split(tmp_path / "subset", "test").images, load_split(tmp_path / "plain", "test").images)
+    # Every subset image is one of the generated train or val images.
+    pool = {image.tobytes() for split in ("train", "val") for image in load_split(tmp_path / "plain", split).images}
+    assert all(image.tobytes() in pool for split in ("train", "val")
+               for image in load_split(tmp_path / "subset", split).images)

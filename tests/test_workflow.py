@@ -63,6 +63,24 @@ def test_adding_a_task_plans_its_jobs_in_one_invocation(smoke_copy, tmp_path):
     }, result.stdout + result.stderr
 
 
+@pytest.mark.slow
+def test_a_changed_subset_reruns_only_that_tasks_jobs(smoke_copy, tmp_path):
+    """The subset is part of the task's data settings, so of its preparation's params: a new subset of `novel`
+    (50 // 5 classes = 10 images a class) replans that preparation and everything that reads it, not `sketch`'s."""
+    config = smoke_config()
+    config["tasks"]["novel"]["data"]["subset"] = {"images": 50, "seed": 42}
+    changed = write_config(tmp_path / "changed.yaml", config)
+    result = snakemake(smoke_copy, "-n", config=changed)
+    output = result.stdout + result.stderr
+    arms, lrs, seeds = len(config["arms"]), len(config["tasks"]["novel"]["lrs"]), len(config["finetune"]["seeds"])
+    assert planned_jobs(output) == {
+        "prepare_dataset": 1, "finetune": arms * lrs * seeds, "linear_probe": 1, "measure_plasticity": 1,
+        "compute_bounds": 1, "measure_trajectory": 1, "aggregate": 1, "figures": 1, "all": 1
+    }, output
+    # Every job that names a task names novel (the trajectory and aggregation name none; they read both tasks).
+    assert "output: data/prepared/novel" in output and "task=novel" in output and "task=sketch" not in output
+
+
 # Every machine setting of a study config (docs/configuration.md: "What reruns after which change"): each key of
 # `runtime`, `tracking`, the study name, and the profile's threads.
 MACHINE_CHANGES = {
@@ -159,11 +177,17 @@ def test_paper_dag_plans_every_job(tmp_path):
     shutil.copytree(ROOT / "config", tmp_path / "config")
     result = snakemake(tmp_path, "-n", config=ROOT / "config" / "config.yaml", timeout=120)
     jobs = planned_jobs(result.stdout)
-    # main 11 tasks x 4 lrs x 3 seeds x (9 arms + 5 controls) + AdamW 4 x 4 x 3 x 9 + model size 2 x 1 x 4 x 3 x 9
-    assert jobs["finetune"] == 1188 + 660 + 432 + 216
-    assert jobs["prepare_dataset"] == 12
+    # main 11 tasks x 4 lrs x 3 seeds x (9 arms + 5 controls) + AdamW 4 x 4 x 3 x (9 + rank-8 LoRA)
+    # + model size 2 x 1 x 4 x 3 x 9 + low data 4 x 4 x 3 x 6 + MHA+FC1 2 x 4 x 3 (its other arms are main's runs)
+    assert jobs["finetune"] == 1188 + 660 + 480 + 216 + 288 + 24
+    assert jobs["prepare_dataset"] == 16  # 11 tasks + 4 low-data subsets + ImageNet val
     assert jobs["fetch_checkpoint"] == 3
-    assert jobs["measure_plasticity"] == 13 and jobs["compute_bounds"] == 13 and jobs["measure_criteria"] == 13
-    assert jobs["linear_probe"] == 13
-    assert jobs["aggregate"] == 4 and jobs["figures"] == 4
+    assert jobs["measure_plasticity"] == 17 and jobs["compute_bounds"] == 17 and jobs["measure_criteria"] == 17
+    assert jobs["linear_probe"] == 17
+    assert jobs["aggregate"] == 6 and jobs["figures"] == 6
+    for run in ("results/runs/vit_b16/cifar100_low/sgd/fc2/lr0.03_seed3407/metrics.json",
+                "results/runs/vit_b16/clipart/sgd/mha_fc1/lr0.06_seed42/metrics.json",
+                "results/runs/vit_b16/motion_blur/adamw/mha_lora8/lr1e-05_seed0/metrics.json"):
+        assert run in result.stdout
+    assert "results/runs/vit_b16/cifar100_low/sgd/emb/" not in result.stdout
     assert "measure_trajectory" not in jobs  # fetched checkpoints have no pretraining trajectory

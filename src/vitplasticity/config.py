@@ -18,6 +18,7 @@ import jsonschema
 import yaml
 
 from vitplasticity.datasets.imagefolder import class_folders
+from vitplasticity.datasets.sources import SUBSET_SOURCES
 from vitplasticity.datasets.synthetic import CORRUPTIONS
 from vitplasticity.errors import UserError
 from vitplasticity.settings import SCHEMA
@@ -136,6 +137,9 @@ def check_references(config: dict) -> None:
                      f"config key 'tasks.{name}.eval_every': {task['eval_every']} exceeds steps ({task['steps']}); "
                      "set it to at most steps")
         data = task["data"]
+        _require("subset" not in data or data["source"] in SUBSET_SOURCES,
+                 f"config key 'tasks.{name}.data.subset': source {data['source']} has no single training pool to "
+                 f"draw a subset from; remove subset or use a source of {', '.join(SUBSET_SOURCES)}")
         if data["source"] == "imagefolder":
             for key in ("path", "store_size"):
                 _require(data.get(key) is not None,

@@ -15,7 +15,7 @@ from torchvision.datasets import CIFAR10, CIFAR100
 from vitplasticity.datasets.archives import extract
 from vitplasticity.datasets.download import Resource, fetch, locked, resolve
 from vitplasticity.datasets.images import write_splits
-from vitplasticity.datasets.splits import holdout
+from vitplasticity.datasets.splits import train_val
 from vitplasticity.errors import UserError
 
 REQUIRED = ("store_size", "split_seed", "val_fraction")
@@ -45,7 +45,7 @@ def prepare(task: dict, out_dir: Path, raw_dir: Path, provenance: dict) -> dict:
         raise UserError(
             f"{raw_dir} lacks files of {resource.filename} ({exc}); delete {raw_dir} and run again"
         ) from exc
-    kept, val = holdout(np.arange(len(train)), task["val_fraction"], task["split_seed"])
+    kept, val = train_val(np.arange(len(train)), task, np.asarray(train.targets), train.classes)
     parts = {"train": (train, kept), "val": (train, val), "test": (test, np.arange(len(test)))}
     provenance = provenance | {"files": [vars(resource)]}
     return write_splits(out_dir, parts, list(train.classes), provenance, task["store_size"],

@@ -34,8 +34,7 @@ def prepare(task: dict, out_dir: Path, raw_dir: Path, provenance: dict) -> dict:
         archive = fetch(resource, raw_dir)
     images, labels = read_severity(archive, task["corruption"], task["severity"])
     dataset = list(zip(images, labels, strict=True))
-    splits = train_val_test(len(labels), task["val_fraction"], task["test_fraction"],
-                            task["split_seed"])
+    splits = train_val_test(task, labels, CLASSES)
     parts = {split: (dataset, rows) for split, rows in splits.items()}
     provenance = provenance | {"files": [vars(resource)]}
     return write_splits(out_dir, parts, CLASSES, provenance, task["store_size"],

@@ -36,8 +36,7 @@ def prepare(task: dict, out_dir: Path, raw_dir: Path, provenance: dict) -> dict:
     with locked(raw_dir):
         archive = fetch(resource, raw_dir)
     with ImageFiles(archive, root=domain, decoding=Decoding.of_task(task)) as dataset:
-        splits = train_val_test(len(dataset), task["val_fraction"], task["test_fraction"],
-                                task["split_seed"])
+        splits = train_val_test(task, dataset.labels, dataset.classes)
         parts = {split: (dataset, rows) for split, rows in splits.items()}
         provenance = provenance | {"files": [vars(resource)], "skipped": dict(dataset.skipped)}
         return write_splits(out_dir, parts, dataset.classes, provenance, task["store_size"],

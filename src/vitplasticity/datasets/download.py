@@ -4,7 +4,8 @@ A file streams into ``<file>.part``; after an interruption the next run asks the
 the rest with an HTTP Range request. The finished ``.part`` is checked against its
 ``md5:<hex>`` or ``sha256:<hex>`` checksum and renamed to ``<file>`` only when it matches;
 a mismatch deletes it. Progress is a tqdm bar on stderr; every failure is one `UserError` line
-with its fix, with any credential in the URL redacted.
+with its fix, with any credential in the URL redacted; a file the host does not send is a
+`DownloadError`, which names the task's mirror keys once the task is known.
 
 Why not a library: `pooch.retrieve` and torchvision's `download_url` /
 `download_and_extract_archive` restart an interrupted download from byte 0 (neither sends a
@@ -46,6 +47,31 @@ class Resource:
     filename: str
     url: str
     checksum: str
+
+
+class DownloadError(UserError):
+    """A host did not send `resource`: `status` is the HTTP status ("HTTP 404 Not Found") or the
+    network's reason. `for_task` words the message for a task, with the keys that point it at a mirror.
+    """
+
+    def __init__(self, resource: Resource, status: str) -> None:
+        self.resource, self.status = resource, status
+        super().__init__(f"cannot download {resource.filename} from {resource.url} ({status}); check the URL, or "
+                         "point the task at a mirror of the same file with its url and checksum keys")
+
+    def for_task(self, name: str, several_files: bool) -> str:
+        """One line naming task `name`, the URL, the status and the override keys of the task's config
+        (`url`/`checksum`, or `urls`/`checksums` keyed by file name when its source downloads several)."""
+        resource, where = self.resource, f"tasks.{name}.data"
+        if several_files:
+            url_key = f"{where}.urls: {{{resource.filename}: <mirror URL>}}"
+            checksum_key = f"{where}.checksums: {{{resource.filename}: md5:<hex>}}"
+        else:
+            url_key, checksum_key = f"{where}.url: <mirror URL>", f"{where}.checksum: md5:<hex>"
+        network = "" if self.status.startswith("HTTP ") else "check the network; "
+        return (f"task {name}: cannot download {resource.filename} from {resource.url} ({self.status}); {network}if "
+                f"the host is down, point the task at a mirror of the same file with {url_key} (the download is still "
+                f"checked against {resource.checksum}; {checksum_key} replaces that sum for a copy known to differ)")
 
 
 def resolve(defaults: list[Resource], task: dict) -> list[Resource]:
@@ -116,7 +142,7 @@ def fetch(resource: Resource, folder: Path) -> Path:
         path.unlink()
     folder.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
-    _download(resource.url, part)
+    _download(resource, part)
     actual = file_digest(part, algorithm)
     if actual != expected:
         part.unlink()
@@ -129,8 +155,9 @@ def fetch(resource: Resource, folder: Path) -> Path:
     return path
 
 
-def _download(url: str, part: Path) -> None:
-    """Stream `url` (http or https) into `part`, continuing from the bytes already there."""
+def _download(resource: Resource, part: Path) -> None:
+    """Stream `resource` (an http or https URL) into `part`, continuing from the bytes already there."""
+    url = resource.url
     if not url.startswith(("http://", "https://")):
         raise UserError(f"cannot download {url}: only http:// and https:// URLs are fetched; fix the task's url")
     offset = part.stat().st_size if part.exists() else 0
@@ -143,14 +170,9 @@ def _download(url: str, part: Path) -> None:
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and offset:
             return  # nothing left to fetch: the part file is whole; its checksum decides
-        raise UserError(
-            f"cannot download {url} (HTTP {exc.code} {exc.reason}); check the task's url"
-        ) from exc
+        raise DownloadError(resource, f"HTTP {exc.code} {exc.reason}") from exc
     except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise UserError(
-            f"cannot download {url} ({reason}); check the network and the task's url, then rerun"
-        ) from exc
+        raise DownloadError(resource, str(getattr(exc, "reason", exc))) from exc
     with response:
         if offset and response.status == 206:
             start = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))

@@ -14,7 +14,7 @@ from torchvision.datasets import OxfordIIITPet
 from vitplasticity.datasets.archives import extract
 from vitplasticity.datasets.download import Resource, fetch, locked, resolve
 from vitplasticity.datasets.images import Decoding, read_image, write_splits
-from vitplasticity.datasets.splits import holdout
+from vitplasticity.datasets.splits import train_val
 from vitplasticity.errors import UserError
 
 REQUIRED = ("store_size", "split_seed", "val_fraction")
@@ -51,7 +51,7 @@ def prepare(task: dict, out_dir: Path, raw_dir: Path, provenance: dict) -> dict:
         raise UserError(
             f"{folder} lacks Oxford-IIIT Pet's files ({exc!r}); delete {raw_dir} and run again"
         ) from exc
-    kept, val = holdout(np.arange(len(trainval)), task["val_fraction"], task["split_seed"])
+    kept, val = train_val(np.arange(len(trainval)), task, np.asarray(trainval._labels), trainval.classes)
     parts = {"train": (trainval, kept), "val": (trainval, val),
              "test": (test, np.arange(len(test)))}
     provenance = provenance | {"files": [vars(resource) for resource in resources]}

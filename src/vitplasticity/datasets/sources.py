@@ -11,6 +11,11 @@ module for its split rule and official files):
 - ``split_seed``, ``val_fraction``, ``test_fraction``: the fixed random splits
 - ``max_images``: keep at most this many images of each split (a seeded random subset, in
   order); the classes stay all of the dataset's
+- ``subset`` ({images or per_class, seed}): train on a class-balanced subset of the training
+  pool, ``images // classes`` (or ``per_class``) images of every class drawn with ``seed``, of
+  which ``val_fraction``
+  is held out for validation (`splits.balanced_subset`; sources in ``SUBSET_SOURCES``); the
+  test split stays whole
 - ``corruption``, ``severity`` (cifar10c); ``domain`` (domainnet); ``path`` (imagenet_val,
   imagefolder); ``devkit``, ``order`` (imagenet_val: the reference stream's classes and order)
 - ``max_image_pixels``, ``pixel_range`` (sources read from image files: domainnet, flowers102,
@@ -27,6 +32,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from vitplasticity.datasets.download import DownloadError
 from vitplasticity.errors import UserError
 
 # Source name -> its module in this package, imported only when a task of it is prepared (a
@@ -44,9 +50,12 @@ SOURCES = {
 }
 # Sources generated here or read from a local path: they need no download folder.
 LOCAL_SOURCES = ("synthetic", "imagenet_val", "imagefolder")
+# Sources whose train and validation images come from one pool, which a `subset` is drawn from.
+SUBSET_SOURCES = ("synthetic", "cifar10", "cifar100", "cifar10c", "domainnet", "oxford_pets")
 # The keys that shape the prepared data; they are recorded in its provenance.
 DATA_KEYS = ("source", "store_size", "split_seed", "val_fraction", "test_fraction", "corruption",
-             "severity", "domain", "path", "devkit", "order", "max_images", "max_image_pixels", "pixel_range")
+             "severity", "domain", "path", "devkit", "order", "max_images", "max_image_pixels", "pixel_range",
+             "subset")
 
 
 def prepare_task(name: str, task: dict, out_dir: Path, raw_dir: Path | None) -> dict:
@@ -66,4 +75,8 @@ def prepare_task(name: str, task: dict, out_dir: Path, raw_dir: Path | None) -> 
         raise UserError(f"task {name} ({source}) is downloaded: give a download folder with --raw, e.g. "
                         f"--raw data/raw/{source}")
     provenance = {"task": name} | {key: task[key] for key in DATA_KEYS if task.get(key) is not None}
-    return module.prepare(task, Path(out_dir), raw_dir and Path(raw_dir), provenance)
+    try:
+        return module.prepare(task, Path(out_dir), raw_dir and Path(raw_dir), provenance)
+    except DownloadError as error:
+        # A source of several files lists them as OFFICIAL (flowers102, oxford_pets): overridden by file name.
+        raise UserError(error.for_task(name, isinstance(getattr(module, "OFFICIAL", None), list))) from error

@@ -9,6 +9,9 @@ paper's task families do:
 - ``corrupt``: the source classes under a corruption at a severity (as CIFAR-10-C);
 - ``sketch``: the source classes drawn as dark outlines on paper (style, as DomainNet sketch).
 
+With a ``subset``, the generated train and val images are pooled, the class-balanced subset is
+drawn from them and ``val_fraction`` of it held out (`splits.train_val`).
+
 Same seed, same arguments → same bytes.
 """
 
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vitplasticity.datasets.splits import train_val
 from vitplasticity.prepared import write_prepared
 
 SOURCE_SHAPES = ("circle", "square", "triangle", "cross", "ring")
@@ -177,4 +181,10 @@ def prepare(task: dict, out_dir: Path, raw_dir: Path | None, provenance: dict) -
             **{key: task[key] for key in ("corruption", "severity") if key in task})
         splits[split] = (images, labels)
         print(f"{name}: generated {split} ({len(labels)} images)", file=sys.stderr, flush=True)
+    if task.get("subset"):
+        # The generated train and val images are the training pool the subset is drawn from.
+        images, labels = (np.concatenate([splits["train"][i], splits["val"][i]]) for i in (0, 1))
+        for split, rows in zip(("train", "val"), train_val(np.arange(len(labels)), task, labels, classes),
+                               strict=True):
+            splits[split] = (images[rows], labels[rows])
     return write_prepared(out_dir, splits, classes, {"generator": __name__, **task})
