@@ -114,16 +114,20 @@ def test_projection_by_hand():
         "tasks": {"a": {"steps": 100, "lrs": [0.1, 0.01]}, "b": {"steps": 50, "lrs": [0.1]}},
         "plasticity": {"n_pairs": 1000},
         "experiments": {"e1": {"model": "m", "optimizer": "sgd", "tasks": ["a", "b"]},
-                        "e2": {"model": "m", "optimizer": "sgd", "tasks": ["a", "b"], "arms": ["mha"]}},
+                        "e2": {"model": "m", "optimizer": "sgd", "tasks": ["a", "b"], "arms": ["mha"], "lr_scale": 0.5},
+                        "e3": {"model": "m", "optimizer": "sgd", "tasks": ["b"], "arms": ["mha", "ln1"],
+                               "lr_scale": 0.5}},
     }
     out = preflight.project(settings, {"m": {"sgd": {"all": 2.0, "mha": 1.0}}}, {"m": 0.5}, 250)
     # e1, per step over its 6 arms: all 2 + emb 2 + mha 1 + ln1 1 (as mha) + smooth 2 (as all) + mha_lora1 1 = 9 s;
     # task a: 2 lrs x 3 seeds x 100 steps x 9 s = 5400 s, task b: 1 x 3 x 50 x 9 = 1350 s.
     assert out["e1"] == {"runs": 6 * 9, "steps": 6 * (600 + 150), "gpu_hours": pytest.approx(6750 / 3600)}
     assert out["e2"] == {"runs": 9, "steps": 750, "gpu_hours": pytest.approx(750 / 3600)}
+    # e3's mha runs on b are e2's (same lrs): only its ln1 runs on b are new, 3 x 50 steps x 1 s.
+    assert out["e3"] == {"runs": 3, "steps": 150, "gpu_hours": pytest.approx(150 / 3600)}
     # Two plasticity jobs (m, a) and (m, b): ceil(1000 / 250) = 4 batches x 0.5 s each.
     assert out["plasticity"] == {"jobs": 2, "gpu_hours": pytest.approx(4 / 3600)}
-    assert out["total_gpu_hours"] == pytest.approx((6750 + 750 + 4) / 3600)
+    assert out["total_gpu_hours"] == pytest.approx((6750 + 750 + 150 + 4) / 3600)
 
 
 def test_a_config_without_a_single_component_arm_is_one_line():
@@ -167,5 +171,8 @@ def test_the_paper_projection_counts_the_runs_the_paper_dag_plans():
     projected = preflight.project(config, {model: steps for model in config["models"]},
                                   {model: 1.0 for model in config["models"]}, 64)
     runs = {name: p["runs"] for name, p in projected.items() if isinstance(p, dict) and "runs" in p}
-    assert runs == {"main": 1188 + 660, "adamw": 432, "size_large": 108, "size_huge": 108}
-    assert projected["plasticity"]["jobs"] == 13
+    # mha_fc1 shares its all, mha and fc1 runs with main: only its 2 tasks x 4 lrs x 3 seeds of mha_fc1 are new.
+    assert runs == {"main": 1188 + 660, "adamw": 480, "size_large": 108, "size_huge": 108, "low_data": 288,
+                    "mha_fc1": 24}
+    assert sum(runs.values()) == 2856  # the finetuning jobs of the paper config's dry run
+    assert projected["plasticity"]["jobs"] == 17

@@ -211,7 +211,8 @@ def project(settings: Mapping, step_s: Mapping[str, Mapping[str, Mapping[str, fl
 
     `step_s[model][optimizer][arm]` (s) for the arms ``all`` and the single one; an experiment's runs are
     tasks x arms (its `arms`, else every arm and control) x the task's lrs x the seeds, each `steps` x the step
-    time of its arm's proxy (`arm_proxy`). Plasticity jobs (one per model and task of the experiments):
+    time of its arm's proxy (`arm_proxy`); a run an earlier experiment already plans (same model, task,
+    optimizer, arm and lrs) is not counted again. Plasticity jobs (one per model and task of the experiments):
     ceil(n_pairs / plasticity_batch) batches x `plasticity_batch_s[model]`. Evaluation passes, criteria and
     checkpoint jobs are not counted (`assumptions` says so).
     """
@@ -219,6 +220,7 @@ def project(settings: Mapping, step_s: Mapping[str, Mapping[str, Mapping[str, fl
     seeds = len(settings["finetune"]["seeds"])
     out: dict = {}
     total = 0.0
+    planned: set[tuple] = set()  # a run two experiments share (the same run folder) is one run, of the first
     for name, exp in settings["experiments"].items():
         measured = step_s[exp["model"]][exp["optimizer"]]
         single = next(arm for arm in measured if arm != "all")
@@ -226,6 +228,10 @@ def project(settings: Mapping, step_s: Mapping[str, Mapping[str, Mapping[str, fl
         for task in exp["tasks"]:
             spec = settings["tasks"][task]
             for arm in exp.get("arms") or list(arms):
+                run = (exp["model"], task, exp["optimizer"], arm, exp.get("lr_scale", 1.0))
+                if run in planned:
+                    continue
+                planned.add(run)
                 count = len(spec["lrs"]) * seeds
                 runs += count
                 steps += count * spec["steps"]
