@@ -6,15 +6,17 @@ module for its split rule and official files):
 
 - ``source``: synthetic (the quick study's images, `vitplasticity.datasets.synthetic`), cifar10,
   cifar100, cifar10c, domainnet, flowers102, oxford_pets, imagenet_val, imagefolder (a user's
-  ImageFolder tree, `vitplasticity.datasets.imagefolder`)
+  ImageFolder tree, `vitplasticity.datasets.imagefolder`), vtab1k (a task of the processed VTAB-1k
+  copy, `vitplasticity.datasets.vtab1k`)
 - ``store_size``: images are stored square: shorter side resized to it, then centre-cropped
 - ``split_seed``, ``val_fraction``, ``test_fraction``: the fixed random splits
 - ``max_images``: keep at most this many images of each split (a seeded random subset, in
   order); the classes stay all of the dataset's
 - ``corruption``, ``severity`` (cifar10c); ``domain`` (domainnet); ``path`` (imagenet_val,
-  imagefolder); ``devkit``, ``order`` (imagenet_val: the reference stream's classes and order)
+  imagefolder, vtab1k); ``vtab_task`` (vtab1k); ``devkit``, ``order`` (imagenet_val: the
+  reference stream's classes and order)
 - ``max_image_pixels``, ``pixel_range`` (sources read from image files: domainnet, flowers102,
-  oxford_pets, imagenet_val, imagefolder): how images are decoded
+  oxford_pets, imagenet_val, imagefolder, vtab1k): how images are decoded
   (`vitplasticity.datasets.images.Decoding`)
 - ``url`` and ``checksum`` (``md5:<hex>`` or ``sha256:<hex>``) replace the official URL and
   checksum of a single-file source; ``urls`` and ``checksums`` ({filename: value}) those of
@@ -41,12 +43,14 @@ SOURCES = {
     "oxford_pets": "pets",
     "imagenet_val": "imagenet",
     "imagefolder": "imagefolder",
+    "vtab1k": "vtab1k",
 }
 # Sources generated here or read from a local path: they need no download folder.
-LOCAL_SOURCES = ("synthetic", "imagenet_val", "imagefolder")
+LOCAL_SOURCES = ("synthetic", "imagenet_val", "imagefolder", "vtab1k")
 # The keys that shape the prepared data; they are recorded in its provenance.
 DATA_KEYS = ("source", "store_size", "split_seed", "val_fraction", "test_fraction", "corruption",
-             "severity", "domain", "path", "devkit", "order", "max_images", "max_image_pixels", "pixel_range")
+             "severity", "domain", "path", "vtab_task", "devkit", "order", "max_images", "max_image_pixels",
+             "pixel_range")
 
 
 def prepare_task(name: str, task: dict, out_dir: Path, raw_dir: Path | None) -> dict:
