@@ -8,10 +8,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from conftest import ROOT, planned_jobs, snakemake, write_config
 from PIL import Image
 from vtab_fixture import COUNTS, FORMATS, grey_levels, label_of, make_vtab
 
 from vitplasticity import aggregate as agg
+from vitplasticity.config import check_config
 from vitplasticity.datasets.sources import prepare_task
 from vitplasticity.datasets.vtab1k import TASKS
 from vitplasticity.errors import UserError
@@ -212,3 +215,43 @@ def test_the_vtab_table_lists_only_the_tasks_run_and_is_empty_without_vtab_tasks
     assert list(view.columns[:2]) == ["cifar", "kitti"] and view.loc["MHA", "cifar"] == 70.0
     assert "linear probe" not in view.index
     assert agg.vtab_table(runs, {}, {}, ["mha"]).empty
+
+
+def vtab_config() -> dict:
+    return yaml.safe_load((ROOT / "config" / "vtab.yaml").read_text())
+
+
+def test_config_vtab_holds_the_19_tasks_in_their_real_shapes():
+    config = vtab_config()
+    check_config(config)
+    vtab = {name: task for name, task in config["tasks"].items() if task["data"]["source"] == "vtab1k"}
+    assert {task["data"]["vtab_task"] for task in vtab.values()} == set(TASKS)
+    assert config["experiments"]["vtab"]["tasks"] == list(TASKS)  # VTAB's order, each task under its own name
+    assert {(task["steps"], task["eval_every"]) for task in vtab.values()} == {(2500, 125)}
+    assert config["finetune"]["batch_size"] == 512 and config["plasticity"]["reference_task"] == "imagenet_val"
+    assert config["experiments"]["vtab"]["arms"] == list(config["arms"])
+
+
+def test_an_unknown_vtab_task_fails_the_config_check_in_one_line():
+    config = vtab_config()
+    config["tasks"]["kitti"]["data"]["vtab_task"] = "kitty"
+    with pytest.raises(UserError) as error:
+        check_config(config)
+    assert str(error.value).startswith("config key 'tasks.kitti.data.vtab_task': 'kitty' is not a VTAB-1k task; "
+                                       "allowed: cifar, caltech101,")
+
+
+def test_the_vtab_dry_run_plans_the_study_on_a_processed_copy(tmp_path):
+    config = vtab_config()
+    fixture = make_vtab(tmp_path / "vtab-1k")
+    for task in config["tasks"].values():
+        if task["data"]["source"] == "vtab1k":
+            task["data"]["path"] = str(fixture)
+    result = snakemake(tmp_path, "-n", "-p", config=write_config(tmp_path / "vtab.yaml", config), timeout=300)
+    jobs = planned_jobs(result.stdout)
+    assert jobs == {"fetch_checkpoint": 1, "prepare_dataset": 20,  # 19 tasks + the ImageNet reference stream
+                    "finetune": 19 * 4 * 3 * 9,  # tasks x lrs x seeds x arms = 2,052
+                    "linear_probe": 19, "measure_criteria": 19, "measure_plasticity": 19, "compute_bounds": 19,
+                    "aggregate": 1, "figures": 1, "all": 1}
+    # The aggregation knows each task's VTAB name, for the vtab table.
+    assert '"vtab_tasks": {"caltech101": "caltech101", "cifar": "cifar",' in result.stdout
