@@ -255,3 +255,14 @@ def test_the_vtab_dry_run_plans_the_study_on_a_processed_copy(tmp_path):
                     "aggregate": 1, "figures": 1, "all": 1}
     # The aggregation knows each task's VTAB name, for the vtab table.
     assert '"vtab_tasks": {"caltech101": "caltech101", "cifar": "cifar",' in result.stdout
+
+
+def test_a_path_with_spaces_is_read_up_to_the_label(vtab, tmp_path):
+    folder = vtab / "svhn"
+    (folder / "images" / "test" / "0006.png").rename(folder / "images" / "test" / "six six.png")
+    lines = (folder / "test.txt").read_text().replace("images/test/0006.png", "images/test/six six.png")
+    (folder / "test.txt").write_text(lines)
+    prepare(vtab, "svhn", tmp_path / "prepared")
+    stored = load_split(tmp_path / "prepared" / "svhn", "test")
+    assert stored.labels.tolist() == [label_of(n, 10) for n in (6, 7, 8)]
+    assert grey_levels(stored.images) == [60, 70, 80]

@@ -3,7 +3,8 @@
 ``path`` names the folder holding one sub-folder per task, ``vtab_task`` the task (one of `TASKS`). A task
 folder holds its images and four split lists, ``train800.txt``, ``val200.txt``, ``train800val200.txt`` and
 ``test.txt``, each line ``relative/path label`` (the path relative to the task folder, the label an integer
-in 0..classes-1), as the readers of the VPT, NOAH, SPT and FacT code bases parse them. The prepared task's
+in 0..classes-1, the last field of the line), as the readers of the parameter-efficient finetuning code bases
+(FacT's ``vtab.py`` among them) parse them. The prepared task's
 train split is ``train800``, val is ``val200`` (where the learning rate is chosen) and test is ``test``;
 ``train800val200`` must hold exactly the lines of train800 and val200 (checked, not stored).
 
@@ -73,7 +74,7 @@ def read_list(file: Path, classes: int) -> list[tuple[str, int]]:
     for number, line in enumerate(file.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
-        fields = line.split()
+        fields = line.strip().rsplit(maxsplit=1)  # the label last; a path may hold spaces
         if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
             raise UserError(f"{file}:{number}: '{line.strip()}' is not 'relative/path label'; fix or remove the line")
         relative, label = fields[0], int(fields[1])
