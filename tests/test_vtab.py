@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -266,3 +267,45 @@ def test_a_path_with_spaces_is_read_up_to_the_label(vtab, tmp_path):
     stored = load_split(tmp_path / "prepared" / "svhn", "test")
     assert stored.labels.tolist() == [label_of(n, 10) for n in (6, 7, 8)]
     assert grey_levels(stored.images) == [60, 70, 80]
+
+
+def test_a_vtab_task_goes_through_finetuning_and_the_probe_into_the_vtab_table(vtab, tmp_path, capsys):
+    from jobkit import ARCH, FINETUNE
+
+    from vitplasticity import cli, models
+
+    prepared = tmp_path / "data" / "prepared" / "dtd"
+    prepare_task("dtd", {"source": "vtab1k", "path": str(vtab), "vtab_task": "dtd", "store_size": 16}, prepared, None)
+    checkpoint = tmp_path / "vit.safetensors"
+    models.save_checkpoint(checkpoint, models.build(ARCH, num_classes=5),
+                           {"arch": ARCH, "img_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3,
+                            "provenance": {"kind": "test"}})
+    arms = {"all": ["emb", "ln1", "mha", "ln2", "fc1", "fc2"], "mha": ["mha"]}
+    runs = {}
+    for arm, components in arms.items():
+        for lr in (0.01, 0.3):
+            run_dir = tmp_path / "runs" / arm / str(lr)
+            settings = FINETUNE | {"task": "dtd", "arm": arm, "components": components, "lr": lr, "steps": 3,
+                                   "eval_every": 1, "batch_size": 4, "warmup_steps": 0}
+            assert cli.main(["finetune", "--settings", json.dumps(settings), "--checkpoint", str(checkpoint),
+                             "--task", str(prepared), "--run-dir", str(run_dir)]) == 0
+            runs[arm, lr] = json.loads((run_dir / "metrics.json").read_text())
+    probe = tmp_path / "probe" / "dtd.json"
+    assert cli.main(["probe", "--settings", json.dumps({"model": "vit", "task": "dtd"}), "--checkpoint",
+                     str(checkpoint), "--task", str(prepared), "--out", str(probe)]) == 0
+    out = tmp_path / "tables"
+    settings = {"experiment": "vtab", "model": "vit", "tasks": ["dtd"], "arms": arms, "arm_order": list(arms),
+                "vtab_tasks": {"dtd": "dtd"}}
+    assert cli.main(["aggregate", "--settings", json.dumps(settings), "--runs",
+                     *[str(tmp_path / "runs" / arm / str(lr) / "metrics.json") for arm, lr in runs],
+                     "--probes", str(probe), "--out-dir", str(out)]) == 0
+    table = pd.read_csv(out / "vtab.csv").set_index("method")
+    for arm, label in (("all", "all"), ("mha", "MHA")):
+        # The lr of the higher val200 accuracy (the smaller lr on a tie), its test accuracy in percent.
+        chosen = max((0.3, 0.01), key=lambda lr: (runs[arm, lr]["best_val_acc"], -lr))
+        assert table.loc[label, "dtd"] == pytest.approx(100 * runs[arm, chosen]["test_acc"])
+    assert table.loc["linear probe", "dtd"] == pytest.approx(100 * json.loads(probe.read_text())["test_acc"])
+    assert np.isnan(table.loc["MHA", "Natural"])  # one Natural task of seven: no group mean
+    header = (out / "vtab.md").read_text().splitlines()[0]
+    assert header == ("| method | dtd | Natural | Specialized | Structured | mean (19 tasks) | mean of group means "
+                      "| source |")
