@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import ROOT, planned_jobs, snakemake, write_config
 from PIL import Image
-from vtab_fixture import COUNTS, FORMATS, grey_levels, label_of, make_vtab
+from vtab_fixture import COUNTS, FORMATS, SHADE, grey_levels, label_of, make_vtab
 
 from vitplasticity import aggregate as agg
 from vitplasticity.config import check_config
@@ -44,7 +44,7 @@ def test_each_list_becomes_its_split_with_the_listed_labels_and_all_classes(vtab
         numbers = range(start, start + COUNTS[{"train": "train800", "val": "val200", "test": "test"}[split]])
         assert stored.labels.tolist() == [label_of(n, classes) for n in numbers]
         # A uniform grey image stays that grey through JPEG, grayscale or RGBA decoding and the resize.
-        assert grey_levels(stored.images) == [10 * n for n in numbers]
+        assert grey_levels(stored.images) == [10 * n + SHADE[task] for n in numbers]
         assert stored.images.shape[1:] == (16, 16, 3)
     provenance = meta["provenance"]
     assert provenance["vtab_task"] == task and provenance["group"] == TASKS[task][0]
@@ -266,10 +266,10 @@ def test_a_path_with_spaces_is_read_up_to_the_label(vtab, tmp_path):
     prepare(vtab, "svhn", tmp_path / "prepared")
     stored = load_split(tmp_path / "prepared" / "svhn", "test")
     assert stored.labels.tolist() == [label_of(n, 10) for n in (6, 7, 8)]
-    assert grey_levels(stored.images) == [60, 70, 80]
+    assert grey_levels(stored.images) == [62, 72, 82]
 
 
-def test_a_vtab_task_goes_through_finetuning_and_the_probe_into_the_vtab_table(vtab, tmp_path, capsys):
+def test_a_vtab_task_goes_through_plasticity_finetuning_and_the_probe_into_the_vtab_table(vtab, tmp_path, capsys):
     from jobkit import ARCH, FINETUNE
 
     from vitplasticity import cli, models
@@ -280,6 +280,18 @@ def test_a_vtab_task_goes_through_finetuning_and_the_probe_into_the_vtab_table(v
     models.save_checkpoint(checkpoint, models.build(ARCH, num_classes=5),
                            {"arch": ARCH, "img_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3,
                             "provenance": {"kind": "test"}})
+    # Plasticity of the task's test images against a reference stream (another task of the copy, grayscale PNG).
+    reference = tmp_path / "data" / "prepared" / "svhn"
+    prepare_task("svhn", {"source": "vtab1k", "path": str(vtab), "vtab_task": "svhn", "store_size": 16}, reference,
+                 None)
+    plasticity = tmp_path / "plasticity" / "dtd.csv"
+    assert cli.main(["plasticity", "--settings", json.dumps({"model": "vit", "task": "dtd", "reference_task": "svhn",
+                                                             "n_pairs": 3, "modes": ["embedding", "hidden"]}),
+                     "--checkpoint", str(checkpoint), "--task", str(prepared), "--reference", str(reference),
+                     "--out-table", str(plasticity), "--out-stats", str(tmp_path / "plasticity" / "stats.json")]) == 0
+    measured = pd.read_csv(plasticity)
+    assert set(measured["mode"]) == {"embedding", "hidden"} and measured["mean"].notna().all()
+    assert set(measured["pairs"]) == {3}
     arms = {"all": ["emb", "ln1", "mha", "ln2", "fc1", "fc2"], "mha": ["mha"]}
     runs = {}
     for arm, components in arms.items():
@@ -298,7 +310,7 @@ def test_a_vtab_task_goes_through_finetuning_and_the_probe_into_the_vtab_table(v
                 "vtab_tasks": {"dtd": "dtd"}}
     assert cli.main(["aggregate", "--settings", json.dumps(settings), "--runs",
                      *[str(tmp_path / "runs" / arm / str(lr) / "metrics.json") for arm, lr in runs],
-                     "--probes", str(probe), "--out-dir", str(out)]) == 0
+                     "--probes", str(probe), "--plasticity", str(plasticity), "--out-dir", str(out)]) == 0
     table = pd.read_csv(out / "vtab.csv").set_index("method")
     for arm, label in (("all", "all"), ("mha", "MHA")):
         # The lr of the higher val200 accuracy (the smaller lr on a tie), its test accuracy in percent.

@@ -1,8 +1,9 @@
 """A generated copy of the processed VTAB-1k layout: a few tasks, each a folder of images and four split lists.
 
 Real formats: JPEG colour images of odd sizes (dtd), grayscale PNG (svhn), RGBA PNG wider than tall
-(clevr_count). Each image is filled with one grey level (10 × its number) so a test can tell which image
-landed where; labels are `label_of(number)`, within each task's class count.
+(clevr_count). Each image is filled with one grey level (10 × its number + its task's `SHADE`) so a test
+can tell which image landed where (and two tasks' images differ); labels are `label_of(number)`, within
+each task's class count.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ FORMATS = {
     "svhn": ("PNG", "L", (32, 32)),
     "clevr_count": ("PNG", "RGBA", (48, 32)),
 }
+SHADE = {"dtd": 0, "svhn": 2, "clevr_count": 4}
 COUNTS = {"train800": 4, "val200": 2, "test": 3}  # images per list, numbered in this order from 0
 
 
@@ -36,7 +38,7 @@ def make_task(root: Path, task: str, classes: int) -> dict[str, list[tuple[str, 
         for _ in range(count):
             relative = f"images/{name}/{number:04d}.{'jpg' if kind == 'JPEG' else 'png'}"
             (folder / relative).parent.mkdir(parents=True, exist_ok=True)
-            level = 10 * number
+            level = 10 * number + SHADE[task]
             pixel = {"RGB": (level, level, level), "L": level, "RGBA": (level, level, level, 255)}[mode]
             Image.new(mode, size, pixel).save(folder / relative, kind, quality=100)
             rows.append((relative, label_of(number, classes)))
