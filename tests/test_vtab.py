@@ -105,6 +105,9 @@ def break_list(root: Path, task: str, name: str, text: str | None) -> None:
     ("train800val200", "images/train800/0000.png 0\n",
      "{folder}/train800val200.txt does not hold exactly the lines of train800.txt and val200.txt; restore the "
      "lists from the processed VTAB-1k copy"),
+    ("test", "images/test/0006.png 1\nimages/train800/0002.png 6\n",
+     "{folder}/test.txt lists 1 image(s) that train800val200.txt lists too (images/train800/0002.png first): test "
+     "images must be unseen; restore the lists from the processed VTAB-1k copy"),
 ])
 def test_a_missing_or_malformed_list_is_named_in_one_line(vtab, tmp_path, name, text, message):
     break_list(vtab, "svhn", name, text)

@@ -6,7 +6,8 @@ folder holds its images and four split lists, ``train800.txt``, ``val200.txt``, 
 in 0..classes-1, the last field of the line), as the readers of the parameter-efficient finetuning code bases
 (FacT's ``vtab.py`` among them) parse them. The prepared task's
 train split is ``train800``, val is ``val200`` (where the learning rate is chosen) and test is ``test``;
-``train800val200`` must hold exactly the lines of train800 and val200 (checked, not stored).
+``train800val200`` must hold exactly the lines of train800 and val200 (checked, not stored), and no test
+image may be listed for training.
 
 Before any image is decoded, every list is checked (present, two fields a line, integer labels in range),
 every listed file must exist inside the task folder (a link may point anywhere: the folder is the user's
@@ -118,6 +119,11 @@ def prepare(task: dict, out_dir: Path, raw_dir: Path, provenance: dict) -> dict:
     if sorted(lists["train800val200"]) != sorted(lists["train800"] + lists["val200"]):
         raise UserError(f"{folder}/train800val200.txt does not hold exactly the lines of train800.txt and "
                         "val200.txt; restore the lists from the processed VTAB-1k copy")
+    shared = sorted({path for path, _ in lists["train800val200"]} & {path for path, _ in lists["test"]})
+    if shared:
+        raise UserError(f"{folder}/test.txt lists {len(shared)} image(s) that train800val200.txt lists too "
+                        f"({shared[0]} first): test images must be unseen; restore the lists from the processed "
+                        "VTAB-1k copy")
     files = sorted({relative for rows in lists.values() for relative, _ in rows})
     missing = [relative for relative in files if not (folder / relative).is_file()]
     if missing:
