@@ -71,8 +71,10 @@ def test_the_image_is_squashed_to_the_square_not_cropped(tmp_path):
     image = np.zeros((10, 40, 3), dtype=np.uint8)
     image[:, :10] = 200  # a bright left quarter: a centre crop would cut it off
     Image.fromarray(image).save(folder / "wide.png")
-    for name in ("train800", "val200", "test"):
+    Image.fromarray(image).save(folder / "wide_test.png")
+    for name in ("train800", "val200"):
         (folder / f"{name}.txt").write_text("wide.png 3\n")
+    (folder / "test.txt").write_text("wide_test.png 3\n")
     (folder / "train800val200.txt").write_text("wide.png 3\nwide.png 3\n")
     prepare(root, "kitti", tmp_path / "prepared")
     stored = load_split(tmp_path / "prepared" / "kitti", "test").images[0]

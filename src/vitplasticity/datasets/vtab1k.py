@@ -71,8 +71,12 @@ def read_list(file: Path, classes: int) -> list[tuple[str, int]]:
     """The (path, label) lines of split list `file`, in order; UserError naming the first bad line."""
     if not file.is_file():
         raise UserError(f"VTAB-1k split list {file} is missing; restore it from the processed VTAB-1k copy")
+    try:
+        text = file.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise UserError(f"cannot read {file} ({exc.strerror}); fix its permissions or restore it, then rerun") from exc
     rows = []
-    for number, line in enumerate(file.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         fields = line.strip().rsplit(maxsplit=1)  # the label last; a path may hold spaces
