@@ -204,6 +204,7 @@ def test_aggregate_writes_every_table(tmp_path):
     main = pd.read_csv(out / "main_table.csv")
     assert len(main) == 9 and _row(main, "t1", "mha")["best_lr"] == 0.01
     assert len(pd.read_csv(out / "runs.csv")) == 36
+    assert (out / "vtab.md").read_text() == "No VTAB-1k task in this experiment.\n"
     assert set(tables) >= {"main_table", "relative_gain", "lr_gap", "stat_tests"}
 
     markdown = (out / "main_table.md").read_text().splitlines()

@@ -17,6 +17,7 @@ from scipy import stats
 
 from vitplasticity import registry
 from vitplasticity.components import THEORETICAL_RANK, arm_label
+from vitplasticity.datasets.vtab1k import GROUPS, TASKS
 from vitplasticity.errors import UserError
 from vitplasticity.fileio import read_json, write_csv, write_text
 
@@ -363,6 +364,78 @@ def _trajectory_view(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("mode")
 
 
+def val_selected(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (task, arm): the lr of the highest seed-mean validation accuracy (`best_val_acc`, the val split: val200
+    on VTAB-1k) and the seed mean and std of test accuracy there. An lr at which a seed diverged is not eligible;
+    a (task, arm) with no eligible lr gets NaN."""
+    rows = []
+    for (task, arm), group in runs.groupby(["task", "arm"], sort=False):
+        per_lr = group.groupby("lr").agg(val=("best_val_acc", "mean"), mean=("test_acc", "mean"),
+                                         std=("test_acc", lambda s: s.std(ddof=0)), n_seeds=("seed", "count"),
+                                         diverged=("status", lambda s: int((s == "diverged").sum())))
+        eligible = per_lr[(per_lr["diverged"] == 0) & per_lr["val"].notna()]
+        if eligible.empty:
+            rows.append({"task": task, "arm": arm, "lr": math.nan, "val_acc": math.nan, "mean": math.nan,
+                         "std": math.nan, "n_seeds": 0})
+            continue
+        lr = eligible["val"].idxmax()
+        best = eligible.loc[lr]
+        rows.append({"task": task, "arm": arm, "lr": lr, "val_acc": best["val"], "mean": best["mean"],
+                     "std": best["std"], "n_seeds": int(best["n_seeds"])})
+    return pd.DataFrame(rows, columns=["task", "arm", "lr", "val_acc", "mean", "std", "n_seeds"])
+
+
+def _vtab_means(row: pd.Series) -> dict[str, float]:
+    """A row's group means, 19-task mean and mean of the group means (`vtab1k.TASKS`, `vtab1k.GROUPS`); each NaN
+    unless every task it averages has a number, so a partial study is never set beside a published mean."""
+    means = {group: row[[t for t, (g, _) in TASKS.items() if g == group]].mean(skipna=False) for group in GROUPS}
+    return means | {"mean": row[list(TASKS)].mean(skipna=False),
+                    "group_mean": np.mean([means[group] for group in GROUPS])}
+
+
+def vtab_table(runs: pd.DataFrame, vtab_tasks: dict[str, str], probes: dict[str, float],
+               arm_order: list[str]) -> pd.DataFrame:
+    """The VTAB-1k table: one row per arm (test accuracy in %, seed mean, at the lr chosen on val200:
+    `val_selected`), then the linear probe, each followed by the published reference of the same method
+    (`registry.VTAB_REFERENCES`), then the references of methods the study does not run.
+
+    `vtab_tasks`: the experiment's task -> its VTAB-1k task; `probes`: task -> linear-probe test accuracy (%).
+    Columns: method, kind ("study" or "published"), source, the 19 tasks in VTAB order (NaN where not run), the
+    three group means, mean (over the 19 tasks) and group_mean (of the three group means); a published range is
+    the text "low–high". Empty when the experiment has no VTAB-1k task.
+    """
+    columns = ["method", "kind", "source", *TASKS, *GROUPS, "mean", "group_mean"]
+    runs = runs[runs["task"].isin(vtab_tasks)]
+    if runs.empty:
+        return pd.DataFrame(columns=columns)
+    selected = val_selected(runs).assign(vtab=lambda frame: frame["task"].map(vtab_tasks))
+    accuracy = selected.pivot(index="arm", columns="vtab", values="mean").reindex(columns=list(TASKS))
+    methods = {arm: accuracy.loc[arm] for arm in arm_order if arm in accuracy.index}
+    lp = {vtab_tasks[task]: value for task, value in probes.items() if task in vtab_tasks}
+    if lp:
+        methods["LP"] = pd.Series(lp).reindex(list(TASKS))
+    rows = []
+
+    def published(name: str, reference: dict) -> dict:
+        cells = {key: f"{value[0]:.1f}–{value[1]:.1f}" if isinstance(value, tuple) else value
+                 for key, value in reference.items() if key in ("mean", "group_mean")}
+        return {"method": f"{name} (published)", "kind": "published", "source": reference["source"]} | cells
+
+    for arm, row in methods.items():
+        label = "linear probe" if arm == "LP" else arm_label(arm)
+        rows.append({"method": label, "kind": "study", "source": "this study"} | row.to_dict() | _vtab_means(row))
+        rows += [published(name, ref) for name, ref in registry.VTAB_REFERENCES.items() if ref["arm"] == arm]
+    rows += [published(name, ref) for name, ref in registry.VTAB_REFERENCES.items() if ref["arm"] is None]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _vtab_view(table: pd.DataFrame) -> pd.DataFrame:
+    """The VTAB table for readers: the tasks run, the group means, both overall means and the source."""
+    run = [task for task in TASKS if table.loc[table["kind"] == "study", task].notna().any()]
+    view = table.set_index("method")[[*run, *GROUPS, "mean", "group_mean", "source"]]
+    return view.rename(columns={"mean": "mean (19 tasks)", "group_mean": "mean of group means"})
+
+
 def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], plasticity_files: list[Path],
               bounds_files: list[Path], out_dir: Path, criteria_files: list[Path] = (),
               trajectory_files: list[Path] = ()) -> dict[str, pd.DataFrame]:
@@ -393,6 +466,7 @@ def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], p
         "runs": runs,
         "criteria": criteria_table(criteria, costs, runs),
         "trajectory": trajectory_table(trajectory, settings.get("tasks")),
+        "vtab": vtab_table(runs, settings.get("vtab_tasks", {}), probes, arm_order),
     }
     out_dir = Path(out_dir)
     for name in registry.TABLES:
@@ -422,6 +496,12 @@ def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], p
         absent = "No pretraining trajectory in this experiment (its model keeps no steps)."
         write_text(out_dir / "trajectory.md", absent + "\n")
         write_text(out_dir / "trajectory.html", f"<p>{absent}</p>\n")
+    if not tables["vtab"].empty:
+        _write_view(out_dir, "vtab", _vtab_view(tables["vtab"]), "{:.1f}", index_name="method")
+    else:
+        absent = "No VTAB-1k task in this experiment."
+        write_text(out_dir / "vtab.md", absent + "\n")
+        write_text(out_dir / "vtab.html", f"<p>{absent}</p>\n")
     for name in ("plasticity", "bounds", "runs"):  # long tables: every row, as the CSV has it
         _write_view(out_dir, name, tables[name].set_index(tables[name].columns[0]) if not tables[name].empty
                     else tables[name], "{:.4g}", index_name=tables[name].columns[0] if not tables[name].empty else "")

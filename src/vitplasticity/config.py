@@ -17,6 +17,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from vitplasticity.datasets import vtab1k
 from vitplasticity.datasets.imagefolder import class_folders
 from vitplasticity.datasets.sources import SUBSET_SOURCES
 from vitplasticity.datasets.synthetic import CORRUPTIONS
@@ -144,6 +145,8 @@ def check_references(config: dict) -> None:
             for key in ("path", "store_size"):
                 _require(data.get(key) is not None,
                          f"config key 'tasks.{name}.data.{key}': required for imagefolder tasks; add it")
+        if data["source"] == "vtab1k":
+            vtab1k.check_task(name, data)
         if data["source"] == "synthetic":
             for key in ("kind", "image_size", "n_train", "n_val", "n_test"):
                 _require(key in data, f"config key 'tasks.{name}.data.{key}': required for synthetic tasks; add it")

@@ -10,7 +10,7 @@ written at all). Kept free of imports: Snakemake reads it at every start.
 """
 
 TABLES = ("main_table", "relative_gain", "lr_gap", "stat_tests", "separation", "plasticity_rank", "plasticity",
-          "bounds", "criteria", "trajectory", "runs")
+          "bounds", "criteria", "trajectory", "vtab", "runs")
 FIGURES = ("plasticity_vs_rank", "plasticity_vs_depth", "bounds_vs_depth", "relative_gain", "accuracy_per_arm",
            "lr_robustness", "training_curves", "criteria_hit_rate", "accuracy_vs_params", "plasticity_trajectory")
 # A table and a figure of that name, made by `vitplasticity compare-paper` for an experiment that sets it.
@@ -21,6 +21,22 @@ ENABLED_BY = {
     "trajectory": "models.<model>.pretrain.keep_steps",
     "plasticity_trajectory": "models.<model>.pretrain.keep_steps",
     PAPER_COMPARISON: "experiments.<experiment>.compare_to_paper",
+    "vtab": "tasks.<task>.data.source: vtab1k",
+}
+# Published VTAB-1k accuracies (%) of ViT-B/16 pretrained on ImageNet-21k, printed beside the study's arms by the
+# vtab table (a reference, never a target): method -> the study's arm it corresponds to ("LP": the linear probe;
+# None: none), the published means ("mean": over the 19 tasks; "group_mean": the mean of the Natural, Specialized
+# and Structured means; a (low, high) pair is a range over several reports) and their source.
+VTAB_REFERENCES = {
+    "full finetuning": {"arm": "all", "mean": 65.6, "group_mean": 69.0,
+                        "source": "Jia et al. 2022, Visual Prompt Tuning (ECCV), Table 1"},
+    "linear probing": {"arm": "LP", "group_mean": 57.6,
+                       "source": "Jia et al. 2022, Visual Prompt Tuning (ECCV), Table 1"},
+    "LoRA": {"arm": None, "group_mean": (73.0, 75.0),
+             "source": "range over published reports with tuned hyper-parameters, e.g. Mai et al. 2024 "
+                       "(arXiv:2409.16434)"},
+    "SPT-LoRA": {"arm": None, "group_mean": 76.4,
+                 "source": "He et al. 2023, Sensitivity-Aware Visual Parameter-Efficient Fine-Tuning (ICCV)"},
 }
 # The selection criteria (study-spec §8; `vitplasticity.criteria` measures them), in the order every table and
 # figure lists them, each with the end of its scale that is chosen first: "higher" (the largest score first) or

@@ -40,14 +40,15 @@ KEYS: dict[str, dict[str, str]] = {
                    "keep_steps": "models.*.pretrain.keep_steps", "n_pairs": "plasticity.n_pairs"},
     "aggregate": {"experiment": "the experiment's name (a key of experiments)", "": "experiments.*",
                   "arms": "the experiment's arms: {arm name: its components} (from arms)",
-                  "arm_order": "the experiment's arm names in the config's order (its tables' column order)"},
+                  "arm_order": "the experiment's arm names in the config's order (its tables' column order)",
+                  "vtab_tasks": "the experiment's VTAB-1k tasks: {task: its vtab_task} (the vtab table)"},
 }
 # Config keys the workflow keeps out of a job's settings: one job = one seed; the trajectory's steps are
 # no pretraining setting (the run keeps the weights of every evaluation), so changing them reruns only the
 # trajectory.
 _DROPPED = {"finetune": ("seeds",), "pretrain": ("keep_steps",)}
-# Keys only some jobs get (a control arm's finetuning runs).
-_OPTIONAL = {"finetune": ("control",)}
+# Keys only some jobs get (a control arm's finetuning runs; the aggregation of an experiment with VTAB-1k tasks).
+_OPTIONAL = {"finetune": ("control",), "aggregate": ("vtab_tasks",)}
 
 
 @cache
@@ -73,7 +74,7 @@ def fields(command: str) -> dict[str, tuple[dict, bool]]:
     out: dict[str, tuple[dict, bool]] = {}
     for key, source in KEYS[command].items():
         if not _is_path(source):
-            out[key] = ({"description": source}, True)
+            out[key] = ({"description": source}, key not in _OPTIONAL.get(command, ()))
         elif key:
             node = _node(source)
             out[key] = (node, "default" not in node and key not in _OPTIONAL.get(command, ()))

@@ -272,9 +272,21 @@ def get_probe_settings(wildcards):
 def get_aggregate_settings(wildcards):
     exp = EXPERIMENTS[wildcards.experiment]
     arms = {arm: ARMS[arm] for arm in experiment_arms(exp)}
+    # The experiment's VTAB-1k tasks by their VTAB name, for the vtab table (absent when it has none).
+    vtab = {
+        task: TASKS[task]["data"]["vtab_task"]
+        for task in exp["tasks"]
+        if TASKS[task]["data"]["source"] == "vtab1k"
+    }
     # The arms' order in the config, which every table and figure keeps (keys get sorted).
     return json.dumps(
-        dict(exp, experiment=wildcards.experiment, arms=arms, arm_order=list(arms)),
+        dict(
+            exp,
+            experiment=wildcards.experiment,
+            arms=arms,
+            arm_order=list(arms),
+            **({"vtab_tasks": vtab} if vtab else {}),
+        ),
         sort_keys=True,
     )
 

@@ -6,7 +6,8 @@ module for its split rule and official files):
 
 - ``source``: synthetic (the quick study's images, `vitplasticity.datasets.synthetic`), cifar10,
   cifar100, cifar10c, domainnet, flowers102, oxford_pets, imagenet_val, imagefolder (a user's
-  ImageFolder tree, `vitplasticity.datasets.imagefolder`)
+  ImageFolder tree, `vitplasticity.datasets.imagefolder`), vtab1k (a task of the processed VTAB-1k
+  copy, `vitplasticity.datasets.vtab1k`)
 - ``store_size``: images are stored square: shorter side resized to it, then centre-cropped
 - ``split_seed``, ``val_fraction``, ``test_fraction``: the fixed random splits
 - ``max_images``: keep at most this many images of each split (a seeded random subset, in
@@ -17,9 +18,10 @@ module for its split rule and official files):
   is held out for validation (`splits.balanced_subset`; sources in ``SUBSET_SOURCES``); the
   test split stays whole
 - ``corruption``, ``severity`` (cifar10c); ``domain`` (domainnet); ``path`` (imagenet_val,
-  imagefolder); ``devkit``, ``order`` (imagenet_val: the reference stream's classes and order)
+  imagefolder, vtab1k); ``vtab_task`` (vtab1k); ``devkit``, ``order`` (imagenet_val: the
+  reference stream's classes and order)
 - ``max_image_pixels``, ``pixel_range`` (sources read from image files: domainnet, flowers102,
-  oxford_pets, imagenet_val, imagefolder): how images are decoded
+  oxford_pets, imagenet_val, imagefolder, vtab1k): how images are decoded
   (`vitplasticity.datasets.images.Decoding`)
 - ``url`` and ``checksum`` (``md5:<hex>`` or ``sha256:<hex>``) replace the official URL and
   checksum of a single-file source; ``urls`` and ``checksums`` ({filename: value}) those of
@@ -47,15 +49,16 @@ SOURCES = {
     "oxford_pets": "pets",
     "imagenet_val": "imagenet",
     "imagefolder": "imagefolder",
+    "vtab1k": "vtab1k",
 }
 # Sources generated here or read from a local path: they need no download folder.
-LOCAL_SOURCES = ("synthetic", "imagenet_val", "imagefolder")
+LOCAL_SOURCES = ("synthetic", "imagenet_val", "imagefolder", "vtab1k")
 # Sources whose train and validation images come from one pool, which a `subset` is drawn from.
 SUBSET_SOURCES = ("synthetic", "cifar10", "cifar100", "cifar10c", "domainnet", "oxford_pets")
 # The keys that shape the prepared data; they are recorded in its provenance.
 DATA_KEYS = ("source", "store_size", "split_seed", "val_fraction", "test_fraction", "corruption",
-             "severity", "domain", "path", "devkit", "order", "max_images", "max_image_pixels", "pixel_range",
-             "subset")
+             "severity", "domain", "path", "vtab_task", "devkit", "order", "max_images", "max_image_pixels",
+             "pixel_range", "subset")
 
 
 def prepare_task(name: str, task: dict, out_dir: Path, raw_dir: Path | None) -> dict:
