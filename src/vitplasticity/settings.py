@@ -31,6 +31,7 @@ KEYS: dict[str, dict[str, str]] = {
     "plasticity": {"model": _MODEL, "task": _TASK, "": "plasticity"},
     "finetune": {"model": _MODEL, "task": _TASK, "arm": "the arm's name (a key of arms)",
                  "components": "arms.*", "control": "controls.*",
+                 "selection": "a budget arm's {selector, budget[, draw]} (vitplasticity.budget.arms, from selection)",
                  "lr": "the learning rate (one of the task's lrs, times lr_scale)",
                  "seed": "the replicate seed (one of finetune.seeds)", "optimizer": "experiments.*.optimizer",
                  "steps": "tasks.*.steps", "eval_every": "tasks.*.eval_every", "": "finetune"},
@@ -46,8 +47,8 @@ KEYS: dict[str, dict[str, str]] = {
 # no pretraining setting (the run keeps the weights of every evaluation), so changing them reruns only the
 # trajectory.
 _DROPPED = {"finetune": ("seeds",), "pretrain": ("keep_steps",)}
-# Keys only some jobs get (a control arm's finetuning runs).
-_OPTIONAL = {"finetune": ("control",)}
+# Keys only some jobs get (a control arm's or a budget arm's finetuning runs).
+_OPTIONAL = {"finetune": ("control", "selection")}
 
 
 @cache
@@ -73,7 +74,7 @@ def fields(command: str) -> dict[str, tuple[dict, bool]]:
     out: dict[str, tuple[dict, bool]] = {}
     for key, source in KEYS[command].items():
         if not _is_path(source):
-            out[key] = ({"description": source}, True)
+            out[key] = ({"description": source}, key not in _OPTIONAL.get(command, ()))
         elif key:
             node = _node(source)
             out[key] = (node, "default" not in node and key not in _OPTIONAL.get(command, ()))
