@@ -7,6 +7,7 @@ import pytest
 from helpers import tiny_vit
 
 from vitplasticity import budget, registry
+from vitplasticity.aggregate import main_table, selection_table
 from vitplasticity.components import block_parameters, set_trainable
 from vitplasticity.config import check_selection
 from vitplasticity.errors import UserError
@@ -137,3 +138,24 @@ def test_selection_config_errors_name_the_key_and_the_fix():
     with pytest.raises(UserError, match=r"^config key 'arms.last_k_10pct': the name of a selection arm"):
         check_selection(config_with({"budgets": [0.1], "criteria": ["last_k"]}), {"last_k_10pct": ["mha"]})
     check_selection(config_with({"budgets": [0.1], "criteria": ["last_k", "random"]}, enabled=False), {})
+
+
+def test_the_selection_table_ranks_selectors_and_sets_each_beside_random():
+    # Task T, budget 0.1: fisher 90 (seeds 89, 91), last_k 80 (80, 80), random draws 84 and 86 (two seeds each).
+    accs = {"fisher_10pct": ("fisher", None, (89, 91)), "last_k_10pct": ("last_k", None, (80, 80)),
+            "random_10pct_draw0": ("random", 0, (84, 84)), "random_10pct_draw1": ("random", 1, (85, 87)),
+            "mha": (None, None, (95, 95))}
+    runs = pd.DataFrame([{"task": "T", "arm": arm, "lr": 0.01, "seed": seed, "test_acc": float(acc), "status": "ok",
+                          "trainable_params": 1200, "selector": selector, "budget": 0.1 if selector else math.nan,
+                          "draw": draw} for arm, (selector, draw, values) in accs.items()
+                         for seed, acc in enumerate(values)])
+    costs = pd.DataFrame([{"task": "T", "criterion": "fisher", "wall_s": 2.0, "peak_mib": 30.0}])
+    table = selection_table(main_table(runs), runs, costs)
+    assert table["selector"].tolist() == ["fisher", "random", "last_k"]  # budget.SELECTORS' order; mha is no budget arm
+    rows = table.set_index("selector")
+    assert rows.loc["fisher", ["acc", "spread", "rank", "gain_vs_random", "wall_s"]].tolist() == [
+        90.0, 1.0, 1, 5.0, 2.0]
+    assert rows.loc["random", ["acc", "spread", "spread_over", "rank", "gain_vs_random"]].tolist() == [
+        85.0, 1.0, "draws", 2, 0.0]  # draws 84 and 86: mean 85, std 1
+    assert rows.loc["last_k", ["acc", "rank", "gain_vs_random"]].tolist() == [80.0, 3, -5.0]
+    assert math.isnan(rows.loc["last_k", "wall_s"])
