@@ -12,7 +12,8 @@ written at all). Kept free of imports: Snakemake reads it at every start.
 TABLES = ("main_table", "relative_gain", "lr_gap", "stat_tests", "separation", "plasticity_rank", "plasticity",
           "bounds", "criteria", "trajectory", "selection", "runs")
 FIGURES = ("plasticity_vs_rank", "plasticity_vs_depth", "bounds_vs_depth", "relative_gain", "accuracy_per_arm",
-           "lr_robustness", "training_curves", "criteria_hit_rate", "accuracy_vs_params", "plasticity_trajectory")
+           "lr_robustness", "training_curves", "criteria_hit_rate", "accuracy_vs_params", "plasticity_trajectory",
+           "selection_vs_budget")
 # A table and a figure of that name, made by `vitplasticity compare-paper` for an experiment that sets it.
 PAPER_COMPARISON = "paper_comparison"
 ENABLED_BY = {
@@ -21,6 +22,7 @@ ENABLED_BY = {
     "trajectory": "models.<model>.pretrain.keep_steps",
     "plasticity_trajectory": "models.<model>.pretrain.keep_steps",
     "selection": "experiments.<experiment>.selection",
+    "selection_vs_budget": "experiments.<experiment>.selection",
     PAPER_COMPARISON: "experiments.<experiment>.compare_to_paper",
 }
 # The selection criteria (study-spec §8; `vitplasticity.criteria` measures them), in the order every table and
