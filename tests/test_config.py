@@ -183,7 +183,8 @@ def test_the_loader_fills_schema_defaults_once_and_splits_off_the_machine(tmp_pa
     assert config["probe"] == {"max_iter": 5000}
     assert config["experiments"]["main"] | {"tasks": None} == {
         "model": "vit_smoke", "tasks": None, "optimizer": "sgd", "lr_scale": 1.0, "probe": True,
-        "compare_to_paper": False}
+        "compare_to_paper": False, "selection": False}
+    assert config["selection"] == {"budgets": [], "criteria": [], "random_draws": 3}
     assert config["finetune"]["betas"] == [0.9, 0.999] and config["finetune"]["crop_scale"] == [0.08, 1.0]
     assert config["tasks"]["novel"]["data"]["severity"] == 5
     assert config["models"]["vit_smoke"]["pretrain"]["betas"] == [0.9, 0.999]

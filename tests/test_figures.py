@@ -21,6 +21,11 @@ TASKS = ("shapes_noise", "shapes_novel", "shapes_sketch")
 ARMS = ("all", "emb", "ln1", "mha", "ln2", "fc1", "fc2", "smooth", "non_smooth")
 COMPONENTS = ("ln1", "mha", "ln2", "fc1", "fc2")
 LRS, SEEDS, STEPS = (0.01, 0.03), (0, 1, 2), 60
+# Budget arms (vitplasticity.budget): name -> its selection spec.
+BUDGET_ARMS = {f"{selector}_{pct}pct" + (f"_draw{draw}" if draw is not None else ""):
+               {"selector": selector, "budget": pct / 100} | ({"draw": draw} if draw is not None else {})
+               for pct in (5, 10) for selector, draw in (("fisher", None), ("last_k", None), ("random", 0),
+                                                         ("random", 1))}
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +34,12 @@ def drawn(tmp_path_factory):
     root = tmp_path_factory.mktemp("figures")
     rng = np.random.default_rng(0)
     runs = []
-    for task, arm, lr, seed in itertools.product(TASKS, ARMS, LRS, SEEDS):
+    for task, arm, lr, seed in itertools.product(TASKS, (*ARMS, *BUDGET_ARMS), LRS, SEEDS):
         run = root / "runs" / task / arm / f"lr{lr}_seed{seed}"
         run.mkdir(parents=True)
         settings = {"model": "vit", "task": task, "optimizer": "sgd", "arm": arm, "lr": lr, "seed": seed}
+        if arm in BUDGET_ARMS:
+            settings["selection"] = BUDGET_ARMS[arm]
         (run / "config.yaml").write_text(yaml.safe_dump({"settings": settings}))
         steps = np.arange(1, STEPS + 1)
         history = pd.DataFrame({"step": steps, "loss": 1.6 - steps / 100, "lr": lr,
@@ -40,10 +47,12 @@ def drawn(tmp_path_factory):
                                 "val_loss": np.where(steps % 20 == 0, 1.5 - steps / 80, np.nan),
                                 "val_acc": np.where(steps % 20 == 0, 0.5, np.nan)})
         history.to_csv(run / "history.csv", index=False)
-        acc = 0.6 + 0.03 * ARMS.index(arm) / len(ARMS) + rng.normal(0, 0.01)
+        index = ARMS.index(arm) if arm in ARMS else list(BUDGET_ARMS).index(arm)
+        acc = 0.6 + 0.03 * index / len(ARMS) + rng.normal(0, 0.01)
+        params = 1000 * (1 + 100 * BUDGET_ARMS[arm]["budget"]) if arm in BUDGET_ARMS else 1000 * (1 + index)
         (run / "metrics.json").write_text(json.dumps({
             "status": "completed", "test_acc": acc, "best_val_acc": acc, "best_step": STEPS,
-            "diverged_step": None, "trainable_params": 1000, "wall_time_s": 2.0}))
+            "diverged_step": None, "trainable_params": params, "wall_time_s": 2.0}))
         runs.append(run / "metrics.json")
     probes = []
     for index, task in enumerate(TASKS):
@@ -83,8 +92,8 @@ def drawn(tmp_path_factory):
         for component in COMPONENTS for layer in layers])
     trajectory.to_csv(root / "trajectory.csv", index=False)
     tables = root / "tables"
-    aggregate.aggregate({"arms": list(ARMS)}, runs, probes, [root / "plasticity.csv"], [root / "bounds.csv"], tables,
-                        criteria, [root / "trajectory.csv"])
+    aggregate.aggregate({"arms": [*ARMS, *BUDGET_ARMS]}, runs, probes, [root / "plasticity.csv"],
+                        [root / "bounds.csv"], tables, criteria, [root / "trajectory.csv"])
 
     drawn = {}
     monkeypatch = pytest.MonkeyPatch()
@@ -172,6 +181,15 @@ def test_overlap_check_catches_colliding_tick_labels(drawn):
     plt.close(fig)
 
 
+def test_selection_figure_has_a_line_per_selector_random_as_a_band_and_the_components_as_points(drawn):
+    fig = drawn["selection_vs_budget"]
+    labels = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert labels[:2] == ["fisher", "random (± spread over draws)"] and labels[2] == "last k"
+    assert "MHA (every block)" in labels and "all (every block)" in labels
+    lines = [line for line in fig.axes[0].get_lines() if len(line.get_xdata()) == 2]
+    assert sorted(tuple(line.get_xdata()) for line in lines)[:2] == [(6000.0, 11000.0), (6000.0, 11000.0)]
+
+
 def test_trajectory_has_a_panel_per_mode_and_the_source_accuracy_at_the_kept_steps(drawn):
     fig = drawn["plasticity_trajectory"]
     assert [ax.get_title() for ax in fig.axes] == [
@@ -205,7 +223,7 @@ def test_every_arm_of_an_experiment_has_its_own_colour_and_marker():
 
 def test_arms_keep_the_experiment_order_and_table_labels(drawn):
     """lr_robustness and accuracy_per_arm name arms as the Markdown tables do, in the config's order."""
-    expected = ["all", "Embedding", "LN1", "MHA", "LN2", "FC1", "FC2", "smooth", "non_smooth"]
+    expected = ["all", "Embedding", "LN1", "MHA", "LN2", "FC1", "FC2", "smooth", "non_smooth", *BUDGET_ARMS]
     for name in ("lr_robustness", "accuracy_per_arm", "relative_gain"):
         ticks = [t.get_text() for t in drawn[name].axes[0].get_xticklabels()]
         assert ticks == expected, name

@@ -179,15 +179,43 @@ def test_paper_dag_plans_every_job(tmp_path):
     jobs = planned_jobs(result.stdout)
     # main 11 tasks x 4 lrs x 3 seeds x (9 arms + 5 controls) + AdamW 4 x 4 x 3 x (9 + rank-8 LoRA)
     # + model size 2 x 1 x 4 x 3 x 9 + low data 4 x 4 x 3 x 6 + MHA+FC1 2 x 4 x 3 (its other arms are main's runs)
-    assert jobs["finetune"] == 1188 + 660 + 480 + 216 + 288 + 24
+    # + budget 4 tasks x 4 lrs x 3 seeds x 2 budgets x (7 selectors + 3 random draws) (its component arms are main's)
+    assert jobs["finetune"] == 1188 + 660 + 480 + 216 + 288 + 24 + 960
     assert jobs["prepare_dataset"] == 16  # 11 tasks + 4 low-data subsets + ImageNet val
     assert jobs["fetch_checkpoint"] == 3
     assert jobs["measure_plasticity"] == 17 and jobs["compute_bounds"] == 17 and jobs["measure_criteria"] == 17
     assert jobs["linear_probe"] == 17
-    assert jobs["aggregate"] == 6 and jobs["figures"] == 6
+    assert jobs["aggregate"] == 7 and jobs["figures"] == 7
     for run in ("results/runs/vit_b16/cifar100_low/sgd/fc2/lr0.03_seed3407/metrics.json",
                 "results/runs/vit_b16/clipart/sgd/mha_fc1/lr0.06_seed42/metrics.json",
                 "results/runs/vit_b16/motion_blur/adamw/mha_lora8/lr1e-05_seed0/metrics.json"):
         assert run in result.stdout
     assert "results/runs/vit_b16/cifar100_low/sgd/emb/" not in result.stdout
     assert "measure_trajectory" not in jobs  # fetched checkpoints have no pretraining trajectory
+
+
+def planned_finetune_runs(output: str) -> dict[str, list[str]]:
+    """Run folder (results/runs/… without metrics.json) → the inputs of each finetune job a dry run plans."""
+    runs = {}
+    for block in output.split("rule finetune:")[1:]:
+        fields = dict(line.strip().split(": ", 1) for line in block.splitlines()[1:5] if ": " in line)
+        metrics = next(path for path in fields["output"].split(", ") if path.endswith("metrics.json"))
+        runs[metrics.removesuffix("/metrics.json")] = fields["input"].split(", ")
+    return runs
+
+
+def test_quick_study_plans_each_selection_arm_on_its_tasks_lrs_and_seeds(tmp_path):
+    result = snakemake(tmp_path, "-n", config=ROOT / "config" / "quick.yaml", timeout=120)
+    runs = planned_finetune_runs(result.stdout)
+    scored = ["plasticity_embedding", "relative_gradient_norm", "fisher", "kappatune"]
+    arms = [f"{name}_8.5pct" for name in (*scored, "last_k")] + ["random_8.5pct_draw0", "random_8.5pct_draw1"]
+    expected = {f"results/runs/vit_quick/{task}/sgd/{arm}/lr{lr}_seed{seed}"
+                for task, lr in (("shapes_novel", "0.03"), ("shapes_sketch", "0.1"))
+                for arm in arms for seed in (0, 1, 2)}
+    selection = {run for run in runs if "pct" in run}
+    assert selection == expected  # 7 arms x 2 tasks x 1 lr x 3 seeds; none on shapes_noise (main only)
+    assert len(runs) == 99 + 42  # the main experiment's runs, shared with the budget experiment's component arms
+    for run in selection:
+        task = run.split("/")[3]
+        criteria = f"results/criteria/vit_quick/{task}/criteria.csv"
+        assert (criteria in runs[run]) == any(f"/{name}_8.5pct/" in run for name in scored), run

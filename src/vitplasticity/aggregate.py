@@ -39,10 +39,18 @@ def load_runs(metrics_files: list[Path]) -> pd.DataFrame:
             "best_val_acc": _percent(metrics.get("best_val_acc")), "best_step": metrics.get("best_step"),
             "diverged_step": metrics.get("diverged_step"), "trainable_params": metrics.get("trainable_params"),
             "wall_time_s": metrics.get("wall_time_s"), "run_dir": str(path.parent),
+            **_budget_arm(settings.get("selection")),
         })
     if not rows:
         raise UserError("no finetuning runs to aggregate; check the experiment's tasks and arms")
     return pd.DataFrame(rows)
+
+
+def _budget_arm(spec: dict | None) -> dict:
+    """A run's selector, budget and random draw when it is a budget arm's (`budget.arms`), else empty."""
+    if spec is None:
+        return {}
+    return {"selector": spec["selector"], "budget": spec["budget"], "draw": spec.get("draw")}
 
 
 def _percent(fraction: float | None) -> float:
@@ -324,6 +332,62 @@ def _criteria_view(table: pd.DataFrame) -> pd.DataFrame:
     return view
 
 
+def selection_table(table: pd.DataFrame, runs: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
+    """Per (task, selector, budget) of the budget arms (`vitplasticity.budget`): test accuracy at the best lr
+    (seed mean, %) and its spread, the rank among the selectors of that budget on the task (1 = best, ties
+    share the lower rank), the gain over ``random`` at that budget (points), the exact trainable parameters
+    (head included) and the selector's cost in the criteria job (wall s, added peak MiB; NaN for ``random``
+    and the heuristics, which need no scores).
+
+    `table`: `main_table`; `runs`: `load_runs` (selector, budget, draw per budget-arm run); `costs`: task,
+    criterion, wall_s, peak_mib. ``random`` pools its draws: its accuracy is their mean, its spread the std
+    over draws (ddof 0); a criterion's spread is the std over seeds. Rows in `budget.SELECTORS`' order, then
+    budget ascending; empty when the experiment has no budget arm.
+    """
+    from vitplasticity.budget import RANDOM, SELECTORS
+
+    columns = ["task", "selector", "budget", "trainable_params", "acc", "spread", "spread_over", "rank",
+               "gain_vs_random", "wall_s", "peak_mib"]
+    if "selector" not in runs or runs["selector"].isna().all():
+        return pd.DataFrame(columns=columns)
+    arms = runs.dropna(subset=["selector"]).groupby(["task", "arm"], as_index=False, sort=False).agg(
+        selector=("selector", "first"), budget=("budget", "first"), trainable_params=("trainable_params", "mean"))
+    cells = arms.merge(table[["task", "arm", "mean", "std"]], on=["task", "arm"])
+    rows = []
+    for (task, selector, budget), part in cells.groupby(["task", "selector", "budget"], sort=False):
+        pooled = selector == RANDOM
+        rows.append({"task": task, "selector": selector, "budget": budget,
+                     "trainable_params": part["trainable_params"].mean(), "acc": part["mean"].mean(),
+                     "spread": part["mean"].std(ddof=0) if pooled else part["std"].iloc[0],
+                     "spread_over": "draws" if pooled else "seeds"})
+    frame = pd.DataFrame(rows)
+    frame["rank"] = frame.groupby(["task", "budget"])["acc"].rank(ascending=False, method="min")
+    floor = frame[frame["selector"] == RANDOM].set_index(["task", "budget"])["acc"]
+    frame["gain_vs_random"] = frame["acc"] - pd.Series(
+        [floor.get((t, b), math.nan) for t, b in zip(frame["task"], frame["budget"], strict=True)], index=frame.index)
+    if not costs.empty:
+        spent = costs.rename(columns={"criterion": "selector"})[["task", "selector", "wall_s", "peak_mib"]]
+        frame = frame.merge(spent, on=["task", "selector"], how="left")
+    frame = frame.reindex(columns=columns)
+    order = {name: i for i, name in enumerate(SELECTORS)}
+    frame = frame.assign(_order=frame["selector"].map(order)).sort_values(["_order", "budget", "task"], kind="stable")
+    return frame.drop(columns="_order").reset_index(drop=True)
+
+
+def _selection_view(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per (selector, budget), averaged over tasks: accuracy ± spread, rank per task, gain over random, cost."""
+    rows = []
+    for (selector, budget), part in frame.groupby(["selector", "budget"], sort=False):
+        rows.append({"selector": selector, "budget (%)": 100 * budget,
+                     "trainable params": f"{part['trainable_params'].mean():,.0f}",
+                     "accuracy (%)": f"{part['acc'].mean():.2f} ± {part['spread'].mean():.2f}"
+                                     f" ({part['spread_over'].iloc[0]})",
+                     "rank per task": ", ".join(f"{t} {r:g}" for t, r in zip(part["task"], part["rank"], strict=True)),
+                     "mean rank": part["rank"].mean(), "gain over random (points)": part["gain_vs_random"].mean(),
+                     "cost (s)": part["wall_s"].mean(), "cost (MiB)": part["peak_mib"].mean()})
+    return pd.DataFrame(rows).set_index("selector")
+
+
 def trajectory_table(trajectory: pd.DataFrame, tasks: list[str] | None = None) -> pd.DataFrame:
     """Per (task, mode, step, component): plasticity averaged over layers, its rank among the components at
     that step (1 = most plastic; ties share the better rank), the source validation accuracy (%) of the
@@ -467,6 +531,7 @@ def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], p
         "criteria": criteria_table(criteria, costs, runs),
         "trajectory": trajectory_table(trajectory, settings.get("tasks")),
         "vtab": vtab_table(runs, settings.get("vtab_tasks", {}), probes, arm_order),
+        "selection": selection_table(table, runs, costs),
     }
     out_dir = Path(out_dir)
     for name in registry.TABLES:
@@ -502,6 +567,12 @@ def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], p
         absent = "No VTAB-1k task in this experiment."
         write_text(out_dir / "vtab.md", absent + "\n")
         write_text(out_dir / "vtab.html", f"<p>{absent}</p>\n")
+    if not tables["selection"].empty:
+        _write_view(out_dir, "selection", _selection_view(tables["selection"]), "{:.3g}", index_name="selector")
+    else:
+        absent = "No budget arms in this experiment (its config does not set selection: true)."
+        write_text(out_dir / "selection.md", absent + "\n")
+        write_text(out_dir / "selection.html", f"<p>{absent}</p>\n")
     for name in ("plasticity", "bounds", "runs"):  # long tables: every row, as the CSV has it
         _write_view(out_dir, name, tables[name].set_index(tables[name].columns[0]) if not tables[name].empty
                     else tables[name], "{:.4g}", index_name=tables[name].columns[0] if not tables[name].empty else "")

@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", _finetune, help="one finetuning run (resumes from RUN_DIR/state.pt)")
     _model_job(p)
+    p.add_argument("--criteria", type=Path, nargs="?", default=None,
+                   help="criteria.csv of this model and task: the scores a budget arm of a criterion selects by")
     _output(p, "--run-dir", required=True)
 
     p = sub.add_parser("probe", _probe, help="linear-probing baseline")
@@ -267,7 +269,7 @@ def _bounds(args, settings, runtime, track) -> None:
 
 def _finetune(args, settings, runtime, track) -> None:
     jobs = _jobs()
-    metrics = jobs.finetune(settings, runtime, args.task, args.checkpoint, args.run_dir, track)
+    metrics = jobs.finetune(settings, runtime, args.task, args.checkpoint, args.run_dir, track, args.criteria)
     jobs.log(f"finetune {metrics['status']}: test accuracy {metrics['test_acc']}")
 
 

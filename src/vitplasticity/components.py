@@ -90,15 +90,29 @@ def count_by_component(model: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
-def set_trainable(model: torch.nn.Module, arm_components: Iterable[str]) -> list[str]:
-    """Freeze everything but the arm's components and the always-trained head.
+def unit_of(parameter_name: str) -> tuple[str, int | None]:
+    """(component, layer) of a parameter; layer None outside the blocks (``emb``, ``head``)."""
+    block = re.match(r"blocks\.(\d+)\.", parameter_name)
+    return component_of(parameter_name), int(block.group(1)) if block else None
 
-    Returns the trainable parameter names.
+
+def set_trainable(model: torch.nn.Module, arm_components: Iterable[str],
+                  units: Iterable[tuple[str, int]] = ()) -> list[str]:
+    """Freeze everything but the arm's components (in every block), its `units` ((component, layer): one block
+    component in one block) and the always-trained head.
+
+    Returns the trainable parameter names. Raises UserError for an unknown component or a unit the model lacks.
     """
     trainable = set(check_components(arm_components, "arm")) | set(ALWAYS_TRAINED)
+    units = set(units)
+    missing = sorted(units - set(block_parameters(model))) if units else []
+    if missing:
+        raise UserError(f"unit(s) {', '.join(f'{c}.{layer}' for c, layer in missing)} are not block components of "
+                        f"this model ({len(model.blocks)} blocks of {', '.join(BLOCK_COMPONENTS)}); check the arm")
     names = []
     for name, param in model.named_parameters():
-        param.requires_grad_(component_of(name) in trainable)
+        component, layer = unit_of(name)
+        param.requires_grad_(component in trainable or (component, layer) in units)
         if param.requires_grad:
             names.append(name)
     return names

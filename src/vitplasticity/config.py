@@ -167,6 +167,28 @@ def check_references(config: dict) -> None:
         for arm in experiment.get("arms", list(arms)):
             _require(arm in arms, f"config key '{where}.arms': unknown arm '{arm}'; allowed: {', '.join(arms)}")
     check_reference_stream(config)
+    check_selection(config, arms)
+
+
+def check_selection(config: dict, arms: dict) -> None:
+    """The selection section names known selectors, its arms do not reuse an arm's name, and an experiment that
+    trains them has budgets and selectors to train (and the criteria job, for a criterion's scores)."""
+    from vitplasticity import budget
+
+    selection = config["selection"]
+    budget.check_selectors(selection["criteria"], "selection.criteria")
+    clash = sorted(set(budget.arms(selection)) & set(arms))
+    _require(not clash, f"config key 'arms.{clash[0] if clash else ''}': the name of a selection arm; rename the arm")
+    users = [name for name, experiment in config["experiments"].items() if experiment["selection"]]
+    if not users:
+        return
+    for key in ("budgets", "criteria"):
+        _require(bool(selection[key]), f"config key 'selection.{key}': must not be empty, since experiment "
+                 f"'{users[0]}' sets selection: true; list at least one value")
+    scored = [name for name in selection["criteria"] if budget.needs_scores(name)]
+    _require(not scored or config["criteria"]["enabled"],
+             f"config key 'criteria.enabled': selection criterion '{scored[0] if scored else ''}' ranks by the "
+             "criteria job's scores; set criteria.enabled to true")
 
 
 def evaluated_steps(pretrain: dict) -> list[int]:

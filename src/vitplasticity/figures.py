@@ -446,6 +446,49 @@ def accuracy_vs_params(table: pd.DataFrame, runs: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+@_saved
+def selection_vs_budget(selection: pd.DataFrame, table: pd.DataFrame, runs: pd.DataFrame) -> plt.Figure:
+    """Test accuracy at the best lr (mean over the tasks with budget arms) against trainable parameters (log,
+    head included): one line per selector through its budgets, ``random`` as a band (mean ± spread over its
+    draws), and the whole-component arms (and ``all``) on the same tasks as points."""
+    from vitplasticity.budget import RANDOM, SELECTORS
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
+    handles = []
+    if selection.empty:
+        _empty(ax, "no budget arms\n(the experiment's selection is false)")
+        return fig
+    mean = selection.groupby(["selector", "budget"], as_index=False, sort=False)[
+        ["trainable_params", "acc", "spread"]].mean().sort_values("budget")
+    for index, selector in enumerate(name for name in SELECTORS if name in set(mean["selector"])):
+        part = mean[mean["selector"] == selector]
+        if selector == RANDOM:
+            ax.fill_between(part["trainable_params"], part["acc"] - part["spread"], part["acc"] + part["spread"],
+                            color="#bbbbbb", alpha=0.5, lw=0)
+            ax.errorbar(part["trainable_params"], part["acc"], yerr=part["spread"], color="#777777", marker="o",
+                        ms=4, capsize=3, lw=1)
+            handles.append(Line2D([], [], color="#777777", marker="o", label="random (± spread over draws)"))
+            continue
+        line = {"color": EXTRA_COLOURS[index % len(EXTRA_COLOURS)], "marker": EXTRA_MARKERS[index % len(EXTRA_MARKERS)]}
+        ax.plot(part["trainable_params"], part["acc"], ms=5, lw=1.2, **line)
+        handles.append(Line2D([], [], label=selector.replace("_", " "), **line))
+    tasks = set(selection["task"])
+    budget_arms = set(runs.dropna(subset=["selector"])["arm"]) if "selector" in runs else set()
+    whole = table[table["task"].isin(tasks) & ~table["arm"].isin(budget_arms)]
+    params = runs.groupby(["task", "arm"])["trainable_params"].first()
+    whole = whole.join(params, on=["task", "arm"]).groupby("arm", sort=False)[["trainable_params", "mean"]].mean()
+    for arm, row in whole.dropna().iterrows():
+        ax.scatter(row["trainable_params"], row["mean"], s=40, edgecolors="black", linewidths=0.4, zorder=3,
+                   color=colour(arm), marker=style(arm)["marker"])
+        handles.append(Line2D([], [], ls="none", color=colour(arm), marker=style(arm)["marker"],
+                              label=f"{arm_label(arm)} (every block)"))
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters, head included (log)")
+    ax.set_ylabel("test accuracy at the best lr (%), mean over tasks")
+    _legend_below(fig, handles, 4)
+    return fig
+
+
 def _step_axis(ax: plt.Axes, steps: list[int]) -> None:
     """Pretraining steps on a log axis, labelled at the measured steps when they are few enough to read."""
     ax.set_xscale("log")
@@ -524,3 +567,4 @@ def make_figures(tables_dir: Path, out_dir: Path) -> None:
     criteria_hit_rate(_read(tables_dir / "criteria.csv"), out_dir)
     accuracy_vs_params(table, runs, out_dir)
     plasticity_trajectory(_read(tables_dir / "trajectory.csv"), out_dir)
+    selection_vs_budget(_read(tables_dir / "selection.csv"), table, runs, out_dir)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vitplasticity import models, tracking, training
+from vitplasticity.budget import unit_label
 from vitplasticity.components import block_parameters, component_of, set_trainable
 from vitplasticity.errors import UserError
 from vitplasticity.fileio import atomic_dir, read_json, write_csv, write_json, write_rows, write_yaml
@@ -182,20 +183,49 @@ def _apply_control(model, settings: dict) -> int:
     return trainable - component_size + kept
 
 
-def finetune(settings: dict, runtime: Runtime, task_dir: Path, weights: Path, run_dir: Path, track: Tracking) -> dict:
-    """One finetuning run of one arm; resumes from run_dir/state.pt when present."""
+def budget_units(model, spec: dict, criteria_table: Path | None) -> list[tuple[str, int]]:
+    """The units a budget arm trains (`budget.select`): `spec` {selector, budget[, draw]}, the scores read from
+    `criteria_table` (the criteria job's criteria.csv of this model and task) when the selector is a criterion."""
+    import pandas as pd
+
+    from vitplasticity import budget
+
+    sizes = {unit: sum(p.numel() for _, p in params) for unit, params in block_parameters(model).items()}
+    scores = None
+    if budget.needs_scores(spec["selector"]):
+        if criteria_table is None:
+            raise UserError(f"budget arm of criterion '{spec['selector']}' needs the criteria table; pass --criteria "
+                            "(the criteria job's criteria.csv of this model and task)")
+        table = pd.read_csv(criteria_table)
+        rows = table[table["criterion"] == spec["selector"]]
+        if rows.empty:
+            raise UserError(f"{criteria_table} has no scores of criterion '{spec['selector']}'; rerun its criteria job")
+        scores = {(row.component, int(row.layer)): float(row.value) for row in rows.itertuples()}
+    return budget.select(spec, sizes, scores)
+
+
+def finetune(settings: dict, runtime: Runtime, task_dir: Path, weights: Path, run_dir: Path, track: Tracking,
+             criteria_table: Path | None = None) -> dict:
+    """One finetuning run of one arm; resumes from run_dir/state.pt when present.
+
+    A budget arm (settings ``selection``: {selector, budget[, draw]}) trains the units `budget.select` picks
+    (scores from `criteria_table` for a criterion) and the head; its units ("mha.3 fc1.2 …", in the order chosen)
+    go to config.yaml and metrics.json, beside the exact trainable count of every run.
+    """
     meta = read_meta(task_dir)
     device = pick_device(runtime.device)
     seed_everything(settings["seed"])
     model, record = models.load_checkpoint(weights, num_classes=len(meta["classes"]))
-    set_trainable(model, settings["components"])
+    units = budget_units(model, settings["selection"], criteria_table) if "selection" in settings else []
+    set_trainable(model, settings["components"], units)
     trained = _apply_control(model, settings)
+    unit_names = {"units": " ".join(map(unit_label, units))} if "selection" in settings else {}
     cfg = _train_config(settings, runtime, record["img_size"])
     cfg.mean, cfg.std = tuple(record["mean"]), tuple(record["std"])
     cfg.check()
     splits = _splits(task_dir)
     write_yaml(run_dir / "config.yaml", {"job": "finetune", "settings": settings, "train": training.config_record(cfg),
-                                         "checkpoint_sha256": record["sha256"]})
+                                         "checkpoint_sha256": record["sha256"], **unit_names})
     name = tracking.run_name("finetune", settings)
     with tracking.track_job(tracking.job_tracking(track, "finetune", settings), run_dir=run_dir, run_name=name,
                             kind="finetune", params=settings,
@@ -204,7 +234,7 @@ def finetune(settings: dict, runtime: Runtime, task_dir: Path, weights: Path, ru
         result = training.train(model, splits, cfg, device, state_path=run_dir / "state.pt",
                                 on_eval=run.log_history, progress=log)
         metrics = _result_metrics(result) | {
-            "trainable_params": trained,
+            "trainable_params": trained, **unit_names,
             "total_params": sum(p.numel() for p in model.parameters()),
             "wall_time_s": time.time() - began, "device": str(device), "host": socket.gethostname(),
         }

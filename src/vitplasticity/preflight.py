@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitplasticity import components, models, plasticity, runtime, streaming, training, transforms
+from vitplasticity import budget, components, models, plasticity, runtime, streaming, training, transforms
 from vitplasticity.errors import UserError
 from vitplasticity.prepared import Split
 
@@ -210,13 +210,17 @@ def project(settings: Mapping, step_s: Mapping[str, Mapping[str, Mapping[str, fl
     """Device-hours of each experiment of `settings` (a validated study config) from measured step times.
 
     `step_s[model][optimizer][arm]` (s) for the arms ``all`` and the single one; an experiment's runs are
-    tasks x arms (its `arms`, else every arm and control) x the task's lrs x the seeds, each `steps` x the step
+    tasks x arms (its `arms`, else every arm and control; with `selection`, the budget arms too) x the task's lrs
+    x the seeds, each `steps` x the step
     time of its arm's proxy (`arm_proxy`); a run an earlier experiment already plans (same model, task,
     optimizer, arm and lrs) is not counted again. Plasticity jobs (one per model and task of the experiments):
     ceil(n_pairs / plasticity_batch) batches x `plasticity_batch_s[model]`. Evaluation passes, criteria and
     checkpoint jobs are not counted (`assumptions` says so).
     """
     arms = {**settings["arms"], **{name: [c["component"]] for name, c in (settings.get("controls") or {}).items()}}
+    # A budget arm trains a few (component, layer) units: costed as one block component (the single arm's time).
+    budget_arms = list(budget.arms(settings.get("selection") or {}))
+    arms |= {name: [components.BLOCK_COMPONENTS[0]] for name in budget_arms}
     seeds = len(settings["finetune"]["seeds"])
     out: dict = {}
     total = 0.0
@@ -227,7 +231,8 @@ def project(settings: Mapping, step_s: Mapping[str, Mapping[str, Mapping[str, fl
         runs, steps, seconds = 0, 0, 0.0
         for task in exp["tasks"]:
             spec = settings["tasks"][task]
-            for arm in exp.get("arms") or list(arms):
+            named = exp.get("arms") or [arm for arm in arms if arm not in budget_arms]
+            for arm in named + (budget_arms if exp.get("selection") else []):
                 run = (exp["model"], task, exp["optimizer"], arm, exp.get("lr_scale", 1.0))
                 if run in planned:
                     continue

@@ -10,9 +10,10 @@ written at all). Kept free of imports: Snakemake reads it at every start.
 """
 
 TABLES = ("main_table", "relative_gain", "lr_gap", "stat_tests", "separation", "plasticity_rank", "plasticity",
-          "bounds", "criteria", "trajectory", "vtab", "runs")
+          "bounds", "criteria", "trajectory", "selection", "vtab", "runs")
 FIGURES = ("plasticity_vs_rank", "plasticity_vs_depth", "bounds_vs_depth", "relative_gain", "accuracy_per_arm",
-           "lr_robustness", "training_curves", "criteria_hit_rate", "accuracy_vs_params", "plasticity_trajectory")
+           "lr_robustness", "training_curves", "criteria_hit_rate", "accuracy_vs_params", "plasticity_trajectory",
+           "selection_vs_budget")
 # A table and a figure of that name, made by `vitplasticity compare-paper` for an experiment that sets it.
 PAPER_COMPARISON = "paper_comparison"
 ENABLED_BY = {
@@ -20,6 +21,8 @@ ENABLED_BY = {
     "criteria_hit_rate": "criteria.enabled",
     "trajectory": "models.<model>.pretrain.keep_steps",
     "plasticity_trajectory": "models.<model>.pretrain.keep_steps",
+    "selection": "experiments.<experiment>.selection",
+    "selection_vs_budget": "experiments.<experiment>.selection",
     PAPER_COMPARISON: "experiments.<experiment>.compare_to_paper",
     "vtab": "tasks.<task>.data.source: vtab1k",
 }

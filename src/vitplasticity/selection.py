@@ -31,11 +31,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from vitplasticity.budget import RANDOM
 from vitplasticity.components import BLOCK_COMPONENTS
 from vitplasticity.errors import UserError
 from vitplasticity.registry import CRITERIA
-
-RANDOM = "random"
 
 
 def oriented(scores: pd.Series, criterion: str) -> pd.Series:

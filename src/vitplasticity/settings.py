@@ -31,6 +31,7 @@ KEYS: dict[str, dict[str, str]] = {
     "plasticity": {"model": _MODEL, "task": _TASK, "": "plasticity"},
     "finetune": {"model": _MODEL, "task": _TASK, "arm": "the arm's name (a key of arms)",
                  "components": "arms.*", "control": "controls.*",
+                 "selection": "a budget arm's {selector, budget[, draw]} (vitplasticity.budget.arms, from selection)",
                  "lr": "the learning rate (one of the task's lrs, times lr_scale)",
                  "seed": "the replicate seed (one of finetune.seeds)", "optimizer": "experiments.*.optimizer",
                  "steps": "tasks.*.steps", "eval_every": "tasks.*.eval_every", "": "finetune"},
@@ -47,8 +48,9 @@ KEYS: dict[str, dict[str, str]] = {
 # no pretraining setting (the run keeps the weights of every evaluation), so changing them reruns only the
 # trajectory.
 _DROPPED = {"finetune": ("seeds",), "pretrain": ("keep_steps",)}
-# Keys only some jobs get (a control arm's finetuning runs; the aggregation of an experiment with VTAB-1k tasks).
-_OPTIONAL = {"finetune": ("control",), "aggregate": ("vtab_tasks",)}
+# Keys only some jobs get (a control arm's or a budget arm's finetuning runs; the aggregation of an experiment
+# with VTAB-1k tasks).
+_OPTIONAL = {"finetune": ("control", "selection"), "aggregate": ("vtab_tasks",)}
 
 
 @cache

@@ -4,9 +4,10 @@
 # reach them through the environment variable MACHINE_ENV, which Snakemake does not record.
 import json
 import os
+import re
 import sys
 
-from vitplasticity import registry
+from vitplasticity import budget, registry
 from vitplasticity.config import check_config
 from vitplasticity.errors import UserError
 from vitplasticity.machine import MACHINE_ENV, machine
@@ -33,11 +34,14 @@ envvars:
 EXPERIMENTS = config["experiments"]
 MODELS = config["models"]
 TASKS = config["tasks"]
-# Arms and parameter-matched controls share one namespace; a control trains its one component.
+# Arms, parameter-matched controls and budget arms share one namespace; a control trains its one
+# component, a budget arm the units its selector picks (no whole component).
 CONTROLS = config["controls"]
+SELECTION_ARMS = budget.arms(config["selection"])
 ARMS = {
     **config["arms"],
     **{name: [control["component"]] for name, control in CONTROLS.items()},
+    **{name: [] for name in SELECTION_ARMS},
 }
 REFERENCE = config["plasticity"]["reference_task"]
 # Table and figure names: one list, shared with the package and the tests.
@@ -48,7 +52,7 @@ CRITERIA = config["criteria"]
 
 def _alternatives(names):
     """A wildcard regex matching exactly these names."""
-    return "|".join(sorted(names)) or "(?!)"
+    return "|".join(sorted(map(re.escape, names))) or "(?!)"
 
 
 def fmt_lr(lr):
@@ -61,7 +65,9 @@ def experiment_lrs(experiment, task):
 
 
 def experiment_arms(experiment):
-    return experiment.get("arms", list(ARMS))
+    """The experiment's arms (default: every arm and control), then the budget arms when it sets selection."""
+    named = experiment.get("arms", [arm for arm in ARMS if arm not in SELECTION_ARMS])
+    return named + (list(SELECTION_ARMS) if experiment["selection"] else [])
 
 
 def get_experiment_runs(wildcards):
@@ -228,12 +234,25 @@ def get_finetune_settings(wildcards):
         arm=wildcards.arm,
         components=ARMS[wildcards.arm],
         **({"control": CONTROLS[wildcards.arm]} if wildcards.arm in CONTROLS else {}),
+        **(
+            {"selection": SELECTION_ARMS[wildcards.arm]}
+            if wildcards.arm in SELECTION_ARMS
+            else {}
+        ),
         lr=float(wildcards.lr),
         seed=int(wildcards.seed),
         steps=task["steps"],
         eval_every=task["eval_every"],
     )
     return json.dumps(settings, sort_keys=True)
+
+
+def get_finetune_criteria(wildcards):
+    """criteria.csv of the run's model and task, for a budget arm whose selector ranks by its scores."""
+    spec = SELECTION_ARMS.get(wildcards.arm)
+    if spec is None or not budget.needs_scores(spec["selector"]):
+        return []
+    return [f"results/criteria/{wildcards.model}/{wildcards.task}/criteria.csv"]
 
 
 def get_preflight_settings(wildcards):
@@ -248,6 +267,7 @@ def get_preflight_settings(wildcards):
         "finetune",
         "plasticity",
         "experiments",
+        "selection",
     )
     settings = {key: config[key] for key in keys}
     measured = ("device", "micro_batch", "compile", "plasticity_batch")

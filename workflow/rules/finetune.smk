@@ -7,6 +7,7 @@ rule finetune:
     input:
         checkpoint=get_checkpoint,
         task="data/prepared/{task}",
+        criteria=get_finetune_criteria,
     output:
         metrics="results/runs/{model}/{task}/{optimizer}/{arm}/lr{lr}_seed{seed}/metrics.json",
         history="results/runs/{model}/{task}/{optimizer}/{arm}/lr{lr}_seed{seed}/history.csv",
@@ -27,4 +28,4 @@ rule finetune:
     shell:
         "vitplasticity finetune --settings {params.settings:q} "
         "--threads {threads} --checkpoint {input.checkpoint} "
-        "--task {input.task} --run-dir {params.run_dir} 2> {log}"
+        "--task {input.task} --run-dir {params.run_dir} --criteria {input.criteria} 2> {log}"
