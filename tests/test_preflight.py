@@ -159,7 +159,7 @@ def test_the_workflow_plans_the_preflight_only_when_asked(tmp_path):
     # The projection counts the runs and plasticity jobs the workflow plans.
     projected = preflight.project(quick_settings(), {"vit_quick": {"sgd": {"all": 1.0, "mha": 1.0}}},
                                   {"vit_quick": 1.0}, 250)
-    assert projected["main"]["runs"] == study["finetune"]
+    assert projected["main"]["runs"] + projected["budget"]["runs"] == study["finetune"]
     assert projected["plasticity"]["jobs"] == study["measure_plasticity"]
 
 
@@ -172,7 +172,8 @@ def test_the_paper_projection_counts_the_runs_the_paper_dag_plans():
                                   {model: 1.0 for model in config["models"]}, 64)
     runs = {name: p["runs"] for name, p in projected.items() if isinstance(p, dict) and "runs" in p}
     # mha_fc1 shares its all, mha and fc1 runs with main: only its 2 tasks x 4 lrs x 3 seeds of mha_fc1 are new.
+    # budget: 4 tasks x 4 lrs x 3 seeds x 2 budgets x 10 budget arms (its component arms are main's runs).
     assert runs == {"main": 1188 + 660, "adamw": 480, "size_large": 108, "size_huge": 108, "low_data": 288,
-                    "mha_fc1": 24}
-    assert sum(runs.values()) == 2856  # the finetuning jobs of the paper config's dry run
+                    "mha_fc1": 24, "budget": 960}
+    assert sum(runs.values()) == 3816  # the finetuning jobs of the paper config's dry run
     assert projected["plasticity"]["jobs"] == 17
