@@ -617,3 +617,24 @@ def test_the_snippet_states_its_size_and_projected_cost(tiny_report):
     assert "`snakemake -s CHECKOUT/Snakefile --directory DIR --cores all --configfile workflow_config.yaml`" in report
     assert recommend.step_seconds(timm.create_model("vit_tiny_patch16_224", num_classes=3, **TINY), 32,
                                   torch.device("cpu"), 2) > 0
+
+
+def test_the_written_study_runs_in_a_folder_of_its_own(tmp_path, capsys, monkeypatch):
+    """Relative --model, --data and --reference become absolute paths in the written config, so the study plans the
+    same jobs from another folder (`snakemake -s CHECKOUT/Snakefile --directory DIR`)."""
+    monkeypatch.chdir(tmp_path)
+    _image_folder(tmp_path / "data", per_class=2)
+    _image_folder(tmp_path / "photos", classes=("x",), per_class=3, seed=1)
+    _weights(tmp_path / "tiny.safetensors", "vit_tiny_patch16_224", TINY)
+    code, _, err = _recommend(capsys, "--model", "tiny.safetensors", "--arch", "vit_tiny_patch16_224",
+                              "--arch-kwargs", json.dumps(TINY), "--data", "data", "--reference", "photos",
+                              "--pairs", "10", "--out", "report")
+    assert code == 0, err
+    config = yaml.safe_load((tmp_path / "report" / "workflow_config.yaml").read_text())
+    assert config["tasks"]["my_images"]["data"]["path"] == str(tmp_path / "data")
+    assert config["tasks"]["reference"]["data"]["path"] == str(tmp_path / "photos")
+    assert config["models"]["model"]["path"] == str(tmp_path / "tiny.safetensors")
+    (tmp_path / "study").mkdir()
+    written = tmp_path / "report" / "workflow_config.yaml"
+    result = snakemake(tmp_path / "study", "-n", "--quiet", "rules", config=written)
+    assert planned_jobs(result.stdout + result.stderr) == SNIPPET_JOBS

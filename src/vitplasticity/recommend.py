@@ -369,8 +369,10 @@ def lora_plan(order: list[str], model: torch.nn.Module) -> tuple[str, str, list[
 
 
 def workflow_config(model: Model, data: Path, reference: Path | None, pairs: int) -> dict:
-    """A study config that prepares these images and runs every finetuning arm, the probe and plasticity."""
+    """A study config that prepares these images and runs every finetuning arm, the probe and plasticity. Paths
+    are absolute, so the study runs from any folder (``snakemake --directory``)."""
     size = model.record["img_size"]
+    data, reference = Path(data).expanduser().resolve(), reference and Path(reference).expanduser().resolve()
     store = max(size, round(size * 256 / 224))
     if reference is not None:
         # Every reference image in the split plasticity reads, as `recommend` pairs them.
@@ -381,6 +383,8 @@ def workflow_config(model: Model, data: Path, reference: Path | None, pairs: int
         reference_task = {"data": {"source": "imagenet_val", "path": "ILSVRC2012_img_val.tar", "order": "file_name",
                                    "store_size": store, "max_images": pairs}}
     entry = {k: str(v) if isinstance(v, Path) else v for k, v in model.config.items()}
+    if "path" in entry:
+        entry["path"] = str(Path(entry["path"]).expanduser().resolve())
     return {
         "study": "own_data",
         "models": {"model": entry},
