@@ -601,6 +601,12 @@ def test_only_the_reference_task_may_be_a_reference_stream(tmp_path):
     assert (f"config key 'tasks.{task}.data.reference_stream': only the plasticity reference task "
             f"('{config['plasticity']['reference_task']}') can put every image in its test split (nothing is left "
             "to train on); remove reference_stream or name the task in plasticity.reference_task") in result.stderr
+    config["tasks"][task]["data"]["reference_stream"] = False
+    config["tasks"][config["plasticity"]["reference_task"]]["data"]["reference_stream"] = True  # an imagenet_val
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "-n", config=tmp_path / "config.yaml", check=False)
+    assert (f"config key 'tasks.{config['plasticity']['reference_task']}.data.reference_stream': only an "
+            "imagefolder source can put every image in its test split; remove it") in result.stderr
 
 
 def test_the_snippet_states_its_size_and_projected_cost(tiny_report):

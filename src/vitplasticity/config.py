@@ -231,6 +231,10 @@ def check_reference_stream(config: dict) -> None:
              f"config key 'plasticity.reference_task': '{reference}' is also a downstream task of experiment "
              f"'{users[0] if users else ''}', so plasticity would pair its test images with themselves; choose a "
              "reference task no experiment finetunes on")
+    other = [name for name, task in config["tasks"].items()
+             if task["data"].get("reference_stream") and task["data"]["source"] != "imagefolder"]
+    _require(not other, f"config key 'tasks.{other[0] if other else ''}.data.reference_stream': only an imagefolder "
+             "source can put every image in its test split; remove it")
     streams = [name for name, task in config["tasks"].items()
                if task["data"].get("reference_stream") and name != reference]
     _require(not streams,

@@ -530,7 +530,8 @@ def _markdown(frame: pd.DataFrame) -> str:
 
 
 def run(request: Request) -> dict:
-    """Measure, rank and write the report folder; returns {'ranking', 'recommended', 'out'}."""
+    """Measure every criterion, rank and write the report folder; returns {'ranking', 'recommended' (the first
+    choice of the criterion written), 'lora', 'criteria' (`side_by_side`), 'summary', 'conditions'}."""
     if request.pairs < 2:
         raise UserError(f"--pairs {request.pairs}: give at least 2 pairs")
     bad = [m for m in request.modes if m not in plasticity.MODES]
