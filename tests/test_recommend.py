@@ -621,6 +621,7 @@ def test_the_snippet_states_its_size_and_projected_cost(tiny_report):
     report = (out / "report.md").read_text()
     assert "Its size: 8 arms × 3 learning rates × 2 seeds = 48 finetuning runs of 2,000 steps" in report
     assert "`snakemake -s CHECKOUT/Snakefile --directory DIR --cores all --configfile workflow_config.yaml`" in report
+    assert "about 8,790 device-hours" in recommend.projected_cost(config, 10.3, 4)  # 8,789.3 to 3 digits, no e+03
     assert recommend.step_seconds(timm.create_model("vit_tiny_patch16_224", num_classes=3, **TINY), 32,
                                   torch.device("cpu"), 2) > 0
 

@@ -6,7 +6,7 @@ project wrote) and an image folder, measure each block component's plasticity
 
 - ``report.md``: what each selection criterion (`registry.CRITERIA`) would train, side by side, the
   plasticity ranking, what it means, and every artefact below in one page;
-- ``criteria.csv`` (per criterion and component: score, rank, first choice, wall time);
+- ``criteria.csv`` (per criterion: its ranking of the components, first choice, wall time);
 - ``ranking.csv`` (per mode and component: mean over layers, 95% CI, layer range, rank),
   ``plasticity_per_layer.csv``, ``token_norms.json``, ``plasticity_vs_depth.{png,pdf}``;
 - ``trainable_parameters.txt``: the parameters to unfreeze (the first choice of ``--criterion``,
@@ -240,7 +240,7 @@ def check_criterion(name: str, modes: tuple[str, ...], classes: int) -> None:
 
 
 def labelled_images(data: ImageFiles, count: int, size: int, seed: int) -> Split:
-    """A seeded sample of min(`count`, all) images of `data` with their class labels (for the gradient criteria)."""
+    """A seeded sample of min(`count`, all) images of `data` with their class labels (gradient criteria, FPS)."""
     rows = np.sort(np.random.default_rng(seed).choice(len(data), min(count, len(data)), replace=False))
     return Split(read_images(data, rows, size, "labelled images"), data.labels[rows])
 
@@ -267,14 +267,14 @@ def side_by_side(scores: pd.DataFrame, wall_s: dict[str, float]) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-def criteria_caption(chosen: pd.DataFrame, data: ImageFiles) -> str:
-    """What the side-by-side table shows, and which criteria were skipped and why."""
+def criteria_caption(data: ImageFiles, labelled: int) -> str:
+    """What the side-by-side table shows, and whether the gradient criteria used `labelled` images of `data` or
+    were skipped (0), and why."""
     line = ("Each criterion of the study (`vitplasticity.criteria`) ranks the five block components (score: mean "
             "over the layers; the end of its scale chosen first as the study declares it; a component it cannot "
             "score last) on this model and your images; its first choice is what it would train. Plasticity "
             "modes are measured together (their shared wall time is shown), as are the relative gradient norm "
-            "and Fisher. Scores per component: `criteria.csv`.")
-    labelled = chosen.attrs.get("labelled_images", 0)
+            "and Fisher. As a table: `criteria.csv`.")
     if labelled:
         line += (f" The gradient criteria use the labels of --data's {len(data.classes)} classes: a fresh linear "
                  f"head's cross-entropy on {labelled:,} images.")
@@ -345,8 +345,8 @@ def projected_cost(config: dict, step_s: float, batch: int) -> str:
     hours = runs * task["steps"] * finetune["batch_size"] * step_s / batch / 3600
     return (f"Its size: {len(config['arms'])} arms × {len(task['lrs'])} learning rates × {len(finetune['seeds'])} "
             f"seeds = {runs} finetuning runs of {task['steps']:,} steps at batch {finetune['batch_size']} and "
-            f"{config['models']['model']['img_size']} px, about {hours:,.3g} device-hours on the device this "
-            f"report was made on (a training step of {batch} images with every parameter trained took "
+            f"{config['models']['model']['img_size']} px, about {float(f'{hours:.3g}'):,g} device-hours on the "
+            f"device this report was made on (a training step of {batch} images with every parameter trained took "
             f"{step_s:.3g} s here, scaled linearly to the batch: high where a step's fixed cost dominates; arms that "
             "freeze more cost less). Lower `steps`, "
             "`lrs`, `seeds` or the `arms` to fit your machine.")
@@ -599,11 +599,10 @@ def run(request: Request) -> dict:
         ["criterion", "component", "layer", "value"]]], ignore_index=True)
     wall_s |= {f"plasticity_{mode}": plasticity_cost.wall_s for mode in request.modes}
     chosen = side_by_side(scores, wall_s)
-    chosen.attrs["labelled_images"] = labelled
     step_s = step_seconds(models.build(model.record["arch"], num_classes=max(2, len(data.classes))),
                           model.record["img_size"], device, STEP_BATCH)
     return write_report(request, model, data, first_files, (first, second), table, stats, ranking, chosen,
-                        chosen_name, step_s)
+                        chosen_name, labelled, step_s)
 
 
 def other_criteria(request: Request, model: Model, data: ImageFiles, device: torch.device
@@ -643,7 +642,7 @@ def pair_counts(first: np.ndarray, second: np.ndarray, within: bool) -> dict:
 
 def write_report(request: Request, model: Model, data: ImageFiles, first_files: ImageFiles, pairs: tuple,
                  table: pd.DataFrame, stats: dict, ranking: pd.DataFrame, chosen: pd.DataFrame, chosen_name: str,
-                 step_s: float) -> dict:
+                 labelled: int, step_s: float) -> dict:
     from peft import LoraConfig
 
     from vitplasticity.figures import plasticity_vs_depth
@@ -673,7 +672,7 @@ def write_report(request: Request, model: Model, data: ImageFiles, first_files: 
     shown_rank = ranking[["mode", "rank", "label", "mean", "ci95", "layer_min", "layer_max", "theoretical_rank"]]
     report = [
         f"# Which components to finetune: {model.name} on {request.data}", "",
-        "## What each criterion would train", "", criteria_caption(chosen, data), "",
+        "## What each criterion would train", "", criteria_caption(data, labelled), "",
         _markdown(chosen[["label", "ranking", "first", "wall_s"]].assign(first=chosen["first"].map(LABELS))
                   .rename(columns={"label": "criterion", "ranking": "ranking (first choice first)",
                                    "first": "first choice", "wall_s": "wall time (s)"})), "",
