@@ -645,3 +645,16 @@ def test_the_written_study_runs_in_a_folder_of_its_own(tmp_path, capsys, monkeyp
     written = tmp_path / "report" / "workflow_config.yaml"
     result = snakemake(tmp_path / "study", "-n", "--quiet", "rules", config=written)
     assert planned_jobs(result.stdout + result.stderr) == SNIPPET_JOBS
+
+
+def test_a_reference_split_into_train_and_test_is_one_line(tmp_path, capsys):
+    data = _image_folder(tmp_path / "data", per_class=2)
+    _image_folder(tmp_path / "photos" / "train", classes=("x",), per_class=2)
+    weights = _weights(tmp_path / "tiny.safetensors", "vit_tiny_patch16_224", TINY)
+    code, _, err = _recommend(capsys, "--model", str(weights), "--arch", "vit_tiny_patch16_224", "--arch-kwargs",
+                              json.dumps(TINY), "--data", str(data), "--reference", str(tmp_path / "photos"),
+                              "--out", str(tmp_path / "r"))
+    assert code == 2 and not (tmp_path / "r").exists()
+    assert err == (f"vitplasticity recommend: error: --reference {tmp_path / 'photos'} has a train/ sub-folder, but "
+                   "the reference stream is every image of its folder (the study puts them all in the split "
+                   "plasticity reads); give a folder of images, flat or in class sub-folders\n")

@@ -540,6 +540,10 @@ def run(request: Request) -> dict:
     check_writable(request.out, "--out")
     split = data_split(request.data)
     data = _open_folder(request.data, "--data", split)
+    if request.reference and data_split(request.reference):
+        raise UserError(f"--reference {request.reference} has a train/ sub-folder, but the reference stream is every "
+                        "image of its folder (the study puts them all in the split plasticity reads); give a folder "
+                        "of images, flat or in class sub-folders")
     reference = _open_folder(request.reference, "--reference") if request.reference else None
     chosen_name = request.criterion or f"plasticity_{request.modes[0]}"
     check_criterion(chosen_name, tuple(request.modes), len(data.classes))
