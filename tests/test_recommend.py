@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from vitplasticity import cli, components, recommend, transforms
 from vitplasticity.datasets.images import fit_square
 from vitplasticity.datasets.sources import prepare_task
+from vitplasticity.errors import UserError
 from vitplasticity.fileio import sha256_file
 from vitplasticity.jobs import fetch
 from vitplasticity.models import load_checkpoint
@@ -166,6 +167,10 @@ def test_reference_pairs_report_distinct_images_per_stream(tmp_path, capsys):
     assert (tokens["most_pairs_per_reference_image"], tokens["most_pairs_per_downstream_image"]) == (5, 3)
     assert ("Pairs: 15 distinct pairs of a --reference image and a --data image, out of 3 reference and 5 data "
             "images. The images are cycled: one image is in up to 5 pairs.") in (out / "report.md").read_text()
+    # The study the report writes pairs every reference image too: all 3 in the split plasticity reads.
+    written = yaml.safe_load((out / "workflow_config.yaml").read_text())["tasks"]["reference"]["data"]
+    assert prepare_task("reference", written | {"split_seed": 0}, tmp_path / "prepared", None)["splits"] == {
+        "train": 0, "val": 0, "test": 3}
 
 
 def test_two_images_make_one_pair_and_are_refused_before_any_work(tmp_path, capsys):
@@ -434,8 +439,10 @@ def test_one_class_is_measured_with_its_meaning_said_and_refused_by_the_study(tm
     code, _, err = _recommend(capsys, "--model", str(weights), "--arch", "vit_tiny_patch16_224", "--arch-kwargs",
                               json.dumps(TINY), "--data", str(data), "--pairs", "6", "--out", str(out))
     assert code == 0, err
-    assert "--data holds one class: plasticity needs no labels, so the measurement stands" in (
-        (out / "report.md").read_text())
+    report = (out / "report.md").read_text()
+    assert "--data holds one class: plasticity needs no labels, so the measurement stands" in report
+    assert "Relative gradient norm and Fisher were skipped: they need labels, and --data holds one class." in report
+    assert "fisher" not in set(pd.read_csv(out / "criteria.csv")["criterion"])
     result = snakemake(tmp_path, "-n", config=out / "workflow_config.yaml", check=False)
     assert result.returncode != 0
     assert (f"config key 'tasks.my_images.data.path': {data} holds one class (cat), and experiment 'main' finetunes "
@@ -451,3 +458,203 @@ def test_an_image_size_the_study_refuses_is_refused_before_measuring(tmp_path, c
     assert err == ("vitplasticity recommend: error: the model as given cannot run in the study the report writes: "
                    "config key 'models.model.img_size': 36 is not divisible by the patch size 8; choose a multiple "
                    "of 8\n")
+
+
+def test_the_report_leads_with_every_criterion_side_by_side(tiny_report):
+    """Each criterion measured (both plasticity modes, relative gradient norm, Fisher, FPS, KappaTune, size) ranks
+    the five components; size's ranking is hand-checkable (d = 32: MHA 4·32² + 4·32 = 4,224 = FC1 > FC2 4,128 >
+    LayerNorms 64), KappaTune has no κ for a LayerNorm, and plasticity's is the ranking's."""
+    _, out = tiny_report
+    chosen = pd.read_csv(out / "criteria.csv").set_index("criterion")
+    assert chosen.index.tolist() == ["plasticity_embedding", "plasticity_hidden", "relative_gradient_norm", "fisher",
+                                     "fps", "kappatune", "trainable_params"]
+    assert chosen.loc["trainable_params", "ranking"] == "MHA = FC1 > FC2 > LN1 = LN2"
+    assert chosen.loc["trainable_params", "first"] == "mha"
+    assert chosen.loc["kappatune", "order"].split()[-2:] == ["ln1", "ln2"]
+    ranking = pd.read_csv(out / "ranking.csv")
+    assert chosen.loc["plasticity_embedding", "order"].split() == ranking[ranking["mode"] == "embedding"][
+        "component"].tolist()
+    assert (chosen["wall_s"] > 0).all()
+    report = (out / "report.md").read_text()
+    assert re.findall(r"^## .*", report, flags=re.M)[0] == "## What each criterion would train"
+    assert "| plasticity, embedding mode (the paper's answer) |" in report
+    assert "The gradient criteria use the labels of --data's 3 classes: a fresh linear head's cross-entropy on 18 " \
+           "images." in report
+    assert "- **does not hold**: criteria agree on the top choice: the criteria disagree on the top choice (" in report
+
+
+def _scores(values: dict[str, list[float]]) -> pd.DataFrame:
+    """Two layers per component, each scoring `values[criterion]` in `BLOCK_COMPONENTS` order (ln1 mha ln2 fc1 fc2)."""
+    return pd.DataFrame([{"criterion": name, "component": c, "layer": layer, "value": v}
+                         for name, row in values.items() for c, v in zip(components.BLOCK_COMPONENTS, row, strict=True)
+                         for layer in (0, 1)])
+
+
+def test_criteria_agree_or_disagree_on_the_top_choice():
+    """KappaTune (lower first, LayerNorms unscored) and plasticity put FC1 first: they agree whatever size says;
+    Fisher's MHA makes them disagree, and the condition names who chooses what."""
+    agreeing = recommend.side_by_side(_scores({"plasticity_embedding": [0.1, 0.2, 0.3, 5.0, 0.4],
+                                               "kappatune": [np.nan, 3.0, np.nan, 1.0, 2.0],
+                                               "trainable_params": [2, 8, 2, 8, 7]}),
+                                      {"plasticity_embedding": 1.0, "kappatune": 2.0, "trainable_params": 0.0})
+    assert agreeing["ranking"].tolist() == ["FC1 > FC2 > LN2 > MHA > LN1", "FC1 > FC2 > MHA > LN1 = LN2",
+                                            "MHA = FC1 > FC2 > LN1 = LN2"]
+    assert recommend.agreement(agreeing) == (True, "every criterion but size puts FC1 first.")
+    disagreeing = recommend.side_by_side(_scores({"plasticity_embedding": [0.1, 0.2, 0.3, 5.0, 0.4],
+                                                  "fisher": [1.0, 9.0, 2.0, 3.0, 4.0],
+                                                  "kappatune": [np.nan, 3.0, np.nan, 1.0, 2.0]}),
+                                         {"plasticity_embedding": 1.0, "fisher": 2.0, "kappatune": 0.1})
+    ranking = recommend.rank_components(pd.DataFrame(
+        [{"mode": "embedding", "component": c, "mean": v, "std": 0.0, "n": 10}
+         for c, v in zip(components.BLOCK_COMPONENTS, [0.1, 0.2, 0.3, 5.0, 0.4], strict=True)]))
+    found = {c.name: c for c in recommend.conditions(ranking, {"downstream_rms_token_norm": 19.4, "embed_dim": 768},
+                                                       ("embedding",), disagreeing)}
+    assert not found["criteria agree on the top choice"].holds
+    assert found["criteria agree on the top choice"].text == (
+        "the criteria disagree on the top choice (FC1 by plasticity_embedding, kappatune; MHA by fisher).")
+
+
+def test_criterion_picks_what_the_freeze_list_and_lora_train(tmp_path, capsys):
+    data = _image_folder(tmp_path / "data", per_class=2)
+    weights = _weights(tmp_path / "tiny.safetensors", "vit_tiny_patch16_224", TINY)
+    out = tmp_path / "report"
+    code, _, err = _recommend(capsys, "--model", str(weights), "--arch", "vit_tiny_patch16_224", "--arch-kwargs",
+                              json.dumps(TINY), "--data", str(data), "--pairs", "10", "--criterion", "trainable_params",
+                              "--out", str(out))
+    assert code == 0, err
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=3, **TINY)
+    assert (out / "trainable_parameters.txt").read_text().split() == [
+        n for n, _ in model.named_parameters() if components.component_of(n) in {"mha", "head"}]
+    lora = json.loads((out / "lora" / "adapter_config.json").read_text())
+    assert lora["target_modules"] == r"blocks\.\d+\.attn\.(qkv|proj)"
+    assert "the first choice of size (trainable parameters) (`--criterion trainable_params`" in (
+        (out / "report.md").read_text())
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--criterion", "plasticity_scale_free"], "--criterion plasticity_scale_free is plasticity in scale_free mode, "
+     "which --modes embedding does not measure; add scale_free to --modes"),
+    (["--criterion", "loss"], "--criterion loss unknown; known: plasticity_embedding, plasticity_hidden, "
+     "plasticity_scale_free, relative_gradient_norm, fisher, fps, kappatune, trainable_params"),
+    (["--criterion", "fisher", "--one-class"], "--criterion fisher needs labels, and --data holds one class; put the "
+     "images in class sub-folders (two or more) or choose another criterion"),
+    (["--arch-kwargs", json.dumps({**TINY, "pretrained_cfg_overlay": {"mean": [0, 0, 0]}})],
+     "--arch-kwargs pretrained_cfg_overlay: preprocessing is not read from timm's pretrained config here; mean and "
+     "std come from the --arch tag (or the checkpoint), the input size from img_size, and images are resized "
+     "(bilinear) and centre-cropped; remove it"),
+])
+def test_what_cannot_be_measured_as_asked_is_one_line_before_any_work(args, message, tmp_path, capsys):
+    classes = ("cat",) if "--one-class" in args else ("cat", "dog")
+    data = _image_folder(tmp_path / "data", classes=classes, per_class=3)
+    args = [a for a in args if a != "--one-class"]
+    weights = _weights(tmp_path / "tiny.safetensors", "vit_tiny_patch16_224", TINY)
+    kwargs = [] if "--arch-kwargs" in args else ["--arch-kwargs", json.dumps(TINY)]
+    code, _, err = _recommend(capsys, "--model", str(weights), "--arch", "vit_tiny_patch16_224", *kwargs,
+                              "--data", str(data), *args, "--out", str(tmp_path / "r"))
+    assert code == 2 and not (tmp_path / "r").exists()
+    assert err == f"vitplasticity recommend: error: {message}\n"
+
+
+def test_the_normalisation_of_the_tag_is_measured_and_shown(tmp_path, capsys):
+    """One weights file under two timm tags (DINO: ImageNet mean/std; AugReg: 0.5): each report measures and states
+    its own; the embedding's token norm differs, so the normalisation reached the measurement."""
+    data = _image_folder(tmp_path / "data", per_class=2)
+    weights = _weights(tmp_path / "small.safetensors", "vit_small_patch16_224", TINY)
+    norms = {}
+    for tag in ("dino", "augreg_in21k"):
+        out = tmp_path / tag
+        code, _, err = _recommend(capsys, "--model", str(weights), "--arch", f"vit_small_patch16_224.{tag}",
+                                  "--arch-kwargs", json.dumps(TINY), "--data", str(data), "--pairs", "10",
+                                  "--out", str(out))
+        assert code == 0, err
+        cfg = timm.models.get_pretrained_cfg(f"vit_small_patch16_224.{tag}")
+        report = (out / "report.md").read_text()
+        assert (f"Input: each image resized (shorter side, bilinear, antialiased) to 32 px and centre-cropped, "
+                f"normalised with mean {list(cfg.mean)} and std {list(cfg.std)}. timm's pretrained config of this "
+                "model names interpolation bicubic and crop_pct 0.9;") in report
+        norms[tag] = json.loads((out / "token_norms.json").read_text())["downstream_rms_token_norm"]
+        assert (tokens := json.loads((out / "token_norms.json").read_text())["num_tokens"]) == 17, tokens
+    assert norms["dino"] != pytest.approx(norms["augreg_in21k"], rel=1e-3)
+
+
+def test_imagefolder_reference_stream_puts_every_image_in_test(tmp_path):
+    root = _image_folder(tmp_path / "photos", classes=("a", "b"), per_class=5)
+    task = {"source": "imagefolder", "path": str(root), "store_size": 16, "split_seed": 42, "reference_stream": True}
+    meta = prepare_task("reference", task, tmp_path / "prepared", None)
+    assert meta["splits"] == {"train": 0, "val": 0, "test": 10}
+    assert len(load_split(tmp_path / "prepared", "test").labels) == 10
+    _image_folder(root / "train", classes=("a",), per_class=1)
+    with pytest.raises(UserError) as error:
+        prepare_task("reference", task | {"test_fraction": 0.5}, tmp_path / "again", None)
+    assert str(error.value) == (f"image folder {root}: reference_stream puts every image in the test split, so it "
+                                "takes no train/ sub-folder or test_fraction; remove them or reference_stream")
+
+
+def test_only_the_reference_task_may_be_a_reference_stream(tmp_path):
+    _image_folder(tmp_path / "my_images")
+    config = yaml.safe_load((ROOT / "config" / "own_data.yaml").read_text())
+    task = next(iter(config["experiments"].values()))["tasks"][0]
+    config["tasks"][task]["data"]["reference_stream"] = True
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "-n", config=tmp_path / "config.yaml", check=False)
+    assert result.returncode != 0
+    assert (f"config key 'tasks.{task}.data.reference_stream': only the plasticity reference task "
+            f"('{config['plasticity']['reference_task']}') can put every image in its test split (nothing is left "
+            "to train on); remove reference_stream or name the task in plasticity.reference_task") in result.stderr
+    config["tasks"][task]["data"]["reference_stream"] = False
+    config["tasks"][config["plasticity"]["reference_task"]]["data"]["reference_stream"] = True  # an imagenet_val
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "-n", config=tmp_path / "config.yaml", check=False)
+    assert (f"config key 'tasks.{config['plasticity']['reference_task']}.data.reference_stream': only an "
+            "imagefolder source can put every image in its test split; remove it") in result.stderr
+
+
+def test_the_snippet_states_its_size_and_projected_cost(tiny_report):
+    """48 runs × 2,000 steps × 128 images at 0.5 s per 4 images = 1,536,000 s = 427 hours; the report states the
+    snippet's size and a cost from a training step it timed."""
+    _, out = tiny_report
+    config = yaml.safe_load((out / "workflow_config.yaml").read_text())
+    line = recommend.projected_cost(config, 0.5, 4)
+    assert line.startswith("Its size: 8 arms × 3 learning rates × 2 seeds = 48 finetuning runs of 2,000 steps at "
+                           "batch 128 and 32 px, about 427 device-hours on the device this report was made on (a "
+                           "training step of 4 images with every parameter trained took 0.5 s here")
+    report = (out / "report.md").read_text()
+    assert "Its size: 8 arms × 3 learning rates × 2 seeds = 48 finetuning runs of 2,000 steps" in report
+    assert "`snakemake -s CHECKOUT/Snakefile --directory DIR --cores all --configfile workflow_config.yaml`" in report
+    assert "about 8,790 device-hours" in recommend.projected_cost(config, 10.3, 4)  # 8,789.3 to 3 digits, no e+03
+    assert recommend.step_seconds(timm.create_model("vit_tiny_patch16_224", num_classes=3, **TINY), 32,
+                                  torch.device("cpu"), 2) > 0
+
+
+def test_the_written_study_runs_in_a_folder_of_its_own(tmp_path, capsys, monkeypatch):
+    """Relative --model, --data and --reference become absolute paths in the written config, so the study plans the
+    same jobs from another folder (`snakemake -s CHECKOUT/Snakefile --directory DIR`)."""
+    monkeypatch.chdir(tmp_path)
+    _image_folder(tmp_path / "data", per_class=2)
+    _image_folder(tmp_path / "photos", classes=("x",), per_class=3, seed=1)
+    _weights(tmp_path / "tiny.safetensors", "vit_tiny_patch16_224", TINY)
+    code, _, err = _recommend(capsys, "--model", "tiny.safetensors", "--arch", "vit_tiny_patch16_224",
+                              "--arch-kwargs", json.dumps(TINY), "--data", "data", "--reference", "photos",
+                              "--pairs", "10", "--out", "report")
+    assert code == 0, err
+    config = yaml.safe_load((tmp_path / "report" / "workflow_config.yaml").read_text())
+    assert config["tasks"]["my_images"]["data"]["path"] == str(tmp_path / "data")
+    assert config["tasks"]["reference"]["data"]["path"] == str(tmp_path / "photos")
+    assert config["models"]["model"]["path"] == str(tmp_path / "tiny.safetensors")
+    (tmp_path / "study").mkdir()
+    written = tmp_path / "report" / "workflow_config.yaml"
+    result = snakemake(tmp_path / "study", "-n", "--quiet", "rules", config=written)
+    assert planned_jobs(result.stdout + result.stderr) == SNIPPET_JOBS
+
+
+def test_a_reference_split_into_train_and_test_is_one_line(tmp_path, capsys):
+    data = _image_folder(tmp_path / "data", per_class=2)
+    _image_folder(tmp_path / "photos" / "train", classes=("x",), per_class=2)
+    weights = _weights(tmp_path / "tiny.safetensors", "vit_tiny_patch16_224", TINY)
+    code, _, err = _recommend(capsys, "--model", str(weights), "--arch", "vit_tiny_patch16_224", "--arch-kwargs",
+                              json.dumps(TINY), "--data", str(data), "--reference", str(tmp_path / "photos"),
+                              "--out", str(tmp_path / "r"))
+    assert code == 2 and not (tmp_path / "r").exists()
+    assert err == (f"vitplasticity recommend: error: --reference {tmp_path / 'photos'} has a train/ sub-folder, but "
+                   "the reference stream is every image of its folder (the study puts them all in the split "
+                   "plasticity reads); give a folder of images, flat or in class sub-folders\n")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from vitplasticity.errors import UserError, redact
 from vitplasticity.machine import MACHINE_ENV, machine_from_env
+from vitplasticity.registry import CRITERIA
 
 
 def _model_job(parser: argparse.ArgumentParser, checkpoint: bool = True, tasks: bool = False) -> None:
@@ -168,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="pairs per forward pass (default: 32)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="seed of the image sampling and pairing (default: 0)")
+    p.add_argument("--criterion", default=None,
+                   help=f"the criterion whose first choice the freeze list and peft config train: one of the study's "
+                        f"({', '.join(CRITERIA)}); default: plasticity in the first of --modes")
     p.add_argument("--out", type=Path, required=True, help="report folder to write (replaced whole)")
 
     p = sub.add_parser("figures", _figures, help="figures of one experiment from its tables")
@@ -307,9 +311,12 @@ def _recommend(args: argparse.Namespace) -> None:
     arch_kwargs = json_option("arch-kwargs", args.arch_kwargs)
     result = run(Request(model=args.model, arch=args.arch, arch_kwargs=arch_kwargs, data=args.data,
                          reference=args.reference, pairs=args.pairs, modes=modes, head=args.head,
-                         batch_size=args.batch_size, device=args.device, seed=args.seed, out=args.out))
+                         batch_size=args.batch_size, device=args.device, seed=args.seed, out=args.out,
+                         criterion=args.criterion))
     ranking = result["ranking"][["mode", "rank", "label", "mean", "ci95"]]
     print(ranking.to_markdown(index=False, floatfmt=".4g"))
+    chosen = result["criteria"][["label", "ranking", "wall_s"]].rename(columns={"label": "criterion"})
+    print("\n" + chosen.to_markdown(index=False, floatfmt=".3g"))
     print("\n" + "\n".join(result["summary"]))
     print(f"\nreport: {args.out / 'report.md'}")
 

@@ -252,13 +252,24 @@ def check_classes(name: str, data: dict, experiment: str) -> None:
 
 def check_reference_stream(config: dict) -> None:
     """The plasticity reference task must not be a downstream task: pairing a task's test
-    images with themselves gives zero input distance for every pair (study-spec §3)."""
+    images with themselves gives zero input distance for every pair (study-spec §3). Only it may
+    set ``reference_stream`` (every image in test, no train split)."""
     reference = config["plasticity"]["reference_task"]
     users = [name for name, experiment in config["experiments"].items() if reference in experiment["tasks"]]
     _require(not users,
              f"config key 'plasticity.reference_task': '{reference}' is also a downstream task of experiment "
              f"'{users[0] if users else ''}', so plasticity would pair its test images with themselves; choose a "
              "reference task no experiment finetunes on")
+    other = [name for name, task in config["tasks"].items()
+             if task["data"].get("reference_stream") and task["data"]["source"] != "imagefolder"]
+    _require(not other, f"config key 'tasks.{other[0] if other else ''}.data.reference_stream': only an imagefolder "
+             "source can put every image in its test split; remove it")
+    streams = [name for name, task in config["tasks"].items()
+               if task["data"].get("reference_stream") and name != reference]
+    _require(not streams,
+             f"config key 'tasks.{streams[0] if streams else ''}.data.reference_stream': only the plasticity "
+             f"reference task ('{reference}') can put every image in its test split (nothing is left to train on); "
+             "remove reference_stream or name the task in plasticity.reference_task")
 
 
 def check_config(config: dict, schema_path: str | Path = SCHEMA) -> None:

@@ -4,12 +4,14 @@ From a model (a timm name, a weights file and its timm architecture, or a checkp
 project wrote) and an image folder, measure each block component's plasticity
 (`plasticity.measure`, study-spec §3) and write a report folder:
 
-- ``report.md``: the ranking, what it means, and every artefact below in one page;
+- ``report.md``: what each selection criterion (`registry.CRITERIA`) would train, side by side, the
+  plasticity ranking, what it means, and every artefact below in one page;
+- ``criteria.csv`` (per criterion: its ranking of the components, first choice, wall time);
 - ``ranking.csv`` (per mode and component: mean over layers, 95% CI, layer range, rank),
   ``plasticity_per_layer.csv``, ``token_norms.json``, ``plasticity_vs_depth.{png,pdf}``;
-- ``trainable_parameters.txt``: the parameters to unfreeze (the recommended component in
-  every block, plus the head), one name a line;
-- ``lora/adapter_config.json``: a `peft` LoraConfig on the most plastic linear component;
+- ``trainable_parameters.txt``: the parameters to unfreeze (the first choice of ``--criterion``,
+  by default the paper's plasticity, in every block, plus the head), one name a line;
+- ``lora/adapter_config.json``: a `peft` LoraConfig on that criterion's first linear component;
 - ``workflow_config.yaml``: the study config that runs every finetuning arm on these images;
 - ``pairs.csv``: which two images each pair holds (first: --reference, or --data when no
   reference is given; second: --data), by path inside the folder.
@@ -31,7 +33,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from vitplasticity import models, plasticity
+from vitplasticity import criteria, models, plasticity, selection
 from vitplasticity.components import (
     BLOCK_COMPONENTS,
     LABELS,
@@ -48,6 +50,7 @@ from vitplasticity.datasets.images import fit_square
 from vitplasticity.errors import UserError
 from vitplasticity.fileio import atomic_dir, check_writable
 from vitplasticity.prepared import Split
+from vitplasticity.registry import CRITERIA
 from vitplasticity.runtime import pick_device
 
 # Components LoRA can adapt (linear maps); LayerNorms go to `modules_to_save`.
@@ -73,6 +76,7 @@ class Request:
     batch_size: int = 32
     device: str = "auto"
     seed: int = 0
+    criterion: str | None = None  # whose freeze list and peft config are written; None: plasticity, first mode
 
 
 @dataclass
@@ -205,6 +209,149 @@ def rank_components(table: pd.DataFrame) -> pd.DataFrame:
     return frame.sort_values(["mode", "rank"]).reset_index(drop=True)
 
 
+# Criteria from the gradients of a classifier: they need labelled images (two classes or more).
+GRADIENT_CRITERIA = ("relative_gradient_norm", "fisher")
+GRADIENT_BATCHES = 4  # batches of --batch-size labelled images (the study's criteria.gradient_batches default)
+# Measured for every criterion's cost, not an opinion about the data: left out of the agreement check.
+SIZE_CRITERION = "trainable_params"
+
+
+def criterion_label(name: str) -> str:
+    """How the report names a criterion of `registry.CRITERIA`."""
+    if name.startswith("plasticity_"):
+        mode = name.removeprefix("plasticity_")
+        return f"plasticity, {mode} mode" + (" (the paper's answer)" if mode == "embedding" else "")
+    return {"relative_gradient_norm": "relative gradient norm", "fisher": "Fisher (SPT)", "fps": "FPS",
+            "kappatune": "KappaTune (peft)", "trainable_params": "size (trainable parameters)"}[name]
+
+
+def check_criterion(name: str, modes: tuple[str, ...], classes: int) -> None:
+    """`--criterion` must be a criterion this run measures: a plasticity mode of `modes`, or a gradient
+    criterion only with labels (`classes` ≥ 2). UserError naming the fix."""
+    if name not in CRITERIA:
+        raise UserError(f"--criterion {name} unknown; known: {', '.join(CRITERIA)}")
+    mode = name.removeprefix("plasticity_")
+    if name.startswith("plasticity_") and mode not in modes:
+        raise UserError(f"--criterion {name} is plasticity in {mode} mode, which --modes {','.join(modes)} does not "
+                        f"measure; add {mode} to --modes")
+    if name in GRADIENT_CRITERIA and classes < 2:
+        raise UserError(f"--criterion {name} needs labels, and --data holds one class; put the images in class "
+                        "sub-folders (two or more) or choose another criterion")
+
+
+def labelled_images(data: ImageFiles, count: int, size: int, seed: int) -> Split:
+    """A seeded sample of min(`count`, all) images of `data` with their class labels (gradient criteria, FPS)."""
+    rows = np.sort(np.random.default_rng(seed).choice(len(data), min(count, len(data)), replace=False))
+    return Split(read_images(data, rows, size, "labelled images"), data.labels[rows])
+
+
+def side_by_side(scores: pd.DataFrame, wall_s: dict[str, float]) -> pd.DataFrame:
+    """Each criterion's choice of block component, in `registry.CRITERIA`'s order.
+
+    `scores`: criterion, component, layer, value (as `criteria.measure` gives them); `wall_s`: criterion → wall
+    time in seconds. A component's score is its mean over the layers the criterion scores
+    (`criteria.component_scores`), turned by `selection.oriented` (an unscored component after every scored
+    one). Columns criterion, label, order (components, chosen first first; ties in `BLOCK_COMPONENTS` order),
+    ranking (text, tied components joined by "="), first, wall_s.
+    """
+    means = criteria.component_scores(scores)
+    rows = []
+    for name in [c for c in CRITERIA if c in set(means["criterion"])]:
+        part = means[means["criterion"] == name].set_index("component")["score"].reindex(list(BLOCK_COMPONENTS))
+        turned = selection.oriented(part, name).sort_values(ascending=False, kind="stable")
+        text = LABELS[turned.index[0]]
+        for previous, (component, value) in zip(turned.to_numpy(), turned.iloc[1:].items(), strict=False):
+            text += (" = " if value == previous else " > ") + LABELS[component]
+        rows.append({"criterion": name, "label": criterion_label(name), "order": turned.index.tolist(),
+                     "ranking": text, "first": turned.index[0], "wall_s": wall_s[name]})
+    return pd.DataFrame(rows)
+
+
+def criteria_caption(data: ImageFiles, labelled: int) -> str:
+    """What the side-by-side table shows, and whether the gradient criteria used `labelled` images of `data` or
+    were skipped (0), and why."""
+    line = ("Each criterion of the study (`vitplasticity.criteria`) ranks the five block components (score: mean "
+            "over the layers; the end of its scale chosen first as the study declares it; a component it cannot "
+            "score last) on this model and your images; its first choice is what it would train. Plasticity "
+            "modes are measured together (their shared wall time is shown), as are the relative gradient norm "
+            "and Fisher. As a table: `criteria.csv`.")
+    if labelled:
+        line += (f" The gradient criteria use the labels of --data's {len(data.classes)} classes: a fresh linear "
+                 f"head's cross-entropy on {labelled:,} images.")
+    else:
+        line += (" Relative gradient norm and Fisher were skipped: they need labels, and --data holds one class.")
+    return line
+
+
+def preprocessing_line(model: Model) -> str:
+    """How the images were made model inputs, and where the model's own pretrained config or the study differ."""
+    record, cfg = model.record, getattr(model.network, "pretrained_cfg", None) or {}
+    line = (f"Input: each image resized (shorter side, bilinear, antialiased) to {record['img_size']} px and "
+            f"centre-cropped, normalised with mean {record['mean']} and std {record['std']}.")
+    differs = [f"{key} {cfg[key]}" for key, same in (("interpolation", "bilinear"), ("crop_pct", 1.0))
+               if cfg.get(key) not in (None, same)]
+    if differs:
+        line += (f" timm's pretrained config of this model names {' and '.join(differs)}; the measurement and the "
+                 "study resize bilinear and crop the full square, a small shift of the inputs.")
+    from vitplasticity.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    if (tuple(record["mean"]), tuple(record["std"])) != (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)):
+        line += (" The study config below normalises every model with ImageNet's mean and std (the study's "
+                 "protocol), not these, so its plasticity can differ from this report's.")
+    return line
+
+
+def agreement(chosen: pd.DataFrame) -> tuple[bool, str]:
+    """Whether the criteria (all but size) put the same component first, and a sentence saying which choose what."""
+    opinions = chosen[chosen["criterion"] != SIZE_CRITERION]
+    groups = opinions.groupby("first", sort=False)["criterion"].agg(list)
+    text = "; ".join(f"{LABELS[first]} by {', '.join(names)}" for first, names in groups.items())
+    if len(groups) == 1:
+        return True, f"every criterion but size puts {LABELS[groups.index[0]]} first."
+    return False, f"the criteria disagree on the top choice ({text})."
+
+
+STEP_BATCH = 4  # images of the timed training steps that project the study's cost
+
+
+def step_seconds(model: torch.nn.Module, size: int, device: torch.device, batch: int, steps: int = 2) -> float:
+    """Wall time (s) of one SGD training step of `model` with every parameter trained (the "all" arm, the
+    dearest) on `batch` random images of `size` px: the mean of `steps` steps after one warm-up step. The
+    model is copied; the original is untouched."""
+    import copy
+    import time
+
+    trained = copy.deepcopy(model).to(device).train()
+    optimizer = torch.optim.SGD(trained.parameters(), lr=1e-3)
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.zeros(batch, dtype=torch.long, device=device)
+    took = 0.0
+    for step in range(steps + 1):
+        began = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(trained(images), labels).backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        took += (time.perf_counter() - began) * (step > 0)
+    return took / steps
+
+
+def projected_cost(config: dict, step_s: float, batch: int) -> str:
+    """The finetuning runs `config` plans and their projected device time, from a measured step of `batch`
+    images taking `step_s` seconds (scaled linearly in images per step: an estimate, not a measurement)."""
+    task, finetune = config["tasks"]["my_images"], config["finetune"]
+    runs = len(config["arms"]) * len(task["lrs"]) * len(finetune["seeds"])
+    hours = runs * task["steps"] * finetune["batch_size"] * step_s / batch / 3600
+    return (f"Its size: {len(config['arms'])} arms × {len(task['lrs'])} learning rates × {len(finetune['seeds'])} "
+            f"seeds = {runs} finetuning runs of {task['steps']:,} steps at batch {finetune['batch_size']} and "
+            f"{config['models']['model']['img_size']} px, about {float(f'{hours:.3g}'):,g} device-hours on the "
+            f"device this report was made on (a training step of {batch} images with every parameter trained took "
+            f"{step_s:.3g} s here, scaled linearly to the batch: high where a step's fixed cost dominates; arms that "
+            "freeze more cost less). Lower `steps`, "
+            "`lrs`, `seeds` or the `arms` to fit your machine.")
+
+
 def lora_plan(order: list[str], model: torch.nn.Module) -> tuple[str, str, list[str]]:
     """(component LoRA adapts, target_modules regex, modules_to_save) for a plasticity order.
 
@@ -222,16 +369,22 @@ def lora_plan(order: list[str], model: torch.nn.Module) -> tuple[str, str, list[
 
 
 def workflow_config(model: Model, data: Path, reference: Path | None, pairs: int) -> dict:
-    """A study config that prepares these images and runs every finetuning arm, the probe and plasticity."""
+    """A study config that prepares these images and runs every finetuning arm, the probe and plasticity. Paths
+    are absolute, so the study runs from any folder (``snakemake --directory``)."""
     size = model.record["img_size"]
+    data, reference = Path(data).expanduser().resolve(), reference and Path(reference).expanduser().resolve()
     store = max(size, round(size * 256 / 224))
     if reference is not None:
-        reference_task = {"data": {"source": "imagefolder", "path": str(reference), "store_size": store}}
+        # Every reference image in the split plasticity reads, as `recommend` pairs them.
+        reference_task = {"data": {"source": "imagefolder", "path": str(reference), "store_size": store,
+                                   "reference_stream": True}}
     else:
         # The workflow pairs a reference stream with the task: it needs images like the pretraining data.
         reference_task = {"data": {"source": "imagenet_val", "path": "ILSVRC2012_img_val.tar", "order": "file_name",
                                    "store_size": store, "max_images": pairs}}
     entry = {k: str(v) if isinstance(v, Path) else v for k, v in model.config.items()}
+    if "path" in entry:
+        entry["path"] = str(Path(entry["path"]).expanduser().resolve())
     return {
         "study": "own_data",
         "models": {"model": entry},
@@ -261,14 +414,17 @@ class Condition:
     text: str
 
 
-def conditions(ranking: pd.DataFrame, stats: dict, modes: tuple[str, ...]) -> list[Condition]:
+def conditions(ranking: pd.DataFrame, stats: dict, modes: tuple[str, ...],
+               chosen: pd.DataFrame | None = None) -> list[Condition]:
     """The paper's conditions, checked on this measurement (the first of `modes` is the one reported):
 
     - token scale: the embedding's token standard deviation σ = RMS token norm / √d on the user's images within
       `TOKEN_SIGMA_FACTOR` of the paper's (`PAPER_TOKEN_SIGMA`); a LayerNorm's rate of change scales as
       max|γ| / σ (study-spec §8), so far from it the LayerNorms' place in the ranking is set by the scale of E;
     - LayerNorms not dominant: no LayerNorm above `LAYERNORM_DOMINANCE` times every linear component;
-    - modes agree: every measured mode puts the same component first.
+    - modes agree: every measured mode puts the same component first;
+    - criteria agree on the top choice: every criterion of `chosen` (`side_by_side`) but size puts the same
+      component first.
     """
     rms, width = stats["downstream_rms_token_norm"], stats["embed_dim"]
     sigma = rms / width**0.5
@@ -293,15 +449,18 @@ def conditions(ranking: pd.DataFrame, stats: dict, modes: tuple[str, ...]) -> li
         agree = len(set(firsts.values())) == 1
         found.append(Condition("modes agree", agree, "the most plastic component per mode: " + ", ".join(
             f"{mode} {LABELS[c]}" for mode, c in firsts.items()) + ("." if agree else "; they disagree.")))
+    if chosen is not None:
+        found.append(Condition("criteria agree on the top choice", *agreement(chosen)))
     return found
 
 
-def _words(ranking: pd.DataFrame, stats: dict, modes: tuple[str, ...], within: bool, counts: dict) -> list[str]:
+def _words(ranking: pd.DataFrame, stats: dict, modes: tuple[str, ...], within: bool, counts: dict,
+           chosen: pd.DataFrame | None = None) -> list[str]:
     mode = modes[0]
     part = ranking[ranking["mode"] == mode]
     order = part["component"].tolist()
     top, second = part.iloc[0], part.iloc[1]
-    failed = [c for c in conditions(ranking, stats, modes) if not c.holds]
+    failed = [c for c in conditions(ranking, stats, modes, chosen) if not c.holds]
     measured = (f"P = {top['mean']:.4g} ± {top['ci95']:.2g} (mean over layers, 95% CI), "
                 f"{counts[top['component']]:,} parameters over all blocks.")
     if failed:
@@ -371,7 +530,8 @@ def _markdown(frame: pd.DataFrame) -> str:
 
 
 def run(request: Request) -> dict:
-    """Measure, rank and write the report folder; returns {'ranking', 'recommended', 'out'}."""
+    """Measure every criterion, rank and write the report folder; returns {'ranking', 'recommended' (the first
+    choice of the criterion written), 'lora', 'criteria' (`side_by_side`), 'summary', 'conditions'}."""
     if request.pairs < 2:
         raise UserError(f"--pairs {request.pairs}: give at least 2 pairs")
     bad = [m for m in request.modes if m not in plasticity.MODES]
@@ -380,7 +540,18 @@ def run(request: Request) -> dict:
     check_writable(request.out, "--out")
     split = data_split(request.data)
     data = _open_folder(request.data, "--data", split)
+    if request.reference and data_split(request.reference):
+        raise UserError(f"--reference {request.reference} has a train/ sub-folder, but the reference stream is every "
+                        "image of its folder (the study puts them all in the split plasticity reads); give a folder "
+                        "of images, flat or in class sub-folders")
     reference = _open_folder(request.reference, "--reference") if request.reference else None
+    chosen_name = request.criterion or f"plasticity_{request.modes[0]}"
+    check_criterion(chosen_name, tuple(request.modes), len(data.classes))
+    refused = sorted({"pretrained_cfg", "pretrained_cfg_overlay"} & set(request.arch_kwargs or {}))
+    if refused:
+        raise UserError(f"--arch-kwargs {refused[0]}: preprocessing is not read from timm's pretrained config here; "
+                        "mean and std come from the --arch tag (or the checkpoint), the input size from img_size, "
+                        "and images are resized (bilinear) and centre-cropped; remove it")
     if reference is None and len(data) < 3:
         made = len(data) * (len(data) - 1) // 2
         raise UserError(f"--data {request.data} holds {len(data)} image{'s' * (len(data) != 1)}: they make {made} "
@@ -415,7 +586,8 @@ def run(request: Request) -> dict:
             streams.append(Split(read_images(files, used, size, what), np.zeros(len(used), dtype=np.int64)))
             rows.append(np.searchsorted(used, picked))
     device = pick_device(request.device)
-    with tqdm(total=len(first), desc=f"plasticity ({', '.join(request.modes)})", unit="pair") as bar:
+    with (tqdm(total=len(first), desc=f"plasticity ({', '.join(request.modes)})", unit="pair") as bar,
+          criteria.cost(device) as plasticity_cost):
         table, stats = plasticity.measure(
             model.network, streams[0], streams[1], len(first), request.batch_size, size, device,
             tuple(request.modes), tuple(model.record["mean"]), tuple(model.record["std"]),
@@ -426,7 +598,39 @@ def run(request: Request) -> dict:
             stats.pop(key)
         table = table.drop(columns=["reference_images", "downstream_images"]).assign(images=stats["images"])
     ranking = rank_components(table)
-    return write_report(request, model, data, first_files, (first, second), table, stats, ranking)
+    scores, wall_s, labelled = other_criteria(request, model, data, device)
+    scores = pd.concat([scores, table.assign(criterion="plasticity_" + table["mode"], value=table["mean"])[
+        ["criterion", "component", "layer", "value"]]], ignore_index=True)
+    wall_s |= {f"plasticity_{mode}": plasticity_cost.wall_s for mode in request.modes}
+    chosen = side_by_side(scores, wall_s)
+    step_s = step_seconds(models.build(model.record["arch"], num_classes=max(2, len(data.classes))),
+                          model.record["img_size"], device, STEP_BATCH)
+    return write_report(request, model, data, first_files, (first, second), table, stats, ranking, chosen,
+                        chosen_name, labelled, step_s)
+
+
+def other_criteria(request: Request, model: Model, data: ImageFiles, device: torch.device
+                   ) -> tuple[pd.DataFrame, dict[str, float], int]:
+    """The criteria of `registry.CRITERIA` other than plasticity on the model and --data (`criteria.measure`):
+    the gradient criteria on `GRADIENT_BATCHES` batches of labelled images when --data has two classes or
+    more (skipped otherwise), FPS on the same images, KappaTune and size. Returns (scores: criterion,
+    component, layer, value; criterion → wall time in s; labelled images used, 0 when skipped)."""
+    import copy
+    import sys
+
+    size, norm = model.record["img_size"], (tuple(model.record["mean"]), tuple(model.record["std"]))
+    images = labelled_images(data, GRADIENT_BATCHES * request.batch_size, size, request.seed)
+    batches = (request.batch_size, GRADIENT_BATCHES, size, device, request.seed, *norm)
+    measured = {"fps": lambda: criteria.fps(model.network, images, *batches),
+                "kappatune": lambda: criteria.kappatune(model.network),
+                "trainable_params": lambda: criteria.trainable_params(model.network)}
+    if len(data.classes) >= 2:
+        headed = copy.deepcopy(model.network)  # gets a new head and gradients
+        measured = {GRADIENT_CRITERIA: lambda: criteria.gradient_criteria(headed, images, len(data.classes),
+                                                                          *batches)} | measured
+    scores, costs = criteria.measure(measured, device, progress=lambda line: print(line, file=sys.stderr))
+    return scores, dict(zip(costs["criterion"], costs["wall_s"], strict=True)), len(images.labels) * (
+        len(data.classes) >= 2)
 
 
 def pair_counts(first: np.ndarray, second: np.ndarray, within: bool) -> dict:
@@ -441,13 +645,14 @@ def pair_counts(first: np.ndarray, second: np.ndarray, within: bool) -> dict:
 
 
 def write_report(request: Request, model: Model, data: ImageFiles, first_files: ImageFiles, pairs: tuple,
-                 table: pd.DataFrame, stats: dict, ranking: pd.DataFrame) -> dict:
+                 table: pd.DataFrame, stats: dict, ranking: pd.DataFrame, chosen: pd.DataFrame, chosen_name: str,
+                 labelled: int, step_s: float) -> dict:
     from peft import LoraConfig
 
     from vitplasticity.figures import plasticity_vs_depth
 
-    mode = request.modes[0]
-    order = ranking[ranking["mode"] == mode]["component"].tolist()
+    modes = tuple(request.modes)
+    order = chosen.set_index("criterion").loc[chosen_name, "order"]
     top = order[0]
     counts = count_by_component(model.network)
     shown = models.build(model.record["arch"], num_classes=max(2, len(data.classes)))
@@ -462,6 +667,7 @@ def write_report(request: Request, model: Model, data: ImageFiles, first_files: 
                f'names = set(open("{request.out / "trainable_parameters.txt"}").read().split())\n'
                "for name, parameter in model.named_parameters():\n    parameter.requires_grad_(name in names)\n")
     config = workflow_config(model, Path(request.data), request.reference, request.pairs)
+    found = conditions(ranking, stats, modes, chosen)
     head_kind = "as the architecture defines it"
     if model.record["arch"].get("head") == "linear":
         native = model.record["provenance"].get("native_head_params")
@@ -470,38 +676,47 @@ def write_report(request: Request, model: Model, data: ImageFiles, first_files: 
     shown_rank = ranking[["mode", "rank", "label", "mean", "ci95", "layer_min", "layer_max", "theoretical_rank"]]
     report = [
         f"# Which components to finetune: {model.name} on {request.data}", "",
-        *_words(ranking, stats, tuple(request.modes), within, counts), "",
+        "## What each criterion would train", "", criteria_caption(data, labelled), "",
+        _markdown(chosen[["label", "ranking", "first", "wall_s"]].assign(first=chosen["first"].map(LABELS))
+                  .rename(columns={"label": "criterion", "ranking": "ranking (first choice first)",
+                                   "first": "first choice", "wall_s": "wall time (s)"})), "",
+        agreement(chosen)[1][0].upper() + agreement(chosen)[1][1:], "",
+        "## The paper's answer: plasticity", "",
+        *_words(ranking, stats, modes, within, counts, chosen), "",
         "## Conditions", "", "Under which the paper observed that the most plastic components finetune best:", "",
-        *[f"- {'holds' if c.holds else '**does not hold**'}: {c.name}: {c.text}"
-          for c in conditions(ranking, stats, tuple(request.modes))], "",
+        *[f"- {'holds' if c.holds else '**does not hold**'}: {c.name}: {c.text}" for c in found], "",
         "## Ranking", "", "Plasticity per component, mean over the layers (per layer: `plasticity_per_layer.csv`; "
         "figure: `plasticity_vs_depth.png`).", "", _markdown(shown_rank), "",
         pairs_line(stats, within) + data_line(request.data, data) + f" Tokens per image {stats['num_tokens']}, width "
-        f"{stats['embed_dim']}; input {model.record['img_size']} px, normalised with mean {model.record['mean']} "
-        f"and std {model.record['std']}.", "",
+        f"{stats['embed_dim']}. " + preprocessing_line(model), "",
         "## What the components hold in this model", "",
         f"- emb: {words['emb']}.", f"- head ({head_kind}; for {max(2, len(data.classes))} classes): "
         f"{words['head']}.", *([f"- {words['layer_scale']}."] if words["layer_scale"] else []),
         "- ln1, mha, ln2, fc1, fc2: `norm1`, `attn` (fused `qkv` and `proj`, with LayerScale `ls1` where present), "
         "`norm2`, `mlp.fc1`, `mlp.fc2` (with LayerScale `ls2`) of every block.", "",
         "## Train it", "",
-        f"`trainable_parameters.txt`: the {len(trainable)} parameters of {LABELS[top]} in every block and the head. "
-        "In PyTorch:", "", "```python", snippet.rstrip(), "```", "",
-        f"With LoRA (`peft`): `lora/adapter_config.json` adapts {LABELS[lora_component]} (the most plastic linear "
-        f"component; target_modules `{target}`) and trains {', '.join(saved)} whole (LoRA cannot adapt a "
-        "LayerNorm).", "", "```python", "from peft import LoraConfig, get_peft_model",
+        f"`trainable_parameters.txt`: the {len(trainable)} parameters of {LABELS[top]} in every block and the head, "
+        f"the first choice of {criterion_label(chosen_name)} (`--criterion {chosen_name}`; another criterion's "
+        "choice with `--criterion NAME`). In PyTorch:", "", "```python", snippet.rstrip(), "```", "",
+        f"With LoRA (`peft`): `lora/adapter_config.json` adapts {LABELS[lora_component]} (the first linear "
+        f"component of that criterion's ranking; target_modules `{target}`) and trains {', '.join(saved)} whole "
+        "(LoRA cannot adapt a LayerNorm).", "", "```python", "from peft import LoraConfig, get_peft_model",
         f'model = get_peft_model(model, LoraConfig.from_pretrained("{request.out / "lora"}"))', "```", "",
         "## Compare the arms by finetuning", "",
         "`workflow_config.yaml` prepares your images (your train/val/test sub-folders, or a seeded 60/20/20 split), "
         "finetunes every arm and the linear probe, and tabulates them: "
         "`snakemake --cores all --configfile workflow_config.yaml`."
-        + ("" if not within else " Set the reference task's `path` to images like the pretraining data first."),
+        + ("" if not within else " Set the reference task's `path` to images like the pretraining data first.")
+        + " To run it in a folder of its own: `snakemake -s CHECKOUT/Snakefile --directory DIR --cores all "
+        "--configfile workflow_config.yaml` (CHECKOUT: this project's checkout). "
+        + projected_cost(config, step_s, STEP_BATCH),
         "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", "",
     ]
     with atomic_dir(request.out) as tmp:
         table.insert(0, "model", model.name)
         table.to_csv(tmp / "plasticity_per_layer.csv", index=False)
         ranking.to_csv(tmp / "ranking.csv", index=False)
+        chosen.assign(order=chosen["order"].str.join(" ")).to_csv(tmp / "criteria.csv", index=False)
         (tmp / "token_norms.json").write_text(pd.Series(stats).to_json(indent=2) + "\n")
         plasticity_vs_depth(table, tmp)
         (tmp / "trainable_parameters.txt").write_text("\n".join(trainable) + "\n")
@@ -511,7 +726,6 @@ def write_report(request: Request, model: Model, data: ImageFiles, first_files: 
         pd.DataFrame({"first": [first_files.names[i] for i in first],
                       "second": [data.names[i] for i in second]}).to_csv(tmp / "pairs.csv", index=False)
         (tmp / "report.md").write_text("\n".join(report))
-    return {"ranking": ranking, "recommended": top, "lora": lora_component,
-            "summary": _words(ranking, stats, tuple(request.modes), within, counts),
-            "conditions": conditions(ranking, stats, tuple(request.modes))}
+    return {"ranking": ranking, "recommended": top, "lora": lora_component, "criteria": chosen,
+            "summary": _words(ranking, stats, modes, within, counts, chosen), "conditions": found}
 

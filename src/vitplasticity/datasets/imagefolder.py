@@ -8,6 +8,12 @@ sub-folders are split the same way (test first, then val). Images directly in th
 (no class sub-folders) form the single class "images" (a plasticity reference stream).
 Classes are the sorted sub-folder names of ``train`` (or of the folder); a class found
 only in val or test is an error.
+
+``reference_stream: true`` puts every image in the test split, the split plasticity reads
+(`jobs.measure_plasticity`), and leaves train and val empty: a plasticity reference stream that
+uses every image it is given. Such a task can only be ``plasticity.reference_task``
+(`config.check_reference_stream`); it takes no split sub-folders, ``test_fraction`` or
+``val_fraction``.
 """
 
 from __future__ import annotations
@@ -64,6 +70,13 @@ def prepare(task: dict, out_dir: Path, raw_dir: Path, provenance: dict) -> dict:
     if given and "train" not in given:
         raise UserError(f"image folder {path} has {'/'.join(given)} but no train/ sub-folder; add train/ "
                         "or remove the split sub-folders")
+    if task.get("reference_stream"):
+        clash = [f"{split}/ sub-folder" for split in given] + [key for key in ("test_fraction", "val_fraction")
+                                                               if key in task]
+        if clash:
+            raise UserError(f"image folder {path}: reference_stream puts every image in the test split, so it "
+                            f"takes no {' or '.join(clash)}; remove {'them' if len(clash) > 1 else 'it'} or "
+                            "reference_stream")
     opened: dict[str, ImageFiles] = {}
     try:
         for split in given or ["all"]:
@@ -79,13 +92,16 @@ def prepare(task: dict, out_dir: Path, raw_dir: Path, provenance: dict) -> dict:
         base = datasets["train" if given else "all"]
         rows = {"train": np.arange(len(base))}
         seed = task["split_seed"]
-        if "test" not in given:
+        if task.get("reference_stream"):
+            rows = {"train": rows["train"][:0], "val": rows["train"][:0], "test": rows["train"]}
+        if "test" not in given and "test" not in rows:
             rows["train"], rows["test"] = holdout(rows["train"], task.get("test_fraction", 0.2), seed)
-        if "val" not in given:
+        if "val" not in given and "val" not in rows:
             rows["train"], rows["val"] = holdout(rows["train"], task.get("val_fraction", 0.2), seed)
         parts = {split: (datasets[split], np.arange(len(datasets[split]))) if split in given and split != "train"
                  else (base, rows[split]) for split in SPLITS}
-        empty = [split for split, (_, r) in parts.items() if len(r) == 0]
+        empty = [split for split, (_, r) in parts.items() if len(r) == 0 and not (task.get("reference_stream")
+                                                                                 and split != "test")]
         if empty:
             raise UserError(f"image folder {path}: split(s) {', '.join(empty)} would be empty "
                             f"({len(base)} images); add images or raise val_fraction/test_fraction")
