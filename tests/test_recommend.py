@@ -658,3 +658,23 @@ def test_a_reference_split_into_train_and_test_is_one_line(tmp_path, capsys):
     assert err == (f"vitplasticity recommend: error: --reference {tmp_path / 'photos'} has a train/ sub-folder, but "
                    "the reference stream is every image of its folder (the study puts them all in the split "
                    "plasticity reads); give a folder of images, flat or in class sub-folders\n")
+
+
+def test_criteria_beside_plasticity_can_be_narrowed_and_are_checked_before_work(tmp_path, capsys):
+    data = _image_folder(tmp_path / "data", per_class=2)
+    weights = _weights(tmp_path / "tiny.safetensors", "vit_tiny_patch16_224", TINY)
+    base = ["--model", str(weights), "--arch", "vit_tiny_patch16_224", "--arch-kwargs", json.dumps(TINY),
+            "--data", str(data), "--pairs", "10"]
+    code, _, err = _recommend(capsys, *base, "--criteria", "kappatune,bogus", "--out", str(tmp_path / "a"))
+    assert code == 2 and not (tmp_path / "a").exists()
+    assert err.startswith("vitplasticity recommend: error: --criteria bogus unknown; choose among "
+                          "relative_gradient_norm,fisher,fps,kappatune,trainable_params")
+    code, _, err = _recommend(capsys, *base, "--criteria", "fisher", "--criterion", "kappatune",
+                              "--out", str(tmp_path / "b"))
+    assert code == 2 and err == ("vitplasticity recommend: error: --criterion kappatune is not measured: --criteria "
+                                 "fisher leaves it out; add kappatune to --criteria\n")
+    code, _, err = _recommend(capsys, *base, "--criteria", "", "--out", str(tmp_path / "c"))
+    assert code == 0, err
+    assert set(pd.read_csv(tmp_path / "c" / "criteria.csv")["criterion"]) == {"plasticity_embedding"}
+    assert ("Not measured, as --criteria asked: relative gradient norm, Fisher (SPT), FPS, KappaTune (peft), size "
+            "(trainable parameters).") in (tmp_path / "c" / "report.md").read_text()

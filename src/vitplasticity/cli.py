@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", default=None,
                    help=f"the criterion whose first choice the freeze list and peft config train: one of the study's "
                         f"({', '.join(CRITERIA)}); default: plasticity in the first of --modes")
+    p.add_argument("--criteria", default=None, dest="others",
+                   help=f"comma-separated criteria to measure beside plasticity (default: all of "
+                        f"{','.join(name for name in CRITERIA if not name.startswith('plasticity_'))}); '' for "
+                        "plasticity alone. On a CPU the gradient criteria cost the most (a ViT-B/16: minutes)")
     p.add_argument("--out", type=Path, required=True, help="report folder to write (replaced whole)")
 
     p = sub.add_parser("figures", _figures, help="figures of one experiment from its tables")
@@ -312,7 +316,9 @@ def _recommend(args: argparse.Namespace) -> None:
     result = run(Request(model=args.model, arch=args.arch, arch_kwargs=arch_kwargs, data=args.data,
                          reference=args.reference, pairs=args.pairs, modes=modes, head=args.head,
                          batch_size=args.batch_size, device=args.device, seed=args.seed, out=args.out,
-                         criterion=args.criterion))
+                         criterion=args.criterion,
+                         others=None if args.others is None else tuple(
+                             name.strip() for name in args.others.split(",") if name.strip())))
     ranking = result["ranking"][["mode", "rank", "label", "mean", "ci95"]]
     print(ranking.to_markdown(index=False, floatfmt=".4g"))
     chosen = result["criteria"][["label", "ranking", "wall_s"]].rename(columns={"label": "criterion"})

@@ -77,6 +77,7 @@ class Request:
     device: str = "auto"
     seed: int = 0
     criterion: str | None = None  # whose freeze list and peft config are written; None: plasticity, first mode
+    others: tuple[str, ...] | None = None  # criteria beside plasticity to measure (`OTHER_CRITERIA`); None: all
 
 
 @dataclass
@@ -225,11 +226,30 @@ def criterion_label(name: str) -> str:
             "kappatune": "KappaTune (peft)", "trainable_params": "size (trainable parameters)"}[name]
 
 
-def check_criterion(name: str, modes: tuple[str, ...], classes: int) -> None:
-    """`--criterion` must be a criterion this run measures: a plasticity mode of `modes`, or a gradient
-    criterion only with labels (`classes` ≥ 2). UserError naming the fix."""
+# The criteria beside plasticity that `--criteria` may name (all of them by default).
+OTHER_CRITERIA = tuple(name for name in CRITERIA if not name.startswith("plasticity_"))
+
+
+def check_others(others: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The criteria beside plasticity to measure: `others` (checked against `OTHER_CRITERIA`), all when None."""
+    if others is None:
+        return OTHER_CRITERIA
+    unknown = [name for name in others if name not in OTHER_CRITERIA]
+    if unknown:
+        raise UserError(f"--criteria {','.join(unknown)} unknown; choose among {','.join(OTHER_CRITERIA)} (plasticity "
+                        "is always measured), or give an empty --criteria '' for plasticity alone")
+    return others
+
+
+def check_criterion(name: str, modes: tuple[str, ...], classes: int, others: tuple[str, ...] = OTHER_CRITERIA
+                    ) -> None:
+    """`--criterion` must be a criterion this run measures: a plasticity mode of `modes`, one of `others`, and a
+    gradient criterion only with labels (`classes` ≥ 2). UserError naming the fix."""
     if name not in CRITERIA:
         raise UserError(f"--criterion {name} unknown; known: {', '.join(CRITERIA)}")
+    if not name.startswith("plasticity_") and name not in others:
+        raise UserError(f"--criterion {name} is not measured: --criteria {','.join(others) or repr('')} leaves it "
+                        f"out; add {name} to --criteria")
     mode = name.removeprefix("plasticity_")
     if name.startswith("plasticity_") and mode not in modes:
         raise UserError(f"--criterion {name} is plasticity in {mode} mode, which --modes {','.join(modes)} does not "
@@ -267,19 +287,22 @@ def side_by_side(scores: pd.DataFrame, wall_s: dict[str, float]) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-def criteria_caption(data: ImageFiles, labelled: int) -> str:
+def criteria_caption(data: ImageFiles, labelled: int, others: tuple[str, ...] = OTHER_CRITERIA) -> str:
     """What the side-by-side table shows, and whether the gradient criteria used `labelled` images of `data` or
-    were skipped (0), and why."""
+    were skipped (0), and why; which criteria `--criteria` left out (`others`: those measured)."""
     line = ("Each criterion of the study (`vitplasticity.criteria`) ranks the five block components (score: mean "
             "over the layers; the end of its scale chosen first as the study declares it; a component it cannot "
             "score last) on this model and your images; its first choice is what it would train. Plasticity "
             "modes are measured together (their shared wall time is shown), as are the relative gradient norm "
             "and Fisher. As a table: `criteria.csv`.")
+    left_out = [name for name in OTHER_CRITERIA if name not in others]
     if labelled:
         line += (f" The gradient criteria use the labels of --data's {len(data.classes)} classes: a fresh linear "
                  f"head's cross-entropy on {labelled:,} images.")
-    else:
+    elif set(GRADIENT_CRITERIA) & set(others):
         line += (" Relative gradient norm and Fisher were skipped: they need labels, and --data holds one class.")
+    if left_out:
+        line += f" Not measured, as --criteria asked: {', '.join(criterion_label(name) for name in left_out)}."
     return line
 
 
@@ -546,7 +569,7 @@ def run(request: Request) -> dict:
                         "of images, flat or in class sub-folders")
     reference = _open_folder(request.reference, "--reference") if request.reference else None
     chosen_name = request.criterion or f"plasticity_{request.modes[0]}"
-    check_criterion(chosen_name, tuple(request.modes), len(data.classes))
+    check_criterion(chosen_name, tuple(request.modes), len(data.classes), check_others(request.others))
     refused = sorted({"pretrained_cfg", "pretrained_cfg_overlay"} & set(request.arch_kwargs or {}))
     if refused:
         raise UserError(f"--arch-kwargs {refused[0]}: preprocessing is not read from timm's pretrained config here; "
@@ -619,18 +642,25 @@ def other_criteria(request: Request, model: Model, data: ImageFiles, device: tor
     import sys
 
     size, norm = model.record["img_size"], (tuple(model.record["mean"]), tuple(model.record["std"]))
-    images = labelled_images(data, GRADIENT_BATCHES * request.batch_size, size, request.seed)
+    others = check_others(request.others)
+    gradients = len(data.classes) >= 2 and bool(set(GRADIENT_CRITERIA) & set(others))
+    if not ({"fps"} & set(others) or gradients):
+        images = Split(np.zeros((0, size, size, 3), dtype=np.uint8), np.zeros(0, dtype=np.int64))
+    else:
+        images = labelled_images(data, GRADIENT_BATCHES * request.batch_size, size, request.seed)
     batches = (request.batch_size, GRADIENT_BATCHES, size, device, request.seed, *norm)
     measured = {"fps": lambda: criteria.fps(model.network, images, *batches),
                 "kappatune": lambda: criteria.kappatune(model.network),
                 "trainable_params": lambda: criteria.trainable_params(model.network)}
-    if len(data.classes) >= 2:
+    measured = {name: run for name, run in measured.items() if name in others}
+    if gradients:
         headed = copy.deepcopy(model.network)  # gets a new head and gradients
         measured = {GRADIENT_CRITERIA: lambda: criteria.gradient_criteria(headed, images, len(data.classes),
                                                                           *batches)} | measured
+    if not measured:
+        return pd.DataFrame(columns=["criterion", "component", "layer", "value"]), {}, 0
     scores, costs = criteria.measure(measured, device, progress=lambda line: print(line, file=sys.stderr))
-    return scores, dict(zip(costs["criterion"], costs["wall_s"], strict=True)), len(images.labels) * (
-        len(data.classes) >= 2)
+    return scores, dict(zip(costs["criterion"], costs["wall_s"], strict=True)), len(images.labels) * gradients
 
 
 def pair_counts(first: np.ndarray, second: np.ndarray, within: bool) -> dict:
@@ -676,7 +706,7 @@ def write_report(request: Request, model: Model, data: ImageFiles, first_files: 
     shown_rank = ranking[["mode", "rank", "label", "mean", "ci95", "layer_min", "layer_max", "theoretical_rank"]]
     report = [
         f"# Which components to finetune: {model.name} on {request.data}", "",
-        "## What each criterion would train", "", criteria_caption(data, labelled), "",
+        "## What each criterion would train", "", criteria_caption(data, labelled, check_others(request.others)), "",
         _markdown(chosen[["label", "ranking", "first", "wall_s"]].assign(first=chosen["first"].map(LABELS))
                   .rename(columns={"label": "criterion", "ranking": "ranking (first choice first)",
                                    "first": "first choice", "wall_s": "wall time (s)"})), "",
