@@ -550,29 +550,21 @@ def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], p
         _write_view(out_dir, "plasticity_rank", _rank_view(tables["plasticity_rank"]), index_name="mode")
     else:
         write_text(out_dir / "plasticity_rank.html", "<p>No plasticity measured in this experiment.</p>\n")
-    if not tables["criteria"].empty:
-        _write_view(out_dir, "criteria", _criteria_view(tables["criteria"]), "{:.3g}")
-    else:
-        write_text(out_dir / "criteria.md", "No selection criteria measured in this experiment.\n")
-        write_text(out_dir / "criteria.html", "<p>No selection criteria measured in this experiment.</p>\n")
-    if not tables["trajectory"].empty:
-        _write_view(out_dir, "trajectory", _trajectory_view(tables["trajectory"]), "{:.3g}", index_name="mode")
-    else:
-        absent = "No pretraining trajectory in this experiment (its model keeps no steps)."
-        write_text(out_dir / "trajectory.md", absent + "\n")
-        write_text(out_dir / "trajectory.html", f"<p>{absent}</p>\n")
-    if not tables["vtab"].empty:
-        _write_view(out_dir, "vtab", _vtab_view(tables["vtab"]), "{:.1f}", index_name="method")
-    else:
-        absent = "No VTAB-1k task in this experiment."
-        write_text(out_dir / "vtab.md", absent + "\n")
-        write_text(out_dir / "vtab.html", f"<p>{absent}</p>\n")
-    if not tables["selection"].empty:
-        _write_view(out_dir, "selection", _selection_view(tables["selection"]), "{:.3g}", index_name="selector")
-    else:
-        absent = "No budget arms in this experiment (its config does not set selection: true)."
-        write_text(out_dir / "selection.md", absent + "\n")
-        write_text(out_dir / "selection.html", f"<p>{absent}</p>\n")
+    # Tables only some experiments fill: (view, number format, index name, the line written when empty).
+    optional = {
+        "criteria": (_criteria_view, "{:.3g}", None, "No selection criteria measured in this experiment."),
+        "trajectory": (_trajectory_view, "{:.3g}", "mode",
+                       "No pretraining trajectory in this experiment (its model keeps no steps)."),
+        "vtab": (_vtab_view, "{:.1f}", "method", "No VTAB-1k task in this experiment."),
+        "selection": (_selection_view, "{:.3g}", "selector",
+                      "No budget arms in this experiment (its config does not set selection: true)."),
+    }
+    for name, (view, number, index_name, absent) in optional.items():
+        if not tables[name].empty:
+            _write_view(out_dir, name, view(tables[name]), number, **({"index_name": index_name} if index_name else {}))
+        else:
+            write_text(out_dir / f"{name}.md", absent + "\n")
+            write_text(out_dir / f"{name}.html", f"<p>{absent}</p>\n")
     for name in ("plasticity", "bounds", "runs"):  # long tables: every row, as the CSV has it
         _write_view(out_dir, name, tables[name].set_index(tables[name].columns[0]) if not tables[name].empty
                     else tables[name], "{:.4g}", index_name=tables[name].columns[0] if not tables[name].empty else "")
