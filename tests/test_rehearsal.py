@@ -36,8 +36,8 @@ from vitplasticity.prepared import load_split, read_meta
 # arms all, mha and fc1 are main's runs).
 PLANNED = {
     "prepare_dataset": 16, "fetch_checkpoint": 3, "measure_plasticity": 17, "measure_criteria": 17,
-    "compute_bounds": 17, "linear_probe": 17, "finetune": 11 * 11 + 4 * 10 + (1 + 1) * 9 + 4 * 6 + 2,
-    "aggregate": 6, "figures": 6, "compare_to_paper": 1, "all": 1,
+    "compute_bounds": 17, "linear_probe": 17, "finetune": 11 * 11 + 4 * 10 + (1 + 1) * 9 + 4 * 6 + 2 + 8,
+    "aggregate": 7, "figures": 7, "compare_to_paper": 1, "all": 1,
 }
 # The class counts that shape heads and probes, as the real datasets have them.
 CLASSES = {"cifar10": 10, "cifar100": 100, "contrast": 10, "clipart": 345, "sketch": 345, "flowers102": 102,
@@ -83,7 +83,9 @@ def test_overlay_merges_into_the_paper_config_key_by_key():
     assert config["arms"] == paper["arms"] and config["controls"] == paper["controls"]
     arms = [arm for arm in paper["experiments"]["main"]["arms"] if arm in paper["arms"]]
     main = paper["experiments"]["main"] | {"arms": [*arms, "mha_as_ln1", "mha_lora1"]}
-    assert config["experiments"] == paper["experiments"] | {"main": main}
+    budget = paper["experiments"]["budget"] | {"tasks": ["cifar100"]}
+    assert config["experiments"] == paper["experiments"] | {"main": main, "budget": budget}
+    assert config["selection"] == paper["selection"] | {"budgets": [0.4], "random_draws": 1}
     assert config["plasticity"]["modes"] == ["embedding", "hidden"]
     assert config["plasticity"]["reference_task"] == "imagenet_val"
 
@@ -148,7 +150,8 @@ def check_results(study) -> None:
     assert set(plasticity["mode"]) == {"embedding", "hidden"}
     assert set(plasticity["pairs"]) == {16}
     cifar = plasticity[plasticity["task"] == "cifar10"]
-    assert set(cifar["downstream_images"]) == {12} and set(cifar["reference_images"]) == {24}
+    # The distinct images the 16 pairs use: 16 of the 24 reference images, the 12 test images cycled.
+    assert set(cifar["downstream_images"]) == {12} and set(cifar["reference_images"]) == {16}
     # ImageNet val in the authors' order: the 16 pairs take the images of the first 3 of its 4 classes
     assert set(plasticity["reference_order"]) == {"imagefolder"} and set(plasticity["reference_classes"]) == {3}
     assert np.isfinite(plasticity["mean"]).all()
@@ -157,14 +160,16 @@ def check_results(study) -> None:
     low = pd.read_csv(results / "tables" / "low_data" / "runs.csv")
     assert len(low) == 4 * 6 and "emb" not in set(low["arm"])
     assert "mha_fc1" in set(pd.read_csv(results / "tables" / "mha_fc1" / "runs.csv")["arm"])
-    for experiment in ("main", "adamw", "size_large", "size_huge", "low_data", "mha_fc1"):
+    selection = pd.read_csv(results / "tables" / "budget" / "selection.csv")  # 7 selectors and 1 random draw
+    assert len(pd.read_csv(results / "tables" / "budget" / "runs.csv")) == 6 + 8 and len(selection) > 0
+    for experiment in ("main", "adamw", "size_large", "size_huge", "low_data", "mha_fc1", "budget"):
         assert (results / "figures" / experiment / "plasticity_vs_rank.png").stat().st_size > 0
     assert (results / "tables" / "main" / "paper_comparison.csv").is_file()
 
 
 @pytest.mark.slow
 def test_paper_rehearsal_runs_every_job(tmp_path):
-    """About 20 minutes on an idle 2-core CPU: 306 jobs of about 8 s of CPU each, mostly start-up."""
+    """About 20 minutes on an idle 2-core CPU: 316 jobs of about 8 s of CPU each, mostly start-up."""
     study = tmp_path / "study"
     config = merged_config([OVERLAY])
     assert checksums_problems(config) == []
