@@ -36,7 +36,7 @@ RUN_FOLDER_RECORD = {"finetune": "metrics.json", "pretrain_checkpoint": "metrics
 
 
 # The paper study (arms + the main experiment's controls) and the quick one (which pretrains, with a trajectory).
-@pytest.mark.parametrize(("config", "finetune_runs"), [("config.yaml", 1836 + 660), ("quick.yaml", 99)])
+@pytest.mark.parametrize(("config", "finetune_runs"), [("config.yaml", 3816), ("quick.yaml", 141)])
 def test_no_two_jobs_of_a_study_write_the_same_file_or_run_folder(config, finetune_runs, tmp_path):
     result = snakemake(tmp_path, "-n", config=ROOT / "config" / config, timeout=600)
     planned = _dry_run_jobs(result.stdout)
