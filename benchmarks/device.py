@@ -21,9 +21,9 @@ Stages, each written to the JSON as soon as it ends (a run cut short still repor
    modes: pairs/s.
 6. ``sizes``: one timed step each of ViT-L/16 and ViT-H/14 (arm ``all``) after one warm-up step.
 7. ``projection``: GPU-hours of each experiment of ``config/config.yaml`` from the measured step times
-   (arms without a measurement of their own take the closest measured one, as ``ARM_PROXY`` says) plus the
-   evaluation passes at the measured forward rate (``eval_rate``, checked as the stages are; left out when
-   invalid); the arithmetic is in the JSON.
+   (arms without a measurement of their own take the closest measured one, as ``ARM_PROXY`` says; a budget
+   arm, ``mha``'s) plus the evaluation passes at the measured forward rate (``eval_rate``, checked as the
+   stages are; left out when invalid); the arithmetic is in the JSON.
 
 The last line printed is the summary. ``--budget-s`` skips the stages that would start after it.
 """
@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from vitplasticity import components, plasticity, preflight, runtime, training, transforms
+from vitplasticity import budget, components, plasticity, preflight, runtime, training, transforms
 from vitplasticity.prepared import Split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -330,9 +330,12 @@ def projection(results: dict, config_path: Path, forward_rate: float | None) -> 
     for name, exp in study["experiments"].items():
         arch = ARCHS.get(exp["model"], exp["model"])
         steps_by_arm = per_arch_step.get(arch, {})
-        arms = exp.get("arms", list(study["arms"]) + list(controls))
+        # The budget arms (`selection: true`) train a few (component, layer) units: costed as one block component.
+        selected = list(budget.arms(study.get("selection") or {})) if exp.get("selection") else []
+        arms = exp.get("arms", list(study["arms"]) + list(controls)) + selected
         # A control (a masked or LoRA component) costs at most its component's arm.
-        proxy = {arm: ARM_PROXY.get(controls[arm]["component"] if arm in controls else arm, "all") for arm in arms}
+        proxy = {arm: "mha" if arm in selected else
+                 ARM_PROXY.get(controls[arm]["component"] if arm in controls else arm, "all") for arm in arms}
         missing = sorted(set(proxy.values()) - steps_by_arm.keys())
         if missing:
             out[name] = {"skipped": f"no valid step time measured for {arch}, arms {', '.join(missing)}"}

@@ -31,5 +31,9 @@ import yaml
 for out in yaml.safe_load(Path("dvc.yaml").read_text())["stages"][sys.argv[1]]["outs"]:
     Path(next(iter(out)) if isinstance(out, dict) else out).mkdir(parents=True, exist_ok=True)
 PY
-"$python" -m dvc commit --force --quiet "$stage"
+if ! committed="$("$python" -m dvc commit --force "$stage" 2>&1)"; then
+    printf '%s\n' "$committed" | tail -n 5 >&2
+    echo "dvc-push: dvc commit $stage failed (above); fix that, then push again" >&2
+    exit 1
+fi
 "$python" -m dvc push

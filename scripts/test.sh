@@ -10,7 +10,7 @@ snakemake --lint --configfile config/quick.yaml > /dev/null
 snakefmt --check Snakefile workflow/rules
 # Everything but SLURM first: with SLURM's client installed and no controller up, every
 # snakemake start would wait on `scontrol`.
-pytest -m "not slurm" "$@"
+pytest -m "not slurm" --durations=25 "$@"
 if [ "${VITPLASTICITY_INSTALL_SLURM:-0}" = 1 ]; then
     bash .ci/install-slurm.sh
 fi

@@ -59,9 +59,10 @@ def test_tiny_mode_measures_every_stage_and_projects_the_study(tmp_path):
     assert 3000 < gather["consumer_images_per_s"] < 4500
     # Run counts of config/config.yaml, as the job table of docs/paper-study.md gives them.
     runs = {name: r["runs"] for name, r in result["projection"].items() if isinstance(r, dict)}
-    # main: 5 controls; AdamW: rank-8 LoRA beside the 9 arms; mha_fc1: only its new arm (all, mha, fc1 are main's)
-    assert runs == {"main": 1188 + 660, "adamw": 480, "size_large": 108, "size_huge": 108, "low_data": 288,
-                    "mha_fc1": 24}
+    # main: 5 controls; AdamW: rank-8 LoRA beside the 9 arms; mha_fc1: only its new arm (all, mha, fc1 are main's);
+    # budget: 4 tasks x 4 lrs x 3 seeds x 2 budgets x 10 budget arms (its component arms are main's)
+    assert runs == {"main": 1188 + 660, "adamw": 480, "budget": 960, "size_large": 108, "size_huge": 108,
+                    "low_data": 288, "mha_fc1": 24}
     assert result["projection"]["total_gpu_hours"] > 0
     assert done.stdout.strip().splitlines()[-1].startswith("summary: device ")
 

@@ -92,6 +92,16 @@ def test_dvc_versions_every_folder_the_quick_study_writes_and_no_other(tmp_path)
     assert [out for out in outs if not any(path.startswith(f"{out}/") or path == out for path in outputs)] == []
 
 
+def test_the_stage_params_are_sections_of_the_quick_and_smoke_configs():
+    """`dvc commit` refuses a stage whose params name a section the config lacks (a new config section must be
+    added to dvc.yaml's params and written out in the smoke study, which the push test runs as quick.yaml)."""
+    params = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][STAGE]["params"]
+    listed = [key for entry in params for key in entry["config/quick.yaml"]]
+    assert "selection" in listed and "criteria" in listed
+    for config in (ROOT / "config" / "quick.yaml", SMOKE_CONFIG):
+        assert sorted(set(listed) - yaml.safe_load(config.read_text()).keys()) == [], config.name
+
+
 @pytest.fixture
 def env(tmp_path):
     """The test's interpreter first on PATH (dvc.yaml's command is `snakemake`), offline DVC, a git identity."""
