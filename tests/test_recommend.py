@@ -815,3 +815,14 @@ def test_a_pilot_that_cannot_run_is_one_line_before_any_work(args, classes, mess
     code, err, out = _budget_run(tmp_path, capsys, *args, classes=classes)
     assert code == 2 and not out.exists()
     assert err == f"vitplasticity recommend: error: {message}\n"
+
+
+def test_unit_agreement_names_what_every_criterion_most_and_few_select():
+    """Size is left out; of three criteria, two make 'most' and one is 'few' (half or fewer)."""
+    found = recommend.unit_agreement({"plasticity_embedding": [("mha", 1), ("ln1", 0)],
+                                      "fisher": [("ln1", 0), ("mha", 1), ("fc1", 0)],
+                                      "fps": [("ln1", 0), ("fc2", 1)], "trainable_params": [("mha", 0)]})
+    assert found == {"compared": ["plasticity_embedding", "fisher", "fps"], "all": [("ln1", 0)],
+                     "most": [("mha", 1)], "few": {("fc1", 0): ["fisher"], ("fc2", 1): ["fps"]}}
+    assert recommend.units_text([("ln1", 0), ("ln1", 1), ("ln1", 2), ("mha", 5), ("ln1", 7), ("ln1", 8)]) == (
+        "LN1 0–2, 7–8 · MHA 5")

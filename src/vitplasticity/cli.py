@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="seed of the image sampling and pairing (default: 0)")
     p.add_argument("--criterion", default=None,
-                   help=f"the criterion whose first choice the freeze list and peft config train: one of the study's "
+                   help=f"the criterion whose first choice (with --budget: its units) the freeze list and peft config "
+                        f"train: one of the study's "
                         f"({', '.join(CRITERIA)}); default: plasticity in the first of --modes")
     p.add_argument("--criteria", default=None, dest="others",
                    help=f"comma-separated criteria to measure beside plasticity (default: all of "
@@ -181,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "a fraction of the block parameters (e.g. 0.028) or a count of parameters (e.g. 2000000); "
                         "the freeze list and peft config then train --criterion's units")
     p.add_argument("--pilot", action="store_true",
-                   help="with --budget: short finetuning runs on a held-out part of --data of each distinct "
-                        "selection, the linear probe and a random selection of the same budget")
+                   help="with --budget: short finetuning runs on --data, scored on held-out images of it, of each "
+                        "distinct selection, the linear probe and a random selection of the same budget")
     p.add_argument("--pilot-steps", type=int, default=None,
                    help="optimizer steps per pilot run (default: a few on a CPU, more on a GPU; the report states it)")
     p.add_argument("--pilot-images", type=int, default=None,

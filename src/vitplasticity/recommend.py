@@ -517,16 +517,16 @@ def select_at_budget(scores: pd.DataFrame, names: list[str], sizes: dict[budget.
 
 def unit_agreement(units: dict[str, list[budget.Unit]]) -> dict:
     """Where the selections of the criteria (all but size) agree and differ: {'compared': their names, 'all': the
-    units every one selects, 'most': those more than half but not all select, 'few': unit label → the criteria
-    that select it, for the units half of them or fewer select (with two criteria or more)}; units in
-    `budget.canonical` order."""
+    units every one selects, 'most': those more than half but not all select, 'few': unit → the criteria that
+    select it, for the units half of them or fewer select (with two criteria or more)}; units in `budget.canonical`
+    order."""
     opinions = {name: set(chosen) for name, chosen in units.items() if name != SIZE_CRITERION}
     counts = Counter(unit for chosen in opinions.values() for unit in chosen)
     n = len(opinions)
     return {"compared": list(opinions),
             "all": budget.canonical(unit for unit, k in counts.items() if k == n),
             "most": budget.canonical(unit for unit, k in counts.items() if n / 2 < k < n),
-            "few": {budget.unit_label(unit): [name for name, chosen in opinions.items() if unit in chosen]
+            "few": {unit: [name for name, chosen in opinions.items() if unit in chosen]
                     for unit in budget.canonical(unit for unit, k in counts.items() if k <= n / 2 and n > 1)}}
 
 
@@ -549,7 +549,7 @@ def budget_words(at: AtBudget) -> list[str]:
     found = unit_agreement(at.units)
     compared = len(found["compared"])
     if compared < 2:
-        lines.append("One criterion beside size was measured: there is no agreement to check.")
+        lines.append("Only one criterion (size aside) was measured: there is no agreement to check.")
         return lines
     distinct = len({frozenset(at.units[name]) for name in found["compared"]})
     line = (f"Agreement among the {compared} criteria but size ({distinct} distinct selection"
@@ -558,7 +558,8 @@ def budget_words(at: AtBudget) -> list[str]:
     if found["most"]:
         line += f"; most (over half) select {units_text(found['most'])}"
     if found["few"]:
-        line += "; they differ on " + ", ".join(f"{unit} ({', '.join(names)})" for unit, names in found["few"].items())
+        line += "; they differ on " + ", ".join(f"{units_text([unit])} ({', '.join(names)})"
+                                                for unit, names in found["few"].items())
     lines.append(line + ".")
     return lines
 
@@ -671,7 +672,8 @@ def selection_record(at: AtBudget, criterion: str, device: torch.device) -> dict
         "criteria": {name: {"units": [budget.unit_label(unit) for unit in units], "params": at.params(units),
                             "share": at.params(units) / at.total} for name, units in at.units.items()},
         "agreement": {"compared": found["compared"], "all": [budget.unit_label(unit) for unit in found["all"]],
-                      "most": [budget.unit_label(unit) for unit in found["most"]], "few": found["few"]},
+                      "most": [budget.unit_label(unit) for unit in found["most"]],
+                      "few": {budget.unit_label(unit): names for unit, names in found["few"].items()}},
         "written": criterion}
     if at.plan is not None:
         record["pilot"] = {"steps": at.plan.steps, "batch": at.plan.batch, "lr": at.plan.lr,
@@ -691,8 +693,8 @@ def pilot_words(plan: PilotPlan, runs: pd.DataFrame, wall_s: float, device: torc
     return [f"Each run trains the selection and a fresh head for {plan.steps} SGD steps of {plan.batch} images (lr "
             f"{plan.lr:g}, momentum 0.9, cosine decay, the study's crops and flips; `--pilot-steps`) on "
             f"{len(plan.train_rows):,} images of --data, and is evaluated once, at the end, on {held:,} other images "
-            f"of it (a quarter of each class of the {len(plan.train_rows) + held:,} drawn; `--pilot-images`; one "
-            f"image is {100 / held:.2g} points), for {seeds} seed{'s' * (seeds != 1)} (`--pilot-seeds`): "
+            f"of it (about a quarter of each class among the {len(plan.train_rows) + held:,} drawn; `--pilot-images`; "
+            f"one image is {100 / held:.2g} points), for {seeds} seed{'s' * (seeds != 1)} (`--pilot-seeds`): "
             f"{len(runs) * seeds} runs in {wall_s:.0f} s on {device.type}.",
             f"How far to trust it: {plan.steps} steps are the start of finetuning, not its end, and one learning rate "
             f"may suit one selection better than another; {spread}; the random selection's "
