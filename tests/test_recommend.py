@@ -678,3 +678,151 @@ def test_criteria_beside_plasticity_can_be_narrowed_and_are_checked_before_work(
     assert set(pd.read_csv(tmp_path / "c" / "criteria.csv")["criterion"]) == {"plasticity_embedding"}
     assert ("Not measured, as --criteria asked: relative gradient norm, Fisher (SPT), FPS, KappaTune (peft), size "
             "(trainable parameters).") in (tmp_path / "c" / "report.md").read_text()
+
+
+# TINY's units: LN1 and LN2 64 parameters each, MHA 4·32² + 4·32 = 4,224, FC1 32·128 + 128 = 4,224, FC2 128·32 + 32
+# = 4,128; 12,704 a block, 25,408 in the two blocks.
+TINY_BLOCK_PARAMS = 25_408
+
+
+def _budget_run(tmp_path, capsys, *args: str, classes=("cat", "dog", "fox"), per_class=4) -> tuple[int, str, Path]:
+    data = _image_folder(tmp_path / "data", classes=classes, per_class=per_class)
+    weights = _weights(tmp_path / "tiny.safetensors", "vit_tiny_patch16_224", TINY)
+    out = tmp_path / "report"
+    code, _, err = _recommend(capsys, "--model", str(weights), "--arch", "vit_tiny_patch16_224", "--arch-kwargs",
+                              json.dumps(TINY), "--data", str(data), "--pairs", "10", "--criteria", "trainable_params",
+                              *args, "--out", str(out))
+    return code, err, out
+
+
+@pytest.mark.parametrize(("given", "size_units"), [
+    # ⌊0.3 · 25,408⌋ = 7,622: size takes MHA.0 (4,224; ties keep layer, then component order), skips FC1.0, MHA.1,
+    # FC1.1, FC2.0, FC2.1 (each would exceed it), then the four LayerNorms (4,480).
+    ("0.3", ["mha.0", "ln1.0", "ln2.0", "ln1.1", "ln2.1"]),
+    # 8,500 parameters: MHA.0 and FC1.0 (8,448); a LayerNorm more would make 8,512.
+    ("8500", ["mha.0", "fc1.0"]),
+])
+def test_budget_selects_the_units_budget_select_gives(given, size_units, tmp_path, capsys):
+    from vitplasticity import budget
+
+    code, err, out = _budget_run(tmp_path, capsys, "--budget", given)
+    assert code == 0, err
+    record = json.loads((out / "selection.json").read_text())
+    allowed = 7_622 if given == "0.3" else 8_500
+    assert record["budget"] == {"given": float(given), "allowed_params": allowed, "block_params": TINY_BLOCK_PARAMS}
+    assert record["criteria"]["trainable_params"]["units"] == size_units
+    sizes = budget.unit_sizes(timm.create_model("vit_tiny_patch16_224", num_classes=3, **TINY))
+    per_layer = pd.read_csv(out / "plasticity_per_layer.csv").assign(criterion="plasticity_embedding",
+                                                                      value=lambda frame: frame["mean"])
+    spec = {"budget": float(given)} if given == "0.3" else {"params": 8_500}
+    expected = budget.select({"selector": "plasticity_embedding", **spec}, sizes,
+                             budget.unit_scores(per_layer, "plasticity_embedding"))
+    assert record["criteria"]["plasticity_embedding"]["units"] == [budget.unit_label(unit) for unit in expected]
+    params = sum(sizes[unit] for unit in expected)
+    assert record["criteria"]["plasticity_embedding"]["params"] == params <= allowed
+    report = (out / "report.md").read_text()
+    assert "## At the budget" in report and f"at most {allowed:,} of the model's 25,408 block parameters" in report
+
+
+def test_the_artefacts_of_a_criterion_at_a_budget_train_exactly_its_units(tmp_path, capsys):
+    """--criterion trainable_params --budget 8500: MHA.0 and FC1.0 (above), the head (the final norm, the linear)."""
+    from peft import LoraConfig, get_peft_model
+
+    code, err, out = _budget_run(tmp_path, capsys, "--budget", "8500", "--criterion", "trainable_params")
+    assert code == 0, err
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=3, **TINY)
+    assert (out / "trainable_parameters.txt").read_text().split() == [
+        n for n, _ in model.named_parameters()
+        if n.startswith(("blocks.0.attn.", "blocks.0.mlp.fc1.", "norm.", "head."))]
+    config = LoraConfig.from_pretrained(str(out / "lora"))
+    assert sorted(config.target_modules) == ["blocks.0.attn.proj", "blocks.0.attn.qkv", "blocks.0.mlp.fc1"]
+    assert config.modules_to_save == ["norm", "head"]
+    code, err, out = _budget_run(tmp_path / "again", capsys, "--budget", "0.3", "--criterion", "trainable_params")
+    assert code == 0, err
+    config = LoraConfig.from_pretrained(str(out / "lora"))
+    assert sorted(config.target_modules) == ["blocks.0.attn.proj", "blocks.0.attn.qkv"]
+    assert config.modules_to_save == ["blocks.0.norm1", "blocks.0.norm2", "blocks.1.norm1", "blocks.1.norm2", "norm",
+                                      "head"]
+    trained = {n.removeprefix("base_model.model.") for n, p in get_peft_model(model, config).named_parameters()
+               if p.requires_grad}
+    assert {n.split(".lora_")[0] for n in trained if ".lora_" in n} == {"blocks.0.attn.qkv", "blocks.0.attn.proj"}
+    assert {n.split(".modules_to_save")[0] for n in trained if ".modules_to_save." in n} == set(
+        config.modules_to_save)
+    assert "the units size (trainable parameters) selects within the budget (LN1 0–1 · MHA 0 · LN2 0–1: 4,480 " \
+           "block parameters)" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(("given", "message"), [
+    ("0", "--budget 0: give a fraction of the block parameters in (0, 1], e.g. 0.028, or a whole count of "
+          "parameters, e.g. 2000000"),
+    ("-3", "--budget -3: give a fraction of the block parameters in (0, 1], e.g. 0.028, or a whole count of "
+           "parameters, e.g. 2000000"),
+    ("1.5", "--budget 1.5: give a fraction of the block parameters in (0, 1], e.g. 0.028, or a whole count of "
+            "parameters, e.g. 2000000"),
+    ("30000", "--budget 30,000 parameters is more than the model's 25,408 block parameters; give a count up to "
+              "25,408 or a fraction, e.g. 0.028"),
+    ("0.002", "--budget 0.002 allows 50 block parameters, fewer than the smallest unit (ln1.0, 64); give at least 64 "
+              "parameters"),
+])
+def test_a_budget_that_cannot_select_is_one_line_before_any_work(given, message, tmp_path, capsys):
+    code, err, out = _budget_run(tmp_path, capsys, "--budget", given)
+    assert code == 2 and not out.exists()
+    assert err == f"vitplasticity recommend: error: {message}\n"
+
+
+def test_the_pilot_trains_every_distinct_selection_the_probe_and_random_within_its_steps(tmp_path, capsys,
+                                                                                        monkeypatch):
+    from vitplasticity import training
+
+    steps = []
+    step = training.train_step
+    monkeypatch.setattr(training, "train_step", lambda *args: steps.append(1) or step(*args))
+    code, err, out = _budget_run(tmp_path, capsys, "--budget", "0.3", "--pilot", "--pilot-steps", "3",
+                                 "--pilot-images", "12", "--pilot-seeds", "2")
+    assert code == 0, err
+    pilot = json.loads((out / "selection.json").read_text())["pilot"]
+    # 12 images, 4 a class: the 2nd of each class is held out (the 6th, 10th, … of none).
+    assert (pilot["train_images"], pilot["held_out_images"], pilot["steps"], pilot["seeds"]) == (9, 3, 3, [0, 1])
+    runs = pilot["runs"]
+    assert runs[0]["chosen_by"] == ["linear probe"] and runs[0]["units"] == []
+    assert runs[0]["trainable_params"] == 64 + 32 * 3 + 3  # the final norm and the 3-class linear head
+    criteria = json.loads((out / "selection.json").read_text())["criteria"]
+    chosen = {frozenset(criteria[name]["units"]) for name in ("plasticity_embedding", "trainable_params")}
+    random_units = next(run["units"] for run in runs if "random" in run["chosen_by"])
+    assert len(runs) == 1 + len(chosen | {frozenset(random_units)})  # one run per distinct selection
+    assert sorted(name for run in runs for name in run["chosen_by"]) == sorted(
+        ["linear probe", "plasticity_embedding", "random", "trainable_params"])
+    assert all(run["steps"] == [3, 3] for run in runs)
+    assert len(steps) == len(runs) * 2 * 3  # optimizer steps: runs × seeds × --pilot-steps
+    assert all(round(accuracy * 3 / 100, 9) in (0, 1, 2, 3) for run in runs for accuracy in run["val_acc"])  # of 3
+    report = (out / "report.md").read_text()
+    assert "| selection | chosen by | trainable parameters | held-out accuracy (%) |" in re.sub(r" +", " ", report)
+    assert "| head only | linear probe (baseline) | 163 |" in re.sub(r" +", " ", report)
+    assert ("for 3 SGD steps of 8 images (lr 0.01, momentum 0.9, cosine decay, the study's crops and flips; "
+            "`--pilot-steps`) on 9 images of --data, and is evaluated once, at the end, on 3 other images") in report
+    assert "How far to trust it: 3 steps are the start of finetuning, not its end" in report
+
+
+@pytest.mark.parametrize(("args", "classes", "message"), [
+    (["--budget", "0.3", "--pilot"], ("cat",), "--pilot needs labels, and --data holds one class; put the images in "
+     "class sub-folders (two or more), or leave --pilot out"),
+    (["--pilot"], ("cat", "dog"), "--pilot finetunes each criterion's selection at a budget; give --budget too, e.g. "
+     "--budget 0.028"),
+    (["--budget", "0.3", "--pilot-steps", "3"], ("cat", "dog"), "--pilot-steps sets the pilot's budget, and --pilot "
+     "is not given; add --pilot or remove it"),
+])
+def test_a_pilot_that_cannot_run_is_one_line_before_any_work(args, classes, message, tmp_path, capsys):
+    code, err, out = _budget_run(tmp_path, capsys, *args, classes=classes)
+    assert code == 2 and not out.exists()
+    assert err == f"vitplasticity recommend: error: {message}\n"
+
+
+def test_unit_agreement_names_what_every_criterion_most_and_few_select():
+    """Size is left out; of three criteria, two make 'most' and one is 'few' (half or fewer)."""
+    found = recommend.unit_agreement({"plasticity_embedding": [("mha", 1), ("ln1", 0)],
+                                      "fisher": [("ln1", 0), ("mha", 1), ("fc1", 0)],
+                                      "fps": [("ln1", 0), ("fc2", 1)], "trainable_params": [("mha", 0)]})
+    assert found == {"compared": ["plasticity_embedding", "fisher", "fps"], "all": [("ln1", 0)],
+                     "most": [("mha", 1)], "few": {("fc1", 0): ["fisher"], ("fc2", 1): ["fps"]}}
+    assert recommend.units_text([("ln1", 0), ("ln1", 1), ("ln1", 2), ("mha", 5), ("ln1", 7), ("ln1", 8)]) == (
+        "LN1 0–2, 7–8 · MHA 5")

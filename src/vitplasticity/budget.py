@@ -110,6 +110,12 @@ def limit(budget: float, sizes: dict[Unit, int]) -> int:
     return math.floor(budget * sum(sizes.values()))
 
 
+def allowance(spec: dict, sizes: dict[Unit, int]) -> int:
+    """The most block parameters `spec` allows: its ``params`` count when it gives one, else `limit` of its
+    ``budget`` fraction."""
+    return int(spec["params"]) if "params" in spec else limit(spec["budget"], sizes)
+
+
 def greedy(ordered: list[Unit], sizes: dict[Unit, int], allowed: int) -> list[Unit]:
     """The units of `ordered` taken in turn, each unless it would take the total above `allowed` parameters."""
     chosen, total = [], 0
@@ -121,17 +127,35 @@ def greedy(ordered: list[Unit], sizes: dict[Unit, int], allowed: int) -> list[Un
 
 
 def select(spec: dict, sizes: dict[Unit, int], scores: dict[Unit, float] | None = None) -> list[Unit]:
-    """The units a budget arm trains. `spec`: {selector, budget[, draw]} (`arms`); `sizes`: parameter count per
-    unit of the model; `scores`: the selector's scores when it is a criterion. Raises UserError when the budget
-    fits no unit (the arm would train the head alone)."""
-    allowed = limit(spec["budget"], sizes)
+    """The units a budget arm trains. `spec`: {selector, budget[, draw]} (`arms`), or {selector, params[, draw]}
+    with the budget as a count of block parameters (`allowance`); `sizes`: parameter count per unit of the model
+    (`unit_sizes`); `scores`: the selector's scores when it is a criterion (`unit_scores`). Raises UserError when
+    the budget fits no unit (the arm would train the head alone)."""
+    allowed = allowance(spec, sizes)
     ordered = order(spec["selector"], sizes, scores, spec.get("draw"))
     chosen = greedy(ordered, sizes, allowed)
     if not chosen:
         smallest = min(sizes[unit] for unit in ordered)
+        if "params" in spec:
+            raise UserError(f"selection budget of {allowed:,} block parameters is fewer than the smallest unit "
+                            f"{spec['selector']} takes ({smallest:,}); raise the budget")
         raise UserError(f"selection budget {spec['budget']:g} allows {allowed:,} block parameters, fewer than the "
                         f"smallest unit {spec['selector']} takes ({smallest:,}); raise selection.budgets")
     return chosen
+
+
+def unit_sizes(model) -> dict[Unit, int]:
+    """Parameter count per unit of a timm ViT (`components.block_parameters`)."""
+    from vitplasticity.components import block_parameters
+
+    return {unit: sum(p.numel() for _, p in params) for unit, params in block_parameters(model).items()}
+
+
+def unit_scores(table, criterion: str) -> dict[Unit, float]:
+    """Per unit, the score of `criterion` in `table` (a frame with columns criterion, component, layer, value, as
+    `criteria.measure` gives it and the criteria job writes it); empty when the table has none of it."""
+    rows = table[table["criterion"] == criterion]
+    return {(row.component, int(row.layer)): float(row.value) for row in rows.itertuples()}
 
 
 def unit_label(unit: Unit) -> str:

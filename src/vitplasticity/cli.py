@@ -170,12 +170,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="seed of the image sampling and pairing (default: 0)")
     p.add_argument("--criterion", default=None,
-                   help=f"the criterion whose first choice the freeze list and peft config train: one of the study's "
+                   help=f"the criterion whose first choice (with --budget: its units) the freeze list and peft config "
+                        f"train: one of the study's "
                         f"({', '.join(CRITERIA)}); default: plasticity in the first of --modes")
     p.add_argument("--criteria", default=None, dest="others",
                    help=f"comma-separated criteria to measure beside plasticity (default: all of "
                         f"{','.join(name for name in CRITERIA if not name.startswith('plasticity_'))}); '' for "
                         "plasticity alone. On a CPU the gradient criteria cost the most (a ViT-B/16: minutes)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="turn each criterion's ranking into the (component, layer) units it selects within a budget: "
+                        "a fraction of the block parameters (e.g. 0.028) or a count of parameters (e.g. 2000000); "
+                        "the freeze list and peft config then train --criterion's units")
+    p.add_argument("--pilot", action="store_true",
+                   help="with --budget: short finetuning runs on --data, scored on held-out images of it, of each "
+                        "distinct selection, the linear probe and a random selection of the same budget")
+    p.add_argument("--pilot-steps", type=int, default=None,
+                   help="optimizer steps per pilot run (default: a few on a CPU, more on a GPU; the report states it)")
+    p.add_argument("--pilot-images", type=int, default=None,
+                   help="images of --data the pilot reads, a quarter held out (default: by device, as for the steps)")
+    p.add_argument("--pilot-seeds", type=int, default=None,
+                   help="seeds per pilot selection (default: 1 on a CPU, more on a GPU)")
     p.add_argument("--out", type=Path, required=True, help="report folder to write (replaced whole)")
 
     p = sub.add_parser("figures", _figures, help="figures of one experiment from its tables")
@@ -316,13 +330,17 @@ def _recommend(args: argparse.Namespace) -> None:
     result = run(Request(model=args.model, arch=args.arch, arch_kwargs=arch_kwargs, data=args.data,
                          reference=args.reference, pairs=args.pairs, modes=modes, head=args.head,
                          batch_size=args.batch_size, device=args.device, seed=args.seed, out=args.out,
-                         criterion=args.criterion,
+                         criterion=args.criterion, budget=args.budget, pilot=args.pilot,
+                         pilot_steps=args.pilot_steps, pilot_images=args.pilot_images, pilot_seeds=args.pilot_seeds,
                          others=None if args.others is None else tuple(
                              name.strip() for name in args.others.split(",") if name.strip())))
     ranking = result["ranking"][["mode", "rank", "label", "mean", "ci95"]]
     print(ranking.to_markdown(index=False, floatfmt=".4g"))
     chosen = result["criteria"][["label", "ranking", "wall_s"]].rename(columns={"label": "criterion"})
     print("\n" + chosen.to_markdown(index=False, floatfmt=".3g"))
+    for title, frame in (("At the budget", result["budget"]), ("Pilot", result["pilot"])):
+        if frame is not None:
+            print(f"\n{title}:\n" + frame.to_markdown(index=False))
     print("\n" + "\n".join(result["summary"]))
     print(f"\nreport: {args.out / 'report.md'}")
 

@@ -190,18 +190,15 @@ def budget_units(model, spec: dict, criteria_table: Path | None) -> list[tuple[s
 
     from vitplasticity import budget
 
-    sizes = {unit: sum(p.numel() for _, p in params) for unit, params in block_parameters(model).items()}
     scores = None
     if budget.needs_scores(spec["selector"]):
         if criteria_table is None:
             raise UserError(f"budget arm of criterion '{spec['selector']}' needs the criteria table; pass --criteria "
                             "(the criteria job's criteria.csv of this model and task)")
-        table = pd.read_csv(criteria_table)
-        rows = table[table["criterion"] == spec["selector"]]
-        if rows.empty:
+        scores = budget.unit_scores(pd.read_csv(criteria_table), spec["selector"])
+        if not scores:
             raise UserError(f"{criteria_table} has no scores of criterion '{spec['selector']}'; rerun its criteria job")
-        scores = {(row.component, int(row.layer)): float(row.value) for row in rows.itertuples()}
-    return budget.select(spec, sizes, scores)
+    return budget.select(spec, budget.unit_sizes(model), scores)
 
 
 def finetune(settings: dict, runtime: Runtime, task_dir: Path, weights: Path, run_dir: Path, track: Tracking,

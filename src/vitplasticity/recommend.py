@@ -10,8 +10,15 @@ project wrote) and an image folder, measure each block component's plasticity
 - ``ranking.csv`` (per mode and component: mean over layers, 95% CI, layer range, rank),
   ``plasticity_per_layer.csv``, ``token_norms.json``, ``plasticity_vs_depth.{png,pdf}``;
 - ``trainable_parameters.txt``: the parameters to unfreeze (the first choice of ``--criterion``,
-  by default the paper's plasticity, in every block, plus the head), one name a line;
-- ``lora/adapter_config.json``: a `peft` LoraConfig on that criterion's first linear component;
+  by default the paper's plasticity, in every block, plus the head; with ``--budget``, the (component, layer)
+  units that criterion selects within the budget, plus the head), one name a line;
+- ``lora/adapter_config.json``: a `peft` LoraConfig on that criterion's first linear component (with
+  ``--budget``: on the linear modules of its units, their other modules trained whole; not written when its
+  units hold no linear module);
+- ``selection.json`` (with ``--budget``): per criterion the units it selects within the budget
+  (`budget.select`, the workflow's budget arms), their parameter count and fraction, where the criteria agree,
+  and with ``--pilot`` the held-out accuracy of short finetuning runs of every distinct selection, the
+  linear probe and a random selection of the same budget (`run_pilot`);
 - ``workflow_config.yaml``: the study config that runs every finetuning arm on these images;
 - ``pairs.csv``: which two images each pair holds (first: --reference, or --data when no
   reference is given; second: --data), by path inside the folder.
@@ -21,8 +28,11 @@ The folder appears whole or not at all.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +43,12 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from vitplasticity import criteria, models, plasticity, selection
+from vitplasticity import budget, criteria, models, plasticity, selection, training
 from vitplasticity.components import (
     BLOCK_COMPONENTS,
     LABELS,
     THEORETICAL_RANK,
+    component_of,
     count_by_component,
     describe,
     has_attention_pool,
@@ -48,10 +59,10 @@ from vitplasticity.config import check_model_shape
 from vitplasticity.datasets.imagefiles import ImageFiles
 from vitplasticity.datasets.images import fit_square
 from vitplasticity.errors import UserError
-from vitplasticity.fileio import atomic_dir, check_writable
+from vitplasticity.fileio import atomic_dir, check_writable, write_json
 from vitplasticity.prepared import Split
 from vitplasticity.registry import CRITERIA
-from vitplasticity.runtime import pick_device
+from vitplasticity.runtime import pick_device, seed_everything
 
 # Components LoRA can adapt (linear maps); LayerNorms go to `modules_to_save`.
 LORA_MODULES = {"mha": r"attn\.(qkv|proj)", "fc1": r"mlp\.fc1", "fc2": r"mlp\.fc2"}
@@ -78,6 +89,11 @@ class Request:
     seed: int = 0
     criterion: str | None = None  # whose freeze list and peft config are written; None: plasticity, first mode
     others: tuple[str, ...] | None = None  # criteria beside plasticity to measure (`OTHER_CRITERIA`); None: all
+    budget: float | None = None  # a fraction (0, 1] of the block parameters, or a whole count of them above 1
+    pilot: bool = False  # short finetuning runs of the selections at the budget (`run_pilot`)
+    pilot_steps: int | None = None  # None: the device's default (`PILOT_DEFAULTS`), as for the two below
+    pilot_images: int | None = None
+    pilot_seeds: int | None = None
 
 
 @dataclass
@@ -341,9 +357,6 @@ def step_seconds(model: torch.nn.Module, size: int, device: torch.device, batch:
     """Wall time (s) of one SGD training step of `model` with every parameter trained (the "all" arm, the
     dearest) on `batch` random images of `size` px: the mean of `steps` steps after one warm-up step. The
     model is copied; the original is untouched."""
-    import copy
-    import time
-
     trained = copy.deepcopy(model).to(device).train()
     optimizer = torch.optim.SGD(trained.parameters(), lr=1e-3)
     images = torch.randn(batch, 3, size, size, device=device)
@@ -386,9 +399,307 @@ def lora_plan(order: list[str], model: torch.nn.Module) -> tuple[str, str, list[
     if first in SAVED_MODULES and not isinstance(getattr(model.blocks[0], SAVED_MODULES[first][0]),
                                                  torch.nn.Identity):
         saved += SAVED_MODULES[first]
-    saved += [name for name in ("norm", "fc_norm", "attn_pool", "head", "head_dist")
-              if sum(p.numel() for p in (getattr(model, name, None) or torch.nn.Identity()).parameters())]
-    return first, rf"blocks\.\d+\.{LORA_MODULES[first]}", saved
+    return first, rf"blocks\.\d+\.{LORA_MODULES[first]}", saved + head_modules(model)
+
+
+def head_modules(model: torch.nn.Module) -> list[str]:
+    """The modules of the head component that hold parameters (`modules_to_save` of every LoraConfig written)."""
+    return [name for name in ("norm", "fc_norm", "attn_pool", "head", "head_dist")
+            if sum(p.numel() for p in (getattr(model, name, None) or torch.nn.Identity()).parameters())]
+
+
+def unit_lora_plan(units: list[budget.Unit], model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """(target_modules, modules_to_save) of a LoraConfig that trains exactly `units` and the head: the full names
+    of the units' ``nn.Linear`` modules (e.g. ``blocks.3.attn.qkv``), which LoRA adapts, and of their other
+    modules holding parameters (LayerNorms, LayerScale: ``blocks.3.norm1``, ``blocks.3.ls1``), trained whole, then
+    the head's (`head_modules`). Units in `budget.canonical` order."""
+    linear, whole = [], []
+    for component, layer in budget.canonical(units):
+        for name, module in model.blocks[layer].named_modules():
+            own = [key for key, _ in module.named_parameters(recurse=False)]
+            if own and component_of(f"blocks.{layer}.{name}.{own[0]}") == component:
+                (linear if isinstance(module, torch.nn.Linear) else whole).append(f"blocks.{layer}.{name}")
+    return linear, whole + head_modules(model)
+
+
+def check_budget(value: float) -> None:
+    """--budget must be a fraction in (0, 1] of the block parameters or a whole count above 1; UserError otherwise."""
+    if not math.isfinite(value) or value <= 0 or (value > 1 and value != int(value)):
+        raise UserError(f"--budget {value:.12g}: give a fraction of the block parameters in (0, 1], e.g. 0.028, or a "
+                        "whole count of parameters, e.g. 2000000")
+
+
+def budget_allowance(value: float, sizes: dict[budget.Unit, int]) -> int:
+    """The block parameters --budget `value` allows on a model of unit `sizes` (`budget.unit_sizes`): ⌊value · Σ
+    sizes⌋ for a fraction (`budget.limit`), the count itself above 1. UserError when it exceeds the blocks or
+    fits no unit."""
+    check_budget(value)
+    total = sum(sizes.values())
+    allowed = budget.allowance({"budget": value} if value <= 1 else {"params": int(value)}, sizes)
+    if allowed > total:
+        raise UserError(f"--budget {allowed:,} parameters is more than the model's {total:,} block parameters; give "
+                        f"a count up to {total:,} or a fraction, e.g. 0.028")
+    smallest = min(sizes, key=sizes.get)
+    if allowed < sizes[smallest]:
+        raise UserError(f"--budget {value:.12g} allows {allowed:,} block parameters, fewer than the smallest unit "
+                        f"({budget.unit_label(smallest)}, {sizes[smallest]:,}); give at least {sizes[smallest]:,} "
+                        "parameters")
+    return allowed
+
+
+# The pilot's defaults per device type (`--pilot`): optimizer steps of `batch` images per run, images read from
+# --data (a quarter held out), seeds per selection. A ViT-B/16 step of 8 images with its blocks trained takes about
+# 10 s on a 2-core CPU.
+PILOT_DEFAULTS = {"cpu": {"steps": 5, "batch": 8, "images": 48, "seeds": 1},
+                  "cuda": {"steps": 50, "batch": 32, "images": 256, "seeds": 2}}
+PILOT_LR = 0.01  # SGD with momentum, the middle learning rate of the study `workflow_config` writes
+HELD_OUT_EVERY = 4  # of each class's pilot images, the 2nd, 6th, 10th, … are held out
+
+
+@dataclass(frozen=True)
+class PilotPlan:
+    """What `run_pilot` trains on: its step budget and the rows of --data it trains on and holds out."""
+
+    steps: int
+    batch: int
+    seeds: tuple[int, ...]
+    train_rows: np.ndarray
+    held_out_rows: np.ndarray
+    lr: float = PILOT_LR
+
+
+def layer_ranges(layers: list[int]) -> str:
+    """Sorted layers as ranges: [0, 1, 2, 5] → '0–2, 5'."""
+    runs: list[list[int]] = []
+    for layer in sorted(layers):
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return ", ".join(f"{low}" if low == high else f"{low}–{high}" for low, high in runs)
+
+
+def units_text(units: list[budget.Unit]) -> str:
+    """Units by component in `BLOCK_COMPONENTS` order, layers as ranges: 'MHA 11 · LN1 0–11'; 'none' when empty."""
+    parts = [f"{LABELS[c]} {layer_ranges([layer for unit, layer in units if unit == c])}"
+             for c in BLOCK_COMPONENTS if any(unit == c for unit, _ in units)]
+    return " · ".join(parts) or "none"
+
+
+@dataclass
+class AtBudget:
+    """--budget on the model: what it allows, what each criterion selects within it, and the pilot's runs."""
+
+    value: float  # as given: a fraction, or a count above 1
+    allowed: int  # block parameters it allows
+    sizes: dict[budget.Unit, int]  # parameters per unit of the model
+    units: dict[str, list[budget.Unit]]  # criterion → the units it selects, in the order taken
+    plan: PilotPlan | None = None  # with --pilot
+    runs: pd.DataFrame | None = None  # `run_pilot`'s rows
+    pilot_s: float = math.nan  # the pilot's wall time
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())
+
+    def params(self, units: list[budget.Unit]) -> int:
+        return sum(self.sizes[unit] for unit in units)
+
+
+def select_at_budget(scores: pd.DataFrame, names: list[str], sizes: dict[budget.Unit, int], value: float,
+                     allowed: int) -> AtBudget:
+    """Each criterion of `names` turned from its per-unit `scores` (criterion, component, layer, value) into the
+    units it selects within `allowed` block parameters, by `budget.select` (the workflow's budget arms)."""
+    return AtBudget(value, allowed, sizes, {
+        name: budget.select({"selector": name, "params": allowed}, sizes, budget.unit_scores(scores, name))
+        for name in names})
+
+
+def unit_agreement(units: dict[str, list[budget.Unit]]) -> dict:
+    """Where the selections of the criteria (all but size) agree and differ: {'compared': their names, 'all': the
+    units every one selects, 'most': those more than half but not all select, 'few': unit → the criteria that
+    select it, for the units half of them or fewer select (with two criteria or more)}; units in `budget.canonical`
+    order."""
+    opinions = {name: set(chosen) for name, chosen in units.items() if name != SIZE_CRITERION}
+    counts = Counter(unit for chosen in opinions.values() for unit in chosen)
+    n = len(opinions)
+    return {"compared": list(opinions),
+            "all": budget.canonical(unit for unit, k in counts.items() if k == n),
+            "most": budget.canonical(unit for unit, k in counts.items() if n / 2 < k < n),
+            "few": {unit: [name for name, chosen in opinions.items() if unit in chosen]
+                    for unit in budget.canonical(unit for unit, k in counts.items() if k <= n / 2 and n > 1)}}
+
+
+def budget_table(at: AtBudget) -> pd.DataFrame:
+    """Per criterion: its label, the units it selects (`units_text`), their parameters and share of the blocks'."""
+    return pd.DataFrame([{"criterion": criterion_label(name), "units selected": units_text(chosen),
+                          "block parameters": f"{at.params(chosen):,}",
+                          "share of the blocks": f"{100 * at.params(chosen) / at.total:.3g}%"}
+                         for name, chosen in at.units.items()])
+
+
+def budget_words(at: AtBudget) -> list[str]:
+    """The budget in words, and where the criteria's selections agree and differ."""
+    asked = f"{at.value:g} of the block parameters" if at.value <= 1 else f"{int(at.value):,} parameters"
+    lines = [f"--budget {asked}: at most {at.allowed:,} of the model's {at.total:,} block parameters "
+             f"({100 * at.allowed / at.total:.3g}%; the embedding and the head are not counted, the head always "
+             "trains). Each criterion takes its units (one block component in one block) in its order and skips a "
+             "unit that would exceed the budget, as the workflow's budget arms do (`vitplasticity.budget`); its "
+             "units and their sizes: `selection.json`."]
+    found = unit_agreement(at.units)
+    compared = len(found["compared"])
+    if compared < 2:
+        lines.append("Only one criterion (size aside) was measured: there is no agreement to check.")
+        return lines
+    distinct = len({frozenset(at.units[name]) for name in found["compared"]})
+    line = (f"Agreement among the {compared} criteria but size ({distinct} distinct selection"
+            f"{'s' * (distinct != 1)}): " + (f"every one selects {units_text(found['all'])}" if found["all"] else
+                                             "no unit is selected by every one"))
+    if found["most"]:
+        line += f"; most (over half) select {units_text(found['most'])}"
+    if found["few"]:
+        line += "; they differ on " + ", ".join(f"{units_text([unit])} ({', '.join(names)})"
+                                                for unit, names in found["few"].items())
+    lines.append(line + ".")
+    return lines
+
+
+def plan_pilot(request: Request, data: ImageFiles, device: torch.device) -> PilotPlan | None:
+    """The pilot's budget (the flags, else `PILOT_DEFAULTS` of the device type) and its images: a seeded sample of
+    --data, of which `HELD_OUT_EVERY`'s share of each class is held out. Checked before any work: UserError when
+    --budget is missing, --data holds one class, a flag is below 1, or no image can be held out; None without
+    --pilot (a --pilot-* flag without it is a UserError)."""
+    flags = {"steps": request.pilot_steps, "images": request.pilot_images, "seeds": request.pilot_seeds}
+    if not request.pilot:
+        given = [f"--pilot-{key}" for key, value in flags.items() if value is not None]
+        if given:
+            raise UserError(f"{given[0]} sets the pilot's budget, and --pilot is not given; add --pilot or remove it")
+        return None
+    if request.budget is None:
+        raise UserError("--pilot finetunes each criterion's selection at a budget; give --budget too, e.g. "
+                        "--budget 0.028")
+    if len(data.classes) < 2:
+        raise UserError("--pilot needs labels, and --data holds one class; put the images in class sub-folders (two "
+                        "or more), or leave --pilot out")
+    low = [f"--pilot-{key} {value}" for key, value in flags.items() if value is not None and value < 1]
+    if low:
+        raise UserError(f"{low[0]}: give 1 or more")
+    defaults = PILOT_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    steps, images, seeds = (defaults[key] if value is None else value for key, value in flags.items())
+    rows = np.random.default_rng(request.seed).permutation(len(data))[:images]
+    labels = data.labels[rows]
+    rank = np.array([np.count_nonzero(labels[:i] == label) for i, label in enumerate(labels)])
+    held = rank % HELD_OUT_EVERY == 1
+    if not held.any():
+        raise UserError(f"--pilot holds out one of each class's first {HELD_OUT_EVERY} images, and none of the "
+                        f"{len(rows)} pilot images shares its class with another; give more --pilot-images")
+    return PilotPlan(steps, defaults["batch"], tuple(range(request.seed, request.seed + seeds)), np.sort(rows[~held]),
+                     np.sort(rows[held]))
+
+
+def run_pilot(model: Model, data: ImageFiles, at: AtBudget, plan: PilotPlan, device: torch.device, draw: int
+              ) -> pd.DataFrame:
+    """Short finetuning runs on --data through the study's training loop (`training.train`, as the workflow's
+    budget arms: `components.set_trainable` on the units and the head): one per distinct selection of `at`
+    (naming every criterion that chose it), the linear probe (head only) and a random selection of the same budget
+    (`budget.select`, draw `draw`), each `plan.steps` SGD steps of `plan.batch` images per seed, evaluated once,
+    at the end, on the held-out images.
+
+    Returns one row per run: selection (`units_text`), chosen_by (list of names; "linear probe" or "random"
+    for those), units (labels), trainable_params (the head included), val_acc (% per seed; None where it
+    diverged), steps (optimizer steps per seed), in the order probe, criteria, random.
+    """
+    candidates: dict[frozenset, dict] = {frozenset(): {"units": [], "chosen_by": ["linear probe"]}}
+    drawn = budget.select({"selector": budget.RANDOM, "params": at.allowed, "draw": draw}, at.sizes)
+    for name, units in [*at.units.items(), (budget.RANDOM, drawn)]:
+        candidates.setdefault(frozenset(units), {"units": budget.canonical(units), "chosen_by": []})[
+            "chosen_by"].append(name)
+    size, rows = model.record["img_size"], np.concatenate([plan.train_rows, plan.held_out_rows])
+    pixels = read_images(data, rows, size, "pilot images")
+    held = np.isin(rows, plan.held_out_rows)
+    splits = {"train": Split(pixels[~held], data.labels[rows[~held]]),
+              "val": Split(pixels[held], data.labels[rows[held]])}
+    found = []
+    with tqdm(total=len(candidates) * len(plan.seeds), desc="pilot", unit="run") as bar:
+        for candidate in candidates.values():
+            accuracy, steps = [], []
+            for seed in plan.seeds:
+                seed_everything(seed)
+                network = copy.deepcopy(model.network)
+                network.reset_classifier(len(data.classes))
+                set_trainable(network, [], candidate["units"])
+                cfg = training.TrainConfig(steps=plan.steps, eval_every=plan.steps, batch_size=plan.batch,
+                                           lr=plan.lr, seed=seed, img_size=size, mean=tuple(model.record["mean"]),
+                                           std=tuple(model.record["std"]))
+                result = training.train(network, splits, cfg, device, progress=bar.set_postfix_str)
+                accuracy.append(100 * result.best_val_acc if result.status == "completed" else None)
+                steps.append(len(result.history))
+                bar.update()
+            found.append({"selection": units_text(candidate["units"]) if candidate["units"] else "head only",
+                          "chosen_by": candidate["chosen_by"],
+                          "units": [budget.unit_label(unit) for unit in candidate["units"]],
+                          "trainable_params": sum(p.numel() for p in network.parameters() if p.requires_grad),
+                          "val_acc": accuracy, "steps": steps})
+    return pd.DataFrame(found)
+
+
+def _accuracy_text(values: list[float | None]) -> str:
+    """Held-out accuracy over seeds: 'mean' (one seed) or 'mean ± std' (population std), diverged seeds named."""
+    kept = [value for value in values if value is not None]
+    if not kept:
+        return "diverged"
+    text = f"{np.mean(kept):.1f}" + (f" ± {np.std(kept):.1f}" if len(kept) > 1 else "")
+    return text + (f" ({len(values) - len(kept)} of {len(values)} seeds diverged)" if len(kept) < len(values) else "")
+
+
+def pilot_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """The pilot's runs as the report shows them (`run_pilot`'s rows)."""
+    def chooser(name: str) -> str:
+        return {"linear probe": "linear probe (baseline)", budget.RANDOM: "random (the floor)"}.get(
+            name, criterion_label(name) if name in CRITERIA else name)
+    return pd.DataFrame({"selection": runs["selection"],
+                         "chosen by": runs["chosen_by"].map(lambda names: "; ".join(map(chooser, names))),
+                         "trainable parameters": runs["trainable_params"].map("{:,}".format),
+                         "held-out accuracy (%)": runs["val_acc"].map(_accuracy_text)})
+
+
+def selection_record(at: AtBudget, criterion: str, device: torch.device) -> dict:
+    """``selection.json``: the budget, each criterion's units (labels, in the order taken), their parameters and
+    share, the agreement (`unit_agreement`), the criterion whose artefacts are written, and the pilot's runs."""
+    found = unit_agreement(at.units)
+    record = {
+        "budget": {"given": at.value, "allowed_params": at.allowed, "block_params": at.total},
+        "criteria": {name: {"units": [budget.unit_label(unit) for unit in units], "params": at.params(units),
+                            "share": at.params(units) / at.total} for name, units in at.units.items()},
+        "agreement": {"compared": found["compared"], "all": [budget.unit_label(unit) for unit in found["all"]],
+                      "most": [budget.unit_label(unit) for unit in found["most"]],
+                      "few": {budget.unit_label(unit): names for unit, names in found["few"].items()}},
+        "written": criterion}
+    if at.plan is not None:
+        record["pilot"] = {"steps": at.plan.steps, "batch": at.plan.batch, "lr": at.plan.lr,
+                           "seeds": list(at.plan.seeds), "train_images": len(at.plan.train_rows),
+                           "held_out_images": len(at.plan.held_out_rows), "device": device.type,
+                           "wall_s": at.pilot_s, "runs": at.runs.to_dict("records")}
+    return record
+
+
+def pilot_words(plan: PilotPlan, runs: pd.DataFrame, wall_s: float, device: torch.device) -> list[str]:
+    """What the pilot ran, on what, in how long, and how far such a short check can be trusted."""
+    held, seeds = len(plan.held_out_rows), len(plan.seeds)
+    floor = runs[runs["chosen_by"].map(lambda names: budget.RANDOM in names)]["val_acc"].iloc[0]
+    spreads = [np.std(kept) for values in runs["val_acc"] if len(kept := [v for v in values if v is not None]) > 1]
+    spread = (f"over {seeds} seeds the accuracies spread by up to {max(spreads):.2g} points (std)" if spreads else
+              "with one seed the spread over seeds is not measured (--pilot-seeds 3 measures it)")
+    return [f"Each run trains the selection and a fresh head for {plan.steps} SGD steps of {plan.batch} images (lr "
+            f"{plan.lr:g}, momentum 0.9, cosine decay, the study's crops and flips; `--pilot-steps`) on "
+            f"{len(plan.train_rows):,} images of --data, and is evaluated once, at the end, on {held:,} other images "
+            f"of it (about a quarter of each class among the {len(plan.train_rows) + held:,} drawn; `--pilot-images`; "
+            f"one image is {100 / held:.2g} points), for {seeds} seed{'s' * (seeds != 1)} (`--pilot-seeds`): "
+            f"{len(runs) * seeds} runs in {wall_s:.0f} s on {device.type}.",
+            f"How far to trust it: {plan.steps} steps are the start of finetuning, not its end, and one learning rate "
+            f"may suit one selection better than another; {spread}; the random selection's "
+            f"{_accuracy_text(floor)}% is the floor: a selection that does not beat it by more than the seed spread "
+            "has shown nothing here. For a verdict, finetune the arms with the workflow config below."]
 
 
 def workflow_config(model: Model, data: Path, reference: Path | None, pairs: int) -> dict:
@@ -554,9 +865,12 @@ def _markdown(frame: pd.DataFrame) -> str:
 
 def run(request: Request) -> dict:
     """Measure every criterion, rank and write the report folder; returns {'ranking', 'recommended' (the first
-    choice of the criterion written), 'lora', 'criteria' (`side_by_side`), 'summary', 'conditions'}."""
+    choice of the criterion written), 'lora', 'criteria' (`side_by_side`), 'summary', 'conditions', 'budget'
+    (`budget_table`, None without --budget), 'pilot' (`pilot_table`, None without --pilot)}."""
     if request.pairs < 2:
         raise UserError(f"--pairs {request.pairs}: give at least 2 pairs")
+    if request.budget is not None:
+        check_budget(request.budget)
     bad = [m for m in request.modes if m not in plasticity.MODES]
     if bad:
         raise UserError(f"--modes {','.join(bad)} unknown; allowed: {','.join(plasticity.MODES)}")
@@ -570,6 +884,8 @@ def run(request: Request) -> dict:
     reference = _open_folder(request.reference, "--reference") if request.reference else None
     chosen_name = request.criterion or f"plasticity_{request.modes[0]}"
     check_criterion(chosen_name, tuple(request.modes), len(data.classes), check_others(request.others))
+    device = pick_device(request.device)
+    plan = plan_pilot(request, data, device)
     refused = sorted({"pretrained_cfg", "pretrained_cfg_overlay"} & set(request.arch_kwargs or {}))
     if refused:
         raise UserError(f"--arch-kwargs {refused[0]}: preprocessing is not read from timm's pretrained config here; "
@@ -588,6 +904,8 @@ def run(request: Request) -> dict:
         check_model_shape("model", model.config)
     except UserError as error:
         raise UserError(f"the model as given cannot run in the study the report writes: {error}") from None
+    sizes = budget.unit_sizes(model.network)
+    allowed = None if request.budget is None else budget_allowance(request.budget, sizes)
     size = model.record["img_size"]
     rng = np.random.default_rng(request.seed)
     if reference is None:
@@ -608,7 +926,6 @@ def run(request: Request) -> dict:
             used = np.unique(picked)
             streams.append(Split(read_images(files, used, size, what), np.zeros(len(used), dtype=np.int64)))
             rows.append(np.searchsorted(used, picked))
-    device = pick_device(request.device)
     with (tqdm(total=len(first), desc=f"plasticity ({', '.join(request.modes)})", unit="pair") as bar,
           criteria.cost(device) as plasticity_cost):
         table, stats = plasticity.measure(
@@ -626,10 +943,16 @@ def run(request: Request) -> dict:
         ["criterion", "component", "layer", "value"]]], ignore_index=True)
     wall_s |= {f"plasticity_{mode}": plasticity_cost.wall_s for mode in request.modes}
     chosen = side_by_side(scores, wall_s)
+    at = None if allowed is None else select_at_budget(scores, chosen["criterion"].tolist(), sizes, request.budget,
+                                                      allowed)
+    if plan is not None:
+        began = time.perf_counter()
+        at.plan, at.runs = plan, run_pilot(model, data, at, plan, device, request.seed)
+        at.pilot_s = time.perf_counter() - began
     step_s = step_seconds(models.build(model.record["arch"], num_classes=max(2, len(data.classes))),
                           model.record["img_size"], device, STEP_BATCH)
     return write_report(request, model, data, first_files, (first, second), table, stats, ranking, chosen,
-                        chosen_name, labelled, step_s)
+                        chosen_name, labelled, step_s, at, device)
 
 
 def other_criteria(request: Request, model: Model, data: ImageFiles, device: torch.device
@@ -638,7 +961,6 @@ def other_criteria(request: Request, model: Model, data: ImageFiles, device: tor
     the gradient criteria on `GRADIENT_BATCHES` batches of labelled images when --data has two classes or
     more (skipped otherwise), FPS on the same images, KappaTune and size. Returns (scores: criterion,
     component, layer, value; criterion → wall time in s; labelled images used, 0 when skipped)."""
-    import copy
     import sys
 
     size, norm = model.record["img_size"], (tuple(model.record["mean"]), tuple(model.record["std"]))
@@ -676,7 +998,8 @@ def pair_counts(first: np.ndarray, second: np.ndarray, within: bool) -> dict:
 
 def write_report(request: Request, model: Model, data: ImageFiles, first_files: ImageFiles, pairs: tuple,
                  table: pd.DataFrame, stats: dict, ranking: pd.DataFrame, chosen: pd.DataFrame, chosen_name: str,
-                 labelled: int, step_s: float) -> dict:
+                 labelled: int, step_s: float, at: AtBudget | None = None, device: torch.device | None = None
+                 ) -> dict:
     from peft import LoraConfig
 
     from vitplasticity.figures import plasticity_vs_depth
@@ -686,8 +1009,31 @@ def write_report(request: Request, model: Model, data: ImageFiles, first_files: 
     top = order[0]
     counts = count_by_component(model.network)
     shown = models.build(model.record["arch"], num_classes=max(2, len(data.classes)))
-    trainable = set_trainable(shown, [top])
-    lora_component, target, saved = lora_plan(order, shown)
+    if at is None:
+        trainable = set_trainable(shown, [top])
+        lora_component, target, saved = lora_plan(order, shown)
+        train_line = (f"`trainable_parameters.txt`: the {len(trainable)} parameters of {LABELS[top]} in every block "
+                      f"and the head, the first choice of {criterion_label(chosen_name)} (`--criterion {chosen_name}`; "
+                      "another criterion's choice with `--criterion NAME`). In PyTorch:")
+        lora_line = (f"With LoRA (`peft`): `lora/adapter_config.json` adapts {LABELS[lora_component]} (the first "
+                     f"linear component of that criterion's ranking; target_modules `{target}`) and trains "
+                     f"{', '.join(saved)} whole (LoRA cannot adapt a LayerNorm).")
+    else:
+        units = at.units[chosen_name]
+        trainable = set_trainable(shown, [], units)
+        target, saved = unit_lora_plan(units, shown)
+        lora_component = target
+        train_line = (f"`trainable_parameters.txt`: the {len(trainable)} parameters of the units "
+                      f"{criterion_label(chosen_name)} selects within the budget ({units_text(units)}: "
+                      f"{at.params(units):,} block parameters) and the head (`--criterion {chosen_name}`; another "
+                      "criterion's selection with `--criterion NAME`). In PyTorch:")
+        lora_line = (f"With LoRA (`peft`): `lora/adapter_config.json` adapts the linear modules of those units "
+                     f"(target_modules {', '.join(f'`{name}`' for name in target)}) and trains {', '.join(saved)} "
+                     "whole (LoRA cannot adapt a LayerNorm); a low-rank update of a module trains fewer parameters "
+                     "than the budget counts for it." if target else
+                     "No `lora/` is written: those units hold no linear module for LoRA to adapt (LoRA cannot adapt a "
+                     "LayerNorm); train them whole with the list above.")
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=target, modules_to_save=saved) if target else None
     words = describe(shown)  # the model as it will be trained: with the head the task needs
     within = request.reference is None
     linear_note = ""
@@ -711,6 +1057,11 @@ def write_report(request: Request, model: Model, data: ImageFiles, first_files: 
                   .rename(columns={"label": "criterion", "ranking": "ranking (first choice first)",
                                    "first": "first choice", "wall_s": "wall time (s)"})), "",
         agreement(chosen)[1][0].upper() + agreement(chosen)[1][1:], "",
+        *([] if at is None else ["## At the budget", "", _markdown(budget_table(at)), "",
+                                 *[line for text in budget_words(at) for line in (text, "")]]),
+        *([] if at is None or at.plan is None else [
+            "## Pilot: short finetuning on your images", "", _markdown(pilot_table(at.runs)), "",
+            *[line for text in pilot_words(at.plan, at.runs, at.pilot_s, device) for line in (text, "")]]),
         "## The paper's answer: plasticity", "",
         *_words(ranking, stats, modes, within, counts, chosen), "",
         "## Conditions", "", "Under which the paper observed that the most plastic components finetune best:", "",
@@ -725,13 +1076,10 @@ def write_report(request: Request, model: Model, data: ImageFiles, first_files: 
         "- ln1, mha, ln2, fc1, fc2: `norm1`, `attn` (fused `qkv` and `proj`, with LayerScale `ls1` where present), "
         "`norm2`, `mlp.fc1`, `mlp.fc2` (with LayerScale `ls2`) of every block.", "",
         "## Train it", "",
-        f"`trainable_parameters.txt`: the {len(trainable)} parameters of {LABELS[top]} in every block and the head, "
-        f"the first choice of {criterion_label(chosen_name)} (`--criterion {chosen_name}`; another criterion's "
-        "choice with `--criterion NAME`). In PyTorch:", "", "```python", snippet.rstrip(), "```", "",
-        f"With LoRA (`peft`): `lora/adapter_config.json` adapts {LABELS[lora_component]} (the first linear "
-        f"component of that criterion's ranking; target_modules `{target}`) and trains {', '.join(saved)} whole "
-        "(LoRA cannot adapt a LayerNorm).", "", "```python", "from peft import LoraConfig, get_peft_model",
-        f'model = get_peft_model(model, LoraConfig.from_pretrained("{request.out / "lora"}"))', "```", "",
+        train_line, "", "```python", snippet.rstrip(), "```", "", lora_line, "",
+        *([] if lora is None else [
+            "```python", "from peft import LoraConfig, get_peft_model",
+            f'model = get_peft_model(model, LoraConfig.from_pretrained("{request.out / "lora"}"))', "```", ""]),
         "## Compare the arms by finetuning", "",
         "`workflow_config.yaml` prepares your images (your train/val/test sub-folders, or a seeded 60/20/20 split), "
         "finetunes every arm and the linear probe, and tabulates them: "
@@ -750,12 +1098,17 @@ def write_report(request: Request, model: Model, data: ImageFiles, first_files: 
         (tmp / "token_norms.json").write_text(pd.Series(stats).to_json(indent=2) + "\n")
         plasticity_vs_depth(table, tmp)
         (tmp / "trainable_parameters.txt").write_text("\n".join(trainable) + "\n")
-        LoraConfig(r=8, lora_alpha=16, target_modules=target, modules_to_save=saved).save_pretrained(tmp / "lora")
+        if lora is not None:
+            lora.save_pretrained(tmp / "lora")
+        if at is not None:
+            write_json(tmp / "selection.json", selection_record(at, chosen_name, device))
         (tmp / "workflow_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         first, second = pairs
         pd.DataFrame({"first": [first_files.names[i] for i in first],
                       "second": [data.names[i] for i in second]}).to_csv(tmp / "pairs.csv", index=False)
         (tmp / "report.md").write_text("\n".join(report))
     return {"ranking": ranking, "recommended": top, "lora": lora_component, "criteria": chosen,
-            "summary": _words(ranking, stats, modes, within, counts, chosen), "conditions": found}
+            "summary": _words(ranking, stats, modes, within, counts, chosen), "conditions": found,
+            "budget": None if at is None else budget_table(at),
+            "pilot": None if at is None or at.runs is None else pilot_table(at.runs)}
 

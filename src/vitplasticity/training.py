@@ -268,7 +268,8 @@ def train(
     progress: Callable[[str], None] = print,
     on_resume: Callable[[list[dict]], None] | None = None,
 ) -> Result:
-    """Train the model's trainable parameters; return the best-validation test result.
+    """Train the model's trainable parameters; return the best-validation test result (without a "test" split in
+    `splits`: the validation result alone, test_acc and test_loss None, the model left at its last step).
 
     `on_eval` gets the history rows since its last call after each evaluation, once that evaluation's
     state is saved; `on_resume` gets the saved history when a run resumes from `state_path` (the model
@@ -339,6 +340,8 @@ def train(
             on_eval(history[reported:])
         return Result("diverged", best["val_acc"], best["step"], None, None, diverged_step + 1,
                       diverged_step + 1, history)
+    if "test" not in splits:
+        return Result("completed", best["val_acc"], best["step"], None, None, None, cfg.steps, history)
     with torch.no_grad():
         trainable = _trainable(model)
         for name, value in best["params"].items():
