@@ -501,9 +501,11 @@ class AtBudget:
 
     @property
     def total(self) -> int:
+        """The model's block parameters (every unit)."""
         return sum(self.sizes.values())
 
     def params(self, units: list[budget.Unit]) -> int:
+        """The parameters of `units`."""
         return sum(self.sizes[unit] for unit in units)
 
 
