@@ -772,26 +772,43 @@ def test_a_budget_that_cannot_select_is_one_line_before_any_work(given, message,
 
 def test_the_pilot_trains_every_distinct_selection_the_probe_and_random_within_its_steps(tmp_path, capsys,
                                                                                         monkeypatch):
-    from vitplasticity import training
+    from vitplasticity import budget, training
 
-    steps = []
-    step = training.train_step
+    steps, read = [], {}
+    step, reader = training.train_step, recommend.read_images
     monkeypatch.setattr(training, "train_step", lambda *args: steps.append(1) or step(*args))
+
+    def spy(files, rows, size, what):  # the images each reading names (what: "images", "labelled images", …)
+        read[what] = read.get(what, set()) | {files.names[i] for i in rows}
+        return reader(files, rows, size, what)
+
+    monkeypatch.setattr(recommend, "read_images", spy)
     code, err, out = _budget_run(tmp_path, capsys, "--budget", "0.3", "--pilot", "--pilot-steps", "3",
-                                 "--pilot-images", "12", "--pilot-seeds", "2")
+                                 "--pilot-images", "12", "--pilot-seeds", "2", "--criteria", "fps,trainable_params",
+                                 "--seed", "3")
     assert code == 0, err
     pilot = json.loads((out / "selection.json").read_text())["pilot"]
     # 12 images, 4 a class: the 2nd of each class is held out (the 6th, 10th, … of none).
-    assert (pilot["train_images"], pilot["held_out_images"], pilot["steps"], pilot["seeds"]) == (9, 3, 3, [0, 1])
+    assert (pilot["train_images"], pilot["held_out_images"], pilot["steps"], pilot["seeds"]) == (9, 3, 3, [3, 4])
+    held_out = set(pilot["held_out_files"])
+    assert sorted(name.split("/")[0] for name in held_out) == ["cat", "dog", "fox"]
+    # Set aside before anything is measured: FPS read the 9 others (all it may, under its 128), plasticity's pairs
+    # none of them; the pilot read all 12.
+    assert len(read["pilot images"]) == 12 and held_out < read["pilot images"]
+    assert read["labelled images"] == read["pilot images"] - held_out
+    assert read["images"] <= read["pilot images"] - held_out
     runs = pilot["runs"]
     assert runs[0]["chosen_by"] == ["linear probe"] and runs[0]["units"] == []
     assert runs[0]["trainable_params"] == 64 + 32 * 3 + 3  # the final norm and the 3-class linear head
     criteria = json.loads((out / "selection.json").read_text())["criteria"]
-    chosen = {frozenset(criteria[name]["units"]) for name in ("plasticity_embedding", "trainable_params")}
+    chosen = {frozenset(criteria[name]["units"]) for name in ("plasticity_embedding", "fps", "trainable_params")}
     random_units = next(run["units"] for run in runs if "random" in run["chosen_by"])
+    sizes = budget.unit_sizes(timm.create_model("vit_tiny_patch16_224", num_classes=3, **TINY))
+    assert sorted(random_units) == sorted(map(budget.unit_label, budget.select(
+        {"selector": "random", "params": 7_622, "draw": 3}, sizes)))  # the draw is --seed
     assert len(runs) == 1 + len(chosen | {frozenset(random_units)})  # one run per distinct selection
     assert sorted(name for run in runs for name in run["chosen_by"]) == sorted(
-        ["linear probe", "plasticity_embedding", "random", "trainable_params"])
+        ["linear probe", "plasticity_embedding", "fps", "random", "trainable_params"])
     assert all(run["steps"] == [3, 3] for run in runs)
     assert len(steps) == len(runs) * 2 * 3  # optimizer steps: runs × seeds × --pilot-steps
     assert all(round(accuracy * 3 / 100, 9) in (0, 1, 2, 3) for run in runs for accuracy in run["val_acc"])  # of 3
@@ -826,3 +843,42 @@ def test_unit_agreement_names_what_every_criterion_most_and_few_select():
                      "most": [("mha", 1)], "few": {("fc1", 0): ["fisher"], ("fc2", 1): ["fps"]}}
     assert recommend.units_text([("ln1", 0), ("ln1", 1), ("ln1", 2), ("mha", 5), ("ln1", 7), ("ln1", 8)]) == (
         "LN1 0–2, 7–8 · MHA 5")
+
+
+def test_the_pilot_holds_out_the_2nd_and_6th_image_of_each_class_and_no_criterion_reads_them(tmp_path):
+    """12 images: cat 8, dog 3, fox 1, all drawn; held out per class in the seeded draw's order: the 2nd and 6th cat,
+    the 2nd dog, no fox (its one image trains)."""
+    for label, count in (("cat", 8), ("dog", 3), ("fox", 1)):
+        _image_folder(tmp_path / "data", classes=(label,), per_class=count, seed=count)
+    data = recommend._open_folder(tmp_path / "data", "--data")
+    request = recommend.Request(model="m", data=tmp_path / "data", out=tmp_path / "out", budget=0.3, pilot=True,
+                                pilot_images=12, seed=5)
+    plan = recommend.plan_pilot(request, data, torch.device("cpu"))
+    drawn = np.random.default_rng(5).permutation(12)
+    in_order = {label: [row for row in drawn if data.labels[row] == label] for label in range(3)}
+    assert sorted(plan.held_out_rows) == sorted([in_order[0][1], in_order[0][5], in_order[1][1]])
+    assert sorted(np.concatenate([plan.train_rows, plan.held_out_rows])) == list(range(12))
+    assert list(recommend.measured_rows(data, plan)) == sorted(plan.train_rows)
+    assert list(recommend.measured_rows(data, None)) == list(range(12))
+    again = recommend.plan_pilot(request, data, torch.device("cpu"))  # seeded: the same images
+    assert again.held_out_rows.tolist() == plan.held_out_rows.tolist()
+
+
+def test_a_budget_of_exactly_the_smallest_unit_selects_it():
+    """Units of 64 (two LayerNorms) and 4,224: 64 parameters allow one LayerNorm, 63 none."""
+    sizes = {("ln1", 0): 64, ("mha", 0): 4_224, ("ln2", 0): 64}
+    assert recommend.budget_allowance(64, sizes) == 64
+    assert recommend.budget_allowance(0.5, sizes) == 2_176  # ⌊0.5 · 4,352⌋
+    with pytest.raises(UserError, match=r"^--budget 63 allows 63 block parameters, fewer than the smallest unit "
+                                        r"\(ln1\.0, 64\); give at least 64 parameters$"):
+        recommend.budget_allowance(63, sizes)
+
+
+def test_data_too_small_once_the_pilot_holds_out_is_one_line_before_any_work(tmp_path, capsys):
+    """2 images a class, 2 classes: the pilot holds out the 2nd of each, leaving 2 images, 1 pair, to measure."""
+    code, err, out = _budget_run(tmp_path, capsys, "--budget", "0.3", "--pilot", classes=("cat", "dog"),
+                                 per_class=2)
+    assert code == 2 and not out.exists()
+    assert err == (f"vitplasticity recommend: error: --data {tmp_path / 'data'} holds 2 images besides the 2 --pilot "
+                   "holds out: they make 1 distinct pair, and plasticity needs at least 2; give 3 images or more (or "
+                   "a --reference folder)\n")

@@ -275,9 +275,10 @@ def check_criterion(name: str, modes: tuple[str, ...], classes: int, others: tup
                         "sub-folders (two or more) or choose another criterion")
 
 
-def labelled_images(data: ImageFiles, count: int, size: int, seed: int) -> Split:
-    """A seeded sample of min(`count`, all) images of `data` with their class labels (gradient criteria, FPS)."""
-    rows = np.sort(np.random.default_rng(seed).choice(len(data), min(count, len(data)), replace=False))
+def labelled_images(data: ImageFiles, count: int, size: int, seed: int, rows: np.ndarray) -> Split:
+    """A seeded sample of min(`count`, all) of the images `rows` of `data` (the rows the criteria may read,
+    `measured_rows`) with their class labels (gradient criteria, FPS)."""
+    rows = np.sort(np.random.default_rng(seed).choice(rows, min(count, len(rows)), replace=False))
     return Split(read_images(data, rows, size, "labelled images"), data.labels[rows])
 
 
@@ -500,9 +501,11 @@ class AtBudget:
 
     @property
     def total(self) -> int:
+        """The model's block parameters (every unit)."""
         return sum(self.sizes.values())
 
     def params(self, units: list[budget.Unit]) -> int:
+        """The parameters of `units`."""
         return sum(self.sizes[unit] for unit in units)
 
 
@@ -566,7 +569,8 @@ def budget_words(at: AtBudget) -> list[str]:
 
 def plan_pilot(request: Request, data: ImageFiles, device: torch.device) -> PilotPlan | None:
     """The pilot's budget (the flags, else `PILOT_DEFAULTS` of the device type) and its images: a seeded sample of
-    --data, of which `HELD_OUT_EVERY`'s share of each class is held out. Checked before any work: UserError when
+    --data, of which `HELD_OUT_EVERY`'s share of each class is held out (from training and from every criterion,
+`measured_rows`). Checked before any work: UserError when
     --budget is missing, --data holds one class, a flag is below 1, or no image can be held out; None without
     --pilot (a --pilot-* flag without it is a UserError)."""
     flags = {"steps": request.pilot_steps, "images": request.pilot_images, "seeds": request.pilot_seeds}
@@ -595,6 +599,13 @@ def plan_pilot(request: Request, data: ImageFiles, device: torch.device) -> Pilo
                         f"{len(rows)} pilot images shares its class with another; give more --pilot-images")
     return PilotPlan(steps, defaults["batch"], tuple(range(request.seed, request.seed + seeds)), np.sort(rows[~held]),
                      np.sort(rows[held]))
+
+
+def measured_rows(data: ImageFiles, plan: PilotPlan | None) -> np.ndarray:
+    """The rows of --data the criteria read (plasticity's pairs, the labelled images): all but the pilot's
+    held-out images, which are set aside before anything is measured so that no selection has seen them."""
+    every = np.arange(len(data))
+    return every if plan is None else np.setdiff1d(every, plan.held_out_rows)
 
 
 def run_pilot(model: Model, data: ImageFiles, at: AtBudget, plan: PilotPlan, device: torch.device, draw: int
@@ -663,9 +674,10 @@ def pilot_table(runs: pd.DataFrame) -> pd.DataFrame:
                          "held-out accuracy (%)": runs["val_acc"].map(_accuracy_text)})
 
 
-def selection_record(at: AtBudget, criterion: str, device: torch.device) -> dict:
+def selection_record(at: AtBudget, criterion: str, device: torch.device, data: ImageFiles) -> dict:
     """``selection.json``: the budget, each criterion's units (labels, in the order taken), their parameters and
-    share, the agreement (`unit_agreement`), the criterion whose artefacts are written, and the pilot's runs."""
+    share, the agreement (`unit_agreement`), the criterion whose artefacts are written, and the pilot's settings,
+    held-out images of `data` (paths inside --data) and runs."""
     found = unit_agreement(at.units)
     record = {
         "budget": {"given": at.value, "allowed_params": at.allowed, "block_params": at.total},
@@ -678,7 +690,8 @@ def selection_record(at: AtBudget, criterion: str, device: torch.device) -> dict
     if at.plan is not None:
         record["pilot"] = {"steps": at.plan.steps, "batch": at.plan.batch, "lr": at.plan.lr,
                            "seeds": list(at.plan.seeds), "train_images": len(at.plan.train_rows),
-                           "held_out_images": len(at.plan.held_out_rows), "device": device.type,
+                           "held_out_images": len(at.plan.held_out_rows),
+                           "held_out_files": [data.names[i] for i in at.plan.held_out_rows], "device": device.type,
                            "wall_s": at.pilot_s, "runs": at.runs.to_dict("records")}
     return record
 
@@ -693,7 +706,8 @@ def pilot_words(plan: PilotPlan, runs: pd.DataFrame, wall_s: float, device: torc
     return [f"Each run trains the selection and a fresh head for {plan.steps} SGD steps of {plan.batch} images (lr "
             f"{plan.lr:g}, momentum 0.9, cosine decay, the study's crops and flips; `--pilot-steps`) on "
             f"{len(plan.train_rows):,} images of --data, and is evaluated once, at the end, on {held:,} other images "
-            f"of it (about a quarter of each class among the {len(plan.train_rows) + held:,} drawn; `--pilot-images`; "
+            f"of it (about a quarter of each class among the {len(plan.train_rows) + held:,} drawn, set aside before "
+            "anything was measured: no criterion read them; `--pilot-images`; "
             f"one image is {100 / held:.2g} points), for {seeds} seed{'s' * (seeds != 1)} (`--pilot-seeds`): "
             f"{len(runs) * seeds} runs in {wall_s:.0f} s on {device.type}.",
             f"How far to trust it: {plan.steps} steps are the start of finetuning, not its end, and one learning rate "
@@ -865,7 +879,8 @@ def _markdown(frame: pd.DataFrame) -> str:
 
 def run(request: Request) -> dict:
     """Measure every criterion, rank and write the report folder; returns {'ranking', 'recommended' (the first
-    choice of the criterion written), 'lora', 'criteria' (`side_by_side`), 'summary', 'conditions', 'budget'
+    choice of the criterion written), 'lora' (the component the LoraConfig adapts; with --budget, its
+    target_modules, empty when no LoraConfig is written), 'criteria' (`side_by_side`), 'summary', 'conditions', 'budget'
     (`budget_table`, None without --budget), 'pilot' (`pilot_table`, None without --pilot)}."""
     if request.pairs < 2:
         raise UserError(f"--pairs {request.pairs}: give at least 2 pairs")
@@ -891,14 +906,16 @@ def run(request: Request) -> dict:
         raise UserError(f"--arch-kwargs {refused[0]}: preprocessing is not read from timm's pretrained config here; "
                         "mean and std come from the --arch tag (or the checkpoint), the input size from img_size, "
                         "and images are resized (bilinear) and centre-cropped; remove it")
-    if reference is None and len(data) < 3:
-        made = len(data) * (len(data) - 1) // 2
-        raise UserError(f"--data {request.data} holds {len(data)} image{'s' * (len(data) != 1)}: they make {made} "
-                        f"distinct pair{'s' * (made != 1)}, and plasticity needs at least 2; give 3 images or more "
-                        "(or a --reference folder)")
-    if reference is not None and len(reference) * len(data) < 2:
-        raise UserError("--reference and --data hold 1 image each: they make 1 distinct pair, and plasticity needs "
-                        "at least 2; give more images")
+    measured = measured_rows(data, plan)
+    besides = "" if plan is None else f" besides the {len(plan.held_out_rows)} --pilot holds out"
+    if reference is None and len(measured) < 3:
+        made = len(measured) * (len(measured) - 1) // 2
+        raise UserError(f"--data {request.data} holds {len(measured)} image{'s' * (len(measured) != 1)}{besides}: "
+                        f"they make {made} distinct pair{'s' * (made != 1)}, and plasticity needs at least 2; give 3 "
+                        "images or more (or a --reference folder)")
+    if reference is not None and len(reference) * len(measured) < 2:
+        raise UserError(f"--reference and --data hold 1 image each{besides}: they make 1 distinct pair, and "
+                        "plasticity needs at least 2; give more images")
     model = open_model(request.model, request.arch, request.head, request.arch_kwargs)
     try:  # the model entry the report writes is checked as the workflow checks it, before any measuring
         check_model_shape("model", model.config)
@@ -909,10 +926,11 @@ def run(request: Request) -> dict:
     size = model.record["img_size"]
     rng = np.random.default_rng(request.seed)
     if reference is None:
-        first, second = within_pairs(len(data), request.pairs, rng)
+        first, second = (measured[i] for i in within_pairs(len(measured), request.pairs, rng))
         first_files, first_name = data, "images"
     else:
-        first, second = cross_pairs(len(reference), len(data), request.pairs, rng)
+        first, second = cross_pairs(len(reference), len(measured), request.pairs, rng)
+        second = measured[second]
         first_files, first_name = reference, "reference images"
     # Read each image a pair uses once; the pairs index the images read.
     if reference is None:
@@ -938,7 +956,7 @@ def run(request: Request) -> dict:
             stats.pop(key)
         table = table.drop(columns=["reference_images", "downstream_images"]).assign(images=stats["images"])
     ranking = rank_components(table)
-    scores, wall_s, labelled = other_criteria(request, model, data, device)
+    scores, wall_s, labelled = other_criteria(request, model, data, device, measured)
     scores = pd.concat([scores, table.assign(criterion="plasticity_" + table["mode"], value=table["mean"])[
         ["criterion", "component", "layer", "value"]]], ignore_index=True)
     wall_s |= {f"plasticity_{mode}": plasticity_cost.wall_s for mode in request.modes}
@@ -955,11 +973,11 @@ def run(request: Request) -> dict:
                         chosen_name, labelled, step_s, at, device)
 
 
-def other_criteria(request: Request, model: Model, data: ImageFiles, device: torch.device
+def other_criteria(request: Request, model: Model, data: ImageFiles, device: torch.device, rows: np.ndarray
                    ) -> tuple[pd.DataFrame, dict[str, float], int]:
     """The criteria of `registry.CRITERIA` other than plasticity on the model and --data (`criteria.measure`):
-    the gradient criteria on `GRADIENT_BATCHES` batches of labelled images when --data has two classes or
-    more (skipped otherwise), FPS on the same images, KappaTune and size. Returns (scores: criterion,
+    the gradient criteria on `GRADIENT_BATCHES` batches of labelled images of `rows` (`measured_rows`) when --data
+    has two classes or more (skipped otherwise), FPS on the same images, KappaTune and size. Returns (scores: criterion,
     component, layer, value; criterion → wall time in s; labelled images used, 0 when skipped)."""
     import sys
 
@@ -969,7 +987,7 @@ def other_criteria(request: Request, model: Model, data: ImageFiles, device: tor
     if not ({"fps"} & set(others) or gradients):
         images = Split(np.zeros((0, size, size, 3), dtype=np.uint8), np.zeros(0, dtype=np.int64))
     else:
-        images = labelled_images(data, GRADIENT_BATCHES * request.batch_size, size, request.seed)
+        images = labelled_images(data, GRADIENT_BATCHES * request.batch_size, size, request.seed, rows)
     batches = (request.batch_size, GRADIENT_BATCHES, size, device, request.seed, *norm)
     measured = {"fps": lambda: criteria.fps(model.network, images, *batches),
                 "kappatune": lambda: criteria.kappatune(model.network),
@@ -1101,7 +1119,7 @@ def write_report(request: Request, model: Model, data: ImageFiles, first_files: 
         if lora is not None:
             lora.save_pretrained(tmp / "lora")
         if at is not None:
-            write_json(tmp / "selection.json", selection_record(at, chosen_name, device))
+            write_json(tmp / "selection.json", selection_record(at, chosen_name, device, data))
         (tmp / "workflow_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         first, second = pairs
         pd.DataFrame({"first": [first_files.names[i] for i in first],
