@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import ROOT, planned_jobs, snakemake, write_config
 from PIL import Image
-from vtab_fixture import COUNTS, FORMATS, SHADE, grey_levels, label_of, make_vtab
+from vtab_fixture import COUNTS, SHADE, SHAPES, grey_levels, label_of, make_vtab
 
 from vitplasticity import aggregate as agg
 from vitplasticity.config import check_config
@@ -32,7 +32,7 @@ def prepare(root: Path, task: str, out: Path, **keys) -> dict:
     return prepare_task(task, data, out / task, None)
 
 
-@pytest.mark.parametrize("task", list(FORMATS))
+@pytest.mark.parametrize("task", list(SHAPES))
 def test_each_list_becomes_its_split_with_the_listed_labels_and_all_classes(vtab, tmp_path, task):
     meta = prepare(vtab, task, tmp_path / "prepared")
     classes = TASKS[task][1]
