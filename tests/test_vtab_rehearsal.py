@@ -84,7 +84,7 @@ def check_results(study) -> None:
 
 @pytest.mark.slow
 def test_vtab_rehearsal_runs_every_job(tmp_path):
-    """About 3.5 minutes on an idle 2-core CPU (docs/vtab.md): 137 jobs, each a fork of one interpreter."""
+    """137 jobs, each a fork of one interpreter: 382 s of CPU, ≈3.5 minutes on an idle 2-core CPU (docs/vtab.md)."""
     study = tmp_path / "study"
     build(study)
     dry = subprocess.run(command(study, "-n"), capture_output=True, text=True, timeout=300, env=environment(study))
