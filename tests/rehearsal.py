@@ -224,11 +224,11 @@ def archives() -> dict[str, bytes]:
 
 # --- the merged config, the hub cache, the study folder ---
 
-def merged_config(overlays: list[Path]) -> dict:
-    """config/config.yaml updated by each overlay in turn, nested mappings merged (Snakemake's rule)."""
+def merged_config(overlays: list[Path], base: Path = PAPER_CONFIG) -> dict:
+    """`base` (config/config.yaml) updated by each overlay in turn, nested mappings merged (Snakemake's rule)."""
     from snakemake.utils import update_config
 
-    config = yaml.safe_load(PAPER_CONFIG.read_text())
+    config = yaml.safe_load(Path(base).read_text())
     for overlay in overlays:
         update_config(config, yaml.safe_load(Path(overlay).read_text()))
     return config

@@ -7,7 +7,7 @@ import pytest
 from helpers import tiny_vit
 
 from vitplasticity import budget, registry
-from vitplasticity.aggregate import main_table, selection_table
+from vitplasticity.aggregate import _selection_view, main_table, selection_table
 from vitplasticity.components import block_parameters, set_trainable
 from vitplasticity.config import check_selection
 from vitplasticity.errors import UserError
@@ -159,3 +159,21 @@ def test_the_selection_table_ranks_selectors_and_sets_each_beside_random():
         85.0, 1.0, "draws", 2, 0.0]  # draws 84 and 86: mean 85, std 1
     assert rows.loc["last_k", ["acc", "rank", "gain_vs_random"]].tolist() == [80.0, 3, -5.0]
     assert math.isnan(rows.loc["last_k", "wall_s"])
+
+
+def test_the_selection_view_gives_the_gain_over_random_with_its_interval_over_tasks():
+    # fisher beats random by 5, 3 and 1 points on three tasks: mean 3, s = 2, t(0.975, 2) = 4.3027,
+    # 3 ± 4.3027 * 2 / sqrt 3 = 3 ± 4.968. random's gain is 0 on every task: the interval is the point.
+    rows = [{"task": task, "selector": selector, "budget": 0.1, "trainable_params": 1200.0, "acc": acc,
+             "spread": 1.0, "spread_over": "draws" if selector == "random" else "seeds", "rank": rank,
+             "gain_vs_random": gain, "wall_s": math.nan, "peak_mib": math.nan}
+            for task, fisher, random in (("A", 85.0, 80.0), ("B", 73.0, 70.0), ("C", 61.0, 60.0))
+            for selector, acc, rank, gain in (("fisher", fisher, 1, fisher - random), ("random", random, 2, 0.0))]
+    view = _selection_view(pd.DataFrame(rows))
+    column = "gain over random (points) [95% CI over tasks]"
+    assert view.loc["fisher", column] == "3.00 [-1.97, 7.97]" and view.loc["fisher", "tasks"] == "3"
+    assert view.loc["random", column] == "0.00 [0.00, 0.00]"
+    assert view.loc["fisher", "rank per task"] == "A 1, B 1, C 1" and view.loc["random", "mean rank"] == 2
+    # Without a random arm at that budget there is no gain to show.
+    alone = _selection_view(pd.DataFrame(rows[:1]).assign(gain_vs_random=math.nan))
+    assert alone.loc["fisher", column] == "—" and alone.loc["fisher", "tasks"] == "1"

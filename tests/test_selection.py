@@ -73,6 +73,25 @@ def test_summary_averages_over_tasks(runs, criteria):
     assert summary.loc[ORDERED, "spearman"] == pytest.approx(0.0)  # +1 on T, -1 on U
     assert summary.loc[ORDERED, "top1"] == pytest.approx(0.5)
     assert summary.loc["random", "top1"] == pytest.approx(0.4) and summary.loc["random", "n_tasks"] == 2
+    # Two tasks: t(0.975, 1) = 12.706; Spearman +1 and -1 (s = sqrt 2): 0 ± 12.706 * sqrt 2 / sqrt 2.
+    t_1 = 12.706205
+    assert summary.loc[ORDERED, ["spearman_low", "spearman_high"]].tolist() == pytest.approx([-t_1, t_1])
+    # top-1 1 and 0 (s = sqrt 0.5): 0.5 ± 12.706 * 0.7071 / 1.4142 = 0.5 ± 6.353.
+    assert summary.loc[ORDERED, ["top1_low", "top1_high"]].tolist() == pytest.approx([0.5 - t_1 / 2, 0.5 + t_1 / 2])
+    # random's Spearman is 0 on both tasks: no spread, the interval is the point.
+    assert summary.loc["random", ["spearman_low", "spearman_high"]].tolist() == [0.0, 0.0]
+
+
+def test_the_interval_over_tasks_is_students_t_of_the_mean():
+    # 1, 2, 3: mean 2, s = 1, n = 3, t(0.975, 2) = 4.3027: 2 ± 4.3027 / sqrt 3 = 2 ± 2.4841.
+    assert selection.interval_over_tasks(pd.Series([1.0, 2.0, 3.0])) == pytest.approx((2 - 2.484138, 2 + 2.484138))
+    # A task without a value (Spearman undefined) is left out: the same three values.
+    assert selection.interval_over_tasks(pd.Series([1.0, math.nan, 2.0, 3.0])) == pytest.approx(
+        (2 - 2.484138, 2 + 2.484138))
+    # 90%: t(0.95, 2) = 2.9200: 2 ± 2.9200 / sqrt 3 = 2 ± 1.6859.
+    assert selection.interval_over_tasks(pd.Series([1.0, 2.0, 3.0]), 0.9) == pytest.approx((0.314146, 3.685854),
+                                                                                          abs=1e-6)
+    assert all(math.isnan(end) for end in selection.interval_over_tasks(pd.Series([4.0, math.nan])))
 
 
 def test_constant_scores_have_no_correlation():

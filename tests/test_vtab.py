@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import ROOT, planned_jobs, snakemake, write_config
 from PIL import Image
-from vtab_fixture import COUNTS, FORMATS, SHADE, grey_levels, label_of, make_vtab
+from vtab_fixture import COUNTS, SHADE, SHAPES, grey_levels, label_of, make_vtab
 
 from vitplasticity import aggregate as agg
 from vitplasticity.config import check_config
@@ -32,7 +32,7 @@ def prepare(root: Path, task: str, out: Path, **keys) -> dict:
     return prepare_task(task, data, out / task, None)
 
 
-@pytest.mark.parametrize("task", list(FORMATS))
+@pytest.mark.parametrize("task", list(SHAPES))
 def test_each_list_becomes_its_split_with_the_listed_labels_and_all_classes(vtab, tmp_path, task):
     meta = prepare(vtab, task, tmp_path / "prepared")
     classes = TASKS[task][1]
@@ -236,6 +236,10 @@ def test_config_vtab_holds_the_19_tasks_in_their_real_shapes():
     assert {(task["steps"], task["eval_every"]) for task in vtab.values()} == {(2500, 125)}
     assert config["finetune"]["batch_size"] == 512 and config["plasticity"]["reference_task"] == "imagenet_val"
     assert config["experiments"]["vtab"]["arms"] == list(config["arms"])
+    # The budget arms of the paper study's selection section, on every task.
+    paper = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    assert config["selection"] == paper["selection"] and config["experiments"]["vtab"]["selection"] is True
+    assert config["criteria"]["enabled"] is True
 
 
 def test_an_unknown_vtab_task_fails_the_config_check_in_one_line():
@@ -256,11 +260,26 @@ def test_the_vtab_dry_run_plans_the_study_on_a_processed_copy(tmp_path):
     result = snakemake(tmp_path, "-n", "-p", config=write_config(tmp_path / "vtab.yaml", config), timeout=300)
     jobs = planned_jobs(result.stdout)
     assert jobs == {"fetch_checkpoint": 1, "prepare_dataset": 20,  # 19 tasks + the ImageNet reference stream
-                    "finetune": 19 * 4 * 3 * 9,  # tasks x lrs x seeds x arms = 2,052
+                    # tasks x lrs x seeds x (9 arms + 2 budgets x 10 budget arms) = 2,052 + 4,560
+                    "finetune": 19 * 4 * 3 * (9 + 2 * 10),
                     "linear_probe": 19, "measure_criteria": 19, "measure_plasticity": 19, "compute_bounds": 19,
                     "aggregate": 1, "figures": 1, "all": 1}
     # The aggregation knows each task's VTAB name, for the vtab table.
     assert '"vtab_tasks": {"caltech101": "caltech101", "cifar": "cifar",' in result.stdout
+
+
+def test_the_preflight_projection_counts_the_runs_the_vtab_dry_run_plans():
+    from vitplasticity import preflight
+
+    config = vtab_config()
+    check_config(config)
+    # One second a step for every arm: hours = runs x 2,500 steps / 3,600.
+    projected = preflight.project(config, {"vit_b16": {"sgd": {"all": 1.0, "mha": 1.0}}}, {"vit_b16": 1.0}, 64)
+    assert projected["vtab"]["runs"] == 19 * 4 * 3 * (9 + 20)
+    assert projected["vtab"]["gpu_hours"] == pytest.approx(6612 * 2500 / 3600)
+    config["experiments"]["vtab"]["selection"] = False
+    assert preflight.project(config, {"vit_b16": {"sgd": {"all": 1.0, "mha": 1.0}}}, {"vit_b16": 1.0},
+                             64)["vtab"]["runs"] == 2052
 
 
 def test_a_path_with_spaces_is_read_up_to_the_label(vtab, tmp_path):

@@ -1,9 +1,9 @@
-"""A generated copy of the processed VTAB-1k layout: a few tasks, each a folder of images and four split lists.
+"""A generated copy of the processed VTAB-1k layout: any of the 19 tasks, each a folder of images and four split lists.
 
 Real formats: JPEG colour images of odd sizes (dtd), grayscale PNG (svhn), RGBA PNG wider than tall
-(clevr_count). Each image is filled with one grey level (10 × its number + its task's `SHADE`) so a test
-can tell which image landed where (and two tasks' images differ); labels are `label_of(number)`, within
-each task's class count.
+(clevr_count); every other task takes one of these three kinds. Each image is filled with one grey level
+(10 × its number + its task's `SHADE`) so a test can tell which image landed where (and two tasks' images
+differ); labels are `label_of(number)`, within each task's class count.
 """
 
 from __future__ import annotations
@@ -13,13 +13,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-# task -> (image format, PIL mode, (width, height)) of its files
-FORMATS = {
+from vitplasticity.datasets.vtab1k import TASKS
+
+# The three kinds of file: task -> (image format, PIL mode, (width, height)) of its files.
+SHAPES = {
     "dtd": ("JPEG", "RGB", (37, 23)),
     "svhn": ("PNG", "L", (32, 32)),
     "clevr_count": ("PNG", "RGBA", (48, 32)),
 }
-SHADE = {"dtd": 0, "svhn": 2, "clevr_count": 4}
+# Every task's kind: the three above their own, the others the three in turn, in VTAB's order.
+FORMATS = {task: SHAPES.get(task, list(SHAPES.values())[index % len(SHAPES)]) for index, task in enumerate(TASKS)}
+# A grey level of its own per task: dtd 0, svhn 2, clevr_count 4, then the others 6, 8, ... in VTAB's order.
+SHADE = {task: 2 * index for index, task in enumerate([*SHAPES, *(task for task in TASKS if task not in SHAPES)])}
 COUNTS = {"train800": 4, "val200": 2, "test": 3}  # images per list, numbered in this order from 0
 
 
@@ -50,11 +55,10 @@ def make_task(root: Path, task: str, classes: int) -> dict[str, list[tuple[str, 
     return lists
 
 
-def make_vtab(root: Path) -> Path:
-    """The fixture's tasks (`FORMATS`) under `root`, with their real class counts; returns `root`."""
-    from vitplasticity.datasets.vtab1k import TASKS
-
-    for task in FORMATS:
+def make_vtab(root: Path, tasks: tuple[str, ...] = tuple(SHAPES)) -> Path:
+    """`tasks` (default: one of each kind of file, `SHAPES`) under `root`, with their real class counts; returns
+    `root`."""
+    for task in tasks:
         make_task(root, task, TASKS[task][1])
     return root
 

@@ -285,6 +285,10 @@ def criteria_table(criteria: pd.DataFrame, costs: pd.DataFrame, runs: pd.DataFra
     (`selection.hit_rates`) and its cost (wall time in s, added peak memory in MiB; mean over tasks), with
     the criteria it was timed together with (`measured_with`, "+"-joined; itself when timed alone).
 
+    The intervals differ by row: on a task, ``spearman_low`` / ``spearman_high`` are the 95% bootstrap interval
+    over seeds; on an "Average" row, they and ``top1_low`` / ``top1_high`` are the 95% Student-t interval over
+    tasks (`selection.summary`), ``n_tasks`` the tasks averaged.
+
     `criteria`: task, criterion, component, layer, value rows of the criteria jobs; `costs`: task, criterion,
     wall_s, peak_mib and, from the jobs that write it, measured_with.
     """
@@ -306,22 +310,28 @@ def criteria_table(criteria: pd.DataFrame, costs: pd.DataFrame, runs: pd.DataFra
     return pd.concat([per_task, summary], ignore_index=True)
 
 
-def _criteria_view(table: pd.DataFrame) -> pd.DataFrame:
-    """Averages over tasks first, then each task: which end is chosen first, Spearman [95% bootstrap CI], top-1,
-    cost and what the cost was shared with."""
-    def interval(row) -> str:
-        if pd.isna(row["spearman"]):
-            return "—"
-        ci = "" if pd.isna(row.get("spearman_low")) else f" [{row['spearman_low']:.2f}, {row['spearman_high']:.2f}]"
-        return f"{row['spearman']:.2f}{ci}"
+def _with_interval(value: float, low: float, high: float) -> str:
+    """``value [low, high]`` to two decimals; the value alone without an interval, a dash without a value."""
+    if pd.isna(value):
+        return "—"
+    return f"{value:.2f}" + ("" if pd.isna(low) else f" [{low:.2f}, {high:.2f}]")
 
+
+def _criteria_view(table: pd.DataFrame) -> pd.DataFrame:
+    """Averages over tasks first, then each task: which end is chosen first, Spearman [95% CI: a task's over seeds,
+    the average's over tasks], top-1 [95% CI over tasks, on the average], cost and what the cost was shared with."""
     ordered = pd.concat([table[table["task"] == "Average"], table[table["task"] != "Average"]])
+
+    def shown(column: str) -> list[str]:
+        bounds = [ordered.get(f"{column}_{end}", pd.Series(math.nan, index=ordered.index)) for end in ("low", "high")]
+        return [_with_interval(*cells) for cells in zip(ordered[column], *bounds, strict=True)]
+
     view = pd.DataFrame({
         "criterion": ordered["criterion"].to_numpy(),
         "chosen first": [f"{registry.CRITERIA[c]} score" if c in registry.CRITERIA else "—"
                          for c in ordered["criterion"]],
-        "Spearman (ratio) [95% CI over seeds]": [interval(r) for _, r in ordered.iterrows()],
-        "top-1 hit (share)": ordered["top1"].to_numpy(),
+        "Spearman (ratio) [95% CI: a task's over seeds, the average's over tasks]": shown("spearman"),
+        "top-1 hit (share) [95% CI over tasks]": shown("top1"),
         "first choice": ordered["choice"].fillna("—").to_numpy() if "choice" in ordered else "—",
         "best arm": ordered["best_arm"].fillna("—").to_numpy() if "best_arm" in ordered else "—",
         "wall time (s)": ordered["wall_s"].to_numpy(),
@@ -375,15 +385,23 @@ def selection_table(table: pd.DataFrame, runs: pd.DataFrame, costs: pd.DataFrame
 
 
 def _selection_view(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per (selector, budget), averaged over tasks: accuracy ± spread, rank per task, gain over random, cost."""
+    """Per (selector, budget), averaged over tasks: accuracy ± spread, rank per task, gain over random with its 95%
+    Student-t interval over tasks (`selection.interval_over_tasks`; the gain is paired within a task, so task
+    difficulty cancels), the tasks averaged, cost."""
+    from vitplasticity.selection import interval_over_tasks
+
     rows = []
     for (selector, budget), part in frame.groupby(["selector", "budget"], sort=False):
+        gain = part["gain_vs_random"]
         rows.append({"selector": selector, "budget (%)": 100 * budget,
                      "trainable params": f"{part['trainable_params'].mean():,.0f}",
                      "accuracy (%)": f"{part['acc'].mean():.2f} ± {part['spread'].mean():.2f}"
                                      f" ({part['spread_over'].iloc[0]})",
                      "rank per task": ", ".join(f"{t} {r:g}" for t, r in zip(part["task"], part["rank"], strict=True)),
-                     "mean rank": part["rank"].mean(), "gain over random (points)": part["gain_vs_random"].mean(),
+                     "mean rank": part["rank"].mean(),
+                     "gain over random (points) [95% CI over tasks]": _with_interval(gain.mean(),
+                                                                                     *interval_over_tasks(gain)),
+                     "tasks": str(part["task"].nunique()),
                      "cost (s)": part["wall_s"].mean(), "cost (MiB)": part["peak_mib"].mean()})
     return pd.DataFrame(rows).set_index("selector")
 

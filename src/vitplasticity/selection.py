@@ -21,6 +21,9 @@ main table chooses it). Per task:
 
 The ``random`` criterion is the floor, given analytically: Spearman 0, and top-1 equal to the
 share of components that count as a hit (1/5 when only the best one does).
+
+Over tasks (`summary`), each criterion's mean Spearman and top-1 carry a 95% Student-t interval over the
+per-task values (`interval_over_tasks`): the tasks are the sample, so the interval reads "on tasks like these".
 """
 
 from __future__ import annotations
@@ -139,8 +142,28 @@ def hit_rates(criteria: pd.DataFrame, runs: pd.DataFrame, n_boot: int = 1000, se
                                        "choice", "best_arm"])
 
 
+def interval_over_tasks(values: pd.Series, level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean of per-task values: mean ± t((1 + level) / 2, n − 1) · s / √n, with s the
+    standard deviation (ddof 1) over the n tasks that have a value (NaN ones are left out); (NaN, NaN) with fewer
+    than two. Tasks are the sampling unit: the interval says how far the mean could move on other tasks like these.
+    """
+    values = pd.Series(values, dtype=float).dropna()
+    if len(values) < 2:
+        return math.nan, math.nan
+    half = stats.t.ppf((1 + level) / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
+
+
 def summary(per_task: pd.DataFrame) -> pd.DataFrame:
-    """Per criterion: mean Spearman and top-1 over tasks, and the number of tasks."""
-    grouped = per_task.groupby("criterion", sort=False)
-    return pd.DataFrame({"spearman": grouped["spearman"].mean(), "top1": grouped["top1"].mean(),
-                         "n_tasks": grouped["task"].nunique()}).reset_index()
+    """Per criterion: mean Spearman and top-1 over tasks, each with its 95% Student-t interval over tasks
+    (`interval_over_tasks`: ``spearman_low`` / ``spearman_high``, ``top1_low`` / ``top1_high``; a task where
+    Spearman is undefined is left out of its mean and interval), and the number of tasks."""
+    rows = []
+    for criterion, part in per_task.groupby("criterion", sort=False):
+        spearman_low, spearman_high = interval_over_tasks(part["spearman"])
+        top1_low, top1_high = interval_over_tasks(part["top1"])
+        rows.append({"criterion": criterion, "spearman": part["spearman"].mean(), "spearman_low": spearman_low,
+                     "spearman_high": spearman_high, "top1": part["top1"].mean(), "top1_low": top1_low,
+                     "top1_high": top1_high, "n_tasks": part["task"].nunique()})
+    return pd.DataFrame(rows, columns=["criterion", "spearman", "spearman_low", "spearman_high", "top1", "top1_low",
+                                       "top1_high", "n_tasks"])
