@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -815,8 +816,9 @@ def test_the_pilot_trains_every_distinct_selection_the_probe_and_random_within_i
     report = (out / "report.md").read_text()
     assert "| selection | chosen by | trainable parameters | held-out accuracy (%) |" in re.sub(r" +", " ", report)
     assert "| head only | linear probe (baseline) | 163 |" in re.sub(r" +", " ", report)
-    assert ("for 3 SGD steps of 8 images (lr 0.01, momentum 0.9, cosine decay, the study's crops and flips; "
-            "`--pilot-steps`) on 9 images of --data, and is evaluated once, at the end, on 3 other images") in report
+    assert ("for 3 SGD steps of 8 images (lr 0.01: `--pilot-lr`, momentum 0.9, cosine decay, the study's crops and "
+            "flips; `--pilot-steps`) on 9 images of --data, and is evaluated once, at the end, on 3 other "
+            "images") in report
     assert "How far to trust it: 3 steps are the start of finetuning, not its end" in report
 
 
@@ -827,6 +829,9 @@ def test_the_pilot_trains_every_distinct_selection_the_probe_and_random_within_i
      "--budget 0.028"),
     (["--budget", "0.3", "--pilot-steps", "3"], ("cat", "dog"), "--pilot-steps sets the pilot's budget, and --pilot "
      "is not given; add --pilot or remove it"),
+    (["--budget", "0.3", "--pilot", "--pilot-lr", "0"], ("cat", "dog"), "--pilot-lr 0: give an SGD learning rate "
+     "above 0 and below 10, e.g. 0.03"),
+    (["--budget", "0.3", "--pilot", "--pilot-seconds", "0.5"], ("cat", "dog"), "--pilot-seconds 0.5: give 1 or more"),
 ])
 def test_a_pilot_that_cannot_run_is_one_line_before_any_work(args, classes, message, tmp_path, capsys):
     code, err, out = _budget_run(tmp_path, capsys, *args, classes=classes)
@@ -872,6 +877,24 @@ def test_a_budget_of_exactly_the_smallest_unit_selects_it():
     with pytest.raises(UserError, match=r"^--budget 63 allows 63 block parameters, fewer than the smallest unit "
                                         r"\(ln1\.0, 64\); give at least 64 parameters$"):
         recommend.budget_allowance(63, sizes)
+
+
+@pytest.mark.parametrize(("given", "step_s", "steps"), [
+    (None, 0.1, 100),  # 120 s / (8 runs x 0.1 s) = 150 steps: the CPU's ceiling of 100
+    (None, 1.0, 15),   # 120 / 8 = 15
+    (None, 10.0, 5),   # 1.5 steps fit: the floor of 5 (a ViT-B/16 on a CPU)
+    (7, 10.0, 7),      # --pilot-steps wins, and no step time is recorded
+])
+def test_the_pilots_steps_fill_its_seconds_within_the_devices_bounds(given, step_s, steps, tmp_path):
+    _image_folder(tmp_path / "data", classes=("cat", "dog"), per_class=4)
+    data = recommend._open_folder(tmp_path / "data", "--data")
+    request = recommend.Request(model="m", data=tmp_path / "data", out=tmp_path / "out", budget=0.3, pilot=True,
+                                pilot_steps=given)
+    plan = recommend.plan_pilot(request, data, torch.device("cpu"))
+    assert (plan.seconds, plan.bounds, plan.batch) == (120.0, (5, 100), 8)
+    chosen = recommend.pilot_steps(plan, 8, step_s)
+    assert chosen.steps == steps
+    assert math.isnan(chosen.step_s) if given else chosen.step_s == step_s
 
 
 def test_data_too_small_once_the_pilot_holds_out_is_one_line_before_any_work(tmp_path, capsys):

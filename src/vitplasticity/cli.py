@@ -185,9 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --budget: short finetuning runs on --data, scored on held-out images of it, of each "
                         "distinct selection, the linear probe and a random selection of the same budget")
     p.add_argument("--pilot-steps", type=int, default=None,
-                   help="optimizer steps per pilot run (default: a few on a CPU, more on a GPU; the report states it)")
+                   help="optimizer steps per pilot run (default: as many as fit --pilot-seconds; the report states it)")
+    p.add_argument("--pilot-seconds", type=float, default=None,
+                   help="seconds the pilot's training steps may take together, which sets its steps per run "
+                        "(default: 120 on a CPU, 60 on a GPU; 5 to 100 steps on a CPU, 20 to 500 on a GPU)")
     p.add_argument("--pilot-images", type=int, default=None,
                    help="images of --data the pilot reads, a quarter held out (default: by device, as for the steps)")
+    p.add_argument("--pilot-lr", type=float, default=None,
+                   help="SGD learning rate of the pilot's runs (default: 0.01; short runs may need a larger one)")
     p.add_argument("--pilot-seeds", type=int, default=None,
                    help="seeds per pilot selection (default: 1 on a CPU, more on a GPU)")
     p.add_argument("--out", type=Path, required=True, help="report folder to write (replaced whole)")
@@ -331,7 +336,8 @@ def _recommend(args: argparse.Namespace) -> None:
                          reference=args.reference, pairs=args.pairs, modes=modes, head=args.head,
                          batch_size=args.batch_size, device=args.device, seed=args.seed, out=args.out,
                          criterion=args.criterion, budget=args.budget, pilot=args.pilot,
-                         pilot_steps=args.pilot_steps, pilot_images=args.pilot_images, pilot_seeds=args.pilot_seeds,
+                         pilot_steps=args.pilot_steps, pilot_seconds=args.pilot_seconds,
+                         pilot_images=args.pilot_images, pilot_seeds=args.pilot_seeds, pilot_lr=args.pilot_lr,
                          others=None if args.others is None else tuple(
                              name.strip() for name in args.others.split(",") if name.strip())))
     ranking = result["ranking"][["mode", "rank", "label", "mean", "ci95"]]

@@ -34,7 +34,7 @@ import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -91,9 +91,11 @@ class Request:
     others: tuple[str, ...] | None = None  # criteria beside plasticity to measure (`OTHER_CRITERIA`); None: all
     budget: float | None = None  # a fraction (0, 1] of the block parameters, or a whole count of them above 1
     pilot: bool = False  # short finetuning runs of the selections at the budget (`run_pilot`)
-    pilot_steps: int | None = None  # None: the device's default (`PILOT_DEFAULTS`), as for the two below
+    pilot_steps: int | None = None  # None: as many as fit `pilot_seconds` (`pilot_steps`)
+    pilot_seconds: float | None = None  # None: the device's default (`PILOT_DEFAULTS`), as for the two below
     pilot_images: int | None = None
     pilot_seeds: int | None = None
+    pilot_lr: float | None = None  # None: `PILOT_LR`
 
 
 @dataclass
@@ -448,12 +450,13 @@ def budget_allowance(value: float, sizes: dict[budget.Unit, int]) -> int:
     return allowed
 
 
-# The pilot's defaults per device type (`--pilot`): optimizer steps of `batch` images per run, images read from
-# --data (a quarter held out), seeds per selection. A ViT-B/16 step of 8 images with its blocks trained takes about
-# 10 s on a 2-core CPU.
-PILOT_DEFAULTS = {"cpu": {"steps": 5, "batch": 8, "images": 48, "seeds": 1},
-                  "cuda": {"steps": 50, "batch": 32, "images": 256, "seeds": 2}}
-PILOT_LR = 0.01  # SGD with momentum, the middle learning rate of the study `workflow_config` writes
+# The pilot's defaults per device type (`--pilot`): the seconds all its runs' training steps may take together
+# (`pilot_steps` turns them into steps per run, within `steps`' bounds), images per step, images read from --data
+# (a quarter held out), seeds per selection. A ViT-B/16 step of 8 images with every parameter trained takes about
+# 10 s on a 2-core CPU (so the floor of 5 steps rules there); a 0.2 M-parameter ViT at 32 px, about 0.01 s.
+PILOT_DEFAULTS = {"cpu": {"seconds": 120, "steps": (5, 100), "batch": 8, "images": 96, "seeds": 1},
+                  "cuda": {"seconds": 60, "steps": (20, 500), "batch": 32, "images": 512, "seeds": 2}}
+PILOT_LR = 0.01  # SGD with momentum, the middle learning rate of the study `workflow_config` writes (--pilot-lr)
 HELD_OUT_EVERY = 4  # of each class's pilot images, the 2nd, 6th, 10th, … are held out
 
 
@@ -461,12 +464,15 @@ HELD_OUT_EVERY = 4  # of each class's pilot images, the 2nd, 6th, 10th, … are 
 class PilotPlan:
     """What `run_pilot` trains on: its step budget and the rows of --data it trains on and holds out."""
 
-    steps: int
+    steps: int | None  # None until `pilot_steps` fits them to `seconds`
     batch: int
     seeds: tuple[int, ...]
     train_rows: np.ndarray
     held_out_rows: np.ndarray
+    seconds: float  # what the runs' training steps may take together when `steps` is not given
+    bounds: tuple[int, int]  # the fewest and most steps `pilot_steps` chooses
     lr: float = PILOT_LR
+    step_s: float = math.nan  # a measured step (s) with every parameter trained, when `pilot_steps` chose the steps
 
 
 def layer_ranges(layers: list[int]) -> str:
@@ -573,7 +579,8 @@ def plan_pilot(request: Request, data: ImageFiles, device: torch.device) -> Pilo
 `measured_rows`). Checked before any work: UserError when
     --budget is missing, --data holds one class, a flag is below 1, or no image can be held out; None without
     --pilot (a --pilot-* flag without it is a UserError)."""
-    flags = {"steps": request.pilot_steps, "images": request.pilot_images, "seeds": request.pilot_seeds}
+    flags = {"steps": request.pilot_steps, "seconds": request.pilot_seconds, "images": request.pilot_images,
+             "seeds": request.pilot_seeds}
     if not request.pilot:
         given = [f"--pilot-{key}" for key, value in flags.items() if value is not None]
         if given:
@@ -585,11 +592,15 @@ def plan_pilot(request: Request, data: ImageFiles, device: torch.device) -> Pilo
     if len(data.classes) < 2:
         raise UserError("--pilot needs labels, and --data holds one class; put the images in class sub-folders (two "
                         "or more), or leave --pilot out")
-    low = [f"--pilot-{key} {value}" for key, value in flags.items() if value is not None and value < 1]
+    low = [f"--pilot-{key} {value:g}" for key, value in flags.items() if value is not None and value < 1]
     if low:
         raise UserError(f"{low[0]}: give 1 or more")
+    if request.pilot_lr is not None and not 0 < request.pilot_lr < 10:
+        raise UserError(f"--pilot-lr {request.pilot_lr:g}: give an SGD learning rate above 0 and below 10, e.g. 0.03")
     defaults = PILOT_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
-    steps, images, seeds = (defaults[key] if value is None else value for key, value in flags.items())
+    steps = request.pilot_steps
+    seconds, images, seeds = (defaults[key] if flags[key] is None else flags[key]
+                              for key in ("seconds", "images", "seeds"))
     rows = np.random.default_rng(request.seed).permutation(len(data))[:images]
     labels = data.labels[rows]
     rank = np.array([np.count_nonzero(labels[:i] == label) for i, label in enumerate(labels)])
@@ -598,7 +609,19 @@ def plan_pilot(request: Request, data: ImageFiles, device: torch.device) -> Pilo
         raise UserError(f"--pilot holds out one of each class's first {HELD_OUT_EVERY} images, and none of the "
                         f"{len(rows)} pilot images shares its class with another; give more --pilot-images")
     return PilotPlan(steps, defaults["batch"], tuple(range(request.seed, request.seed + seeds)), np.sort(rows[~held]),
-                     np.sort(rows[held]))
+                     np.sort(rows[held]), float(seconds), defaults["steps"],
+                     PILOT_LR if request.pilot_lr is None else request.pilot_lr)
+
+
+def pilot_steps(plan: PilotPlan, runs: int, step_s: float) -> PilotPlan:
+    """`plan` with its steps per run: as given (--pilot-steps), else as many as let `runs` runs (selections x
+    seeds) at `step_s` seconds a step (every parameter trained: an upper bound) fit in `plan.seconds`, within
+    `plan.bounds`."""
+    if plan.steps is not None:
+        return plan
+    low, high = plan.bounds
+    fitting = math.floor(plan.seconds / (runs * step_s)) if step_s > 0 else high
+    return replace(plan, steps=min(high, max(low, fitting)), step_s=step_s)
 
 
 def measured_rows(data: ImageFiles, plan: PilotPlan | None) -> np.ndarray:
@@ -606,6 +629,17 @@ def measured_rows(data: ImageFiles, plan: PilotPlan | None) -> np.ndarray:
     held-out images, which are set aside before anything is measured so that no selection has seen them."""
     every = np.arange(len(data))
     return every if plan is None else np.setdiff1d(every, plan.held_out_rows)
+
+
+def pilot_candidates(at: AtBudget, draw: int) -> list[dict]:
+    """The pilot's selections: the linear probe (no unit), each distinct selection of `at` with every criterion
+    that chose it, and a random selection of the same budget (`budget.select`, draw `draw`): {units, chosen_by}."""
+    candidates: dict[frozenset, dict] = {frozenset(): {"units": [], "chosen_by": ["linear probe"]}}
+    drawn = budget.select({"selector": budget.RANDOM, "params": at.allowed, "draw": draw}, at.sizes)
+    for name, units in [*at.units.items(), (budget.RANDOM, drawn)]:
+        candidates.setdefault(frozenset(units), {"units": budget.canonical(units), "chosen_by": []})[
+            "chosen_by"].append(name)
+    return list(candidates.values())
 
 
 def run_pilot(model: Model, data: ImageFiles, at: AtBudget, plan: PilotPlan, device: torch.device, draw: int
@@ -620,11 +654,7 @@ def run_pilot(model: Model, data: ImageFiles, at: AtBudget, plan: PilotPlan, dev
     for those), units (labels), trainable_params (the head included), val_acc (% per seed; None where it
     diverged), steps (optimizer steps per seed), in the order probe, criteria, random.
     """
-    candidates: dict[frozenset, dict] = {frozenset(): {"units": [], "chosen_by": ["linear probe"]}}
-    drawn = budget.select({"selector": budget.RANDOM, "params": at.allowed, "draw": draw}, at.sizes)
-    for name, units in [*at.units.items(), (budget.RANDOM, drawn)]:
-        candidates.setdefault(frozenset(units), {"units": budget.canonical(units), "chosen_by": []})[
-            "chosen_by"].append(name)
+    candidates = pilot_candidates(at, draw)
     size, rows = model.record["img_size"], np.concatenate([plan.train_rows, plan.held_out_rows])
     pixels = read_images(data, rows, size, "pilot images")
     held = np.isin(rows, plan.held_out_rows)
@@ -632,7 +662,7 @@ def run_pilot(model: Model, data: ImageFiles, at: AtBudget, plan: PilotPlan, dev
               "val": Split(pixels[held], data.labels[rows[held]])}
     found = []
     with tqdm(total=len(candidates) * len(plan.seeds), desc="pilot", unit="run") as bar:
-        for candidate in candidates.values():
+        for candidate in candidates:
             accuracy, steps = [], []
             for seed in plan.seeds:
                 seed_everything(seed)
@@ -703,8 +733,12 @@ def pilot_words(plan: PilotPlan, runs: pd.DataFrame, wall_s: float, device: torc
     spreads = [np.std(kept) for values in runs["val_acc"] if len(kept := [v for v in values if v is not None]) > 1]
     spread = (f"over {seeds} seeds the accuracies spread by up to {max(spreads):.2g} points (std)" if spreads else
               "with one seed the spread over seeds is not measured (--pilot-seeds 3 measures it)")
+    chosen = ("" if math.isnan(plan.step_s) else
+              f"; as many as fit the pilot's {plan.seconds:g} s of training on this device at {plan.step_s:.3g} s a "
+              f"step with every parameter trained, within {plan.bounds[0]}–{plan.bounds[1]}: `--pilot-seconds`")
     return [f"Each run trains the selection and a fresh head for {plan.steps} SGD steps of {plan.batch} images (lr "
-            f"{plan.lr:g}, momentum 0.9, cosine decay, the study's crops and flips; `--pilot-steps`) on "
+            f"{plan.lr:g}: `--pilot-lr`, momentum 0.9, cosine decay, the study's crops and flips; "
+            f"`--pilot-steps`{chosen}) on "
             f"{len(plan.train_rows):,} images of --data, and is evaluated once, at the end, on {held:,} other images "
             f"of it (about a quarter of each class among the {len(plan.train_rows) + held:,} drawn, set aside before "
             "anything was measured: no criterion read them; `--pilot-images`; "
@@ -965,6 +999,9 @@ def run(request: Request) -> dict:
                                                       allowed)
     if plan is not None:
         began = time.perf_counter()
+        runs = len(pilot_candidates(at, request.seed)) * len(plan.seeds)
+        plan = pilot_steps(plan, runs, math.nan if plan.steps is not None else step_seconds(
+            model.network, model.record["img_size"], device, plan.batch))
         at.plan, at.runs = plan, run_pilot(model, data, at, plan, device, request.seed)
         at.pilot_s = time.perf_counter() - began
     step_s = step_seconds(models.build(model.record["arch"], num_classes=max(2, len(data.classes))),
