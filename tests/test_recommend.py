@@ -827,7 +827,9 @@ def test_the_pilot_trains_every_distinct_selection_the_probe_and_random_within_i
      "class sub-folders (two or more), or leave --pilot out"),
     (["--pilot"], ("cat", "dog"), "--pilot finetunes each criterion's selection at a budget; give --budget too, e.g. "
      "--budget 0.028"),
-    (["--budget", "0.3", "--pilot-steps", "3"], ("cat", "dog"), "--pilot-steps sets the pilot's budget, and --pilot "
+    (["--budget", "0.3", "--pilot-steps", "3"], ("cat", "dog"), "--pilot-steps is a setting of the pilot, and --pilot "
+     "is not given; add --pilot or remove it"),
+    (["--budget", "0.3", "--pilot-lr", "0.1"], ("cat", "dog"), "--pilot-lr is a setting of the pilot, and --pilot "
      "is not given; add --pilot or remove it"),
     (["--budget", "0.3", "--pilot", "--pilot-lr", "0"], ("cat", "dog"), "--pilot-lr 0: give an SGD learning rate "
      "above 0 and below 10, e.g. 0.03"),

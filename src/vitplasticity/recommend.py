@@ -582,9 +582,9 @@ def plan_pilot(request: Request, data: ImageFiles, device: torch.device) -> Pilo
     flags = {"steps": request.pilot_steps, "seconds": request.pilot_seconds, "images": request.pilot_images,
              "seeds": request.pilot_seeds}
     if not request.pilot:
-        given = [f"--pilot-{key}" for key, value in flags.items() if value is not None]
+        given = [f"--pilot-{key}" for key, value in (flags | {"lr": request.pilot_lr}).items() if value is not None]
         if given:
-            raise UserError(f"{given[0]} sets the pilot's budget, and --pilot is not given; add --pilot or remove it")
+            raise UserError(f"{given[0]} is a setting of the pilot, and --pilot is not given; add --pilot or remove it")
         return None
     if request.budget is None:
         raise UserError("--pilot finetunes each criterion's selection at a budget; give --budget too, e.g. "
