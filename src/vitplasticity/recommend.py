@@ -642,19 +642,17 @@ def pilot_candidates(at: AtBudget, draw: int) -> list[dict]:
     return list(candidates.values())
 
 
-def run_pilot(model: Model, data: ImageFiles, at: AtBudget, plan: PilotPlan, device: torch.device, draw: int
+def run_pilot(model: Model, data: ImageFiles, candidates: list[dict], plan: PilotPlan, device: torch.device
               ) -> pd.DataFrame:
     """Short finetuning runs on --data through the study's training loop (`training.train`, as the workflow's
-    budget arms: `components.set_trainable` on the units and the head): one per distinct selection of `at`
-    (naming every criterion that chose it), the linear probe (head only) and a random selection of the same budget
-    (`budget.select`, draw `draw`), each `plan.steps` SGD steps of `plan.batch` images per seed, evaluated once,
-    at the end, on the held-out images.
+    budget arms: `components.set_trainable` on the units and the head): one per selection of `candidates`
+    (`pilot_candidates`: the linear probe, each distinct selection at the budget, a random one), each
+    `plan.steps` SGD steps of `plan.batch` images per seed, evaluated once, at the end, on the held-out images.
 
     Returns one row per run: selection (`units_text`), chosen_by (list of names; "linear probe" or "random"
     for those), units (labels), trainable_params (the head included), val_acc (% per seed; None where it
     diverged), steps (optimizer steps per seed), in the order probe, criteria, random.
     """
-    candidates = pilot_candidates(at, draw)
     size, rows = model.record["img_size"], np.concatenate([plan.train_rows, plan.held_out_rows])
     pixels = read_images(data, rows, size, "pilot images")
     held = np.isin(rows, plan.held_out_rows)
@@ -999,10 +997,11 @@ def run(request: Request) -> dict:
                                                       allowed)
     if plan is not None:
         began = time.perf_counter()
-        runs = len(pilot_candidates(at, request.seed)) * len(plan.seeds)
-        plan = pilot_steps(plan, runs, math.nan if plan.steps is not None else step_seconds(
-            model.network, model.record["img_size"], device, plan.batch))
-        at.plan, at.runs = plan, run_pilot(model, data, at, plan, device, request.seed)
+        candidates = pilot_candidates(at, request.seed)
+        pilot_step_s = math.nan if plan.steps is not None else step_seconds(
+            model.network, model.record["img_size"], device, plan.batch)
+        plan = pilot_steps(plan, len(candidates) * len(plan.seeds), pilot_step_s)
+        at.plan, at.runs = plan, run_pilot(model, data, candidates, plan, device)
         at.pilot_s = time.perf_counter() - began
     step_s = step_seconds(models.build(model.record["arch"], num_classes=max(2, len(data.classes))),
                           model.record["img_size"], device, STEP_BATCH)
