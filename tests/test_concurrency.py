@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, snakemake
 from jobkit import KILL_TIMEOUT_S, snapshot, start_workflow, vitplasticity_jobs
 
-from vitplasticity.registry import FIGURES
+from vitplasticity.registry import FIGURES, TABLES
 
 pytestmark = pytest.mark.reliability
 
@@ -29,7 +29,7 @@ def _dry_run_jobs(output: str) -> list[dict[str, list[str]]]:
     return jobs_
 
 
-# Rules that keep more files (state.pt, mlflow_run.json) in the folder of this output.
+# Rules that keep more files (state.pt, record.json, mlflow_run.json) in the folder of this output.
 RUN_FOLDER_RECORD = {"finetune": "metrics.json", "pretrain_checkpoint": "metrics.json", "linear_probe": "metrics.json",
                      "measure_plasticity": "plasticity.csv", "measure_criteria": "criteria.csv",
                      "measure_trajectory": "trajectory.csv"}
@@ -54,6 +54,12 @@ def test_no_two_jobs_of_a_study_write_the_same_file_or_run_folder(config, finetu
         if record:
             folder = str(Path(next(p for p in job["writes"] if Path(p).name == record)).parent)
             assert owners[folder] == {index}, (job["rule"], folder)
+    # Every job that leaves a record (records.FILE, and mlflow_run.json beside it) has a folder of its own
+    # for it; an experiment's tables and figures folders also hold the paper comparison, which keeps none.
+    with_record = RUN_FOLDER_RECORD | {"aggregate": f"{TABLES[0]}.csv", "figures": f"{FIGURES[0]}.png"}
+    folders = [str(Path(next(p for p in job["writes"] if Path(p).name == with_record[job["rule"][0]])).parent)
+               for job in planned if job["rule"][0] in with_record]
+    assert len(folders) == len(set(folders)), "two jobs keep their records in the same folder"
 
 
 @pytest.mark.slow

@@ -28,7 +28,9 @@ def test_divergence_is_recorded_in_metrics_json_and_mlflow(kit, tmp_path, monkey
     tracking.prepare_study(track, ["vit/novel/sgd"], tmp_path / "results")  # as the workflow's onstart does
     run_dir = tmp_path / "run"
 
-    metrics = jobs.finetune({**FINETUNE, "lr": 1e30}, RUNTIME, kit / TASK, kit / CKPT, run_dir, track)
+    settings = {**FINETUNE, "lr": 1e30}
+    with tracking.live(track, run_dir, "finetune", settings) as on_eval:  # as the command line runs the job
+        metrics = jobs.finetune(settings, RUNTIME, kit / TASK, kit / CKPT, run_dir, on_eval=on_eval)
 
     expected = {"status": "diverged", "diverged_step": 2, "steps_done": 2, "test_acc": None, "test_loss": None,
                 "best_val_acc": None, "best_step": None}  # it diverged before its first evaluation
@@ -37,7 +39,7 @@ def test_divergence_is_recorded_in_metrics_json_and_mlflow(kit, tmp_path, monkey
     history = pd.read_csv(run_dir / "history.csv")
     assert list(history["step"]) == [1, 2] and np.isnan(history["loss"].iloc[-1])
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "history.csv", "metrics.json",
-                                                         "mlflow_run.json"]  # no state.pt left
+                                                         "mlflow_run.json", "record.json"]  # no state.pt left
 
     from mlflow.tracking import MlflowClient
 

@@ -51,7 +51,7 @@ from vitplasticity.datasets.imagefiles import ImageFiles
 from vitplasticity.datasets.images import Decoding, read_image, to_rgb
 from vitplasticity.datasets.sources import prepare_task
 from vitplasticity.errors import UserError
-from vitplasticity.machine import Runtime, Tracking
+from vitplasticity.machine import Runtime
 from vitplasticity.prepared import load_split
 from vitplasticity.settings import SCHEMA
 from vitplasticity.settings import check as with_defaults
@@ -431,7 +431,7 @@ def test_max_image_pixels_sets_the_limit_for_trusted_data(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Model shapes
 
-RUNTIME, UNTRACKED = Runtime(), Tracking(enabled=False)
+RUNTIME = Runtime()
 ARCH_KWARGS = {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 TRAIN = {"optimizer": "sgd", "lr": 0.01, "seed": 0, "steps": 4, "eval_every": 2, "batch_size": 16, "warmup_steps": 0}
 
@@ -454,22 +454,21 @@ def test_a_model_runs_at_its_img_size_not_at_kwargs_img_size(tasks, tmp_path):
     settings = with_defaults("pretrain", {**TRAIN, "model": "vit", "timm_name": "vit_tiny_patch16_224",
                                           "kwargs": ARCH_KWARGS, "img_size": 24})
     weights = tmp_path / "vit.safetensors"
-    jobs.pretrain(settings, RUNTIME, tasks / "source", weights, tmp_path / "pretrain", UNTRACKED)
+    jobs.pretrain(settings, RUNTIME, tasks / "source", weights, tmp_path / "pretrain")
     record = json.loads(weights.with_suffix(".json").read_text())
     assert (record["img_size"], record["arch"]["kwargs"]["img_size"]) == (24, 24)
     assert load_file(str(weights))["pos_embed"].shape == (1, 10, 32)  # 3 × 3 patches of 8 px + class token
     finetune = with_defaults("finetune", {**TRAIN, "model": "vit", "task": "novel", "arm": "mha",
                                           "components": ["mha"]})
-    assert jobs.finetune(finetune, RUNTIME, tasks / "novel", weights, tmp_path / "run", UNTRACKED)["status"] == (
+    assert jobs.finetune(finetune, RUNTIME, tasks / "novel", weights, tmp_path / "run")["status"] == (
         "completed")
     measure = {"model": "vit", "task": "novel", "n_pairs": 8, "modes": ["embedding", "hidden"]}
     table = jobs.measure_plasticity(measure, RUNTIME, weights, tasks / "source", tasks / "novel", tmp_path / "p.csv",
-                                    tmp_path / "p.json", UNTRACKED)
+                                    tmp_path / "p.json")
     assert len(table) == 2 * 5 * 2 and table["mean"].notna().all()
     assert len(jobs.compute_bounds(weights, tmp_path / "p.json", tmp_path / "bounds.csv")) == 5 * 2
     probe = {"model": "vit", "task": "novel", "max_iter": 50}
-    assert 0 <= jobs.linear_probe(probe, RUNTIME, weights, tasks / "novel", tmp_path / "probe.json",
-                                  UNTRACKED)["test_acc"] <= 1
+    assert 0 <= jobs.linear_probe(probe, RUNTIME, weights, tasks / "novel", tmp_path / "probe.json")["test_acc"] <= 1
 
 
 def test_a_checkpoint_of_another_size_is_one_line_before_any_run_folder(tasks, tmp_path, capsys):

@@ -516,7 +516,6 @@ def test_a_job_records_the_reference_order_and_the_classes_its_pairs_cover(kit, 
 
     from vitplasticity import jobs
     from vitplasticity.datasets.sources import prepare_task
-    from vitplasticity.machine import Tracking
 
     wnids = ["n01440764", "n01443537", "n01484850", "n01491361"]
     files = {f"{wnids[k % 4]}/ILSVRC2012_val_{k:08d}.JPEG": jpeg((20 * k, 9 * k, 0), (24, 20)) for k in range(1, 13)}
@@ -527,13 +526,13 @@ def test_a_job_records_the_reference_order_and_the_classes_its_pairs_cover(kit, 
                                   "split_seed": 42}, reference, None)
     settings = {"model": "vit", "task": "novel", "n_pairs": 6, "modes": ["embedding"]}
     table = jobs.measure_plasticity(settings, RUNTIME, kit / CKPT, reference, kit / TASK, tmp_path / "p.csv",
-                                    tmp_path / "p.json", Tracking(enabled=False))
+                                    tmp_path / "p.json")
     stats = json.loads((tmp_path / "p.json").read_text())
     assert stats["reference_order"] == "imagefolder" and stats["reference_classes_paired"] == wnids[:2]
     assert stats["reference_classes"] == 2
     assert set(table["reference_order"]) == {"imagefolder"} and set(table["reference_classes"]) == {2}
     jobs.measure_plasticity(settings | {"loader_batch": 5}, RUNTIME, kit / CKPT, reference, kit / TASK,
-                            tmp_path / "p.csv", tmp_path / "p.json", Tracking(enabled=False))
+                            tmp_path / "p.csv", tmp_path / "p.json")
     stats = json.loads((tmp_path / "p.json").read_text())  # 6 pairs use 6 images of each stream
     assert (stats["reference_images"], stats["downstream_images"]) == (6, 6)
 

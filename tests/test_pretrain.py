@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from vitplasticity import jobs, settings
 from vitplasticity.datasets.sources import prepare_task
 from vitplasticity.errors import UserError
-from vitplasticity.machine import Runtime, Tracking
+from vitplasticity.machine import Runtime
 
 SETTINGS = {"model": "vit", "timm_name": "vit_tiny_patch16_224", "img_size": 16,
             "kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
@@ -28,7 +28,7 @@ def source(tmp_path_factory):
 
 def pretrain(source, folder, overrides=None):
     return jobs.pretrain(settings.check("pretrain", SETTINGS | (overrides or {})), Runtime(), source,
-                         folder / "vit.safetensors", folder / "run", Tracking(enabled=False))
+                         folder / "vit.safetensors", folder / "run")
 
 
 class Interrupted(Exception):

@@ -1,4 +1,5 @@
-"""MLflow mirror: one run per job, resume/rerun without duplicates, failure states, parallel jobs, rebuild."""
+"""MLflow, a view of the job records: live runs, resume/rerun without duplicates, failure states, parallel
+jobs, rebuild."""
 
 import contextlib
 import hashlib
@@ -20,10 +21,11 @@ import yaml
 from conftest import smoke_config, snakemake, write_config
 from mlflow.tracking import MlflowClient
 
-from vitplasticity import tracking
+from vitplasticity import records, tracking
 from vitplasticity.machine import Tracking
 
 PARENT = "vit/novel/sgd"
+PARAMS = {"model": "vit", "task": "novel", "optimizer": "sgd", "arm": "mha", "lr": 0.01, "seed": 1}
 
 
 def free_port() -> int:
@@ -70,9 +72,8 @@ def prepared(server):
     return tracking.prepare_store(server, "tests", [PARENT])
 
 
-def job_settings(uri: str, prepared: dict) -> dict:
-    return {"enabled": True, "uri": uri, "experiment": "tests", "parent": PARENT,
-            "tags": {"rule": "finetune", "config_hash": "abc"}}
+def live(uri: str) -> Tracking:
+    return Tracking(enabled=True, uri=uri, experiment="tests")
 
 
 def history(first: int, last: int, eval_every: int = 10) -> list[dict]:
@@ -85,8 +86,15 @@ def history(first: int, last: int, eval_every: int = 10) -> list[dict]:
     return rows
 
 
+def write_history(path: Path, rows: list[dict]) -> None:
+    columns = ("step", *records.HISTORY_KEYS)
+    lines = [",".join(columns)] + [",".join("" if row.get(c) is None else str(row.get(c)) for c in columns)
+                                   for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def recorded_id(run_dir: Path) -> str:
-    return json.loads((run_dir / tracking.RUN_RECORD).read_text())["run_id"]
+    return json.loads((run_dir / tracking.RUN_FILE).read_text())["run_id"]
 
 
 def count(client: MlflowClient, run_id: str, key: str) -> int:
@@ -97,33 +105,30 @@ def runs_named(client: MlflowClient, experiment_id: str, name: str) -> list:
     return [r for r in client.search_runs([experiment_id], max_results=1000) if r.info.run_name == name]
 
 
-def finetune(settings: dict, run_dir: Path, name: str, rows: list[dict], params: dict | None = None) -> None:
-    with tracking.track_job(settings, run_dir=run_dir, run_name=name, kind="finetune",
-                            params=params or {"task": "novel", "lr": 0.01, "seed": 1}, tags={"device": "cpu"}) as run:
-        for start in range(0, len(rows), 10):
-            run.log_history(rows[start:start + 10])
-        run.log_metrics({"test_acc": 0.5, "status": "completed", "diverged_step": None})
+def finetune(settings: Tracking, run_dir: Path, rows: list[dict], params: dict | None = None,
+             logged: int | None = None) -> dict:
+    """A finetuning job as the command line runs it: its run open while it trains (the first `logged`
+    history rows logged through the evaluation hook, ten at a time), then its folder and record."""
+    params = params or PARAMS
+    with tracking.live(settings, run_dir, "finetune", params) as on_eval:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shown = rows[:len(rows) if logged is None else logged]
+        for start in range(0, len(shown), 10):
+            on_eval(shown[start:start + 10])
+        write_history(run_dir / "history.csv", rows)
+        (run_dir / "metrics.json").write_text("{}")
+        return records.write(run_dir, "finetune", params, started=time.time() - 2,
+                             metrics={"test_acc": 0.75, "best_step": 40, "status": "completed", "test_loss": None},
+                             artifacts=[run_dir / "metrics.json"], history=run_dir / "history.csv", device="cpu")
 
 
-def test_disabled_tracking_makes_no_calls(tmp_path):
-    for settings in (None, {"enabled": False, "uri": "http://127.0.0.1:1"}):
-        with tracking.track_job(settings, run_dir=tmp_path, run_name="x", kind="finetune", params={}, tags={}) as run:
-            assert type(run) is tracking.JobRun
-            run.log_history(history(1, 3))
-            run.log_metrics({"a": 1})
-            run.log_artifacts([tmp_path / "missing"])
-    assert not (tmp_path / tracking.RUN_RECORD).exists()
-
-
-def test_without_live_tracking_only_the_jobs_without_a_run_folder_open_mlflow():
-    deferred = Tracking(enabled=True, experiment="study", live=False)
-    for kind in tracking.MIRRORED_KINDS:
-        assert tracking.job_tracking(deferred, kind, {"model": "vit", "task": "novel", "optimizer": "sgd"}) == {
-            "enabled": False, "mirrored_later": True}
-    for kind in ("aggregate", "figures"):
-        assert tracking.job_tracking(deferred, kind, {})["enabled"]
-    assert tracking.job_tracking(Tracking(enabled=True, experiment="study"), "finetune", {
-        "model": "vit", "task": "novel", "optimizer": "sgd"})["parent"] == "vit/novel/sgd"
+def test_without_live_tracking_a_job_opens_no_run(tmp_path):
+    for settings in (Tracking(enabled=False), Tracking(enabled=True, uri="http://127.0.0.1:1", live=False)):
+        with tracking.live(settings, tmp_path, "finetune", PARAMS) as on_eval:
+            assert on_eval is None
+    with tracking.live(live("http://127.0.0.1:1"), None, "figures", {}) as on_eval:
+        assert on_eval is None  # a job without a record
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_params_are_flat_truncated_and_free_of_credentials():
@@ -140,92 +145,120 @@ def test_params_are_flat_truncated_and_free_of_credentials():
 
 
 def test_run_names():
-    settings = {"model": "vit", "task": "cifar10", "arm": "mha", "lr": 0.01, "seed": 42, "optimizer": "sgd"}
-    assert tracking.run_name("finetune", settings) == "mha/cifar10/lr0.01/seed42"
-    assert tracking.run_name("pretrain", settings) == "pretrain/vit"
-    assert tracking.run_name("probe", settings) == "probe/vit/cifar10"
-    assert tracking.parent_name(settings) == "vit/cifar10/sgd"
+    settings = {"model": "vit", "task": "cifar10", "arm": "mha", "lr": 0.01, "seed": 42, "optimizer": "sgd",
+                "experiment": "main"}
+    assert records.run_name("finetune", settings) == "mha/cifar10/lr0.01/seed42"
+    assert records.run_name("pretrain", settings) == "pretrain/vit"
+    assert records.run_name("probe", settings) == "probe/vit/cifar10"
+    assert records.run_name("aggregate", settings) == "aggregate/main"
+    assert records.parent_name(settings) == "vit/cifar10/sgd"
 
 
-def test_track_job_logs_one_run_with_params_tags_and_history(server, prepared, tmp_path, monkeypatch):
+def test_a_record_holds_what_mlflow_shows(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    folder = tmp_path / "probes" / "vit" / "novel"
+    folder.mkdir(parents=True)
+    (folder / "out.csv").write_text("a\n1\n")
+    record = records.write(folder, "probe", {"model": "vit", "task": "novel"}, started=time.time() - 3,
+                           metrics={"test_acc": 0.887, "train_acc": 0.94, "n": 12, "loss": float("nan"),
+                                    "status": "ok", "note": None},
+                           series={"embedding/mha": [(1, 0.5), (0, 0.25)]}, artifacts=[folder / "out.csv"],
+                           device="cpu")
+    assert json.loads((folder / records.FILE).read_text()) == record == records.read(folder)
+    assert record["metrics"] == {"test_acc": pytest.approx(88.7), "train_acc": pytest.approx(94.0), "n": 12.0}
+    assert record["series"] == {"embedding/mha": [[0, 0.25], [1, 0.5]]}  # in step order
+    assert record["artifacts"] == ["out.csv"] and record["history"] is None
+    assert record["run_name"] == "probe/vit/novel" and record["parent"] is None
+    tags = record["tags"]
+    assert tags["kind"] == "probe" and tags["device"] == "cpu" and tags["status"] == "ok" and "note" not in tags
+    assert tags["slurm_job_id"] == "4242" and tags["host"] == socket.gethostname()
+    assert record["end_ms"] - record["start_ms"] == pytest.approx(3000, abs=200)
+    assert record["resources"]["wall_s"] == pytest.approx(3.0, abs=0.2)
+    assert 10 < record["resources"]["peak_rss_mib"] < 100_000  # this process, in MiB
+    (tmp_path / "logs" / "x").mkdir(parents=True)
+    (tmp_path / "logs" / "x" / records.FILE).write_text("{}")  # not a run folder: not searched
+    assert records.find(tmp_path) == [folder]
+
+
+def test_series_leave_out_missing_values_and_average_rows_at_a_step():
+    rows = [{"step": step, "mode": "embedding", "component": "mha", "mean": value}
+            for step in (100, 50) for value in (0.5, float("nan"), 1.5 + step, None)]
+    assert records.series(rows, "step", ("mode", "component"), "mean") == {"embedding/mha": [(50, 26.0), (100, 51.0)]}
+
+
+def test_a_live_run_logs_its_curves_then_its_record(server, prepared, tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "metrics.json").write_text("{}")
-    params = {"task": "novel", "arm": "mha", "lr": 0.01, "seed": 1, "components": ["mha"], "hub": {"token": "t0k3n"}}
-    with tracking.track_job(job_settings(server, prepared), run_dir=run_dir, run_name="novel/mha/lr0.01/seed1",
-                            kind="finetune", params=params, tags={"device": "cpu"}) as run:
-        run.log_history(history(1, 25))
-        run.log_history(history(26, 50))
-        run.log_metrics({"test_acc": 0.75, "best_step": 40, "status": "completed", "test_loss": None})
-        run.log_artifacts([run_dir / "metrics.json"])
+    params = PARAMS | {"components": ["mha"], "hub": {"token": "t0k3n"}}
+    record = finetune(live(server), run_dir, history(1, 50), params=params, logged=30)
     client = MlflowClient(server)
-    (found,) = runs_named(client, prepared["experiment_id"], "novel/mha/lr0.01/seed1")
+    (found,) = runs_named(client, prepared["experiment_id"], "mha/novel/lr0.01/seed1")
     assert found.info.run_id == recorded_id(run_dir)
+    assert json.loads((run_dir / tracking.RUN_FILE).read_text())["record_id"] == record["id"]
     assert found.info.status == "FINISHED"
-    assert found.data.params == {"task": "novel", "arm": "mha", "lr": "0.01", "seed": "1", "components": '["mha"]',
-                                 "hub.token": "t0k3n"}  # short, not credential-looking
+    assert found.data.params == {"model": "vit", "task": "novel", "optimizer": "sgd", "arm": "mha", "lr": "0.01",
+                                 "seed": "1", "components": '["mha"]', "hub.token": "t0k3n"}  # short: no credential
     tags = found.data.tags
-    assert tags["kind"] == "finetune" and tags["rule"] == "finetune" and tags["config_hash"] == "abc"
-    assert tags["device"] == "cpu" and tags["slurm_job_id"] == "4242" and tags["host"] == socket.gethostname()
+    assert tags["kind"] == "finetune" and tags["device"] == "cpu" and tags["status"] == "completed"
+    assert tags["slurm_job_id"] == "4242" and tags["host"] == socket.gethostname()
     assert tags["mlflow.parentRunId"] == prepared["parent_run_ids"][PARENT]
-    assert tags["status"] == "completed"
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert tags.get("mlflow.source.git.commit") == (head or None)
     assert tags.get("git_dirty") in (("true", "false") if head else (None,))
     assert found.data.metrics["test_acc"] == 75.0 and "test_loss" not in found.data.metrics  # accuracies in %
+    assert found.data.metrics["job/peak_rss_mib"] == pytest.approx(record["resources"]["peak_rss_mib"])
     assert [m.step for m in client.get_metric_history(found.info.run_id, "test_acc")] == [50]  # the last step
     run_id = found.info.run_id
-    assert [count(client, run_id, k) for k in tracking.HISTORY_KEYS] == [50, 50, 49, 5, 5]
+    # 30 rows logged live, the other 20 from the history file at job end
+    assert [count(client, run_id, k) for k in records.HISTORY_KEYS] == [50, 50, 49, 5, 5]
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val_acc")] == [
         (step, step / 10) for step in (10, 20, 30, 40, 50)]  # history rows hold fractions: step / 1000
     assert [a.path for a in client.list_artifacts(run_id)] == ["metrics.json"]
+    assert tracking.unmirrored(live(server), tmp_path) is None  # a server is not asked
 
 
 def test_rerun_of_a_finished_folder_reuses_its_run(server, prepared, tmp_path):
-    settings, run_dir = job_settings(server, prepared), tmp_path / "run"
-    finetune(settings, run_dir, "novel/ln1/lr0.01/seed1", history(1, 30))
+    params, run_dir = PARAMS | {"arm": "ln1"}, tmp_path / "run"
+    finetune(live(server), run_dir, history(1, 30), params)
     first = recorded_id(run_dir)
-    finetune(settings, run_dir, "novel/ln1/lr0.01/seed1", history(1, 30))
+    finetune(live(server), run_dir, history(1, 30), params)
     client = MlflowClient(server)
-    (found,) = runs_named(client, prepared["experiment_id"], "novel/ln1/lr0.01/seed1")
+    (found,) = runs_named(client, prepared["experiment_id"], "ln1/novel/lr0.01/seed1")
     assert found.info.run_id == first == recorded_id(run_dir)
     assert found.info.status == "FINISHED"
     assert count(client, first, "loss") == 30 and count(client, first, "test_acc") == 1
 
 
 def test_resumed_job_continues_its_run(server, prepared, tmp_path):
-    settings, run_dir = job_settings(server, prepared), tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt), tracking.track_job(
-            settings, run_dir=run_dir, run_name="novel/fc1/lr0.01/seed1", kind="finetune", params={"lr": 0.01},
-            tags={}) as run:
-        run.log_history(history(1, 20))
+    params, run_dir = PARAMS | {"arm": "fc1"}, tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt), tracking.live(live(server), run_dir, "finetune", params) as on_eval:
+        on_eval(history(1, 20))
         raise KeyboardInterrupt
     client = MlflowClient(server)
     run_id = recorded_id(run_dir)
     assert client.get_run(run_id).info.status == "KILLED"
-    with tracking.track_job(settings, run_dir=run_dir, run_name="novel/fc1/lr0.01/seed1", kind="finetune",
-                            params={"lr": 0.01}, tags={}) as run:
+    with tracking.live(live(server), run_dir, "finetune", params) as on_eval:
         assert client.get_run(run_id).info.status == "RUNNING"
-        run.log_history(history(11, 40))  # overlaps what was logged before the interruption
+        on_eval(history(11, 40))  # overlaps what was logged before the interruption
+        write_history(run_dir / "history.csv", history(1, 40))
+        records.write(run_dir, "finetune", params, started=time.time(), history=run_dir / "history.csv")
     assert recorded_id(run_dir) == run_id
     assert client.get_run(run_id).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(1, 41))
 
 
 def test_exception_inside_marks_the_run_failed(server, prepared, tmp_path):
-    with pytest.raises(RuntimeError, match="boom"), tracking.track_job(
-            job_settings(server, prepared), run_dir=tmp_path, run_name="novel/failed", kind="finetune", params={},
-            tags={}):
+    with pytest.raises(RuntimeError, match="boom"), tracking.live(live(server), tmp_path, "finetune",
+                                                                   PARAMS | {"arm": "failed"}):
         raise RuntimeError("boom")
     assert MlflowClient(server).get_run(recorded_id(tmp_path)).info.status == "FAILED"
+    assert tracking.unmirrored(Tracking(enabled=True, uri=f"sqlite:///{tmp_path}/none.db"), tmp_path) == 0
 
 
 def test_sigterm_inside_marks_the_run_killed(server, prepared, tmp_path):
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(tracking.Terminated) as caught, tracking.track_job(
-            job_settings(server, prepared), run_dir=tmp_path, run_name="novel/terminated", kind="finetune", params={},
-            tags={}):
+    with pytest.raises(tracking.Terminated) as caught, tracking.live(live(server), tmp_path, "finetune",
+                                                                      PARAMS | {"arm": "terminated"}):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
     assert caught.value.code == 128 + signal.SIGTERM
@@ -234,12 +267,12 @@ def test_sigterm_inside_marks_the_run_killed(server, prepared, tmp_path):
 
 
 def test_changed_params_replace_the_recorded_run(server, prepared, tmp_path):
-    settings = job_settings(server, prepared)
-    finetune(settings, tmp_path, "novel/arm/changed", history(1, 10), params={"steps": 10})
+    params = PARAMS | {"arm": "changed"}
+    finetune(live(server), tmp_path, history(1, 10), params | {"steps": 10})
     old = recorded_id(tmp_path)
-    finetune(settings, tmp_path, "novel/arm/changed", history(1, 20), params={"steps": 20})
+    finetune(live(server), tmp_path, history(1, 20), params | {"steps": 20})
     client = MlflowClient(server)
-    (found,) = runs_named(client, prepared["experiment_id"], "novel/arm/changed")
+    (found,) = runs_named(client, prepared["experiment_id"], "changed/novel/lr0.01/seed1")
     assert found.info.run_id == recorded_id(tmp_path) != old
     assert client.get_run(old).info.lifecycle_stage == "deleted"
     assert count(client, found.info.run_id, "loss") == 20
@@ -247,88 +280,79 @@ def test_changed_params_replace_the_recorded_run(server, prepared, tmp_path):
 
 def test_unreachable_server_leaves_the_job_untracked_with_one_line(tmp_path, capsys):
     uri = f"http://127.0.0.1:{free_port()}"
-    settings = {"enabled": True, "uri": uri, "experiment": "tests", "tags": {}}
-    with tracking.track_job(settings, run_dir=tmp_path, run_name="x", kind="finetune", params={}, tags={}) as run:
-        assert type(run) is tracking.JobRun  # the job runs; its folder is mirrored once the store answers
+    with tracking.live(live(uri), tmp_path, "finetune", PARAMS) as on_eval:
+        assert on_eval is None  # the job runs; its record is mirrored once the store answers
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"vitplasticity tracking: MLflow store {uri} cannot be used (the server is not reachable")
     assert line.endswith("; fix: start the server (`mlflow server`), or correct `tracking.uri`")
-    assert not (tmp_path / tracking.RUN_RECORD).exists()
+    assert not (tmp_path / tracking.RUN_FILE).exists()
 
 
-def parallel_job(args: tuple[dict, str, int]) -> str:
+def parallel_job(args: tuple[Tracking, str, int]) -> str:
     """One job of the parallel test (runs in a spawned process)."""
     settings, run_dir, index = args
-    with tracking.track_job(settings, run_dir=Path(run_dir), run_name=f"parallel/{index}", kind="finetune",
-                            params={"index": index}, tags={}) as run:
-        rows = history(1, 200, eval_every=20)
-        for start in range(0, 200, 20):
-            run.log_history(rows[start:start + 20])
-        run.log_metrics({"test_acc": index / 10})
+    finetune(settings, Path(run_dir), history(1, 200, eval_every=20), PARAMS | {"arm": f"parallel{index}"})
     return recorded_id(Path(run_dir))
 
 
 def test_parallel_processes_lose_no_run_and_no_point(server, prepared, tmp_path):
-    settings = job_settings(server, prepared)
-    jobs = [(settings, str(tmp_path / f"run{i}"), i) for i in range(4)]
+    jobs = [(live(server), str(tmp_path / f"run{i}"), i) for i in range(4)]
     with multiprocessing.get_context("spawn").Pool(4) as pool:
         run_ids = pool.map(parallel_job, jobs)
     client = MlflowClient(server)
     assert len(set(run_ids)) == 4
     for index, run_id in enumerate(run_ids):
         run = client.get_run(run_id)
-        assert run.info.run_name == f"parallel/{index}" and run.info.status == "FINISHED"
+        assert run.info.run_name == f"parallel{index}/novel/lr0.01/seed1" and run.info.status == "FINISHED"
         assert run.info.experiment_id == prepared["experiment_id"]
-        assert [count(client, run_id, k) for k in tracking.HISTORY_KEYS] == [200, 200, 199, 10, 10]
+        assert [count(client, run_id, k) for k in records.HISTORY_KEYS] == [200, 200, 199, 10, 10]
     for index in range(4):
-        assert len(runs_named(client, prepared["experiment_id"], f"parallel/{index}")) == 1
+        assert len(runs_named(client, prepared["experiment_id"], f"parallel{index}/novel/lr0.01/seed1")) == 1
 
 
-def test_parallel_jobs_of_a_new_task_create_its_parent_run_once(tmp_path):
+def test_parallel_jobs_of_a_new_task_create_its_parent_run_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the study folder: its results/ holds the lock
+    (tmp_path / "results").mkdir()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     prepared = tracking.prepare_store(uri, "tests")  # as the workflow does: no parent runs yet
-    settings = {"enabled": True, "uri": uri, "experiment": "tests", "parent": "vit/new/sgd",
-                "lock": str(tmp_path / "tracking.lock"), "tags": {}}
-    jobs = [(settings, str(tmp_path / f"run{i}"), i) for i in range(4)]
+    jobs = [(live(uri), str(tmp_path / f"run{i}"), i) for i in range(4)]
     with multiprocessing.get_context("spawn").Pool(4) as pool:
         run_ids = pool.map(parallel_job, jobs)
     client = MlflowClient(uri)
-    (parent,) = runs_named(client, prepared["experiment_id"], "vit/new/sgd")
+    (parent,) = runs_named(client, prepared["experiment_id"], PARENT)
     assert parent.data.tags["kind"] == "parent"
     assert {client.get_run(run_id).data.tags["mlflow.parentRunId"] for run_id in run_ids} == {parent.info.run_id}
 
 
 def test_embedded_sqlite_store(tmp_path):
     uri = f"sqlite:///{tmp_path}/results/mlflow.db"
-    settings = {"enabled": True, "uri": uri, "experiment": "tests", "tags": {}}
-    with tracking.track_job(settings, run_dir=tmp_path, run_name="x", kind="probe", params={}, tags={}) as run:
-        assert type(run) is tracking.JobRun  # jobs never create the store
+    with tracking.live(live(uri), tmp_path, "probe", {"model": "vit", "task": "novel"}) as on_eval:
+        assert on_eval is None  # jobs never create the store
     assert not (tmp_path / "results" / "mlflow.db").exists()
     prepared = tracking.prepare_store(uri, "tests", [PARENT])
     assert tracking.prepare_store(uri, "tests", [PARENT]) == prepared
-    settings = job_settings(uri, prepared)
     run_dir = tmp_path / "results" / "runs" / "a"
-    run_dir.mkdir(parents=True)
-    (run_dir / "history.csv").write_text("step,loss\n1,0.5\n")
-    with tracking.track_job(settings, run_dir=run_dir, run_name="novel/mha/lr0.01/seed0", kind="finetune",
-                            params={"lr": 0.01}, tags={}) as run:
-        run.log_history(history(1, 12))
-        run.log_artifacts([run_dir / "history.csv"])
+    finetune(live(uri), run_dir, history(1, 12))
     client = MlflowClient(uri)
     run = client.get_run(recorded_id(run_dir))
     assert run.data.tags["mlflow.parentRunId"] == prepared["parent_run_ids"][PARENT]
     assert count(client, run.info.run_id, "loss") == 12
-    assert (tmp_path / "results" / "mlartifacts" / run.info.run_id / "artifacts" / "history.csv").exists()
+    assert (tmp_path / "results" / "mlartifacts" / run.info.run_id / "artifacts" / "metrics.json").exists()
+    assert tracking.unmirrored(live(uri), tmp_path / "results") == 0
 
 
-def write_run_folder(folder: Path, settings: dict, steps: int, job: str = "finetune") -> None:
+def write_run_folder(folder: Path, settings: dict, steps: int, job: str = "finetune") -> dict:
+    """A pretraining or finetuning run folder as its job writes it, its record last; the record."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(yaml.safe_dump({"job": job, "settings": settings}))
     lines = ["step,loss,lr,grad_norm,val_loss,val_acc"]
     lines += [f"{s},{1 / s},0.01,0.5," + (f"{2 / s},{s / 100}" if s % 5 == 0 else ",") for s in range(1, steps + 1)]
     (folder / "history.csv").write_text("\n".join(lines) + "\n")
-    (folder / "metrics.json").write_text(json.dumps({"status": "completed", "test_acc": 0.5, "wall_time_s": 12.5,
-                                                     "diverged_step": None, "device": "cpu"}))
+    metrics = {"status": "completed", "test_acc": 0.5, "wall_time_s": 12.5, "diverged_step": None, "device": "cpu"}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return records.write(folder, job, settings, started=time.time() - 12.5, metrics=metrics, device="cpu",
+                         artifacts=[folder / name for name in ("config.yaml", "history.csv", "metrics.json")],
+                         history=folder / "history.csv")
 
 
 def study_results(results: Path) -> None:
@@ -338,28 +362,38 @@ def study_results(results: Path) -> None:
                     "components": [arm], "steps": 20}
         write_run_folder(results / "runs" / "vit" / task / "sgd" / arm / f"lr{lr}_seed0", settings, 20)
     write_run_folder(results / "pretrain" / "vit", {"model": "vit", "steps": 30, "lr": 0.003}, 30, job="pretrain")
+    model_task = {"model": "vit", "task": "novel"}
     probe = results / "probes" / "vit" / "novel"
     probe.mkdir(parents=True)
     (probe / "metrics.json").write_text(json.dumps({"test_acc": 0.4, "model": "vit", "task": "novel"}))
+    records.write(probe, "probe", model_task, started=time.time(), metrics={"test_acc": 0.4},
+                  artifacts=[probe / "metrics.json"])
     plasticity = results / "plasticity" / "vit" / "novel"
     plasticity.mkdir(parents=True)
-    rows = ["model,task,mode,component,label,layer,depth_pct,mean,std,n,ci95"]
-    rows += [f"vit,novel,embedding,{c},{c},{layer},50,{layer + 1.5},0.1,64,0.02" for c in ("mha", "fc1")
-             for layer in (0, 1)]
-    (plasticity / "plasticity.csv").write_text("\n".join(rows) + "\n")
-    (plasticity / "embedding.json").write_text(json.dumps({"model": "vit", "task": "novel", "pairs": 64}))
+    rows = [{"mode": "embedding", "component": c, "layer": layer, "mean": layer + 1.5} for c in ("mha", "fc1")
+            for layer in (0, 1)]
+    (plasticity / "plasticity.csv").write_text("mode,component,layer,mean\n" + "".join(
+        f"{r['mode']},{r['component']},{r['layer']},{r['mean']}\n" for r in rows))
+    records.write(plasticity, "plasticity", model_task | {"n_pairs": 64}, started=time.time(),
+                  series=records.series(rows, "layer", ("mode", "component"), "mean"),
+                  artifacts=[plasticity / "plasticity.csv"])
     criteria = results / "criteria" / "vit" / "novel"
     criteria.mkdir(parents=True)
-    (criteria / "cost.csv").write_text("model,task,criterion,wall_s,peak_mib\nvit,novel,trainable_params,0.01,0.0\n"
-                                       "vit,novel,relative_gradient_norm,1.25,12.5\n")
     (criteria / "criteria.csv").write_text("model,task,criterion,component,layer,value\n"
                                            "vit,novel,trainable_params,mha,0,12\n")
+    records.write(criteria, "criteria", model_task, started=time.time(),
+                  series={"trainable_params/mha": [(0, 12.0)]},
+                  metrics={"trainable_params/wall_s": 0.01, "relative_gradient_norm/wall_s": 1.25},
+                  artifacts=[criteria / "criteria.csv"])
     trajectory = results / "pretrain" / "vit" / "trajectory"
     trajectory.mkdir()
-    rows = ["model,task,step,source_val_acc,mode,component,layer,mean,pairs"]
-    rows += [f"vit,{task},{step},0.5,embedding,mha,{layer},{step / 10 + layer + (task == 'b')},64"
-             for step in (10, 20) for task in ("b", "a") for layer in (0, 1)]
-    (trajectory / "trajectory.csv").write_text("\n".join(rows) + "\n")
+    rows = [{"step": step, "task": task, "mode": "embedding", "component": "mha", "layer": layer,
+             "mean": step / 10 + layer + (task == "b")} for step in (10, 20) for task in ("b", "a") for layer in (0, 1)]
+    (trajectory / "trajectory.csv").write_text("step\n10\n20\n")
+    records.write(trajectory, "trajectory", {"model": "vit", "tasks": ["b", "a"], "keep_steps": [10, 20],
+                                             "n_pairs": 64}, started=time.time(),
+                  series=records.series(rows, "step", ("mode", "component"), "mean"),
+                  artifacts=[trajectory / "trajectory.csv"])
 
 
 def store_summary(uri: str) -> dict:
@@ -377,6 +411,9 @@ def rebuild_and_summarise(results: Path, uri: str) -> tuple[dict, dict]:
     return tracking.rebuild(results, uri, "study"), store_summary(uri)
 
 
+JOB = {"job/wall_s": 1, "job/peak_rss_mib": 1}  # every record's own resources
+
+
 def test_rebuild_recreates_the_store_from_run_folders(tmp_path):
     results = tmp_path / "results"
     study_results(results)
@@ -385,25 +422,25 @@ def test_rebuild_recreates_the_store_from_run_folders(tmp_path):
     experiment = MlflowClient(uri).get_experiment_by_name("study")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
     history_counts = {"loss": 20, "lr": 20, "grad_norm": 20, "val_loss": 4, "val_acc": 4, "test_acc": 1,
-                      "wall_time_s": 1}
+                      "wall_time_s": 1, **JOB}
     assert summary["mha/novel/lr0.01/seed0"] == ("finetune", "vit/novel/sgd", history_counts)
     assert summary["mha/sketch/lr0.01/seed0"][1] == "vit/sketch/sgd"
     assert summary["pretrain/vit"][2]["loss"] == 30
-    assert summary["probe/vit/novel"] == ("probe", None, {"test_acc": 1})
+    assert summary["probe/vit/novel"] == ("probe", None, {"test_acc": 1, **JOB})
     client = MlflowClient(uri)
 
     def points(folder: Path, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in client.get_metric_history(recorded_id(folder), key)]
 
     # values that run along something are on MLflow's step axis: plasticity and criteria per layer
-    assert summary["plasticity/vit/novel"][2] == {"embedding/mha": 2, "embedding/fc1": 2}
+    assert summary["plasticity/vit/novel"][2] == {"embedding/mha": 2, "embedding/fc1": 2, **JOB}
     assert points(results / "plasticity" / "vit" / "novel", "embedding/fc1") == [(0, 1.5), (1, 2.5)]
     assert summary["criteria/vit/novel"] == ("criteria", None, {"trainable_params/wall_s": 1,
                                                                 "relative_gradient_norm/wall_s": 1,
-                                                                "trainable_params/mha": 1})
+                                                                "trainable_params/mha": 1, **JOB})
     assert points(results / "criteria" / "vit" / "novel", "trainable_params/mha") == [(0, 12.0)]
     # the trajectory per pretraining step; step 10: layers 0 and 1 of task b (2, 3) and a (1, 2); step 20: 2 + the same
-    assert summary["trajectory/vit"] == ("trajectory", None, {"embedding/mha": 2})
+    assert summary["trajectory/vit"] == ("trajectory", None, {"embedding/mha": 2, **JOB})
     assert points(results / "pretrain" / "vit" / "trajectory", "embedding/mha") == [(10, 2.0), (20, 3.0)]
     trajectory = client.get_run(recorded_id(results / "pretrain" / "vit" / "trajectory"))
     assert trajectory.data.params == {"model": "vit", "tasks": '["b", "a"]', "keep_steps": "[10, 20]", "n_pairs": "64"}
@@ -412,7 +449,7 @@ def test_rebuild_recreates_the_store_from_run_folders(tmp_path):
     folder = results / "runs" / "vit" / "novel" / "sgd" / "mha" / "lr0.01_seed0"
     assert recorded_id(folder) == first["runs/vit/novel/sgd/mha/lr0.01_seed0"]
     run = MlflowClient(uri).get_run(recorded_id(folder))
-    assert run.info.status == "FINISHED" and run.info.end_time - run.info.start_time == 12500
+    assert run.info.status == "FINISHED" and run.info.end_time - run.info.start_time == pytest.approx(12500, abs=5)
     assert run.data.params["components"] == '["mha"]' and run.data.tags["device"] == "cpu"
 
     assert rebuild_and_summarise(results, uri) == (first, summary)  # again: nothing duplicated
@@ -425,6 +462,64 @@ def test_rebuild_recreates_the_store_from_run_folders(tmp_path):
     assert second.keys() == first.keys() and not set(second.values()) & set(first.values())
     assert recorded_id(folder) == second["runs/vit/novel/sgd/mha/lr0.01_seed0"]
 
+
+def test_a_damaged_folder_is_one_line_and_the_others_are_mirrored(tmp_path, capsys):
+    results = tmp_path / "results"
+    study_results(results)
+    damaged = results / "runs" / "vit" / "novel" / "sgd" / "ln1" / "lr0.03_seed0"
+    (damaged / "history.csv").unlink()
+    (results / "probes" / "vit" / "novel" / "metrics.json").unlink()  # an artifact gone: mirrored without it
+    uri = f"sqlite:///{results}/mlflow.db"
+    done = tracking.rebuild(results, uri, "study")
+    assert len(done) == 7 and str(damaged.relative_to(results)) not in done
+    lines = capsys.readouterr().err.splitlines()
+    assert (f"vitplasticity tracking: {damaged / records.FILE} cannot be mirrored ([Errno 2] No such file or "
+            f"directory: '{damaged / 'history.csv'}'); rerun its job (snakemake -R <its rule>), then mirror "
+            "again") in lines
+    probe = results / "probes" / "vit" / "novel"
+    assert (f"vitplasticity tracking: {probe / 'metrics.json'}, an artifact named by {probe / records.FILE}, is gone; "
+            "the run is mirrored without it") in lines
+    assert tracking.unmirrored(Tracking(enabled=True, uri=uri, experiment="study"), results) == 1
+    assert [run for run in stored_runs(results / "mlflow.db") if run[0] == "ln1/novel/lr0.03/seed0"] == [
+        ("ln1/novel/lr0.03/seed0", "RUNNING", "deleted", "finetune", "true")]  # no half-mirrored run is left active
+
+
+def test_a_live_run_survives_a_store_that_fails_mid_run_and_a_job_without_record(tmp_path, capsys, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking.prepare_store(uri, "tests", [PARENT])
+    client = MlflowClient(uri)
+
+    def broken(self, rows):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(tracking.MirroredRun, "log_history", broken)
+    run_dir = tmp_path / "run"
+    finetune(live(uri), run_dir, history(1, 30))  # the job trains on and writes its record
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vitplasticity")]
+    assert len(lines) == 2 and all(" cannot be used (locked by another process)" in line for line in lines)
+    assert client.get_run(recorded_id(run_dir)).info.status == "FAILED"  # not left RUNNING
+    assert tracking.unmirrored(live(uri), tmp_path) == 1  # its record is mirrored by the next mirror
+    monkeypatch.undo()
+    tracking.rebuild(tmp_path, uri, "tests", only_missing=True)
+    assert client.get_run(recorded_id(run_dir)).info.status == "FINISHED"
+    assert tracking.unmirrored(live(uri), tmp_path) == 0
+
+    with tracking.live(live(uri), tmp_path / "other", "probe", {"model": "vit", "task": "novel"}):
+        pass  # a job that writes no record
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("vitplasticity")] == [
+        f"vitplasticity tracking: the probe job wrote no {tmp_path / 'other' / records.FILE}; its MLflow run is "
+        "marked FAILED"]
+    assert client.get_run(recorded_id(tmp_path / "other")).info.status == "FAILED"
+
+
+def test_a_job_that_runs_again_drops_the_record_of_its_earlier_run_first(tmp_path):
+    from vitplasticity.cli import run_in_process
+
+    out = tmp_path / "results" / "figures" / "main"
+    out.mkdir(parents=True)
+    (out / records.FILE).write_text('{"id": "earlier"}')
+    assert run_in_process(["figures", "--tables", str(tmp_path / "missing"), "--out-dir", str(out)]) == 2
+    assert not (out / records.FILE).exists()  # a failed rerun leaves no record of outputs it replaced
 
 
 def test_a_job_run_again_without_live_tracking_updates_its_run_at_the_next_mirror(tmp_path):
@@ -439,24 +534,29 @@ def test_a_job_run_again_without_live_tracking_updates_its_run_at_the_next_mirro
     old_id = recorded_id(folder)
 
     def run_again(steps: int) -> None:
-        """The job as Snakemake reruns it: its outputs removed, then written anew; its record kept."""
+        """The job as Snakemake reruns it: its outputs removed, then written anew with a new record."""
         for name in ("config.yaml", "history.csv", "metrics.json"):
             (folder / name).unlink()
-        with tracking.track_job(tracking.job_tracking(deferred, "finetune", settings), run_dir=folder,
-                                run_name="x", kind="finetune", params=settings, tags={}):
+        with tracking.live(deferred, folder, "finetune", settings) as on_eval:
+            assert on_eval is None
             write_run_folder(folder, settings | {"steps": steps}, steps)
 
     run_again(steps=20)  # same settings (a code change): the same run, continued
     assert tracking.unmirrored(deferred, results) == 1
     tracking.rebuild(results, uri, "study", only_missing=True)
     assert recorded_id(folder) == old_id and tracking.unmirrored(deferred, results) == 0
-    assert store_summary(uri) == before
+    again = store_summary(uri)
+    # nothing duplicated; the job's own resources get a point for each time it ran
+    name = "mha/novel/lr0.01/seed0"
+    assert again[name][2] == before[name][2] | {"job/wall_s": 2, "job/peak_rss_mib": 2}
+    assert {k: v for k, v in again.items() if k != name} == {k: v for k, v in before.items() if k != name}
 
     run_again(steps=30)  # changed settings: the run is replaced, as when it is tracked live
     tracking.rebuild(results, uri, "study", only_missing=True)
     after = store_summary(uri)
     assert recorded_id(folder) != old_id and len(after) == len(before)
     assert after["mha/novel/lr0.01/seed0"][2]["loss"] == 30
+
 
 def stored_runs(store: Path) -> list[tuple]:
     """(name, status, lifecycle stage, kind tag, incomplete tag) of every run in a SQLite store, read with sqlite3."""
@@ -502,7 +602,7 @@ def test_a_rebuild_stopped_by_ctrl_c_or_killed_is_completed_by_the_next_mirror(t
         "are mirrored by the next snakemake run or by this command again")
     missing = tracking.unmirrored(deferred, results)  # what `snakemake -n` reports
     assert 0 < missing < 28
-    assert len(list(results.rglob(tracking.RUN_RECORD))) == 28 - missing
+    assert len(list(results.rglob(tracking.RUN_FILE))) == 28 - missing
     assert {run[1] for run in stored_runs(store)} == {"FINISHED"}
 
     process = start_rebuild(tmp_path, after_runs=28 - missing + 2)
@@ -563,13 +663,13 @@ def test_smoke_workflow_with_parallel_jobs_mirrors_every_run_folder(server, tmp_
                          for folder in folders["finetune"]}
     # One parent per model/task/optimizer, made before the jobs by the workflow's onstart.
     parents = {r.info.run_name: r.info.run_id for r in runs if r.data.tags["kind"] == "parent"}
-    assert sorted(parents) == sorted({tracking.parent_name(s) for s in finetune_settings.values()})
+    assert sorted(parents) == sorted({records.parent_name(s) for s in finetune_settings.values()})
     assert {kind: kinds.count(kind) for kind in set(kinds)} == {
         "parent": len(parents), "aggregate": 1, "figures": 1, **{kind: len(found) for kind, found in folders.items()}}
     for folder, settings in finetune_settings.items():
         run = client.get_run(recorded_id(folder))
-        assert run.info.run_name == tracking.run_name("finetune", settings)
-        assert run.data.tags["mlflow.parentRunId"] == parents[tracking.parent_name(settings)]
+        assert run.info.run_name == records.run_name("finetune", settings)
+        assert run.data.tags["mlflow.parentRunId"] == parents[records.parent_name(settings)]
         assert run.data.params["arm"] == settings["arm"]
         steps = len((folder / "history.csv").read_text().splitlines()) - 1
         assert count(client, run.info.run_id, "loss") == steps == settings["steps"]
@@ -593,7 +693,7 @@ def test_a_copied_study_tracks_into_its_own_store(smoke_copy, tmp_path):
     # A finished study tracked into its default store: tracking switched on, then the one-line advice followed.
     rebuilt = subprocess.run([sys.executable, "-m", "vitplasticity", "tracking", "rebuild", "--experiment", "smoke"],
                              cwd=smoke_copy, capture_output=True, text=True, check=True)
-    assert "rebuilt 26 runs" in rebuilt.stderr
+    assert "rebuilt 28 runs" in rebuilt.stderr  # 26 run folders, the tables and the figures
     original = {"db": tree_digest(smoke_copy / "results")["mlflow.db"],
                 "artifacts": tree_digest(smoke_copy / "results" / "mlartifacts")}
 
@@ -630,9 +730,9 @@ def test_without_live_tracking_the_workflow_mirrors_what_its_jobs_finished(smoke
     config["tracking"] |= {"enabled": True, "live": False}
     config["tasks"]["novel"]["lrs"] = [0.01, 0.05]  # one new learning rate: one run per arm
     result = snakemake(smoke_copy, "--cores", "2", config=write_config(tmp_path / "deferred.yaml", config))
-    # Before the jobs the 26 finished folders of the study; after them, the 5 new runs.
-    assert "vitplasticity: mirrored 26 finished run folders" in result.stderr
-    assert "vitplasticity: mirrored 5 finished run folders" in result.stderr
+    # Before the jobs the 28 records of the study; after them, the 5 new runs, the tables and the figures.
+    assert "vitplasticity: mirrored 28 job records" in result.stderr
+    assert "vitplasticity: mirrored 7 job records" in result.stderr
     client = MlflowClient(f"sqlite:///{smoke_copy}/results/mlflow.db")
     experiment = client.get_experiment_by_name("smoke")
     runs = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id], max_results=1000)}
@@ -644,7 +744,7 @@ def test_without_live_tracking_the_workflow_mirrors_what_its_jobs_finished(smoke
         assert run.data.tags["mirrored_from"] == str(folder.relative_to(smoke_copy / "results"))
         assert count(client, run.info.run_id, "loss") == config["tasks"]["novel"]["steps"]
     kinds = [r.data.tags["kind"] for r in runs.values()]
-    assert kinds.count("finetune") == 25 and kinds.count("aggregate") == 1  # aggregate and figures log live
+    assert kinds.count("finetune") == 25 and kinds.count("aggregate") == kinds.count("figures") == 1
 
 
 def test_a_live_and_a_mirrored_plasticity_run_log_the_same_series(kit, tmp_path):
@@ -661,8 +761,9 @@ def test_a_live_and_a_mirrored_plasticity_run_log_the_same_series(kit, tmp_path)
     folder = tmp_path / "results" / "plasticity" / "vit" / "novel"
     settings = {"model": "vit", "task": "novel", "reference_task": "source", "n_pairs": 16,
                 "modes": ["embedding", "hidden"]}
-    jobs.measure_plasticity(settings, RUNTIME, kit / CKPT, reference, kit / TASK, folder / "plasticity.csv",
-                            folder / "embedding.json", Tracking(enabled=True, uri=live_uri, experiment="study"))
+    with tracking.live(Tracking(enabled=True, uri=live_uri, experiment="study"), folder, "plasticity", settings):
+        jobs.measure_plasticity(settings, RUNTIME, kit / CKPT, reference, kit / TASK, folder / "plasticity.csv",
+                                folder / "embedding.json")
     live_id = recorded_id(folder)
     tracking.rebuild(tmp_path / "results", mirrored_uri, "study")
     mirrored_id = recorded_id(folder)
@@ -670,19 +771,12 @@ def test_a_live_and_a_mirrored_plasticity_run_log_the_same_series(kit, tmp_path)
     def series(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
         client = MlflowClient(uri)
         return {key: [(m.step, pytest.approx(m.value, rel=1e-6)) for m in client.get_metric_history(run_id, key)]
-                for key in client.get_run(run_id).data.metrics}
+                for key in client.get_run(run_id).data.metrics if not key.startswith("job/")}
 
     live = series(live_uri, live_id)
     assert live.keys() == {f"{mode}/{c}" for mode in ("embedding", "hidden")
                            for c in ("ln1", "mha", "ln2", "fc1", "fc2")}
     assert [step for step, _ in live["embedding/mha"]] == [0, 1]  # step = layer (depth 2)
     assert series(mirrored_uri, mirrored_id) == live
-
-
-def test_trajectory_series_leave_out_a_missing_value_from_a_frame_as_from_its_csv():
-    live = [{"step": step, "mode": "embedding", "component": "mha", "mean": value}
-            for step in (100, 50) for value in (0.5, float("nan"), 1.5 + step)]
-    mirrored = [row | {"mean": "" if row["mean"] != row["mean"] else str(row["mean"]), "step": str(row["step"])}
-                for row in live]
-    assert tracking.trajectory_series(live) == tracking.trajectory_series(mirrored) == {
-        "embedding/mha": [(50, 26.0), (100, 51.0)]}
+    artifacts = {a.path for a in MlflowClient(live_uri).list_artifacts(live_id)}
+    assert artifacts == {"plasticity.csv", "embedding.json"}

@@ -14,7 +14,7 @@ from conftest import planned_jobs, smoke_config, snakemake, write_config
 
 from vitplasticity import aggregate, jobs, models, plasticity
 from vitplasticity.datasets.sources import prepare_task
-from vitplasticity.machine import Runtime, Tracking
+from vitplasticity.machine import Runtime
 from vitplasticity.prepared import load_split
 
 ARCH = models.architecture("vit_tiny_patch16_224", {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}, 16)
@@ -46,8 +46,7 @@ def measured(run):
     settings = {"model": "vit", "tasks": list(TASKS), "keep_steps": [20, 10], "n_pairs": N_PAIRS}
     out = run / "trajectory" / "trajectory.csv"
     returned = jobs.measure_trajectory(settings, Runtime(plasticity_batch=5), run / "checkpoints",
-                                       run / "prepared" / "source", [run / "prepared" / t for t in TASKS], out,
-                                       Tracking(enabled=False))
+                                       run / "prepared" / "source", [run / "prepared" / t for t in TASKS], out)
     return returned, pd.read_csv(out)
 
 

@@ -146,7 +146,7 @@ def test_switching_tracking_on_says_how_to_fill_the_experiment(smoke_copy, tmp_p
     config["tracking"]["enabled"] = True
     result = snakemake(smoke_copy, "-n", config=write_config(tmp_path / "tracked.yaml", config))
     assert "Nothing to be done" in result.stdout
-    assert ("vitplasticity: 26 finished run folders are not in MLflow experiment 'smoke' yet; snakemake mirrors "
+    assert ("vitplasticity: 28 job records are not in MLflow experiment 'smoke' yet; snakemake mirrors "
             "them before it runs any job, or now: vitplasticity tracking rebuild --experiment smoke"
             ) in result.stderr.splitlines()
 

@@ -35,18 +35,22 @@ def _output(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
 
 
 class _Subcommands(argparse._SubParsersAction):
-    """Subcommands that run `func`: a workflow job's as `func(args, settings, runtime, track)` once its
-    --settings are checked, or with `job=False` as `func(args)`. A job's --help ends with its
-    --settings keys, generated from the config schema."""
+    """Subcommands that run `func`: a workflow job's as `func(args, settings, runtime, on_eval)` once its
+    --settings are checked, or with `job=False` as `func(args)`. A job whose `record(args)` names its run
+    folder writes its record there (`records`); with live tracking and `live` its MLflow run, whose
+    params are the job's settings, is open while it runs (`tracking.live`; `on_eval` logs the training
+    curves). A job's --help ends with its --settings keys, generated from the config schema."""
 
-    def add_parser(self, name: str, func=None, job: bool = True, **kwargs) -> argparse.ArgumentParser:
+    def add_parser(self, name: str, func=None, job: bool = True, record=None, live: bool = True,
+                   **kwargs) -> argparse.ArgumentParser:
         from vitplasticity.settings import help_text
 
         epilog = help_text(name)
         if epilog:
             kwargs.update(epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
         parser = super().add_parser(name, **kwargs)
-        parser.set_defaults(func=func, job=job, gpu=False, outputs=())
+        parser.set_defaults(func=func, job=job, record=record, live=live and record is not None, gpu=False,
+                            outputs=())
         return parser
 
 
@@ -62,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
             help="download/extraction folder (needed by downloaded sources only, not by synthetic, "
                  "imagefolder or imagenet_val)")
 
-    p = sub.add_parser("pretrain", _pretrain, help="pretrain a small ViT on a synthetic source task")
+    p = sub.add_parser("pretrain", _pretrain, record=lambda args: args.run_dir,
+                       help="pretrain a small ViT on a synthetic source task")
     _model_job(p, checkpoint=False)
     _output(p, "--out", required=True, help="checkpoint .safetensors to write")
     _output(p, "--run-dir", required=True)
@@ -72,20 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", required=True)
     _output(p, "--out", required=True)
 
-    p = sub.add_parser("plasticity", _plasticity, help="measure per-component plasticity")
+    p = sub.add_parser("plasticity", _plasticity, record=lambda args: args.out_table.parent,
+                       help="measure per-component plasticity")
     _model_job(p)
     p.add_argument("--reference", type=Path, required=True, help="prepared pretraining-distribution task")
     _output(p, "--out-table", required=True)
     _output(p, "--out-stats", required=True)
 
-    p = sub.add_parser("criteria", _criteria,
+    p = sub.add_parser("criteria", _criteria, record=lambda args: args.out_table.parent,
                        help="selection criteria side by side (plasticity modes, gradient norm, Fisher, FPS, "
                             "KappaTune, size)")
     _model_job(p)
     p.add_argument("--reference", type=Path, required=True, help="prepared pretraining-distribution task")
     _output(p, "--out-table", required=True, help="criteria.csv (cost.csv is written beside it)")
 
-    p = sub.add_parser("trajectory", _trajectory,
+    p = sub.add_parser("trajectory", _trajectory, record=lambda args: args.out.parent,
                        help="plasticity (every mode) at the kept steps of a pretraining run, on several tasks")
     _model_job(p, checkpoint=False, tasks=True)
     p.add_argument("--checkpoints", type=Path, required=True,
@@ -98,13 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", type=Path, required=True, help="embedding statistics from `plasticity`")
     _output(p, "--out", required=True)
 
-    p = sub.add_parser("finetune", _finetune, help="one finetuning run (resumes from RUN_DIR/state.pt)")
+    p = sub.add_parser("finetune", _finetune, record=lambda args: args.run_dir,
+                       help="one finetuning run (resumes from RUN_DIR/state.pt)")
     _model_job(p)
     p.add_argument("--criteria", type=Path, nargs="?", default=None,
                    help="criteria.csv of this model and task: the scores a budget arm of a criterion selects by")
     _output(p, "--run-dir", required=True)
 
-    p = sub.add_parser("probe", _probe, help="linear-probing baseline")
+    p = sub.add_parser("probe", _probe, record=lambda args: args.out.parent, help="linear-probing baseline")
     _model_job(p)
     _output(p, "--out", required=True)
 
@@ -118,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     _output(p, "--out", required=True, help="the results as JSON")
     p.set_defaults(gpu=True)
 
-    p = sub.add_parser("aggregate", _aggregate, help="tables and statistics of one experiment")
+    # Tables and figures are mirrored from their records when the workflow ends (their jobs take seconds).
+    p = sub.add_parser("aggregate", _aggregate, record=lambda args: args.out_dir, live=False,
+                       help="tables and statistics of one experiment")
     p.add_argument("--settings", required=True)
     p.add_argument("--runs", type=Path, nargs="+", required=True, help="metrics.json of every run")
     p.add_argument("--probes", type=Path, nargs="*", default=[])
@@ -197,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeds per pilot selection (default: 1 on a CPU, more on a GPU)")
     p.add_argument("--out", type=Path, required=True, help="report folder to write (replaced whole)")
 
-    p = sub.add_parser("figures", _figures, help="figures of one experiment from its tables")
+    p = sub.add_parser("figures", _figures, record=lambda args: args.out_dir, live=False,
+                       help="figures of one experiment from its tables")
     p.add_argument("--tables", type=Path, required=True)
     _output(p, "--out-dir", required=True)
     parser.epilog = (f"Machine settings (device, batch sizes, MLflow) come from the environment variable "
@@ -245,7 +255,13 @@ def run(args: argparse.Namespace) -> None:
             if slot is not None:
                 print(f"GPU slot {slot}: this job sees only GPU {slot} (CUDA_VISIBLE_DEVICES)", file=sys.stderr)
             set_threads(args.threads)
-        args.func(args, settings, machine.runtime, machine.tracking)
+        from vitplasticity import records, tracking
+
+        folder = args.record(args) if args.record else None
+        if folder is not None:  # the record of an earlier run describes outputs this run replaces
+            (Path(folder) / records.FILE).unlink(missing_ok=True)
+        with tracking.live(machine.tracking, folder if args.live else None, args.command, settings) as on_eval:
+            args.func(args, settings, machine.runtime, on_eval)
     except KeyError as exc:
         error = missing(args.command, settings, exc)
         if error is None:
@@ -261,67 +277,67 @@ def _jobs():
     return jobs
 
 
-def _prepare(args, settings, runtime, track) -> None:
+def _prepare(args, settings, runtime, on_eval) -> None:
     from vitplasticity.datasets.sources import prepare_task
 
     prepare_task(settings["name"], settings["data"], args.out, args.raw)
 
 
-def _pretrain(args, settings, runtime, track) -> None:
+def _pretrain(args, settings, runtime, on_eval) -> None:
     jobs = _jobs()
-    metrics = jobs.pretrain(settings, runtime, args.task, args.out, args.run_dir, track)
+    metrics = jobs.pretrain(settings, runtime, args.task, args.out, args.run_dir, on_eval)
     jobs.log(f"pretrained: source test accuracy {metrics['source_test_acc']:.4f}")
 
 
-def _fetch(args, settings, runtime, track) -> None:
+def _fetch(args, settings, runtime, on_eval) -> None:
     _jobs().fetch(settings, args.out)
 
 
-def _plasticity(args, settings, runtime, track) -> None:
+def _plasticity(args, settings, runtime, on_eval) -> None:
     _jobs().measure_plasticity(settings, runtime, args.checkpoint, args.reference, args.task, args.out_table,
-                               args.out_stats, track)
+                               args.out_stats)
 
 
-def _criteria(args, settings, runtime, track) -> None:
-    _jobs().measure_criteria(settings, runtime, args.checkpoint, args.reference, args.task, args.out_table, track)
+def _criteria(args, settings, runtime, on_eval) -> None:
+    _jobs().measure_criteria(settings, runtime, args.checkpoint, args.reference, args.task, args.out_table)
 
 
-def _trajectory(args, settings, runtime, track) -> None:
-    _jobs().measure_trajectory(settings, runtime, args.checkpoints, args.reference, args.task, args.out, track)
+def _trajectory(args, settings, runtime, on_eval) -> None:
+    _jobs().measure_trajectory(settings, runtime, args.checkpoints, args.reference, args.task, args.out)
 
 
-def _bounds(args, settings, runtime, track) -> None:
+def _bounds(args, settings, runtime, on_eval) -> None:
     _jobs().compute_bounds(args.checkpoint, args.stats, args.out)
 
 
-def _finetune(args, settings, runtime, track) -> None:
+def _finetune(args, settings, runtime, on_eval) -> None:
     jobs = _jobs()
-    metrics = jobs.finetune(settings, runtime, args.task, args.checkpoint, args.run_dir, track, args.criteria)
+    metrics = jobs.finetune(settings, runtime, args.task, args.checkpoint, args.run_dir, args.criteria, on_eval)
     jobs.log(f"finetune {metrics['status']}: test accuracy {metrics['test_acc']}")
 
 
-def _probe(args, settings, runtime, track) -> None:
+def _probe(args, settings, runtime, on_eval) -> None:
     jobs = _jobs()
-    metrics = jobs.linear_probe(settings, runtime, args.checkpoint, args.task, args.out, track)
+    metrics = jobs.linear_probe(settings, runtime, args.checkpoint, args.task, args.out)
     jobs.log(f"linear probe: test accuracy {metrics['test_acc']:.4f}")
 
 
-def _preflight(args, settings, runtime, track) -> None:
+def _preflight(args, settings, runtime, on_eval) -> None:
     from vitplasticity import preflight
 
     preflight.run(settings, runtime, args.out, args.memory_gib, progress=_jobs().log)
 
 
-def _aggregate(args, settings, runtime, track) -> None:
+def _aggregate(args, settings, runtime, on_eval) -> None:
     _jobs().aggregate_experiment(settings, args.runs, args.probes, args.plasticity, args.bounds, args.out_dir,
-                                 track, args.criteria, args.trajectory)
+                                 args.criteria, args.trajectory)
 
 
-def _figures(args, settings, runtime, track) -> None:
-    _jobs().draw_figures(args.tables, args.out_dir, track)
+def _figures(args, settings, runtime, on_eval) -> None:
+    _jobs().draw_figures(args.tables, args.out_dir)
 
 
-def _compare_paper(args, settings, runtime, track) -> None:
+def _compare_paper(args, settings, runtime, on_eval) -> None:
     from vitplasticity.paper import write_comparison
 
     write_comparison(args.tables, args.probes, args.out_table, args.out_figure)

@@ -1,8 +1,11 @@
-"""The study's jobs: each reads explicit inputs, writes its outputs atomically, mirrors to MLflow.
+"""The study's jobs: each reads explicit inputs, writes its outputs atomically, and ends with its record.
 
-The workflow calls these through the command line (`cli`); science arrives as one JSON record
+The workflow calls these through the command line (`cli`); science arrives as one JSON object
 per job (`settings`, built by the workflow from the study config: rerun triggers), machine
-settings as `machine.Machine` (from the environment: never rerun triggers).
+settings as `machine.Runtime` (from the environment: never rerun triggers). A job that leaves a
+run folder writes its record there last (`records.write`), which MLflow mirrors (`tracking`); the
+training jobs take an optional evaluation hook (`on_eval`) through which `tracking.live` logs
+curves while they run.
 """
 
 from __future__ import annotations
@@ -14,18 +17,21 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vitplasticity import models, tracking, training
+from vitplasticity import models, records, training
 from vitplasticity.budget import unit_label
 from vitplasticity.components import block_parameters, component_of, set_trainable
 from vitplasticity.errors import UserError
 from vitplasticity.fileio import atomic_dir, read_json, write_csv, write_json, write_rows, write_yaml
 from vitplasticity.prepared import Split, load_split, read_meta
+from vitplasticity.registry import FIGURES, TABLES
 from vitplasticity.runtime import pick_device, seed_everything
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import pandas as pd
 
-    from vitplasticity.machine import Runtime, Tracking
+    from vitplasticity.machine import Runtime
 
 # Start-up time is paid by every job, so each job imports only what it uses: pandas, scipy,
 # scikit-learn and the measurement modules load inside the functions that need them.
@@ -67,9 +73,12 @@ def _result_metrics(result: training.Result) -> dict:
             "steps_done": result.steps_done}
 
 
-def pretrain(settings: dict, runtime: Runtime, task_dir: Path, weights: Path, run_dir: Path, track: Tracking) -> dict:
+def pretrain(settings: dict, runtime: Runtime, task_dir: Path, weights: Path, run_dir: Path,
+             on_eval: Callable[[list[dict]], None] | None = None) -> dict:
     """Train a small timm ViT from scratch on the source task; write the checkpoint and the run folder, whose
-    checkpoints/ keeps the weights at every evaluation (step_<N>.safetensors + .json: the pretraining trajectory)."""
+    checkpoints/ keeps the weights at every evaluation (step_<N>.safetensors + .json: the pretraining trajectory).
+    `on_eval(rows)` gets the new history rows at each evaluation."""
+    started = time.time()
     meta = read_meta(task_dir)
     arch = models.architecture(settings["timm_name"], settings["kwargs"], settings["img_size"])
     seed_everything(settings["seed"])
@@ -82,48 +91,46 @@ def pretrain(settings: dict, runtime: Runtime, task_dir: Path, weights: Path, ru
     write_yaml(run_dir / "config.yaml", {"job": "pretrain", "settings": settings, "train": training.config_record(cfg)})
     record = {"arch": arch, "img_size": settings["img_size"], "mean": list(cfg.mean), "std": list(cfg.std)}
     kept_scratch = run_dir / "checkpoints.partial"  # copied to run_dir/checkpoints at the end, removed with state.pt
-    with tracking.track_job(tracking.job_tracking(track, "pretrain", settings), run_dir=run_dir,
-                            run_name=tracking.run_name("pretrain", settings),
-                            kind="pretrain",
-                            params=settings, tags={"device": str(device)}) as run:
-        def keep(row: dict) -> None:
-            """Keep the model's current weights as those of the evaluation `row` (the pretraining trajectory)."""
-            models.save_checkpoint(kept_scratch / f"step_{row['step']}.safetensors", model, record | {
-                "provenance": {"kind": "pretrain", "task": meta["name"], "step": row["step"],
-                               "steps": cfg.steps, "val_acc": row["val_acc"], "seed": cfg.seed}})
 
-        def on_eval(rows: list[dict]) -> None:
-            """Log the new history rows; keep the weights of this evaluation's step."""
-            run.log_history(rows)
-            if "val_acc" in rows[-1]:
-                keep(rows[-1])
+    def keep(row: dict) -> None:
+        """Keep the model's current weights as those of the evaluation `row` (the pretraining trajectory)."""
+        models.save_checkpoint(kept_scratch / f"step_{row['step']}.safetensors", model, record | {
+            "provenance": {"kind": "pretrain", "task": meta["name"], "step": row["step"],
+                           "steps": cfg.steps, "val_acc": row["val_acc"], "seed": cfg.seed}})
 
-        def on_resume(history: list[dict]) -> None:
-            """Before training on: an interruption between saving the state and keeping that step's weights
-            lost them (keep them now); weights of earlier steps cannot be recovered (one line, at once)."""
-            evaluated = [row["step"] for row in history if "val_acc" in row]
-            current = evaluated[-1:] if evaluated and evaluated[-1] == history[-1]["step"] else []
-            lost = _missing_kept(kept_scratch, evaluated[:len(evaluated) - len(current)])
-            if lost:
-                raise UserError(_LOST_KEPT.format(name=lost[0], scratch=kept_scratch, state=run_dir / "state.pt"))
-            if _missing_kept(kept_scratch, current):
-                keep(history[-1])
+    def evaluated_at(rows: list[dict]) -> None:
+        """Hand on the new history rows; keep the weights of this evaluation's step."""
+        if on_eval is not None:
+            on_eval(rows)
+        if "val_acc" in rows[-1]:
+            keep(rows[-1])
 
-        began = time.time()
-        result = training.train(model, splits, cfg, device, state_path=run_dir / "state.pt",
-                                on_eval=on_eval, progress=log, on_resume=on_resume)
-        if result.status != "completed":
-            raise UserError(f"pretraining diverged at step {result.diverged_step}; lower models.*.pretrain.lr")
-        metrics = _result_metrics(result) | {"source_test_acc": result.test_acc, "wall_time_s": time.time() - began,
-                                             "device": str(device)}
-        record |= {"provenance": {"kind": "pretrain", "task": meta["name"], "source_test_acc": result.test_acc,
-                                  "steps": cfg.steps, "seed": cfg.seed}}
-        evaluated = [row["step"] for row in result.history if "val_acc" in row]
-        _publish_kept(kept_scratch, run_dir / "checkpoints", evaluated)
-        models.save_checkpoint(weights, model.cpu(), record)
-        artifacts = _write_run_folder(run_dir, result, metrics)
-        run.log_metrics(metrics)
-        run.log_artifacts(artifacts)
+    def on_resume(history: list[dict]) -> None:
+        """Before training on: an interruption between saving the state and keeping that step's weights
+        lost them (keep them now); weights of earlier steps cannot be recovered (one line, at once)."""
+        evaluated = [row["step"] for row in history if "val_acc" in row]
+        current = evaluated[-1:] if evaluated and evaluated[-1] == history[-1]["step"] else []
+        lost = _missing_kept(kept_scratch, evaluated[:len(evaluated) - len(current)])
+        if lost:
+            raise UserError(_LOST_KEPT.format(name=lost[0], scratch=kept_scratch, state=run_dir / "state.pt"))
+        if _missing_kept(kept_scratch, current):
+            keep(history[-1])
+
+    began = time.time()
+    result = training.train(model, splits, cfg, device, state_path=run_dir / "state.pt",
+                            on_eval=evaluated_at, progress=log, on_resume=on_resume)
+    if result.status != "completed":
+        raise UserError(f"pretraining diverged at step {result.diverged_step}; lower models.*.pretrain.lr")
+    metrics = _result_metrics(result) | {"source_test_acc": result.test_acc, "wall_time_s": time.time() - began,
+                                         "device": str(device)}
+    record |= {"provenance": {"kind": "pretrain", "task": meta["name"], "source_test_acc": result.test_acc,
+                              "steps": cfg.steps, "seed": cfg.seed}}
+    evaluated = [row["step"] for row in result.history if "val_acc" in row]
+    _publish_kept(kept_scratch, run_dir / "checkpoints", evaluated)
+    models.save_checkpoint(weights, model.cpu(), record)
+    records.write(run_dir, "pretrain", settings, started=started, metrics=metrics,
+                  artifacts=_write_run_folder(run_dir, result, metrics), history=run_dir / "history.csv",
+                  device=str(device))
     # The scratch copies go with state.pt: until then a failure after publishing can still resume.
     (run_dir / "state.pt").unlink(missing_ok=True)
     shutil.rmtree(kept_scratch, ignore_errors=True)
@@ -201,14 +208,16 @@ def budget_units(model, spec: dict, criteria_table: Path | None) -> list[tuple[s
     return budget.select(spec, budget.unit_sizes(model), scores)
 
 
-def finetune(settings: dict, runtime: Runtime, task_dir: Path, weights: Path, run_dir: Path, track: Tracking,
-             criteria_table: Path | None = None) -> dict:
+def finetune(settings: dict, runtime: Runtime, task_dir: Path, weights: Path, run_dir: Path,
+             criteria_table: Path | None = None, on_eval: Callable[[list[dict]], None] | None = None) -> dict:
     """One finetuning run of one arm; resumes from run_dir/state.pt when present.
 
     A budget arm (settings ``selection``: {selector, budget[, draw]}) trains the units `budget.select` picks
     (scores from `criteria_table` for a criterion) and the head; its units ("mha.3 fc1.2 …", in the order chosen)
-    go to config.yaml and metrics.json, beside the exact trainable count of every run.
+    go to config.yaml and metrics.json, beside the exact trainable count of every run. `on_eval(rows)` gets
+    the new history rows at each evaluation.
     """
+    started = time.time()
     meta = read_meta(task_dir)
     device = pick_device(runtime.device)
     seed_everything(settings["seed"])
@@ -223,52 +232,49 @@ def finetune(settings: dict, runtime: Runtime, task_dir: Path, weights: Path, ru
     splits = _splits(task_dir)
     write_yaml(run_dir / "config.yaml", {"job": "finetune", "settings": settings, "train": training.config_record(cfg),
                                          "checkpoint_sha256": record["sha256"], **unit_names})
-    name = tracking.run_name("finetune", settings)
-    with tracking.track_job(tracking.job_tracking(track, "finetune", settings), run_dir=run_dir, run_name=name,
-                            kind="finetune", params=settings,
-                            tags={"device": str(device)}) as run:
-        began = time.time()
-        result = training.train(model, splits, cfg, device, state_path=run_dir / "state.pt",
-                                on_eval=run.log_history, progress=log)
-        metrics = _result_metrics(result) | {
-            "trainable_params": trained, **unit_names,
-            "total_params": sum(p.numel() for p in model.parameters()),
-            "wall_time_s": time.time() - began, "device": str(device), "host": socket.gethostname(),
-        }
-        artifacts = _write_run_folder(run_dir, result, metrics)
-        run.log_metrics(metrics)
-        run.log_artifacts(artifacts)
+    began = time.time()
+    result = training.train(model, splits, cfg, device, state_path=run_dir / "state.pt", on_eval=on_eval,
+                            progress=log)
+    metrics = _result_metrics(result) | {
+        "trainable_params": trained, **unit_names,
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "wall_time_s": time.time() - began, "device": str(device), "host": socket.gethostname(),
+    }
+    records.write(run_dir, "finetune", settings, started=started, metrics=metrics,
+                  artifacts=_write_run_folder(run_dir, result, metrics), history=run_dir / "history.csv",
+                  device=str(device))
     (run_dir / "state.pt").unlink(missing_ok=True)
     return metrics
 
 
 def measure_plasticity(settings: dict, runtime: Runtime, weights: Path, reference_dir: Path, task_dir: Path,
-                       out_table: Path, out_stats: Path, track: Tracking) -> pd.DataFrame:
+                       out_table: Path, out_stats: Path) -> pd.DataFrame:
+    """Per-component plasticity of one model on one task (`plasticity.measure`), with the reference classes
+    the pairs take; writes `out_table`, `out_stats` and the record beside them."""
     from vitplasticity import plasticity
 
+    started = time.time()
     device = pick_device(runtime.device)
     model, record = models.load_checkpoint(weights, num_classes=0)
     reference, downstream = load_split(reference_dir, "test", verify=True), load_split(task_dir, "test", verify=True)
-    run_dir = out_table.parent
-    name = tracking.run_name("plasticity", settings)
-    with tracking.track_job(tracking.job_tracking(track, "plasticity", settings), run_dir=run_dir, run_name=name,
-                            kind="plasticity", params=settings, tags={"device": str(device)}) as run:
-        table, stats = plasticity.measure(
-            model, reference, downstream, settings["n_pairs"], runtime.plasticity_batch, record["img_size"], device,
-            tuple(settings["modes"]), tuple(record["mean"]), tuple(record["std"]), progress=log,
-            loader_batch=settings.get("loader_batch"))
-        table.insert(0, "task", settings["task"])
-        table.insert(0, "model", settings["model"])
-        reference_meta = read_meta(reference_dir)
-        order = reference_meta["provenance"].get("order", "stored")
-        table["reference_order"] = order
-        paired = reference_classes(reference_meta, reference, downstream, settings["n_pairs"],
-                                   settings.get("loader_batch"))
-        write_csv(out_table, table)
-        write_json(out_stats, stats | {"model": settings["model"], "task": settings["task"], "reference_order": order,
-                                       "reference_classes_paired": paired})
-        run.log_series(tracking.plasticity_series(table.to_dict("records")))
-        run.log_artifacts([out_table, out_stats])
+    table, stats = plasticity.measure(
+        model, reference, downstream, settings["n_pairs"], runtime.plasticity_batch, record["img_size"], device,
+        tuple(settings["modes"]), tuple(record["mean"]), tuple(record["std"]), progress=log,
+        loader_batch=settings.get("loader_batch"))
+    table.insert(0, "task", settings["task"])
+    table.insert(0, "model", settings["model"])
+    reference_meta = read_meta(reference_dir)
+    order = reference_meta["provenance"].get("order", "stored")
+    table["reference_order"] = order
+    paired = reference_classes(reference_meta, reference, downstream, settings["n_pairs"],
+                               settings.get("loader_batch"))
+    write_csv(out_table, table)
+    write_json(out_stats, stats | {"model": settings["model"], "task": settings["task"], "reference_order": order,
+                                   "reference_classes_paired": paired})
+    # MLflow draws each mode's plasticity of a component against depth (step = layer).
+    records.write(out_table.parent, "plasticity", settings, started=started, device=str(device),
+                  series=records.series(table.to_dict("records"), "layer", ("mode", "component"), "mean"),
+                  artifacts=[out_table, out_stats])
     return table
 
 
@@ -286,7 +292,7 @@ def reference_classes(meta: dict, reference: Split, downstream: Split, n_pairs: 
 
 
 def measure_criteria(settings: dict, runtime: Runtime, weights: Path, reference_dir: Path, task_dir: Path,
-                     out_table: Path, track: Tracking) -> pd.DataFrame:
+                     out_table: Path) -> pd.DataFrame:
     """Every selection criterion of `registry.CRITERIA` on one model and task, with its cost.
 
     Writes `out_table` (model, task, criterion, component, layer, value) and `cost.csv` beside it
@@ -296,6 +302,7 @@ def measure_criteria(settings: dict, runtime: Runtime, weights: Path, reference_
 
     from vitplasticity import criteria, plasticity
 
+    started = time.time()
     device = pick_device(runtime.device)
     model, record = models.load_checkpoint(weights, num_classes=0)
     model.to(device)
@@ -322,23 +329,23 @@ def measure_criteria(settings: dict, runtime: Runtime, weights: Path, reference_
                 "fps": lambda: criteria.fps(model, train, *batches),
                 "kappatune": lambda: criteria.kappatune(model),
                 "trainable_params": lambda: criteria.trainable_params(model)}
-    name = tracking.run_name("criteria", settings)
-    with tracking.track_job(tracking.job_tracking(track, "criteria", settings), run_dir=out_table.parent,
-                            run_name=name, kind="criteria", params=settings, tags={"device": str(device)}) as run:
-        scores, costs = criteria.measure(measured, device, progress=log)
-        for frame in (scores, costs):
-            frame.insert(0, "task", settings["task"])
-            frame.insert(0, "model", settings["model"])
-        write_csv(out_table.parent / "cost.csv", costs)
-        write_csv(out_table, scores)
-        run.log_series(tracking.criteria_series(scores.to_dict("records")))
-        run.log_metrics(tracking.criteria_costs(costs.to_dict("records")))
-        run.log_artifacts([out_table, out_table.parent / "cost.csv"])
+    scores, costs = criteria.measure(measured, device, progress=log)
+    for frame in (scores, costs):
+        frame.insert(0, "task", settings["task"])
+        frame.insert(0, "model", settings["model"])
+    write_csv(out_table.parent / "cost.csv", costs)
+    write_csv(out_table, scores)
+    # Each criterion's score of a component against depth (step = layer), and what each criterion cost.
+    records.write(out_table.parent, "criteria", settings, started=started, device=str(device),
+                  series=records.series(scores.to_dict("records"), "layer", ("criterion", "component"), "value"),
+                  metrics={f"{row['criterion']}/wall_s": row["wall_s"] for row in costs.to_dict("records")}
+                  | {f"{row['criterion']}/peak_mib": row["peak_mib"] for row in costs.to_dict("records")},
+                  artifacts=[out_table, out_table.parent / "cost.csv"])
     return scores
 
 
 def measure_trajectory(settings: dict, runtime: Runtime, checkpoints: Path, reference_dir: Path,
-                       task_dirs: list[Path], out: Path, track: Tracking) -> pd.DataFrame:
+                       task_dirs: list[Path], out: Path) -> pd.DataFrame:
     """Plasticity in every mode of `plasticity.MODES` at each kept step of a pretraining run, on each task.
 
     `checkpoints`: the run's checkpoints/ folder (step_<N>.safetensors + .json); `task_dirs`: the prepared
@@ -353,6 +360,7 @@ def measure_trajectory(settings: dict, runtime: Runtime, checkpoints: Path, refe
 
     from vitplasticity import plasticity
 
+    started = time.time()
     if len(task_dirs) != len(settings["tasks"]):
         raise UserError(f"--task names {len(task_dirs)} folders but the settings list {len(settings['tasks'])} "
                         f"tasks ({', '.join(settings['tasks'])}); pass one prepared folder per task, in order")
@@ -360,28 +368,27 @@ def measure_trajectory(settings: dict, runtime: Runtime, checkpoints: Path, refe
     reference = load_split(reference_dir, "test", verify=True)
     downstream = {task: load_split(folder, "test", verify=True)
                   for task, folder in zip(settings["tasks"], task_dirs, strict=True)}
-    name = tracking.run_name("trajectory", settings)
-    with tracking.track_job(tracking.job_tracking(track, "trajectory", settings), run_dir=out.parent, run_name=name,
-                            kind="trajectory", params=settings, tags={"device": str(device)}) as run:
-        tables = []
-        for step in sorted(settings["keep_steps"]):
-            model, record = models.load_checkpoint(checkpoints / f"step_{step}.safetensors", num_classes=0)
-            val_acc = record.get("provenance", {}).get("val_acc")
-            for task, split in downstream.items():
-                log(f"trajectory: step {step}, {task}")
-                table, stats = plasticity.measure(
-                    model, reference, split, settings["n_pairs"], runtime.plasticity_batch, record["img_size"],
-                    device, plasticity.MODES, tuple(record["mean"]), tuple(record["std"]), progress=log)
-                for position, (column, value) in enumerate((
-                        ("model", settings["model"]), ("task", task), ("step", step), ("source_val_acc", val_acc),
-                        ("reference_token_norm", stats["reference_mean_token_norm"]),
-                        ("downstream_token_norm", stats["downstream_mean_token_norm"]))):
-                    table.insert(position, column, value)
-                tables.append(table)
-        frame = pd.concat(tables, ignore_index=True)
-        write_csv(out, frame)
-        run.log_series(tracking.trajectory_series(frame.to_dict("records")))
-        run.log_artifacts([out])
+    tables = []
+    for step in sorted(settings["keep_steps"]):
+        model, record = models.load_checkpoint(checkpoints / f"step_{step}.safetensors", num_classes=0)
+        val_acc = record.get("provenance", {}).get("val_acc")
+        for task, split in downstream.items():
+            log(f"trajectory: step {step}, {task}")
+            table, stats = plasticity.measure(
+                model, reference, split, settings["n_pairs"], runtime.plasticity_batch, record["img_size"],
+                device, plasticity.MODES, tuple(record["mean"]), tuple(record["std"]), progress=log)
+            for position, (column, value) in enumerate((
+                    ("model", settings["model"]), ("task", task), ("step", step), ("source_val_acc", val_acc),
+                    ("reference_token_norm", stats["reference_mean_token_norm"]),
+                    ("downstream_token_norm", stats["downstream_mean_token_norm"]))):
+                table.insert(position, column, value)
+            tables.append(table)
+    frame = pd.concat(tables, ignore_index=True)
+    write_csv(out, frame)
+    # Each mode's plasticity of a component, mean over layers and tasks, against the pretraining step.
+    records.write(out.parent, "trajectory", settings, started=started, device=str(device),
+                  series=records.series(frame.to_dict("records"), "step", ("mode", "component"), "mean"),
+                  artifacts=[out])
     return frame
 
 
@@ -399,52 +406,50 @@ def compute_bounds(weights: Path, stats_path: Path, out: Path) -> pd.DataFrame:
     return table
 
 
-def linear_probe(settings: dict, runtime: Runtime, weights: Path, task_dir: Path, out: Path, track: Tracking) -> dict:
+def linear_probe(settings: dict, runtime: Runtime, weights: Path, task_dir: Path, out: Path) -> dict:
+    """The linear probe of one model on one task (`probe.fit_and_score`); writes `out` and the record beside it."""
     from vitplasticity import probe  # scikit-learn: 0.7 s of start-up the other jobs need not pay
 
+    started = time.time()
     device = pick_device(runtime.device)
     model, record = models.load_checkpoint(weights, num_classes=0)
     train, test = load_split(task_dir, "train", verify=True), load_split(task_dir, "test", verify=True)
-    batch = runtime.eval_batch
-    with tracking.track_job(tracking.job_tracking(track, "probe", settings), run_dir=out.parent,
-                            run_name=tracking.run_name("probe", settings),
-                            kind="probe", params=settings, tags={"device": str(device)}) as run:
-        began = time.time()
-        args = (record["img_size"], batch, device, tuple(record["mean"]), tuple(record["std"]))
-        metrics = probe.fit_and_score(probe.features(model, train, *args), train.labels,
-                                      probe.features(model, test, *args), test.labels,
-                                      max_iter=settings["max_iter"], progress=log)
-        metrics |= {"wall_time_s": time.time() - began, "model": settings["model"], "task": settings["task"]}
-        write_json(out, metrics)
-        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
-        run.log_artifacts([out])
+    began = time.time()
+    args = (record["img_size"], runtime.eval_batch, device, tuple(record["mean"]), tuple(record["std"]))
+    metrics = probe.fit_and_score(probe.features(model, train, *args), train.labels,
+                                  probe.features(model, test, *args), test.labels,
+                                  max_iter=settings["max_iter"], progress=log)
+    metrics |= {"wall_time_s": time.time() - began, "model": settings["model"], "task": settings["task"]}
+    write_json(out, metrics)
+    records.write(out.parent, "probe", settings, started=started, device=str(device),
+                  metrics={k: v for k, v in metrics.items() if k not in ("model", "task")}, artifacts=[out])
     return metrics
 
 
 def aggregate_experiment(settings: dict, runs: list[Path], probes: list[Path], plasticity_tables: list[Path],
-                         bounds_tables: list[Path], out_dir: Path, track: Tracking,
-                         criteria_tables: list[Path] = (), trajectory_tables: list[Path] = ()) -> None:
-    """Tables of one experiment, mirrored to MLflow with the tables as artifacts."""
+                         bounds_tables: list[Path], out_dir: Path, criteria_tables: list[Path] = (),
+                         trajectory_tables: list[Path] = ()) -> None:
+    """Tables of one experiment (`aggregate.aggregate`); its record holds each arm's mean accuracy over tasks
+    (%) and the tables as artifacts."""
     from vitplasticity.aggregate import aggregate
 
-    name = f"aggregate/{settings['experiment']}"
-    with tracking.track_job(tracking.job_tracking(track, "aggregate", settings), run_dir=out_dir, run_name=name,
-                            kind="aggregate",
-                            params={k: v for k, v in settings.items() if k != "arms"}, tags={}) as run:
-        tables = aggregate(settings, runs, probes, plasticity_tables, bounds_tables, out_dir, criteria_tables,
-                           trajectory_tables)
-        average = tables["main_table"].groupby("arm")["mean"].mean()
-        run.log_metrics({f"average_acc/{arm}": value for arm, value in average.items()})
-        run.log_artifacts(sorted(Path(out_dir).glob("*.csv")) + sorted(Path(out_dir).glob("*.md")))
+    started = time.time()
+    tables = aggregate(settings, runs, probes, plasticity_tables, bounds_tables, out_dir, criteria_tables,
+                       trajectory_tables)
+    average = tables["main_table"].groupby("arm")["mean"].mean()
+    records.write(Path(out_dir), "aggregate", {k: v for k, v in settings.items() if k != "arms"}, started=started,
+                  metrics={f"average_acc/{arm}": value for arm, value in average.items()},
+                  artifacts=[path for table in TABLES for suffix in ("csv", "md")
+                             if (path := Path(out_dir) / f"{table}.{suffix}").exists()])
 
 
-def draw_figures(tables_dir: Path, out_dir: Path, track: Tracking) -> None:
-    """Figures of one experiment, mirrored to MLflow as artifacts."""
+def draw_figures(tables_dir: Path, out_dir: Path) -> None:
+    """Figures of one experiment (`figures.make_figures`); its record holds them as artifacts."""
     from vitplasticity.figures import make_figures
 
-    name = f"figures/{Path(out_dir).name}"
-    with tracking.track_job(tracking.job_tracking(track, "figures", {}), run_dir=out_dir, run_name=name,
-                            kind="figures",
-                            params={"tables": str(tables_dir)}, tags={}) as run:
-        make_figures(tables_dir, out_dir)
-        run.log_artifacts(sorted(Path(out_dir).glob("*.png")) + sorted(Path(out_dir).glob("*.pdf")))
+    started = time.time()
+    make_figures(tables_dir, out_dir)
+    records.write(Path(out_dir), "figures", {"experiment": Path(out_dir).name, "tables": str(tables_dir)},
+                  started=started,
+                  artifacts=[path for figure in FIGURES for suffix in ("png", "pdf")
+                             if (path := Path(out_dir) / f"{figure}.{suffix}").exists()])

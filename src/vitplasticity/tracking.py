@@ -1,40 +1,37 @@
-"""MLflow mirror of the run folders.
+"""MLflow, a view of the job records (`records`) that can always be rebuilt from them.
 
-The run folder stays the record; MLflow is a view of it that can always be rebuilt from the
-folders (`rebuild`). Every call names its run id explicitly (`MlflowClient`), so parallel jobs
-share no state. The workflow makes the store, the experiment and the parent runs once before
-any job (`prepare_study`, from Snakemake's `onstart`), so parallel jobs never race on schema
-migration or experiment creation; jobs find them by name. Nothing is recorded in a file: the
-default store is resolved from the folder a job runs in (`study_uri`), so a copied study
-tracks into its own store.
+Every job that leaves a run folder ends by writing its record there; this module mirrors records
+into MLflow, each whole or not at all, and reads nothing else of a folder. The workflow makes the
+store, the experiment and the parent runs once before any job (`prepare_study`, from Snakemake's
+`onstart`), so parallel jobs never race on schema migration or experiment creation, and mirrors the
+records the store lacks before the jobs and after them (`mirror_at_end`); `vitplasticity tracking
+rebuild` does the same by hand. With `tracking.live`, a job also opens its run while it runs
+(`live`): the training loop's evaluation hook logs the curves, and at job end its record is
+mirrored into that run (the record wins). Every call names its run id explicitly
+(`MlflowClient`), so parallel jobs share no state. Nothing is recorded in a file: the default store
+is resolved from the folder a job runs in (`study_uri`), so a copied study tracks into its own store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import getpass
 import json
-import math
-import numbers
 import os
 import re
 import signal
-import socket
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
-import yaml
-
+from vitplasticity import records
 from vitplasticity.errors import UserError
 from vitplasticity.fileio import is_missing, read_json, write_json
 
@@ -44,17 +41,15 @@ if TYPE_CHECKING:
 
     from vitplasticity.machine import Tracking
 
-RUN_RECORD = "mlflow_run.json"
+# Names a folder's MLflow run and the record (`records`, its id) that run mirrors.
+RUN_FILE = "mlflow_run.json"
 # Tag of a run the mirror has not completed yet: an interrupted mirror's run, which the next mirror
-# deletes and mirrors again (the run folder's record names a run only once it is complete).
+# deletes and mirrors again (the run folder's RUN_FILE names a run only once it is complete).
 INCOMPLETE = "mirror_incomplete"
 # The study's own store, relative to the folder the workflow and its jobs run in.
 DEFAULT_STORE = Path("results") / "mlflow.db"
 # Held while a job creates a missing parent run (the workflow normally made them all before).
 PARENT_LOCK = Path("results") / "tracking.lock"
-HISTORY_KEYS = ("loss", "lr", "grad_norm", "val_loss", "val_acc")
-# Accuracies are fractions in the run folders and percentages in the tables; MLflow shows percentages.
-PERCENT_KEYS = frozenset({"val_acc", "best_val_acc", "test_acc", "source_test_acc", "train_acc"})
 # Settings of the optimizer a run does not use, left out of its MLflow params.
 UNUSED_BY = {"sgd": ("betas",), "adamw": ("momentum",)}
 # MLflow 3's UI opens an experiment of this kind on its runs (not on the GenAI overview).
@@ -101,26 +96,10 @@ def unusable(settings: Tracking, exc: BaseException) -> Unusable:
 
 
 class Terminated(SystemExit):
-    """SIGTERM inside `track_job`: the run is closed as KILLED, then the process exits with 143."""
+    """SIGTERM inside `live`: the run is closed as KILLED, then the process exits with 143."""
 
 
-class JobRun:
-    """The run of one job with tracking disabled: every call does nothing."""
-
-    def log_history(self, rows: list[dict]) -> None:
-        """Log training-history rows (step, loss, lr, grad_norm, val_loss, val_acc)."""
-
-    def log_metrics(self, metrics: dict) -> None:
-        """Log final metrics; text values become tags."""
-
-    def log_series(self, series: dict[str, list[tuple[int, float]]]) -> None:
-        """Log values that run along something (layer, pretraining step) on MLflow's step axis."""
-
-    def log_artifacts(self, paths: list[Path]) -> None:
-        """Copy files or folders into the run's artifacts."""
-
-
-class MlflowJobRun(JobRun):
+class MirroredRun:
     """One MLflow run; each history step and final value is logged at most once."""
 
     def __init__(self, client: MlflowClient, run_id: str, last_steps: dict[str, int], latest: dict[str, float]):
@@ -128,51 +107,48 @@ class MlflowJobRun(JobRun):
         self._last_steps, self._latest = last_steps, latest
 
     def log_history(self, rows: list[dict]) -> None:
+        """Log training-history rows (step and `records.HISTORY_KEYS`, accuracies as fractions)."""
         from mlflow.entities import Metric
 
         now, metrics = _now_ms(), []
         for row in rows:
-            step = int(row["step"])
-            for key in HISTORY_KEYS:
+            step = int(float(row["step"]))
+            for key in records.HISTORY_KEYS:
                 value = row.get(key)
-                if is_missing(value) or step <= self._last_steps.get(key, 0):
+                if value in (None, "") or is_missing(value) or step <= self._last_steps.get(key, 0):
                     continue
-                metrics.append(Metric(key, _shown(key, value), now, step))
+                metrics.append(Metric(key, records.shown(key, float(value)), now, step))
                 self._last_steps[key] = step
         _log_batch(self.client, self.run_id, metrics=metrics)
 
-    def log_series(self, series: dict[str, list[tuple[int, float]]]) -> None:
+    def log_record(self, record: dict, folder: Path) -> None:
+        """Log what the record holds and the run lacks: the history file's rows, the series on
+        MLflow's step axis, the final metrics (at the last history step) and the job's resources,
+        the tags, the artifacts."""
         from mlflow.entities import Metric
 
+        if record.get("history"):
+            with open(folder / record["history"], newline="") as handle:
+                self.log_history(list(csv.DictReader(handle)))
         now, metrics = _now_ms(), []
-        for key, points in series.items():
-            for step, value in sorted(points):
-                if is_missing(value) or (key in self._last_steps and step <= self._last_steps[key]):
-                    continue
-                metrics.append(Metric(key, _shown(key, value), now, int(step)))
-                self._last_steps[key] = int(step)
-        _log_batch(self.client, self.run_id, metrics=metrics)
-
-    def log_metrics(self, metrics: dict) -> None:
-        """Final values, at the last step of the logged history (accuracies in %)."""
-        from mlflow.entities import Metric
-
-        now, values, texts = _now_ms(), [], {}
-        step = max((self._last_steps[key] for key in HISTORY_KEYS if key in self._last_steps), default=0)
-        for key, value in metrics.items():
-            if is_missing(value):
-                continue
-            if isinstance(value, numbers.Real) and not isinstance(value, bool):
-                if self._latest.get(key) != _shown(key, value):
-                    values.append(Metric(key, _shown(key, value), now, step))
-                    self._latest[key] = _shown(key, value)
-            else:
-                texts[key] = str(value)
-        _log_batch(self.client, self.run_id, metrics=values, tags=_tag_entities(texts))
-
-    def log_artifacts(self, paths: list[Path]) -> None:
-        for path in map(Path, paths):
-            if path.is_dir():
+        for key, points in record["series"].items():
+            for step, value in points:
+                if key not in self._last_steps or step > self._last_steps[key]:
+                    metrics.append(Metric(key, value, now, step))
+                    self._last_steps[key] = step
+        step = max((self._last_steps[key] for key in records.HISTORY_KEYS if key in self._last_steps), default=0)
+        finals = record["metrics"] | {f"job/{key}": value for key, value in record["resources"].items()}
+        for key, value in finals.items():
+            if self._latest.get(key) != value:
+                metrics.append(Metric(key, value, now, step))
+                self._latest[key] = value
+        _log_batch(self.client, self.run_id, metrics=metrics, tags=_tag_entities(record["tags"]))
+        for name in record["artifacts"]:
+            path = folder / name
+            if not path.exists():
+                print(f"vitplasticity tracking: {path}, an artifact named by {folder / records.FILE}, is gone; "
+                      "the run is mirrored without it", file=sys.stderr, flush=True)
+            elif path.is_dir():
                 self.client.log_artifacts(self.run_id, str(path), artifact_path=path.name)
             else:
                 self.client.log_artifact(self.run_id, str(path))
@@ -182,60 +158,79 @@ class MlflowJobRun(JobRun):
 
 
 @contextlib.contextmanager
-def track_job(settings: dict | None, *, run_dir: Path, run_name: str, kind: str, params: dict,
-              tags: dict) -> Iterator[JobRun]:
-    """Mirror one job into MLflow; the run is closed FINISHED, FAILED or KILLED as the block ends.
+def live(settings: Tracking, folder: Path | None, kind: str, params: dict) -> Iterator[Callable | None]:
+    """Track one job in MLflow while it runs; yield the training loop's evaluation hook that logs its
+    history rows (`MirroredRun.log_history`), or None when nothing is tracked live.
 
-    `settings`: `enabled`, `uri` (None: `study_uri`), `experiment` (its name; it must exist), `parent`
-    (a parent-run name, created if missing under the file lock `lock`), `tags`; or, disabled,
-    `mirrored_later`: the run folder's recorded run (of an earlier run of this job) is marked stale,
-    so that the mirror after the workflow updates it from the folder this run writes.
-    The store and the experiment are checked before the block runs; a store the job cannot use is one
-    line (`unusable`) and the block runs untracked: its folder is mirrored once the store answers.
+    Live: `settings.enabled` and `settings.live`, and the job leaves a record in `folder`. When the
+    block ends the record the job wrote is mirrored into the run (the record wins) and the run is
+    closed FINISHED; an exception closes it FAILED, Ctrl-C or SIGTERM KILLED. A store the job cannot
+    use, at the start, during training or at the end, is one line (`unusable`) and the job goes on
+    untracked: the workflow mirrors its record later.
     """
-    if not settings or not settings.get("enabled"):
-        if settings and settings.get("mirrored_later"):
-            _mark_stale(Path(run_dir) / RUN_RECORD)
-        yield JobRun()
+    if folder is None or not (settings.enabled and settings.live):
+        yield None
         return
+    folder = Path(folder)
     try:
-        job = _open_job(settings, run_dir=Path(run_dir), run_name=run_name, kind=kind, params=params, tags=tags)
+        run, experiment_id, uri = _open_live(settings, folder, kind, params)
     except Exception as exc:  # noqa: BLE001 (tracking is a view: any store failure leaves the job untracked)
-        from vitplasticity.machine import Tracking
-
-        track = Tracking(uri=settings.get("uri"), experiment=settings.get("experiment") or "")
-        print(f"vitplasticity tracking: {unusable(track, exc)}", file=sys.stderr, flush=True)
-        _mark_stale(Path(run_dir) / RUN_RECORD)  # its folder is mirrored when the store answers again
-        yield JobRun()
+        print(f"vitplasticity tracking: {unusable(settings, exc)}", file=sys.stderr, flush=True)
+        yield None
         return
+    failed = []
+
+    def on_eval(rows: list[dict]) -> None:
+        """Log the rows; after a first failure one line, and the job trains on without logging."""
+        if failed:
+            return
+        try:
+            run.log_history(rows)
+        except Exception as exc:  # noqa: BLE001 (a store that fails mid-run must not stop a long job)
+            failed.append(exc)
+            print(f"vitplasticity tracking: {unusable(settings, exc)}", file=sys.stderr, flush=True)
+
     with _sigterm_raises():
         try:
-            yield job
+            yield on_eval
         except (KeyboardInterrupt, Terminated):
-            _close_quietly(job, "KILLED")
+            _close_quietly(run, "KILLED")
             raise
         except BaseException:
-            _close_quietly(job, "FAILED")
+            _close_quietly(run, "FAILED")
             raise
-    job.close("FINISHED")
+    record = records.read(folder)
+    if record is None:  # a fault of this project, not of the store: said, and the run not left RUNNING
+        print(f"vitplasticity tracking: the {kind} job wrote no {folder / records.FILE}; its MLflow run is "
+              "marked FAILED", file=sys.stderr, flush=True)
+        _close_quietly(run, "FAILED")
+        return
+    try:
+        run.log_record(record, folder)
+        run.close("FINISHED")
+        write_run_file(folder, run.run_id, experiment_id, record, uri)
+    except Exception as exc:  # noqa: BLE001 (the job succeeded; its record is mirrored when the store answers)
+        print(f"vitplasticity tracking: {unusable(settings, exc)}", file=sys.stderr, flush=True)
+        _close_quietly(run, "FAILED")
 
 
-def _open_job(settings: dict, *, run_dir: Path, run_name: str, kind: str, params: dict,
-              tags: dict) -> MlflowJobRun:
-    """The run of one live-tracked job (`track_job`), its id recorded in the run folder."""
-    uri = study_uri(settings.get("uri"))
+def _open_live(settings: Tracking, folder: Path, kind: str, params: dict) -> tuple[MirroredRun, str, str]:
+    """The run of one live-tracked job, its id in the folder's RUN_FILE (without a record yet)."""
+    uri = study_uri(settings.uri)
     check_store(uri, create=False)
     client = _client(uri)
-    experiment_id = _experiment_id(client, uri, settings.get("experiment"))
+    experiment_id = _experiment_id(client, uri, settings.experiment)
     parent_id = None
-    if name := settings.get("parent"):  # made by `prepare_study`; created here only if it was deleted since
+    if kind == "finetune":  # its parent is made by `prepare_study`; created here only if it was deleted since
+        name = records.parent_name(params)
         parent_id = _parents(client, experiment_id).get(name)
         if parent_id is None:
-            with _exclusive(settings.get("lock")):
+            with _exclusive(PARENT_LOCK):
                 parent_id = parent_runs(client, experiment_id, [name])[name]
-    all_tags = environment_tags() | {"kind": kind} | dict(settings.get("tags") or {}) | dict(tags)
-    return open_run(client, run_dir, run_name=run_name, experiment_id=experiment_id, parent_id=parent_id,
-                    params=params, tags=all_tags, uri=uri)
+    run = open_run(client, folder, run_name=records.run_name(kind, params), experiment_id=experiment_id,
+                   parent_id=parent_id, params=params, tags=records.environment_tags() | {"kind": kind})
+    write_run_file(folder, run.run_id, experiment_id, None, uri)
+    return run, experiment_id, uri
 
 
 def study_uri(uri: str | None, cwd: Path | None = None) -> str:
@@ -248,31 +243,15 @@ def study_uri(uri: str | None, cwd: Path | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(cwd or Path.cwd()).resolve() / DEFAULT_STORE}"
 
 
-def job_tracking(settings: Tracking, kind: str, job: dict) -> dict:
-    """`track_job` settings of one job: the study's store and experiment, and for a finetuning
-    run its parent (`parent_name`); the experiment and parents exist once `prepare_study` ran.
-
-    Without `settings.live` a job that leaves a run folder (`MIRRORED_KINDS`) is not tracked while
-    it runs: the workflow mirrors its folder when it ends (`prepare_study`), and the job never
-    imports MLflow (about 3 s of start-up, the larger part of a short job's overhead).
-    """
-    if not settings.enabled:
-        return {"enabled": False}
-    if not settings.live and kind in MIRRORED_KINDS:
-        return {"enabled": False, "mirrored_later": True}
-    return {"enabled": True, "uri": settings.uri, "experiment": settings.experiment,
-            "parent": parent_name(job) if kind == "finetune" else None, "lock": str(PARENT_LOCK)}
-
-
 def rebuild_command(settings: Tracking) -> str:
-    """The command that mirrors a study's run folders into its store by hand (a URI that names
+    """The command that mirrors a study's job records into its store by hand (a URI that names
     credentials is shown without them)."""
     uri = f" --uri {_redact(settings.uri)}" if settings.uri else ""
     return f"vitplasticity tracking rebuild --experiment {settings.experiment}{uri}"
 
 
 def mirror_at_end(settings: Tracking, parents: Sequence[str], results_dir: Path = Path("results")) -> None:
-    """After the jobs of a workflow: mirror the finished run folders the store lacks.
+    """After the jobs of a workflow: mirror the job records the store lacks.
 
     Never raises: the folders are the record and every job succeeded or failed on its own, so a
     store that fails now (another MLflow version, locked, unreachable, a damaged folder) gets one
@@ -286,7 +265,7 @@ def mirror_at_end(settings: Tracking, parents: Sequence[str], results_dir: Path 
 
 def prepare_study(settings: Tracking, parents: Sequence[str], results_dir: Path = Path("results")) -> str:
     """Before a workflow's jobs: make the store, the experiment and its parent runs, and mirror every
-    finished run folder the experiment lacks (tracking switched on, study renamed, store lost, pulled
+    job record the experiment lacks (tracking switched on, study renamed, store lost, pulled
     or copied); returns the URI. A SQLite store copied from another study folder (its experiment's
     artifacts live elsewhere) is set aside first, so nothing here or in a job writes into another study.
     """
@@ -296,7 +275,7 @@ def prepare_study(settings: Tracking, parents: Sequence[str], results_dir: Path 
     prepare_store(uri, settings.experiment, parents)
     mirrored = rebuild(results_dir, uri, settings.experiment, only_missing=True)
     if mirrored:
-        print(f"vitplasticity: mirrored {len(mirrored)} finished run folders into MLflow experiment "
+        print(f"vitplasticity: mirrored {len(mirrored)} job records into MLflow experiment "
               f"'{settings.experiment}' at {_redact(uri)}", file=sys.stderr, flush=True)
     return uri
 
@@ -410,15 +389,13 @@ def _parents(client: MlflowClient, experiment_id: str) -> dict[str, str]:
     return existing
 
 
-def open_run(client: MlflowClient, run_dir: Path, *, run_name: str, experiment_id: str, parent_id: str | None,
-             params: dict, tags: dict, uri: str, start_time: int | None = None, record: bool = True
-             ) -> MlflowJobRun:
-    """Continue the run recorded in `run_dir/mlflow_run.json`, or create one; record its id there
-    (with `record` false the caller records it, once the run is complete: `write_record`).
+def open_run(client: MlflowClient, folder: Path, *, run_name: str, experiment_id: str, parent_id: str | None,
+             params: dict, tags: dict, start_time: int | None = None) -> MirroredRun:
+    """Continue the run named in `folder`'s RUN_FILE, or create one (the caller names it there).
 
-    A recorded run that still exists (and was not deleted) is reused with status RUNNING and
-    keeps its history. If its params differ from `params` (MLflow params cannot change) it is
-    deleted and replaced by a new run.
+    A named run that still exists (and was not deleted) is reused with status RUNNING and keeps
+    its history. If its params differ from `params` (MLflow params cannot change) it is deleted
+    and replaced by a new run.
     """
     unused = UNUSED_BY.get(params.get("optimizer"), ())
     flat = flatten_params({k: v for k, v in params.items() if k not in unused})
@@ -426,7 +403,7 @@ def open_run(client: MlflowClient, run_dir: Path, *, run_name: str, experiment_i
                   if not _is_credential(k, v)}
     if parent_id:
         tag_values["mlflow.parentRunId"] = parent_id
-    run = _recorded_run(client, run_dir / RUN_RECORD, experiment_id)
+    run = _recorded_run(client, folder, experiment_id)
     if run is not None and any(run.data.params.get(k, v) != v for k, v in flat.items()):
         client.set_tag(run.info.run_id, "superseded", "params changed")
         client.delete_run(run.info.run_id)
@@ -440,7 +417,7 @@ def open_run(client: MlflowClient, run_dir: Path, *, run_name: str, experiment_i
         client.update_run(run_id, status="RUNNING", name=run_name)
         _log_batch(client, run_id, tags=_tag_entities(tag_values))
         last_steps = {}
-        for key in dict.fromkeys((*HISTORY_KEYS, *run.data.metrics)):
+        for key in dict.fromkeys((*records.HISTORY_KEYS, *run.data.metrics)):
             steps = [m.step for m in client.get_metric_history(run_id, key)]
             if steps:
                 last_steps[key] = max(steps)
@@ -449,15 +426,15 @@ def open_run(client: MlflowClient, run_dir: Path, *, run_name: str, experiment_i
     from mlflow.entities import Param
 
     _log_batch(client, run_id, params=[Param(k, v) for k, v in new_params.items()])
-    if record:
-        write_record(run_dir, run_id, experiment_id, run_name, uri)
-    return MlflowJobRun(client, run_id, last_steps, latest)
+    return MirroredRun(client, run_id, last_steps, latest)
 
 
-def write_record(run_dir: Path, run_id: str, experiment_id: str, run_name: str, uri: str) -> None:
-    """Name the folder's MLflow run in `run_dir/mlflow_run.json`."""
-    write_json(run_dir / RUN_RECORD, {"run_id": run_id, "experiment_id": experiment_id, "run_name": run_name,
-                                      "tracking_uri": _redact(uri)})
+def write_run_file(folder: Path, run_id: str, experiment_id: str, record: dict | None, uri: str) -> None:
+    """Name the folder's MLflow run in its RUN_FILE, and the record the run mirrors (None: not yet)."""
+    write_json(folder / RUN_FILE, {"run_id": run_id, "experiment_id": experiment_id,
+                                   "record_id": record["id"] if record else None,
+                                   "run_name": record["run_name"] if record else None,
+                                   "tracking_uri": _redact(uri)})
 
 
 def flatten_params(params: dict, prefix: str = "") -> dict[str, str]:
@@ -473,104 +450,69 @@ def flatten_params(params: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def environment_tags() -> dict[str, str]:
-    """Git commit and dirty flag of the working directory, host, user and SLURM job id."""
-    tags = {"host": socket.gethostname()}
-    commit = _git("rev-parse", "HEAD")
-    if commit:
-        tags["mlflow.source.git.commit"] = commit.strip()
-        tags["git_dirty"] = str(bool(_git("status", "--porcelain").strip())).lower()
-    with contextlib.suppress(OSError, KeyError):
-        tags["mlflow.user"] = getpass.getuser()
-    if os.environ.get("SLURM_JOB_ID"):
-        tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
-    return tags
-
-
-def run_name(kind: str, settings: dict) -> str:
-    """The MLflow run name of a job, e.g. `mha/cifar10/lr0.01/seed42` for a finetuning run (the arm
-    first: the UI cuts long names, and runs are compared by arm)."""
-    if kind == "finetune":
-        return f"{settings['arm']}/{settings['task']}/lr{settings['lr']:g}/seed{settings['seed']}"
-    if kind in ("pretrain", "trajectory"):  # jobs of a model, not of a task
-        return f"{kind}/{settings['model']}"
-    return f"{kind}/{settings['model']}/{settings['task']}"
-
-
-def parent_name(settings: dict) -> str:
-    """The parent run grouping a finetuning run: `model/task/optimizer`."""
-    return f"{settings['model']}/{settings['task']}/{settings['optimizer']}"
-
-
 def rebuild(results_dir: Path, uri: str, experiment_name: str, *, only_missing: bool = False) -> dict[str, str]:
-    """Recreate the MLflow runs from the run folders under `results_dir`; returns {folder: run id}.
+    """Mirror the job records under `results_dir` into MLflow; returns {folder: run id}.
 
-    Folders whose recorded run is still in the store are completed in place, not duplicated;
-    with `only_missing` those whose run is complete are skipped (one search of the experiment, not
-    one call per folder). Each folder is mirrored whole or not at all: its run carries the tag
-    `INCOMPLETE` until it is FINISHED and recorded in the folder, and the runs an interrupted mirror
-    left with that tag are deleted first, so their folders are mirrored again. Ctrl-C (SIGINT) in the
-    main thread stops after the folder being mirrored (KeyboardInterrupt); a second one stops at once.
+    Folders whose named run is still in the store are completed in place, not duplicated; with
+    `only_missing` those whose run mirrors their current record are skipped (one search of the
+    experiment, not one call per folder). Each record is mirrored whole or not at all: its run
+    carries the tag `INCOMPLETE` until it is FINISHED and named in the folder, and the runs an
+    interrupted mirror left with that tag are deleted first, so their folders are mirrored again.
+    Ctrl-C (SIGINT) in the main thread stops after the folder being mirrored (KeyboardInterrupt); a
+    second one stops at once.
     """
     results_dir = Path(results_dir)
     experiment_id = prepare_store(uri, experiment_name)["experiment_id"]
     client = _client(uri)
     for run in _search(client, experiment_id, f"tags.{INCOMPLETE} = 'true'"):
         client.delete_run(run.info.run_id)
-    wanted = None
+    present = None
     if only_missing:
         present = {r.info.run_id for r in _search(client, experiment_id, "attributes.status = 'FINISHED'")}
-        wanted = lambda folder: _needs_mirror(folder / RUN_RECORD, present)  # noqa: E731
-    folders = list(_run_folders(results_dir, wanted))
-    parents = parent_runs(client, experiment_id, sorted({parent_name(f["params"]) for f in folders
-                                                         if f["kind"] == "finetune"}))
+    found = [(folder, records.read(folder)) for folder in records.find(results_dir)]
+    found = [(folder, record) for folder, record in found
+             if record is not None and (present is None or _needs_mirror(folder, record, present))]
+    parents = parent_runs(client, experiment_id, sorted({r["parent"] for _, r in found if r["parent"]}))
     done = {}
     with _sigint_after_the_folder() as stopped:
-        for folder in folders:
+        for folder, record in found:
             if stopped():
                 raise KeyboardInterrupt
-            done[str(folder["dir"].relative_to(results_dir))] = _mirror_folder(client, folder, experiment_id,
-                                                                               parents, uri, results_dir)
+            relative = str(folder.relative_to(results_dir))
+            try:
+                done[relative] = _mirror(client, folder, record, experiment_id, parents.get(record["parent"]), uri,
+                                         relative)
+            except (OSError, ValueError, KeyError, TypeError) as exc:  # this folder's fault: the others go on
+                print(f"vitplasticity tracking: {folder / records.FILE} cannot be mirrored ({_one_line(exc)}); "
+                      "rerun its job (snakemake -R <its rule>), then mirror again", file=sys.stderr, flush=True)
     return done
 
 
-def _mirror_folder(client: MlflowClient, folder: dict, experiment_id: str, parents: dict[str, str], uri: str,
-                   results_dir: Path) -> str:
-    """Mirror one run folder (`_run_folders`) whole; its run id."""
-    relative = str(folder["dir"].relative_to(results_dir))
-    name = run_name(folder["kind"], folder["params"])
-    job = open_run(client, folder["dir"], run_name=name, experiment_id=experiment_id,
-                   parent_id=parents.get(parent_name(folder["params"])) if folder["kind"] == "finetune" else None,
-                   params=folder["params"], tags={"kind": folder["kind"], "mirrored_from": relative,
+def _mirror(client: MlflowClient, folder: Path, record: dict, experiment_id: str, parent_id: str | None, uri: str,
+            relative: str) -> str:
+    """Mirror one record whole; its run id. A record that cannot be read through leaves no run."""
+    run = open_run(client, folder, run_name=record["run_name"], experiment_id=experiment_id, parent_id=parent_id,
+                   params=record["params"], tags={"kind": record["kind"], "mirrored_from": relative,
                                                   INCOMPLETE: "true"},
-                   uri=uri, start_time=folder["start_ms"], record=False)
-    job.log_history(folder["history"])
-    job.log_series(folder["series"])
-    job.log_metrics(folder["final"])
-    job.log_artifacts(folder["artifacts"])
-    job.close("FINISHED", end_time=folder["end_ms"])
-    write_record(folder["dir"], job.run_id, experiment_id, name, uri)
-    client.delete_tag(job.run_id, INCOMPLETE)
-    return job.run_id
-
-
-# Where each kind of job leaves its last-written file, relative to the results folder.
-_FINISHED = (("finetune", "runs/**/metrics.json"), ("pretrain", "pretrain/*/metrics.json"),
-             ("probe", "probes/**/metrics.json"), ("plasticity", "plasticity/**/plasticity.csv"),
-             ("criteria", "criteria/**/criteria.csv"), ("trajectory", "pretrain/*/trajectory/trajectory.csv"))
-# The kinds of job whose run folder the store can be rebuilt from (the others, aggregate and
-# figures, are tracked while they run).
-MIRRORED_KINDS = frozenset(kind for kind, _ in _FINISHED)
+                   start_time=record["start_ms"])
+    try:
+        run.log_record(record, folder)
+    except (OSError, ValueError, KeyError, TypeError):
+        client.delete_run(run.run_id)
+        raise
+    run.close("FINISHED", end_time=record["end_ms"])
+    write_run_file(folder, run.run_id, experiment_id, record, uri)
+    client.delete_tag(run.run_id, INCOMPLETE)
+    return run.run_id
 
 
 def unmirrored(settings: Tracking, results_dir: Path = Path("results")) -> int | None:
-    """How many finished run folders the study's SQLite store lacks, read without writing anything
-    (None for a server URI: asking it would slow every invocation)."""
+    """How many job records the study's SQLite store lacks, read without writing anything (None for a
+    server URI: asking it would slow every invocation)."""
     uri = study_uri(settings.uri)
     path = sqlite_path(uri)
     if path is None:
         return None
-    folders = [p.parent for _, pattern in _FINISHED for p in _visible(results_dir.glob(pattern))]
     present: set[str | None] = set()
     if path.exists():
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db, \
@@ -580,109 +522,17 @@ def unmirrored(settings: Tracking, results_dir: Path = Path("results")) -> int |
                     "WHERE e.name = ? AND r.lifecycle_stage = 'active' AND r.status = 'FINISHED' AND NOT EXISTS "
                     "(SELECT 1 FROM tags t WHERE t.run_uuid = r.run_uuid AND t.key = ?)",
                     (settings.experiment, INCOMPLETE))}
-    return sum(_needs_mirror(folder / RUN_RECORD, present) for folder in folders)
+    found = ((folder, records.read(folder)) for folder in records.find(results_dir))
+    return sum(_needs_mirror(folder, record, present) for folder, record in found if record is not None)
 
 
-def _run_folders(results_dir: Path, wanted=None) -> Iterator[dict]:
-    """Every finished run folder (for which `wanted(folder)` holds): kind, params, history rows,
-    final metrics, artifacts, times."""
-    patterns = dict(_FINISHED)
-
-    def visible(kind: str) -> list[Path]:
-        return [p for p in _visible(results_dir.glob(patterns[kind])) if wanted is None or wanted(p.parent)]
-
-    for kind in ("finetune", "pretrain"):
-        for path in visible(kind):
-            config = yaml.safe_load((path.parent / "config.yaml").read_text())
-            files = [path.parent / name for name in ("config.yaml", "history.csv", "metrics.json")]
-            yield _folder(kind, path, config["settings"], read_json(path), [f for f in files if f.exists()],
-                          _read_history(path.parent / "history.csv"))
-    for path in visible("probe"):
-        final = read_json(path)
-        yield _folder("probe", path, _model_task(path.parent, final), final, [path])
-    for path in visible("plasticity"):
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        stats = path.parent / "embedding.json"
-        yield _folder("plasticity", path, _model_task(path.parent, rows[0] if rows else {}), {},
-                      [path] + ([stats] if stats.exists() else []), series=plasticity_series(rows))
-    for path in visible("criteria"):
-        cost = path.parent / "cost.csv"
-        with open(cost, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        with open(path, newline="") as handle:
-            scores = list(csv.DictReader(handle))
-        yield _folder("criteria", path, _model_task(path.parent, rows[0] if rows else {}), criteria_costs(rows),
-                      [path, cost], series=criteria_series(scores))
-    for path in visible("trajectory"):
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        params = {"model": rows[0]["model"] if rows else path.parent.parent.name,
-                  "tasks": list(dict.fromkeys(r["task"] for r in rows)),
-                  "keep_steps": sorted({int(r["step"]) for r in rows}),
-                  "n_pairs": int(rows[0]["pairs"]) if rows else None}
-        yield _folder("trajectory", path, params, {}, [path], series=trajectory_series(rows))
-
-
-def plasticity_series(rows: Iterable[dict]) -> dict[str, list[tuple[int, float]]]:
-    """What a plasticity run logs, from its table's rows (`plasticity.measure`): the mean plasticity of
-    each `<mode>/<component>`, step = layer (MLflow then draws plasticity against depth)."""
-    return _series(rows, "layer", ("mode", "component"), "mean")
-
-
-def trajectory_series(rows: Iterable[dict]) -> dict[str, list[tuple[int, float]]]:
-    """What a trajectory run logs, from its table's rows (`jobs.measure_trajectory`): plasticity of each
-    `<mode>/<component>`, mean over layers and tasks, step = pretraining step."""
-    return _series(rows, "step", ("mode", "component"), "mean")
-
-
-def criteria_series(rows: Iterable[dict]) -> dict[str, list[tuple[int, float]]]:
-    """What a criteria run logs of its scores (`criteria.measure`): each `<criterion>/<component>`,
-    step = layer."""
-    return _series(rows, "layer", ("criterion", "component"), "value")
-
-
-def criteria_costs(rows: Iterable[dict]) -> dict[str, float]:
-    """The wall time of each criterion (`criteria.measure`'s cost rows), as `<criterion>/wall_s`."""
-    return {f"{row['criterion']}/wall_s": float(row["wall_s"]) for row in rows}
-
-
-def _series(rows: Iterable[dict], along: str, by: Sequence[str], value: str) -> dict[str, list[tuple[int, float]]]:
-    """{"/"-joined `by` columns: [(step = column `along`, mean of `value` over the rows at that step)]};
-    a missing value (empty in a CSV, NaN in a frame) is left out."""
-    values: dict[str, dict[int, list[float]]] = {}
-    for row in rows:
-        if row[value] == "" or is_missing(row[value]):
-            continue
-        key = "/".join(str(row[column]) for column in by)
-        values.setdefault(key, {}).setdefault(int(row[along]), []).append(float(row[value]))
-    return {key: [(step, sum(found) / len(found)) for step, found in sorted(steps.items())]
-            for key, steps in values.items()}
-
-
-def _folder(kind: str, path: Path, params: dict, final: dict, artifacts: list[Path],
-            history: list[dict] | None = None, series: dict | None = None) -> dict:
-    """A run folder's record; it ended when `path` was written and ran for `wall_time_s` if known."""
-    end = int(path.stat().st_mtime * 1000)
-    wall = final.get("wall_time_s")
-    start = end - int(1000 * wall) if isinstance(wall, numbers.Real) and math.isfinite(wall) else end
-    return {"kind": kind, "dir": path.parent, "params": params, "final": final, "artifacts": artifacts,
-            "history": history or [], "series": series or {}, "start_ms": start, "end_ms": end}
-
-
-def _visible(paths: Iterable[Path]) -> list[Path]:
-    return sorted(p for p in paths if not any(part.startswith(".") for part in p.parts[-4:]))
-
-
-def _model_task(folder: Path, values: dict) -> dict:
-    return {"model": values.get("model", folder.parent.name), "task": values.get("task", folder.name)}
-
-
-def _read_history(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as handle:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
+def _needs_mirror(folder: Path, record: dict, present: set) -> bool:
+    """A record whose folder names no complete run among `present`, or a run of another record."""
+    try:
+        named = read_json(folder / RUN_FILE)
+        return named["run_id"] not in present or named.get("record_id") != record["id"]
+    except (OSError, ValueError, KeyError, TypeError):  # never mirrored
+        return True
 
 
 def _experiment_id(client: MlflowClient, uri: str, name: str | None) -> str:
@@ -697,42 +547,14 @@ def _experiment_id(client: MlflowClient, uri: str, name: str | None) -> str:
     return experiment.experiment_id
 
 
-def _recorded_id(record: Path) -> str | None:
-    try:
-        return read_json(record)["run_id"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _mark_stale(record: Path) -> None:
-    """Mark a run folder's record as older than the folder (its job runs again, not tracked live)."""
-    try:
-        payload = read_json(record)
-    except (OSError, ValueError):
-        return
-    if isinstance(payload, dict) and not payload.get("stale"):
-        write_json(record, payload | {"stale": True})
-
-
-def _needs_mirror(record: Path, present: set) -> bool:
-    """A finished folder whose recorded run is not among the complete runs `present`, or predates
-    what the folder holds."""
-    try:
-        payload = read_json(record)
-        return payload["run_id"] not in present or bool(payload.get("stale"))
-    except (OSError, ValueError, KeyError, TypeError):  # no record, or not one: never mirrored
-        return True
-
-
-def _recorded_run(client: MlflowClient, record: Path, experiment_id: str) -> Run | None:
+def _recorded_run(client: MlflowClient, folder: Path, experiment_id: str) -> Run | None:
+    """The active run of this experiment that `folder`'s RUN_FILE names, if any."""
     from mlflow.exceptions import MlflowException
 
-    run_id = _recorded_id(record)
-    if run_id is None:
-        return None
     try:
+        run_id = read_json(folder / RUN_FILE)["run_id"]
         run = client.get_run(run_id)
-    except MlflowException:
+    except (OSError, ValueError, KeyError, TypeError, MlflowException):
         return None
     if run.info.lifecycle_stage != "active" or run.info.experiment_id != experiment_id:
         return None
@@ -765,7 +587,7 @@ def _tag_entities(tags: dict) -> list:
 
 
 @contextlib.contextmanager
-def _exclusive(lock: str | None) -> Iterator[None]:
+def _exclusive(lock: Path | None) -> Iterator[None]:
     """Hold the file lock `lock` (its folder must exist); no path, no lock."""
     if not lock:
         yield
@@ -782,7 +604,7 @@ def _client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
-def _close_quietly(job: MlflowJobRun, status: str) -> None:
+def _close_quietly(job: MirroredRun, status: str) -> None:
     """Close a failing run without hiding the error that ends it."""
     try:
         job.close(status)
@@ -828,14 +650,6 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def _git(*args: str) -> str:
-    try:
-        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return done.stdout if done.returncode == 0 else ""
-
-
 def _is_credential(name: str, value: object) -> bool:
     lowered = name.lower()
     if isinstance(value, str) and _URL_USERINFO.search(value):
@@ -844,11 +658,6 @@ def _is_credential(name: str, value: object) -> bool:
         return value not in (None, "")
     return (any(word in lowered for word in _SENSITIVE_IF_CREDENTIAL) and isinstance(value, str)
             and bool(_CREDENTIAL.fullmatch(value)))
-
-
-def _shown(key: str, value: float) -> float:
-    """A metric as MLflow shows it: accuracies (fractions in the run folders) in %."""
-    return 100.0 * float(value) if key in PERCENT_KEYS else float(value)
 
 
 def _truncate(text: str, limit: int) -> str:

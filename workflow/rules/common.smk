@@ -326,9 +326,13 @@ def get_finetune_runtime_minutes(wildcards):
 
 def tracking_parents():
     """The MLflow parent runs of the study: one per (model, task, optimizer) finetuned."""
+    from vitplasticity.records import parent_name
+
     return sorted(
         {
-            f"{exp['model']}/{task}/{exp['optimizer']}"
+            parent_name(
+                {"model": exp["model"], "task": task, "optimizer": exp["optimizer"]}
+            )
             for exp in EXPERIMENTS.values()
             for task in exp["tasks"]
         }
@@ -357,7 +361,7 @@ def prepare_tracking():
 
 
 def mirror_finished_runs():
-    """Mirror the run folders the store lacks once the jobs ended (a failure is one line; the
+    """Mirror the job records the store lacks once the jobs ended (a failure is one line; the
     workflow's exit status stays the jobs')."""
     if not MACHINE.tracking.enabled:
         return
@@ -411,7 +415,7 @@ def hint_unmirrored_runs():
     if missing:
         name = MACHINE.tracking.experiment
         print(
-            f"vitplasticity: {missing} finished run folders are not in MLflow experiment '{name}' yet; "
+            f"vitplasticity: {missing} job records are not in MLflow experiment '{name}' yet; "
             f"snakemake mirrors them before it runs any job, or now: {rebuild_command(MACHINE.tracking)}",
             file=sys.stderr,
         )
