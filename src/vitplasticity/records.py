@@ -3,9 +3,9 @@
 Every job that leaves a run folder ends by writing `record.json` there through `write`, last and
 atomically: its kind, MLflow run name and parent, params, final metrics and the values that run
 along something (per layer, per pretraining step) under the names MLflow shows, its artifacts and
-history file, and tags (git commit and dirty flag, host, user, device, SLURM job id, wall time, the
-job's own peak memory under `resources`). `tracking` mirrors records into MLflow and never reads anything else of a
-run folder. Kept free of heavy imports: every job writes one.
+history file, tags (git commit and dirty flag, host, user, device, SLURM job id) and `resources` (the
+job's wall time and its own peak memory). `tracking` mirrors records into MLflow and never reads anything
+else of a run folder. Kept free of heavy imports: every job writes one.
 """
 
 from __future__ import annotations
