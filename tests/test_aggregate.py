@@ -197,7 +197,7 @@ def test_all_lrs_diverged_gives_an_empty_cell(tmp_path):
 
 def test_aggregate_writes_every_table(tmp_path):
     out = tmp_path / "tables"
-    tables = agg.aggregate({"arms": ["all", *ARMS]}, _write_runs(tmp_path / "runs"), _probe_files(tmp_path),
+    tables = agg.aggregate(["all", *ARMS], _write_runs(tmp_path / "runs"), _probe_files(tmp_path),
                            [], [], out)
     for name in ("main_table", "relative_gain", "lr_gap", "stat_tests", "plasticity_rank", "runs"):
         assert (out / f"{name}.csv").exists(), name
@@ -250,7 +250,7 @@ def test_tables_are_rounded_at_write(tmp_path):
     pd.DataFrame({"mode": ["embedding"] * 3, "component": ["mha", "fc1", "ln1"], "layer": [0, 0, 0],
                   "mean": [0.1 + 0.2, 0.7, 0.5]}).to_csv(plasticity, index=False)
     out = tmp_path / "tables"
-    agg.aggregate({"arms": ARMS}, files, _probe_files(tmp_path), [plasticity], [], out)
+    agg.aggregate(ARMS, files, _probe_files(tmp_path), [plasticity], [], out)
     assert settings["settings"]["seed"] == 0
     runs_text = (out / "runs.csv").read_text()
     assert ",38.8," in runs_text and "38.800000000000004" not in runs_text
@@ -267,7 +267,7 @@ def test_tables_are_rounded_at_write(tmp_path):
 
 def test_markdown_marks_a_fully_diverged_cell(tmp_path):
     files = _write_runs(tmp_path / "runs", diverged={("t2", "ln1", 0.01, 0), ("t2", "ln1", 0.03, 1)})
-    agg.aggregate({"arms": ARMS}, files, [], [], [], tmp_path / "out")
+    agg.aggregate(ARMS, files, [], [], [], tmp_path / "out")
     markdown = (tmp_path / "out" / "main_table.md").read_text().splitlines()
     assert "| t2 | 68.00 ± 2.00 | 65.00 ± 1.00 | diverged |" in markdown
     assert markdown[-1] == "| Average | 66.33 | 65.00 | — |"
@@ -303,8 +303,8 @@ def test_std_uses_ddof_zero_on_three_seeds():
 
 def test_arms_keep_the_config_order_given_beside_sorted_settings(tmp_path):
     """The workflow's settings JSON sorts the arms mapping; `arm_order` carries the config's order."""
-    settings = {"arms": {"fc1": ["fc1"], "ln1": ["ln1"], "mha": ["mha"]}, "arm_order": ["mha", "ln1", "fc1"]}
-    tables = agg.aggregate(settings, _write_runs(tmp_path / "runs"), _probe_files(tmp_path), [], [], tmp_path / "out")
+    tables = agg.aggregate(["mha", "ln1", "fc1"], _write_runs(tmp_path / "runs"), _probe_files(tmp_path), [], [],
+                           tmp_path / "out")
     assert (tmp_path / "out" / "main_table.md").read_text().splitlines()[0] == (
         "| task | MHA (%) | LN1 (%) | FC1 (%) | LP (%) |")
     assert tables["main_table"]["arm"].tolist()[:3] == ["mha", "ln1", "fc1"]

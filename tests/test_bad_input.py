@@ -143,7 +143,9 @@ def _imagenet_argv(path: str | None):
 
 
 def _aggregate_argv(root: Path) -> list[str]:
-    return ["aggregate", "--settings", json.dumps({"experiment": "main", "arms": {"mha": ["mha"]}}),
+    settings = {"experiment": "main", "model": "vit", "tasks": ["novel"], "arms": {"mha": ["mha"]},
+                "arm_order": ["mha"]}
+    return ["aggregate", "--settings", json.dumps(settings),
             "--runs", str(root / "results" / "runs" / "mha" / "metrics.json"),
             "--out-dir", str(root / "results" / "tables")]
 

@@ -75,8 +75,8 @@ MALFORMED = {
     "img_size not divisible by patch": (QUICK, "models/vit_quick/img_size", 36, [
         "config key 'models.vit_quick.img_size': 36 is not divisible by the patch size 8; choose a multiple of 8"]),
     "unknown data source": (QUICK, "tasks/shapes/data/source", "mnist", [
-        "config key 'tasks.shapes.data.source': 'mnist' is not allowed; allowed values: synthetic, imagefolder, "
-        "cifar10"]),
+        "config key 'tasks.shapes.data.source': 'mnist' is not allowed; allowed values: synthetic, cifar10, cifar100, "
+        "cifar10c, domainnet, flowers102, oxford_pets, imagenet_val, imagefolder, vtab1k"]),
     "unknown synthetic kind": (QUICK, "tasks/shapes/data/kind", "photo", [
         "config key 'tasks.shapes.data.kind': 'photo' is not allowed; allowed values: source, novel, corrupt, sketch"]),
     "synthetic task missing a size": (QUICK, "tasks/shapes/data/n_train", DELETE, [
@@ -219,3 +219,19 @@ def test_the_paper_config_has_the_authors_later_ablations():
     assert experiments["mha_fc1"]["tasks"] == ["cifar100", "clipart"] and "mha_fc1" in experiments["mha_fc1"]["arms"]
     assert PAPER["controls"]["mha_lora8"] == {"component": "mha", "lora_rank": 8}
     assert "mha_lora8" in experiments["adamw"]["arms"] and "mha_lora8" not in experiments["main"]["arms"]
+
+
+def test_the_data_sources_allowed_are_the_registry_s_and_the_schema_names_each():
+    """`sources.SOURCES` is the one list of data sources: the config check allows exactly those (adding a source
+    touches its module and that list), and the schema's description of `source` names every one."""
+    from vitplasticity.datasets.sources import SOURCES
+    from vitplasticity.settings import node
+
+    described = node("tasks.*.data.source")["description"]
+    assert [name for name in SOURCES if f" {name}," not in described and f" {name})" not in described] == []
+    config = yaml.safe_load((ROOT / "tests" / "data" / "smoke.yaml").read_text())
+    config["tasks"]["novel"]["data"] = {"source": "imagefolder", "path": "images", "store_size": 16}
+    check_config(config, SCHEMA)
+    config["tasks"]["novel"]["data"]["source"] = "imagefolders"
+    with pytest.raises(UserError, match=f"allowed values: {', '.join(SOURCES)}$"):
+        check_config(config, SCHEMA)

@@ -90,14 +90,17 @@ def test_a_finetuning_job_counts_what_its_control_trains():
     head = 2 * D + 5 * D + 5  # final norm (γ, β) and the 5-class linear head
     masked = tiny_vit()
     components.set_trainable(masked, ["mha"])
-    assert _apply_control(masked, {"control": {"component": "mha", "match": "ln1", "mask_seed": 0}}) == (
+    assert _apply_control(masked, {"component": "mha", "match": "ln1", "mask_seed": 0}, 0.0) == (
         2 * 2 * D + head)  # LN1's 2d entries in each of the 2 blocks
     lora = tiny_vit()
     components.set_trainable(lora, ["mha"])
-    assert _apply_control(lora, {"control": {"component": "mha", "lora_rank": 1}}) == 2 * (4 * D + 2 * D) + head
+    assert _apply_control(lora, {"component": "mha", "lora_rank": 1}, 0.05) == 2 * (4 * D + 2 * D) + head
     plain = tiny_vit()
     components.set_trainable(plain, ["ln2"])
-    assert _apply_control(plain, {}) == 2 * 2 * D + head
+    assert _apply_control(plain, None, 0.05) == 2 * 2 * D + head
+    with pytest.raises(UserError, match="^control of mha: a gradient mask keeps entries frozen only with "
+                                        "weight_decay 0, got 0.05; set finetune.weight_decay to 0 or use lora_rank$"):
+        _apply_control(tiny_vit(), {"component": "mha", "match": "ln1", "mask_seed": 0}, 0.05)
 
 
 def test_lora_factors_live_on_the_device_of_the_layer_they_wrap():

@@ -15,6 +15,7 @@ from jobkit import CKPT, RUNTIME, TASK
 
 from vitplasticity import criteria, jobs, registry, selection, transforms
 from vitplasticity.datasets.sources import prepare_task
+from vitplasticity.settings import build
 from vitplasticity.training import batch_indices
 
 CPU = torch.device("cpu")
@@ -119,7 +120,7 @@ def test_the_criteria_job_writes_every_criterion_in_order(kit, tmp_path):
     prepare_task("shapes", {"source": "synthetic", "kind": "novel", "image_size": 16, "n_train": 8, "n_val": 8,
                             "n_test": 8, "seed": 1}, reference, tmp_path / "raw")
     out = tmp_path / "criteria" / "criteria.csv"
-    jobs.measure_criteria(settings, RUNTIME, kit / CKPT, reference, kit / TASK, out)
+    jobs.measure_criteria(build("criteria", settings), RUNTIME, kit / CKPT, reference, kit / TASK, out)
     scores, costs = pd.read_csv(out), pd.read_csv(out.parent / "cost.csv")
     assert list(dict.fromkeys(scores["criterion"])) == list(costs["criterion"]) == list(registry.CRITERIA)
     assert (scores.groupby("criterion").size() == 10).all()  # 5 components x 2 blocks each

@@ -15,6 +15,7 @@ from jobkit import CKPT, FINETUNE, RUNTIME, SMOKE, TASK
 
 from vitplasticity import figures, jobs, tracking
 from vitplasticity.machine import Tracking
+from vitplasticity.settings import build, params
 
 pytestmark = pytest.mark.reliability
 
@@ -28,8 +29,8 @@ def test_divergence_is_recorded_in_metrics_json_and_mlflow(kit, tmp_path, monkey
     tracking.prepare_study(track, ["vit/novel/sgd"], tmp_path / "results")  # as the workflow's onstart does
     run_dir = tmp_path / "run"
 
-    settings = {**FINETUNE, "lr": 1e30}
-    with tracking.live(track, run_dir, "finetune", settings) as on_eval:  # as the command line runs the job
+    settings = build("finetune", {**FINETUNE, "lr": 1e30})
+    with tracking.live(track, run_dir, "finetune", params(settings)) as on_eval:  # as the command line runs the job
         metrics = jobs.finetune(settings, RUNTIME, kit / TASK, kit / CKPT, run_dir, on_eval=on_eval)
 
     expected = {"status": "diverged", "diverged_step": 2, "steps_done": 2, "test_acc": None, "test_loss": None,

@@ -92,7 +92,7 @@ def drawn(tmp_path_factory):
         for component in COMPONENTS for layer in layers])
     trajectory.to_csv(root / "trajectory.csv", index=False)
     tables = root / "tables"
-    aggregate.aggregate({"arms": [*ARMS, *BUDGET_ARMS]}, runs, probes, [root / "plasticity.csv"],
+    aggregate.aggregate([*ARMS, *BUDGET_ARMS], runs, probes, [root / "plasticity.csv"],
                         [root / "bounds.csv"], tables, criteria, [root / "trajectory.csv"])
 
     drawn = {}

@@ -18,7 +18,8 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 def _run_fetch(tmp_path, cache, out):
     env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
-    settings = {"timm_name": NAME, "pretrained_tag": TAG, "revision": "main", "img_size": 224}
+    settings = {"model": "vit", "source": "timm", "timm_name": NAME, "pretrained_tag": TAG, "revision": "main",
+                "img_size": 224}
     return subprocess.run([sys.executable, "-m", "vitplasticity.cli", "fetch", "--settings", json.dumps(settings),
                            "--out", str(out)], env=env, capture_output=True, text=True, cwd=tmp_path)
 

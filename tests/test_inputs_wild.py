@@ -53,8 +53,7 @@ from vitplasticity.datasets.sources import prepare_task
 from vitplasticity.errors import UserError
 from vitplasticity.machine import Runtime
 from vitplasticity.prepared import load_split
-from vitplasticity.settings import SCHEMA
-from vitplasticity.settings import check as with_defaults
+from vitplasticity.settings import SCHEMA, build
 
 pytestmark = pytest.mark.reliability
 
@@ -451,23 +450,24 @@ def test_a_model_runs_at_its_img_size_not_at_kwargs_img_size(tasks, tmp_path):
     model = config["models"]["vit_smoke"]
     model["img_size"], model["kwargs"]["img_size"] = 24, 16  # the quick-style case
     check_config(config, SCHEMA)
-    settings = with_defaults("pretrain", {**TRAIN, "model": "vit", "timm_name": "vit_tiny_patch16_224",
+    settings = build("pretrain", {**TRAIN, "model": "vit", "task": "source", "timm_name": "vit_tiny_patch16_224",
                                           "kwargs": ARCH_KWARGS, "img_size": 24})
     weights = tmp_path / "vit.safetensors"
     jobs.pretrain(settings, RUNTIME, tasks / "source", weights, tmp_path / "pretrain")
     record = json.loads(weights.with_suffix(".json").read_text())
     assert (record["img_size"], record["arch"]["kwargs"]["img_size"]) == (24, 24)
     assert load_file(str(weights))["pos_embed"].shape == (1, 10, 32)  # 3 × 3 patches of 8 px + class token
-    finetune = with_defaults("finetune", {**TRAIN, "model": "vit", "task": "novel", "arm": "mha",
+    finetune = build("finetune", {**TRAIN, "model": "vit", "task": "novel", "arm": "mha",
                                           "components": ["mha"]})
     assert jobs.finetune(finetune, RUNTIME, tasks / "novel", weights, tmp_path / "run")["status"] == (
         "completed")
-    measure = {"model": "vit", "task": "novel", "n_pairs": 8, "modes": ["embedding", "hidden"]}
+    measure = build("plasticity", {"model": "vit", "task": "novel", "reference_task": "source", "n_pairs": 8,
+                                   "modes": ["embedding", "hidden"]})
     table = jobs.measure_plasticity(measure, RUNTIME, weights, tasks / "source", tasks / "novel", tmp_path / "p.csv",
                                     tmp_path / "p.json")
     assert len(table) == 2 * 5 * 2 and table["mean"].notna().all()
     assert len(jobs.compute_bounds(weights, tmp_path / "p.json", tmp_path / "bounds.csv")) == 5 * 2
-    probe = {"model": "vit", "task": "novel", "max_iter": 50}
+    probe = build("probe", {"model": "vit", "task": "novel", "max_iter": 50})
     assert 0 <= jobs.linear_probe(probe, RUNTIME, weights, tasks / "novel", tmp_path / "probe.json")["test_acc"] <= 1
 
 
@@ -502,7 +502,8 @@ def test_fetch_at_another_img_size_resamples_the_position_embedding(tmp_path):
     torch.manual_seed(0)
     state = {k: v.contiguous() for k, v in timm.create_model(HUB_NAME, num_classes=1000).state_dict().items()}
     save_file(state, str(snapshot / "model.safetensors"))
-    settings = {"timm_name": HUB_NAME, "pretrained_tag": HUB_TAG, "revision": "main", "img_size": 32}
+    settings = {"model": "vit", "source": "timm", "timm_name": HUB_NAME, "pretrained_tag": HUB_TAG, "revision": "main",
+                "img_size": 32}
     out = tmp_path / "vit.safetensors"
     env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
     result = subprocess.run([sys.executable, "-m", "vitplasticity.cli", "fetch", "--settings", json.dumps(settings),

@@ -14,6 +14,7 @@ from vitplasticity.bounds import theoretical_bounds
 from vitplasticity.components import BLOCK_COMPONENTS
 from vitplasticity.errors import UserError
 from vitplasticity.prepared import Split
+from vitplasticity.settings import build
 
 CPU = torch.device("cpu")
 SILENT = {"progress": lambda _: None}
@@ -524,15 +525,16 @@ def test_a_job_records_the_reference_order_and_the_classes_its_pairs_cover(kit, 
     reference = tmp_path / "prepared" / "imagenet_val"
     prepare_task("imagenet_val", {"source": "imagenet_val", "path": str(tmp_path / "val"), "store_size": 16,
                                   "split_seed": 42}, reference, None)
-    settings = {"model": "vit", "task": "novel", "n_pairs": 6, "modes": ["embedding"]}
-    table = jobs.measure_plasticity(settings, RUNTIME, kit / CKPT, reference, kit / TASK, tmp_path / "p.csv",
-                                    tmp_path / "p.json")
+    settings = {"model": "vit", "task": "novel", "reference_task": "imagenet_val", "n_pairs": 6,
+                "modes": ["embedding"]}
+    table = jobs.measure_plasticity(build("plasticity", settings), RUNTIME, kit / CKPT, reference, kit / TASK,
+                                    tmp_path / "p.csv", tmp_path / "p.json")
     stats = json.loads((tmp_path / "p.json").read_text())
     assert stats["reference_order"] == "imagefolder" and stats["reference_classes_paired"] == wnids[:2]
     assert stats["reference_classes"] == 2
     assert set(table["reference_order"]) == {"imagefolder"} and set(table["reference_classes"]) == {2}
-    jobs.measure_plasticity(settings | {"loader_batch": 5}, RUNTIME, kit / CKPT, reference, kit / TASK,
-                            tmp_path / "p.csv", tmp_path / "p.json")
+    jobs.measure_plasticity(build("plasticity", settings | {"loader_batch": 5}), RUNTIME, kit / CKPT, reference,
+                            kit / TASK, tmp_path / "p.csv", tmp_path / "p.json")
     stats = json.loads((tmp_path / "p.json").read_text())  # 6 pairs use 6 images of each stream
     assert (stats["reference_images"], stats["downstream_images"]) == (6, 6)
 

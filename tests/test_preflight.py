@@ -113,10 +113,13 @@ def test_projection_by_hand():
         "finetune": {"seeds": [0, 1, 2]},
         "tasks": {"a": {"steps": 100, "lrs": [0.1, 0.01]}, "b": {"steps": 50, "lrs": [0.1]}},
         "plasticity": {"n_pairs": 1000},
-        "experiments": {"e1": {"model": "m", "optimizer": "sgd", "tasks": ["a", "b"]},
-                        "e2": {"model": "m", "optimizer": "sgd", "tasks": ["a", "b"], "arms": ["mha"], "lr_scale": 0.5},
+        "selection": {},
+        "experiments": {"e1": {"model": "m", "optimizer": "sgd", "tasks": ["a", "b"], "lr_scale": 1.0,
+                               "selection": False},
+                        "e2": {"model": "m", "optimizer": "sgd", "tasks": ["a", "b"], "arms": ["mha"], "lr_scale": 0.5,
+                               "selection": False},
                         "e3": {"model": "m", "optimizer": "sgd", "tasks": ["b"], "arms": ["mha", "ln1"],
-                               "lr_scale": 0.5}},
+                               "lr_scale": 0.5, "selection": False}},
     }
     out = preflight.project(settings, {"m": {"sgd": {"all": 2.0, "mha": 1.0}}}, {"m": 0.5}, 250)
     # e1, per step over its 6 arms: all 2 + emb 2 + mha 1 + ln1 1 (as mha) + smooth 2 (as all) + mha_lora1 1 = 9 s;

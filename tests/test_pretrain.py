@@ -12,7 +12,7 @@ from vitplasticity.datasets.sources import prepare_task
 from vitplasticity.errors import UserError
 from vitplasticity.machine import Runtime
 
-SETTINGS = {"model": "vit", "timm_name": "vit_tiny_patch16_224", "img_size": 16,
+SETTINGS = {"model": "vit", "task": "source", "timm_name": "vit_tiny_patch16_224", "img_size": 16,
             "kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
             "steps": 5, "eval_every": 2, "batch_size": 8, "lr": 0.003, "optimizer": "adamw", "seed": 0}
 
@@ -27,7 +27,7 @@ def source(tmp_path_factory):
 
 
 def pretrain(source, folder, overrides=None):
-    return jobs.pretrain(settings.check("pretrain", SETTINGS | (overrides or {})), Runtime(), source,
+    return jobs.pretrain(settings.build("pretrain", SETTINGS | (overrides or {})), Runtime(), source,
                          folder / "vit.safetensors", folder / "run")
 
 
@@ -136,4 +136,4 @@ def test_a_run_that_fails_after_publishing_its_weights_resumes(source, tmp_path)
 def test_the_trajectory_steps_are_no_pretraining_setting():
     """Changing keep_steps must not rerun pretraining (and with it every finetuning run)."""
     with pytest.raises(UserError, match="^--settings of `vitplasticity pretrain`: unknown key\\(s\\) 'keep_steps'"):
-        settings.check("pretrain", SETTINGS | {"keep_steps": [2]})
+        settings.build("pretrain", SETTINGS | {"keep_steps": [2]})

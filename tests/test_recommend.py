@@ -29,6 +29,7 @@ from vitplasticity.jobs import fetch
 from vitplasticity.models import load_checkpoint
 from vitplasticity.prepared import load_split, read_meta
 from vitplasticity.recommend import cross_pairs, lora_plan, unordered_pair, within_pairs
+from vitplasticity.settings import build
 
 TINY = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
 # Shrunk members of each family: timm name, keyword arguments.
@@ -324,8 +325,8 @@ def test_own_data_example_config_plans_its_jobs(tmp_path):
 
 def test_local_model_source_records_the_file_sha256(tmp_path):
     weights = _weights(tmp_path / "mine.safetensors", "vit_tiny_patch16_224", TINY)
-    settings = {"source": "local", "path": str(weights), "timm_name": "vit_tiny_patch16_224", "kwargs": TINY,
-                "img_size": 32}
+    settings = build("fetch", {"model": "mine", "source": "local", "path": str(weights),
+                               "timm_name": "vit_tiny_patch16_224", "kwargs": TINY, "img_size": 32})
     record = fetch(settings, tmp_path / "ckpt" / "mine.safetensors")
     assert record["provenance"]["sha256"] == sha256_file(weights)
     assert record["provenance"]["kind"] == "local" and record["provenance"]["pretrained_num_classes"] == 10

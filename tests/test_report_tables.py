@@ -60,7 +60,7 @@ def tables(tmp_path_factory):
         probes.append(root / f"probe_{task}.json")
         probes[-1].write_text(json.dumps({"task": task, "test_acc": acc}))
     out = root / "out"
-    aggregate.aggregate({"arms": ["mha", "ln1"]}, runs, probes, [], [], out)
+    aggregate.aggregate(["mha", "ln1"], runs, probes, [], [], out)
     return out
 
 

@@ -1,5 +1,6 @@
-"""Each command's --settings: documented from the config schema, checked in one line."""
+"""Each command's --settings: typed, documented from the config schema, checked in one line."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -7,13 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from vitplasticity import cli, settings
+from vitplasticity.config import check_config
 from vitplasticity.errors import UserError
 
 
-@pytest.mark.parametrize("command", sorted(settings.KEYS))
+@pytest.mark.parametrize("command", sorted(settings.COMMANDS))
 def test_help_lists_every_settings_key_with_type_and_default(command, capsys):
     with pytest.raises(SystemExit):
         cli.main([command, "--help"])
@@ -31,13 +34,62 @@ def test_help_line_comes_from_the_schema():
 
 
 def test_defaults_are_filled_and_bad_keys_are_one_line():
-    filled = settings.check("plasticity", {"model": "m", "task": "t", "reference_task": "r", "n_pairs": 10})
-    assert "batch_size" not in filled and filled["modes"] == ["embedding"]
-    assert settings.check("prepare", {"name": "x", "data": {"source": "imagefolder"}})["data"]["split_seed"] == 42
+    given = {"model": "m", "task": "t", "reference_task": "r", "n_pairs": 10}
+    built = settings.build("plasticity", given)
+    assert built == settings.Plasticity(model="m", task="t", reference_task="r", n_pairs=10, modes=["embedding"])
+    assert settings.params(built) == given | {"modes": ["embedding"]}  # loader_batch absent, as given
+    assert settings.build("prepare", {"name": "x", "data": {"source": "imagefolder"}}).data["split_seed"] == 42
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.n_pairs = 20
     with pytest.raises(UserError) as unknown:
-        settings.check("probe", {"model": "m", "task": "t", "maxiter": 3})
+        settings.build("probe", {"model": "m", "task": "t", "maxiter": 3})
     assert str(unknown.value) == ("--settings of `vitplasticity probe`: unknown key(s) 'maxiter'; "
                                   "allowed: model, task, max_iter")
+    with pytest.raises(UserError) as missing:
+        settings.build("finetune", {"model": "m", "task": "t", "arm": "mha", "components": ["mha"], "lr": 0.1,
+                                    "seed": 0, "steps": 10, "eval_every": 5})
+    assert str(missing.value) == ("--settings of `vitplasticity finetune` lacks 'batch_size' (Effective batch size "
+                                  "(accumulation reaches it)); add it (see vitplasticity finetune --help)")
+
+
+@pytest.mark.parametrize("command", sorted(settings.COMMANDS))
+def test_each_settings_field_names_a_config_key_and_no_section_key_is_left_out(command):
+    """The dataclasses are the jobs' interface and the schema the config's: a field names a key the schema
+    has (or one the workflow adds), and a job reading a section gets every key of it but those it drops."""
+    cls = settings.COMMANDS[command]
+    sources = [settings.source(cls, field) for field in dataclasses.fields(cls)]
+    for path in sources:
+        assert " " in path or settings.node(path), path
+    if hasattr(cls, "SECTION"):
+        section = set(settings.node(cls.SECTION)["properties"])
+        assert section - {field.name for field in dataclasses.fields(cls)} == set(getattr(cls, "DROPPED", ()))
+    for field in dataclasses.fields(cls):
+        assert field.default in (dataclasses.MISSING, None), f"{command}.{field.name}: a default outside the schema"
+
+
+def test_the_workflow_hands_a_job_the_keys_of_its_dataclass():
+    """What `for_job` makes of the smoke study (whose `snakemake -p` shows the same JSON): each section key
+    the job reads with its filled default, the job's names, and nothing it drops (seeds, enabled)."""
+    config = yaml.safe_load((Path(__file__).parent / "data" / "smoke.yaml").read_text())
+    config["controls"] = {"mha_as_ln1": {"component": "mha", "match": "ln1"}}
+    check_config(config)
+    names = {"model": "vit_smoke", "task": "novel", "arm": "mha_as_ln1"}
+    assert settings.for_job("finetune", config, names, optimizer="sgd", components=["mha"], selection=None, lr=0.01,
+                            seed=0) == {
+        "model": "vit_smoke", "task": "novel", "arm": "mha_as_ln1", "components": ["mha"],
+        "control": {"component": "mha", "match": "ln1", "mask_seed": 0}, "lr": 0.01, "seed": 0, "optimizer": "sgd",
+        "steps": 8, "eval_every": 4, "batch_size": 32, "warmup_steps": 2, "clip_norm": 1.0, "crop_scale": [0.08, 1.0],
+        "momentum": 0.9, "weight_decay": 0.0, "betas": [0.9, 0.999]}
+    assert settings.for_job("criteria", config, names) == {"model": "vit_smoke", "task": "novel", "n_pairs": 1000,
+                                                           "gradient_batches": 4, "gradient_batch_size": 32, "seed": 0}
+    assert settings.for_job("pretrain", config, {"model": "vit_smoke"}) == {
+        "model": "vit_smoke", "task": "source", "steps": 30, "eval_every": 15, "batch_size": 32, "lr": 0.003,
+        "optimizer": "adamw", "weight_decay": 0.05, "warmup_steps": 5, "betas": [0.9, 0.999], "seed": 0,
+        "crop_scale": [0.08, 1.0], "timm_name": "vit_tiny_patch16_224",
+        "kwargs": config["models"]["vit_smoke"]["kwargs"], "img_size": 16, "clip_norm": 1.0}
+    built = settings.build("finetune", settings.for_job("finetune", config, names | {"arm": "mha"}, optimizer="sgd",
+                                                        components=["mha"], selection=None, lr=0.01, seed=0))
+    assert built.control is None and built.selection is None and built.momentum == 0.9
 
 
 def test_prepare_of_an_image_folder_needs_no_raw_folder_nor_seed(tmp_path):
@@ -67,7 +119,7 @@ def test_aggregate_accepts_the_arm_order_the_workflow_passes():
     """common.smk passes the config's arm order (settings JSON sorts the arms' keys)."""
     passed = {"experiment": "main", "model": "m", "tasks": ["t"], "optimizer": "sgd",
               "arms": {"mha": ["mha"], "all": ["emb", "mha"]}, "arm_order": ["mha", "all"]}
-    assert settings.check("aggregate", passed)["arm_order"] == ["mha", "all"]
+    assert settings.build("aggregate", passed).arm_order == ["mha", "all"]
 
 
 def test_the_schema_ships_with_the_package():

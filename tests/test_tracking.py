@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from vitplasticity import records, tracking
 from vitplasticity.machine import Tracking
+from vitplasticity.settings import build
 
 PARENT = "vit/novel/sgd"
 PARAMS = {"model": "vit", "task": "novel", "optimizer": "sgd", "arm": "mha", "lr": 0.01, "seed": 1}
@@ -765,8 +766,8 @@ def test_a_live_and_a_mirrored_plasticity_run_log_the_same_series(kit, tmp_path)
     settings = {"model": "vit", "task": "novel", "reference_task": "source", "n_pairs": 16,
                 "modes": ["embedding", "hidden"]}
     with tracking.live(Tracking(enabled=True, uri=live_uri, experiment="study"), folder, "plasticity", settings):
-        jobs.measure_plasticity(settings, RUNTIME, kit / CKPT, reference, kit / TASK, folder / "plasticity.csv",
-                                folder / "embedding.json")
+        jobs.measure_plasticity(build("plasticity", settings), RUNTIME, kit / CKPT, reference, kit / TASK,
+                                folder / "plasticity.csv", folder / "embedding.json")
     live_id = recorded_id(folder)
     tracking.rebuild(tmp_path / "results", mirrored_uri, "study")
     mirrored_id = recorded_id(folder)

@@ -175,7 +175,7 @@ def test_loss_turning_nan_later_stops_at_that_step(splits):
 ])
 def test_config_check_names_the_key(changes, message):
     with pytest.raises(UserError, match=message):
-        _config(**changes).check()
+        _config(**changes)
 
 
 def test_bad_config_fails_before_training(splits):

@@ -16,6 +16,7 @@ from vitplasticity import aggregate, jobs, models, plasticity
 from vitplasticity.datasets.sources import prepare_task
 from vitplasticity.machine import Runtime
 from vitplasticity.prepared import load_split
+from vitplasticity.settings import build
 
 ARCH = models.architecture("vit_tiny_patch16_224", {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}, 16)
 NORM = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
@@ -45,7 +46,7 @@ def run(tmp_path_factory):
 def measured(run):
     settings = {"model": "vit", "tasks": list(TASKS), "keep_steps": [20, 10], "n_pairs": N_PAIRS}
     out = run / "trajectory" / "trajectory.csv"
-    returned = jobs.measure_trajectory(settings, Runtime(plasticity_batch=5), run / "checkpoints",
+    returned = jobs.measure_trajectory(build("trajectory", settings), Runtime(plasticity_batch=5), run / "checkpoints",
                                        run / "prepared" / "source", [run / "prepared" / t for t in TASKS], out)
     return returned, pd.read_csv(out)
 
@@ -130,8 +131,8 @@ def test_tables_show_the_order_at_each_step(tmp_path):
     runs.write_text('{"status": "completed", "test_acc": 0.5}')
     (runs.parent / "config.yaml").write_text("settings: {model: vit, task: a, optimizer: sgd, arm: mha, lr: 0.1, "
                                              "seed: 0}\n")
-    tables = aggregate.aggregate({"arms": ["mha"], "tasks": ["a", "b"]}, [runs], [], [], [], tmp_path / "out",
-                                 trajectory_files=[source])
+    tables = aggregate.aggregate(["mha"], [runs], [], [], [], tmp_path / "out", trajectory_files=[source],
+                                 tasks=["a", "b"])
     assert len(tables["trajectory"]) == 2 * 2 * 5
     lines = (tmp_path / "out" / "trajectory.md").read_text().splitlines()
     assert lines[0] == ("| mode | step | source val. accuracy (%) | token norm of E | MHA (ratio) | FC1 (ratio) | "
@@ -147,7 +148,7 @@ def test_an_experiment_without_a_trajectory_says_so(tmp_path):
     runs.write_text('{"status": "completed", "test_acc": 0.5}')
     (runs.parent / "config.yaml").write_text("settings: {model: vit, task: a, optimizer: sgd, arm: mha, lr: 0.1, "
                                              "seed: 0}\n")
-    aggregate.aggregate({"arms": ["mha"]}, [runs], [], [], [], tmp_path / "out")
+    aggregate.aggregate(["mha"], [runs], [], [], [], tmp_path / "out")
     assert (tmp_path / "out" / "trajectory.csv").read_text().strip() == ""
     assert (tmp_path / "out" / "trajectory.md").read_text() == (
         "No pretraining trajectory in this experiment (its model keeps no steps).\n")

@@ -518,16 +518,19 @@ def _vtab_view(table: pd.DataFrame) -> pd.DataFrame:
     return view.rename(columns={"mean": "mean (19 tasks)", "group_mean": "mean of group means"})
 
 
-def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], plasticity_files: list[Path],
+def aggregate(arm_order: list[str], runs_files: list[Path], probe_files: list[Path], plasticity_files: list[Path],
               bounds_files: list[Path], out_dir: Path, criteria_files: list[Path] = (),
-              trajectory_files: list[Path] = ()) -> dict[str, pd.DataFrame]:
+              trajectory_files: list[Path] = (), tasks: list[str] | None = None,
+              vtab_tasks: dict[str, str] | None = None) -> dict[str, pd.DataFrame]:
     """Write every table of an experiment (`registry.TABLES`) into out_dir: CSV (the data), Markdown and HTML
     (for reading).
 
+    `arm_order`: the experiment's arms, in the order of its tables' columns (those without runs are left out);
     `criteria_files`: the criteria jobs' `criteria.csv`, each with its `cost.csv` beside it;
-    `trajectory_files`: the trajectory job's `trajectory.csv` of the experiment's model, if it has one."""
+    `trajectory_files`: the trajectory job's `trajectory.csv` of the experiment's model, if it has one, its rows
+    of `tasks` (None: all); `vtab_tasks`: {task: its VTAB-1k name} of the experiment's VTAB-1k tasks."""
     runs = load_runs(runs_files)
-    arm_order = [arm for arm in settings.get("arm_order", settings["arms"]) if arm in set(runs["arm"])]
+    arm_order = [arm for arm in arm_order if arm in set(runs["arm"])]
     probes = {read_json(p)["task"]: 100.0 * read_json(p)["test_acc"] for p in probe_files}
     table = _in_arm_order(main_table(runs), arm_order)
     plasticity = pd.concat([pd.read_csv(p) for p in plasticity_files]) if plasticity_files else pd.DataFrame()
@@ -547,8 +550,8 @@ def aggregate(settings: dict, runs_files: list[Path], probe_files: list[Path], p
         "bounds": bounds,
         "runs": runs,
         "criteria": criteria_table(criteria, costs, runs),
-        "trajectory": trajectory_table(trajectory, settings.get("tasks")),
-        "vtab": vtab_table(runs, settings.get("vtab_tasks", {}), probes, arm_order),
+        "trajectory": trajectory_table(trajectory, tasks),
+        "vtab": vtab_table(runs, vtab_tasks or {}, probes, arm_order),
         "selection": selection_table(table, runs, costs),
     }
     out_dir = Path(out_dir)

@@ -241,32 +241,30 @@ def run(args: argparse.Namespace) -> None:
     if not args.job:
         args.func(args)
         return
-    from vitplasticity.settings import check, missing
+    from vitplasticity import settings as typed
 
-    settings = check(args.command, json_option("settings", getattr(args, "settings", "{}")))
-    try:
-        machine = machine_from_env()
-        check_outputs(args)
-        if args.gpu:  # a model job: a GPU slot of its own (cuda:N names its own GPU), its CPU threads
-            from vitplasticity.gpus import claim_gpu
-            from vitplasticity.runtime import set_threads
+    values = json_option("settings", getattr(args, "settings", "{}"))
+    # Typed settings (`settings.build`); the preflight takes the validated study config whole.
+    is_typed = args.command in typed.COMMANDS
+    settings = typed.build(args.command, values) if is_typed else values
+    machine = machine_from_env()
+    check_outputs(args)
+    if args.gpu:  # a model job: a GPU slot of its own (cuda:N names its own GPU), its CPU threads
+        from vitplasticity.gpus import claim_gpu
+        from vitplasticity.runtime import set_threads
 
-            slot = claim_gpu() if machine.runtime.device in ("auto", "cuda") else None
-            if slot is not None:
-                print(f"GPU slot {slot}: this job sees only GPU {slot} (CUDA_VISIBLE_DEVICES)", file=sys.stderr)
-            set_threads(args.threads)
-        from vitplasticity import records, tracking
+        slot = claim_gpu() if machine.runtime.device in ("auto", "cuda") else None
+        if slot is not None:
+            print(f"GPU slot {slot}: this job sees only GPU {slot} (CUDA_VISIBLE_DEVICES)", file=sys.stderr)
+        set_threads(args.threads)
+    from vitplasticity import records, tracking
 
-        folder = args.record(args) if args.record else None
-        if folder is not None:  # the record of an earlier run describes outputs this run replaces
-            (Path(folder) / records.FILE).unlink(missing_ok=True)
-        with tracking.live(machine.tracking, folder if args.live else None, args.command, settings) as on_eval:
-            args.func(args, settings, machine.runtime, on_eval)
-    except KeyError as exc:
-        error = missing(args.command, settings, exc)
-        if error is None:
-            raise
-        raise error from exc
+    folder = args.record(args) if args.record else None
+    if folder is not None:  # the record of an earlier run describes outputs this run replaces
+        (Path(folder) / records.FILE).unlink(missing_ok=True)
+    with tracking.live(machine.tracking, folder if args.live else None, args.command,
+                       typed.params(settings) if is_typed else settings) as on_eval:
+        args.func(args, settings, machine.runtime, on_eval)
 
 
 # The jobs (`run`): each imports what it uses, so a job pays start-up only for its own modules.
@@ -280,7 +278,7 @@ def _jobs():
 def _prepare(args, settings, runtime, on_eval) -> None:
     from vitplasticity.datasets.sources import prepare_task
 
-    prepare_task(settings["name"], settings["data"], args.out, args.raw)
+    prepare_task(settings.name, settings.data, args.out, args.raw)
 
 
 def _pretrain(args, settings, runtime, on_eval) -> None:

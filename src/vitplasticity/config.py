@@ -19,7 +19,7 @@ import yaml
 
 from vitplasticity.datasets import vtab1k
 from vitplasticity.datasets.imagefolder import class_folders
-from vitplasticity.datasets.sources import SUBSET_SOURCES
+from vitplasticity.datasets.sources import SOURCES, SUBSET_SOURCES
 from vitplasticity.datasets.synthetic import CORRUPTIONS
 from vitplasticity.errors import UserError
 from vitplasticity.settings import SCHEMA
@@ -87,8 +87,11 @@ _Validator = _filling_defaults(jsonschema.Draft202012Validator)
 
 
 def validate_schema(config: dict, schema_path: str | Path) -> None:
-    """Check `config` against the schema and fill in every default it declares (in place)."""
+    """Check `config` against the schema and fill in every default it declares (in place). A task's data
+    source must be one of `sources.SOURCES`, the one list of them."""
     schema = yaml.safe_load(Path(schema_path).read_text())
+    data = schema["properties"]["tasks"]["additionalProperties"]["properties"]["data"]
+    data["properties"]["source"]["enum"] = list(SOURCES)
     validator = _Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: [len(e.absolute_path), *map(str, e.absolute_path)])
     if errors:

@@ -217,9 +217,9 @@ def project(settings: Mapping, step_s: Mapping[str, Mapping[str, Mapping[str, fl
     ceil(n_pairs / plasticity_batch) batches x `plasticity_batch_s[model]`. Evaluation passes, criteria and
     checkpoint jobs are not counted (`assumptions` says so).
     """
-    arms = {**settings["arms"], **{name: [c["component"]] for name, c in (settings.get("controls") or {}).items()}}
+    arms = {**settings["arms"], **{name: [c["component"]] for name, c in settings["controls"].items()}}
     # A budget arm trains a few (component, layer) units: costed as one block component (the single arm's time).
-    budget_arms = list(budget.arms(settings.get("selection") or {}))
+    budget_arms = list(budget.arms(settings["selection"]))
     arms |= {name: [components.BLOCK_COMPONENTS[0]] for name in budget_arms}
     seeds = len(settings["finetune"]["seeds"])
     out: dict = {}
@@ -232,8 +232,8 @@ def project(settings: Mapping, step_s: Mapping[str, Mapping[str, Mapping[str, fl
         for task in exp["tasks"]:
             spec = settings["tasks"][task]
             named = exp.get("arms") or [arm for arm in arms if arm not in budget_arms]
-            for arm in named + (budget_arms if exp.get("selection") else []):
-                run = (exp["model"], task, exp["optimizer"], arm, exp.get("lr_scale", 1.0))
+            for arm in named + (budget_arms if exp["selection"] else []):
+                run = (exp["model"], task, exp["optimizer"], arm, exp["lr_scale"])
                 if run in planned:
                     continue
                 planned.add(run)
@@ -278,7 +278,7 @@ def _build(settings: Mapping, model: str, device: torch.device) -> torch.nn.Modu
     spec = settings["models"][model]
     arch = models.architecture(spec["timm_name"], spec.get("kwargs") or {}, spec["img_size"])
     with device:  # initialised where it runs
-        return models.build({**arch, "head": spec.get("head", "native")}, NUM_CLASSES)
+        return models.build({**arch, "head": spec["head"]}, NUM_CLASSES)
 
 
 def single_arm(settings: Mapping) -> str:
@@ -315,9 +315,8 @@ def measure(settings: Mapping, rt, device: torch.device, progress: Callable[[str
         images = training.resident(split.images, device)
         cfg = training.TrainConfig(
             steps=WARMUP_STEPS + TIMED_STEPS, eval_every=1, batch_size=batch, lr=1e-3, seed=0,
-            img_size=spec["img_size"], optimizer=optimizer, weight_decay=ft.get("weight_decay", 0.0),
-            clip_norm=ft.get("clip_norm", 1.0), micro_batch=rt.micro_batch, prefetch=0)
-        cfg.check()
+            img_size=spec["img_size"], optimizer=optimizer, weight_decay=ft["weight_decay"],
+            clip_norm=ft["clip_norm"], micro_batch=rt.micro_batch, prefetch=0)
         for arm, arm_components in arms.items():
             model = _build(settings, model_name, device)
             components.set_trainable(model, arm_components)

@@ -55,12 +55,11 @@ UNUSED_BY = {"sgd": ("betas",), "adamw": ("momentum",)}
 # MLflow 3's UI opens an experiment of this kind on its runs (not on the GenAI overview).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 HEALTH_TIMEOUT_S = 5.0
-# MLflow's documented limits (mlflow.utils.validation), fixed here to keep mlflow imports lazy.
+# MLflow's documented limits (mlflow.utils.validation), fixed here to keep mlflow imports lazy;
+# `MlflowClient.log_batch` splits a batch into MLflow's own chunks.
 MAX_KEY_LENGTH = 250
 MAX_PARAM_LENGTH = 6000
 MAX_TAG_LENGTH = 8000
-MAX_METRICS_PER_BATCH = 1000
-MAX_PARAMS_TAGS_PER_BATCH = 100
 _SENSITIVE_ALWAYS = ("password", "secret")
 _SENSITIVE_IF_CREDENTIAL = ("token", "key")
 _CREDENTIAL = re.compile(r"(?=.*\d)(?=.*[A-Za-z])[A-Za-z0-9_\-+/=.:]{12,}")
@@ -119,7 +118,7 @@ class MirroredRun:
                     continue
                 metrics.append(Metric(key, records.shown(key, float(value)), now, step))
                 self._last_steps[key] = step
-        _log_batch(self.client, self.run_id, metrics=metrics)
+        self.client.log_batch(self.run_id, metrics=metrics)
 
     def log_record(self, record: dict, folder: Path) -> None:
         """Log what the record holds and the run lacks: the history file's rows, the series on
@@ -142,7 +141,7 @@ class MirroredRun:
             if self._latest.get(key) != value:
                 metrics.append(Metric(key, value, now, step))
                 self._latest[key] = value
-        _log_batch(self.client, self.run_id, metrics=metrics, tags=_tag_entities(record["tags"]))
+        self.client.log_batch(self.run_id, metrics=metrics, tags=_tag_entities(record["tags"]))
         for name in record["artifacts"]:
             path = folder / name
             if not path.exists():
@@ -415,7 +414,7 @@ def open_run(client: MlflowClient, folder: Path, *, run_name: str, experiment_id
     else:
         run_id = run.info.run_id
         client.update_run(run_id, status="RUNNING", name=run_name)
-        _log_batch(client, run_id, tags=_tag_entities(tag_values))
+        client.log_batch(run_id, tags=_tag_entities(tag_values))
         last_steps = {}
         for key in dict.fromkeys((*records.HISTORY_KEYS, *run.data.metrics)):
             steps = [m.step for m in client.get_metric_history(run_id, key)]
@@ -425,7 +424,7 @@ def open_run(client: MlflowClient, folder: Path, *, run_name: str, experiment_id
         new_params = {k: v for k, v in flat.items() if k not in run.data.params}
     from mlflow.entities import Param
 
-    _log_batch(client, run_id, params=[Param(k, v) for k, v in new_params.items()])
+    client.log_batch(run_id, params=[Param(k, v) for k, v in new_params.items()])
     return MirroredRun(client, run_id, last_steps, latest)
 
 
@@ -569,15 +568,6 @@ def _search(client: MlflowClient, experiment_id: str, filter_string: str) -> Ite
         token = page.token
         if not token:
             return
-
-
-def _log_batch(client: MlflowClient, run_id: str, metrics: list = (), params: list = (), tags: list = ()) -> None:
-    for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
-    for start in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
-        client.log_batch(run_id, params=params[start:start + MAX_PARAMS_TAGS_PER_BATCH])
-    for start in range(0, len(tags), MAX_PARAMS_TAGS_PER_BATCH):
-        client.log_batch(run_id, tags=tags[start:start + MAX_PARAMS_TAGS_PER_BATCH])
 
 
 def _tag_entities(tags: dict) -> list:

@@ -30,7 +30,7 @@ OPTIMIZERS = ("sgd", "adamw")
 HISTORY_COLUMNS = ("step", "loss", "lr", "grad_norm", "val_loss", "val_acc")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int
     eval_every: int
@@ -52,8 +52,12 @@ class TrainConfig:
     mean: tuple[float, ...] = transforms.IMAGENET_MEAN
     std: tuple[float, ...] = transforms.IMAGENET_STD
 
+    def __post_init__(self) -> None:
+        self.check()
+
     def check(self) -> None:
-        """Invariants, each failing with the key and the fix."""
+        """Invariants, each failing with the key and the fix; checked when the config is made (and by
+        `dataclasses.replace`), before a job writes anything."""
         if self.steps <= 0:
             raise UserError(f"steps must be positive, got {self.steps}; set steps to at least 1")
         if not 0 < self.eval_every <= self.steps:
@@ -275,7 +279,6 @@ def train(
     state is saved; `on_resume` gets the saved history when a run resumes from `state_path` (the model
     then holds the weights of its last row's step, whose `on_eval` an interruption may have cut short).
     """
-    cfg.check()
     model.to(device)
     params = list(_trainable(model).values())
     optimizer = make_optimizer(params, cfg, device)

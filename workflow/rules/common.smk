@@ -8,6 +8,7 @@ import re
 import sys
 
 from vitplasticity import budget, registry
+from vitplasticity.settings import for_job
 from vitplasticity.config import check_config
 from vitplasticity.errors import UserError
 from vitplasticity.machine import MACHINE_ENV, machine
@@ -115,9 +116,7 @@ def get_experiment_criteria(wildcards):
 
 
 def get_criteria_settings(wildcards):
-    settings = dict(CRITERIA, model=wildcards.model, task=wildcards.task)
-    settings.pop("enabled")
-    return json.dumps(settings, sort_keys=True)
+    return job_settings("criteria", wildcards)
 
 
 def trajectory_tasks(model):
@@ -148,13 +147,9 @@ def get_trajectory_tasks(wildcards):
 
 
 def get_trajectory_settings(wildcards):
-    settings = {
-        "model": wildcards.model,
-        "tasks": trajectory_tasks(wildcards.model),
-        "keep_steps": sorted(MODELS[wildcards.model]["pretrain"]["keep_steps"]),
-        "n_pairs": config["plasticity"]["n_pairs"],
-    }
-    return json.dumps(settings, sort_keys=True)
+    keep_steps = sorted(MODELS[wildcards.model]["pretrain"]["keep_steps"])
+    tasks = trajectory_tasks(wildcards.model)
+    return job_settings("trajectory", wildcards, tasks=tasks, keep_steps=keep_steps)
 
 
 def get_experiment_trajectory(wildcards):
@@ -179,10 +174,19 @@ def get_all_targets():
     return targets
 
 
+def job_settings(command, wildcards, **given):
+    """A job's --settings (its rerun trigger): the keys of its dataclass in `vitplasticity.settings`
+    read from the config for the entries its wildcards name, or `given`; sorted JSON."""
+    names = {
+        name: getattr(wildcards, name)
+        for name in ("model", "task", "arm", "experiment")
+        if name in wildcards.keys()
+    }
+    return json.dumps(for_job(command, config, names, **given), sort_keys=True)
+
+
 def get_prepare_settings(wildcards):
-    return json.dumps(
-        {"name": wildcards.task, "data": TASKS[wildcards.task]["data"]}, sort_keys=True
-    )
+    return job_settings("prepare", wildcards, name=wildcards.task)
 
 
 def get_raw_dir(wildcards):
@@ -195,17 +199,7 @@ def get_checkpoint(wildcards):
 
 
 def get_pretrain_settings(wildcards):
-    model = MODELS[wildcards.model]
-    settings = dict(model["pretrain"], clip_norm=config["finetune"]["clip_norm"])
-    # The trajectory's steps, not the pretraining's: the run keeps every evaluation's weights.
-    settings.pop("keep_steps")
-    settings.update(
-        model=wildcards.model,
-        timm_name=model["timm_name"],
-        kwargs=model["kwargs"],
-        img_size=model["img_size"],
-    )
-    return json.dumps(settings, sort_keys=True)
+    return job_settings("pretrain", wildcards)
 
 
 def get_pretrain_task(wildcards):
@@ -219,32 +213,19 @@ def get_local_weights(wildcards):
 
 
 def get_fetch_settings(wildcards):
-    model = MODELS[wildcards.model]
-    return json.dumps(dict(model, model=wildcards.model), sort_keys=True)
+    return job_settings("fetch", wildcards)
 
 
 def get_finetune_settings(wildcards):
-    task = TASKS[wildcards.task]
-    settings = dict(config["finetune"])
-    settings.pop("seeds")
-    settings.update(
-        model=wildcards.model,
-        task=wildcards.task,
+    return job_settings(
+        "finetune",
+        wildcards,
         optimizer=wildcards.optimizer,
-        arm=wildcards.arm,
         components=ARMS[wildcards.arm],
-        **({"control": CONTROLS[wildcards.arm]} if wildcards.arm in CONTROLS else {}),
-        **(
-            {"selection": SELECTION_ARMS[wildcards.arm]}
-            if wildcards.arm in SELECTION_ARMS
-            else {}
-        ),
+        selection=SELECTION_ARMS.get(wildcards.arm),
         lr=float(wildcards.lr),
         seed=int(wildcards.seed),
-        steps=task["steps"],
-        eval_every=task["eval_every"],
     )
-    return json.dumps(settings, sort_keys=True)
 
 
 def get_finetune_criteria(wildcards):
@@ -276,17 +257,11 @@ def get_preflight_settings(wildcards):
 
 
 def get_plasticity_settings(wildcards):
-    settings = dict(config["plasticity"], model=wildcards.model, task=wildcards.task)
-    return json.dumps(settings, sort_keys=True)
+    return job_settings("plasticity", wildcards)
 
 
 def get_probe_settings(wildcards):
-    settings = dict(
-        config["probe"],
-        model=wildcards.model,
-        task=wildcards.task,
-    )
-    return json.dumps(settings, sort_keys=True)
+    return job_settings("probe", wildcards)
 
 
 def get_aggregate_settings(wildcards):
@@ -299,15 +274,8 @@ def get_aggregate_settings(wildcards):
         if TASKS[task]["data"]["source"] == "vtab1k"
     }
     # The arms' order in the config, which every table and figure keeps (keys get sorted).
-    return json.dumps(
-        dict(
-            exp,
-            experiment=wildcards.experiment,
-            arms=arms,
-            arm_order=list(arms),
-            **({"vtab_tasks": vtab} if vtab else {}),
-        ),
-        sort_keys=True,
+    return job_settings(
+        "aggregate", wildcards, arms=arms, arm_order=list(arms), vtab_tasks=vtab or None
     )
 
 
