@@ -485,6 +485,18 @@ def test_a_damaged_folder_is_one_line_and_the_others_are_mirrored(tmp_path, caps
         ("ln1/novel/lr0.03/seed0", "RUNNING", "deleted", "finetune", "true")]  # no half-mirrored run is left active
 
 
+def test_a_folder_of_an_earlier_version_without_a_record_is_one_line(tmp_path, capsys):
+    results = tmp_path / "results"
+    study_results(results)
+    old = results / "runs" / "vit" / "novel" / "sgd" / "ln1" / "lr0.03_seed0"
+    (old / records.FILE).unlink()  # as a run folder written before jobs kept records
+    done = tracking.rebuild(results, f"sqlite:///{results}/mlflow.db", "study")
+    assert len(done) == 7 and str(old.relative_to(results)) not in done
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("vitplasticity")] == [
+        f"vitplasticity tracking: 1 run folders hold no record.json (written before jobs kept records, e.g. {old}) "
+        "and are not mirrored; rerun their jobs to give them one (snakemake --forcerun <their rule>)"]
+
+
 def test_a_live_run_survives_a_store_that_fails_mid_run_and_a_job_without_record(tmp_path, capsys, monkeypatch):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracking.prepare_store(uri, "tests", [PARENT])

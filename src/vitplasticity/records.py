@@ -101,14 +101,15 @@ def read(folder: Path) -> dict | None:
     return record if isinstance(record, dict) and "id" in record else None
 
 
-def find(results_dir: Path) -> list[Path]:
-    """Every run folder under `results_dir` that holds a record, in path order. Folders whose name
-    starts with a dot (a writer's temporary folder) and those no job keeps a record in (the MLflow
-    artifacts, logs, Snakemake's benchmarks, kept checkpoints) are not searched."""
+def find(results_dir: Path, *holding: str) -> list[Path]:
+    """Every run folder under `results_dir` that holds a record (or, given `holding`, one of those
+    files), in path order. Folders whose name starts with a dot (a writer's temporary folder) and
+    those no job keeps a record in (the MLflow artifacts, logs, Snakemake's benchmarks, kept
+    checkpoints) are not searched."""
     found = []
     for root, folders, files in os.walk(results_dir):
         folders[:] = [name for name in folders if not name.startswith(".") and name not in _UNSEARCHED]
-        if FILE in files:
+        if set(holding or (FILE,)) & set(files):
             found.append(Path(root))
     return sorted(found)
 

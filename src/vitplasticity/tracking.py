@@ -469,6 +469,7 @@ def rebuild(results_dir: Path, uri: str, experiment_name: str, *, only_missing: 
     if only_missing:
         present = {r.info.run_id for r in _search(client, experiment_id, "attributes.status = 'FINISHED'")}
     found = [(folder, records.read(folder)) for folder in records.find(results_dir)]
+    _say_unrecorded(results_dir, {folder for folder, _ in found})
     found = [(folder, record) for folder, record in found
              if record is not None and (present is None or _needs_mirror(folder, record, present))]
     parents = parent_runs(client, experiment_id, sorted({r["parent"] for _, r in found if r["parent"]}))
@@ -485,6 +486,15 @@ def rebuild(results_dir: Path, uri: str, experiment_name: str, *, only_missing: 
                 print(f"vitplasticity tracking: {folder / records.FILE} cannot be mirrored ({_one_line(exc)}); "
                       "rerun its job (snakemake -R <its rule>), then mirror again", file=sys.stderr, flush=True)
     return done
+
+
+def _say_unrecorded(results_dir: Path, recorded: set[Path]) -> None:
+    """One line for the run folders of an earlier version: a job's metrics or an MLflow run, but no record."""
+    unrecorded = [folder for folder in records.find(results_dir, "metrics.json", RUN_FILE) if folder not in recorded]
+    if unrecorded:
+        print(f"vitplasticity tracking: {len(unrecorded)} run folders hold no {records.FILE} (written before jobs "
+              f"kept records, e.g. {unrecorded[0]}) and are not mirrored; rerun their jobs to give them one "
+              "(snakemake --forcerun <their rule>)", file=sys.stderr, flush=True)
 
 
 def _mirror(client: MlflowClient, folder: Path, record: dict, experiment_id: str, parent_id: str | None, uri: str,
