@@ -76,9 +76,9 @@ class DatasetHost:
     """
 
     def __init__(self, root: Path, port: int = 0) -> None:
+        self._server = _Server(root, port)  # first: a port in use leaves no folder behind
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
-        self._server = _Server(root, port)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 

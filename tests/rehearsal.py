@@ -323,13 +323,19 @@ def main() -> int:
     if problems:
         print("the rehearsal archives do not match the overlay: " + "; ".join(problems), file=sys.stderr)
         return 1
-    args.study.mkdir(parents=True, exist_ok=True)
-    folder = build(args.study, config)
     sys.path.insert(0, str(Path(__file__).parent))
     from http_fixture import DatasetHost
 
-    host = DatasetHost(folder / "host", port=host_port(config))
+    port = host_port(config)
+    try:  # before anything is built: the overlay's URLs name this one port
+        host = DatasetHost(args.study / FOLDER / "host", port=port)
+    except OSError as exc:
+        print(f"cannot serve the rehearsal archives on 127.0.0.1:{port}, the port the overlay's dataset URLs name "
+              f"({exc.strerror or exc}); wait for the rehearsal that serves there to end, or stop what listens "
+              "there, then run this again", file=sys.stderr)
+        return 1
     try:
+        build(args.study, config)
         command = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(args.study),
                    "--configfile", str(PAPER_CONFIG), *map(str, overlays), "--cores", "all",
                    *args.snakemake_args]

@@ -213,3 +213,21 @@ def test_every_report_caption_is_valid_restructuredtext():
         warnings = io.StringIO()
         publish_doctree(caption.read_text(), settings_overrides={"warning_stream": warnings, "report_level": 2})
         assert warnings.getvalue() == "", f"{caption.name}: {warnings.getvalue()}"
+
+
+def test_a_second_rehearsal_while_the_port_is_taken_is_one_line_and_builds_nothing(tmp_path):
+    """The overlay's URLs name one port; a rehearsal started while another serves there stops before it builds."""
+    import socket
+
+    port = host_port(merged_config([OVERLAY]))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        done = subprocess.run([sys.executable, str(ROOT / "tests" / "rehearsal.py"), str(tmp_path / "study")],
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"cannot serve the rehearsal archives on 127.0.0.1:{port}, the port the overlay's dataset URLs name "
+        "(Address already in use); wait for the rehearsal that serves there to end, or stop what listens there, "
+        "then run this again"]
+    assert not (tmp_path / "study").exists()
