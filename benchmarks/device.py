@@ -47,8 +47,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from vitplasticity import budget, components, plasticity, preflight, runtime, training, transforms
+from vitplasticity import components, plasticity, preflight, runtime, training, transforms
 from vitplasticity.prepared import Split
+from vitplasticity.settings import fill_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 H100_BF16_TFLOPS = dict(preflight.PEAK_TFLOPS)["H100"]  # dense, SXM: the rated peaks' one home
@@ -303,14 +304,16 @@ def eval_rate(cfg: DeviceConfig, device: torch.device, limits: bench.Limits, spl
 
 
 def projection(results: dict, config_path: Path, forward_rate: float | None) -> dict:
-    """GPU-hours per experiment of the study config: Σ runs × (steps × step time + eval images / forward rate).
+    """GPU-hours per experiment of the study config: Σ runs × (steps × step time + eval images / forward rate),
+    over the runs the workflow plans (`preflight.planned_runs`, on the config with its schema defaults).
 
-    Only valid measurements enter: an experiment whose arms (or their proxies) lack a valid step time is left out
-    with the reason; ViT-L/H step times are ViT-B's per arm scaled by the measured arm-`all` ratio, so without a
-    valid ViT-B `all` they are left out too; with `forward_rate` None (no valid evaluation rate) evaluation passes
-    are left out of every figure, as `assumptions` then says.
+    Only valid measurements enter: an experiment whose own runs' arms (or their proxies) lack a valid step time is
+    left out with the reason, and the total names it (`total_leaves_out`); ViT-L/H step times are ViT-B's per arm
+    scaled by the measured arm-`all` ratio, so without a valid ViT-B `all` they are left out too; with
+    `forward_rate` None (no valid evaluation rate) evaluation passes are left out of every figure, as
+    `assumptions` then says.
     """
-    study = yaml.safe_load(config_path.read_text())
+    study = fill_defaults(yaml.safe_load(config_path.read_text()))
     base = {arm: r for arm, r in results.get("finetune", {}).items() if not r["invalid"]}
     per_arch_step = {"vit_base_patch16_224": {arm: r["step_s"] for arm, r in base.items()}}
     size_ratio = {"vit_base_patch16_224": 1.0}
@@ -323,46 +326,43 @@ def projection(results: dict, config_path: Path, forward_rate: float | None) -> 
             size_ratio[arch] = r["step_s"] / base["all"]["step_s"]
             per_arch_step[arch] = {arm: step * size_ratio[arch]
                                    for arm, step in per_arch_step["vit_base_patch16_224"].items()}
-    controls = study.get("controls") or {}
-    seeds = len(study["finetune"]["seeds"])
+    planned = preflight.planned_runs(study)
     total = 0.0
-    counted: set[tuple] = set()  # (model, task, optimizer, arm): a run two experiments share is costed once
     for name, exp in study["experiments"].items():
         arch = ARCHS.get(exp["model"], exp["model"])
         steps_by_arm = per_arch_step.get(arch, {})
-        # The budget arms (`selection: true`) train a few (component, layer) units: costed as one block component.
-        selected = list(budget.arms(study.get("selection") or {})) if exp.get("selection") else []
-        arms = exp.get("arms", list(study["arms"]) + list(controls)) + selected
-        # A control (a masked or LoRA component) costs at most its component's arm.
-        proxy = {arm: "mha" if arm in selected else
-                 ARM_PROXY.get(controls[arm]["component"] if arm in controls else arm, "all") for arm in arms}
-        missing = sorted(set(proxy.values()) - steps_by_arm.keys())
+        rows = [row for row in planned if row["experiment"] == name]
+        proxy = [_arm_proxy(row["arm"], row["components"]) for row in rows]
+        missing = sorted(set(proxy) - steps_by_arm.keys())
         if missing:
             out[name] = {"skipped": f"no valid step time measured for {arch}, arms {', '.join(missing)}"}
             continue
-        seconds, runs = 0.0, 0
-        for task in exp["tasks"]:
-            spec = study["tasks"][task]
-            n_val, n_test = EVAL_SIZES.get(task, (0, 0))
-            eval_images = spec["steps"] // spec["eval_every"] * n_val + n_test
+        seconds = 0.0
+        for row, arm in zip(rows, proxy, strict=True):
+            n_val, n_test = EVAL_SIZES.get(row["task"], (0, 0))
+            eval_images = row["steps"] // study["tasks"][row["task"]]["eval_every"] * n_val + n_test
             eval_s = eval_images / forward_rate * size_ratio[arch] if forward_rate else 0.0
-            for arm in arms:
-                key = (exp["model"], task, exp.get("optimizer", "sgd"), arm)
-                if key in counted:
-                    continue
-                counted.add(key)
-                count = len(spec["lrs"]) * seeds
-                runs += count
-                seconds += count * (spec["steps"] * steps_by_arm[proxy[arm]] + eval_s)
-        out[name] = {"runs": runs, "gpu_hours": seconds / 3600}
+            seconds += row["runs"] * (row["steps"] * steps_by_arm[arm] + eval_s)
+        out[name] = {"runs": sum(row["runs"] for row in rows), "gpu_hours": seconds / 3600}
         total += seconds / 3600
     out["total_gpu_hours"] = total
+    skipped = [name for name, r in out.items() if isinstance(r, dict) and "skipped" in r]
+    if skipped:
+        out["total_leaves_out"] = skipped
     evaluation = ("evaluation passes at the measured ViT-B forward rate scaled by the model's step-time ratio"
                   if forward_rate else "evaluation passes LEFT OUT (no valid forward rate measured)")
     out["assumptions"] = ("steps x measured step time of the arm (or its proxy, ARM_PROXY; a control arm: its "
-                          f"component's) at batch 512; {evaluation}; no data loading stalls (resident splits); "
-                          "one GPU per run")
+                          f"component's; a budget arm: mha's) at batch 512; {evaluation}; no data loading stalls "
+                          "(resident splits); one GPU per run")
     return out
+
+
+def _arm_proxy(arm: str, trained: list[str]) -> str:
+    """The measured arm standing for `arm`, which trains `trained` whole: its own entry of `ARM_PROXY`, else (a
+    control) its one component's, a budget arm (no whole component) ``mha``'s, anything else ``all``'s."""
+    if not trained:
+        return "mha"
+    return ARM_PROXY.get(arm) or (ARM_PROXY.get(trained[0], "all") if len(trained) == 1 else "all")
 
 
 def stage_host_gather(cfg: DeviceConfig, device: torch.device, limits: bench.Limits, split: Split) -> dict:
@@ -447,7 +447,9 @@ def summary_line(results: dict) -> str:
         parts.append("plasticity " + ", ".join(f"{m} " + ("INVALID" if r["invalid"] else f"{r['seconds']:.1f} s")
                                                for m, r in results["plasticity"].items()))
     if "projection" in results:
-        parts.append(f"projected {results['projection']['total_gpu_hours']:.0f} GPU-hours")
+        left_out = results["projection"].get("total_leaves_out")
+        parts.append(f"projected {results['projection']['total_gpu_hours']:.0f} GPU-hours"
+                     + (f" without {', '.join(left_out)} (not validly measured)" if left_out else ""))
     return "summary: " + "; ".join(parts)
 
 

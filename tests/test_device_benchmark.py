@@ -90,7 +90,12 @@ def test_projection_leaves_out_an_experiment_whose_arms_were_not_validly_measure
                             "ln1": step}}
     out = device.projection(results, ROOT / "config" / "config.yaml", forward_rate=1000.0)
     assert out["main"] == {"skipped": "no valid step time measured for vit_base_patch16_224, arms all"}
-    assert out["total_gpu_hours"] == 0.0
+    # The budget experiment's own runs are its budget arms (costed as mha's); its component arms are main's runs.
+    assert out["budget"]["runs"] == 960
+    assert out["total_gpu_hours"] == out["budget"]["gpu_hours"]
+    assert out["total_leaves_out"] == ["main", "adamw", "size_large", "size_huge", "low_data", "mha_fc1"]
+    assert device.summary_line({"machine": {"name": "test"}, "projection": out}).endswith(
+        "projected 1953 GPU-hours without main, adamw, size_large, size_huge, low_data, mha_fc1 (not validly measured)")
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")

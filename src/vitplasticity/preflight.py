@@ -198,59 +198,73 @@ def micro_batch_that_fits(batch: int, micro: int, peak_bytes: float, activation_
         size //= 2
 
 
+def planned_runs(settings: Mapping) -> list[dict]:
+    """The finetuning runs the workflow plans for `settings` (a validated study config), one row per experiment,
+    task and arm: {experiment, model, task, optimizer, arm, components, runs, steps}.
+
+    An experiment's arms are its `arms`, else every arm and control, then the budget arms when it sets
+    `selection`; `components` is what the arm trains whole (a control: its one component; a budget arm: none, it
+    trains the units its selector picks). `runs` = the task's lrs x the seeds, each of `steps` optimizer steps. A
+    run an earlier experiment already plans (the same model, task, optimizer, arm and lr_scale: the same run
+    folders) is left out, as the workflow runs it once.
+    """
+    budget_arms = list(budget.arms(settings["selection"]))
+    arms = {**settings["arms"], **{name: [c["component"]] for name, c in settings["controls"].items()},
+            **{name: [] for name in budget_arms}}
+    seeds = len(settings["finetune"]["seeds"])
+    rows, planned = [], set()
+    for name, exp in settings["experiments"].items():
+        named = exp.get("arms") or [arm for arm in arms if arm not in budget_arms]
+        for task in exp["tasks"]:
+            spec = settings["tasks"][task]
+            for arm in named + (budget_arms if exp["selection"] else []):
+                run = (exp["model"], task, exp["optimizer"], arm, exp["lr_scale"])
+                if run in planned:
+                    continue
+                planned.add(run)
+                rows.append({"experiment": name, "model": exp["model"], "task": task, "optimizer": exp["optimizer"],
+                             "arm": arm, "components": arms[arm], "runs": len(spec["lrs"]) * seeds,
+                             "steps": spec["steps"]})
+    return rows
+
+
 def arm_proxy(arm_components: list[str], single: str) -> str:
     """The measured arm whose step time stands for an arm of `arm_components`: `single` for one block component
-    (every block arm back-propagates through all blocks; they differ in the weight gradients of one component),
-    else ``all`` (the embedding, or several components: at most arm `all`'s time)."""
-    return single if len(arm_components) == 1 and arm_components[0] in components.BLOCK_COMPONENTS else "all"
+    (every block arm back-propagates through all blocks; they differ in the weight gradients of one component) or
+    for a budget arm (none whole: a few units), else ``all`` (the embedding, or several components: at most arm
+    `all`'s time)."""
+    if not arm_components or (len(arm_components) == 1 and arm_components[0] in components.BLOCK_COMPONENTS):
+        return single
+    return "all"
 
 
 def project(settings: Mapping, step_s: Mapping[str, Mapping[str, Mapping[str, float]]],
             plasticity_batch_s: Mapping[str, float], plasticity_batch: int) -> dict:
     """Device-hours of each experiment of `settings` (a validated study config) from measured step times.
 
-    `step_s[model][optimizer][arm]` (s) for the arms ``all`` and the single one; an experiment's runs are
-    tasks x arms (its `arms`, else every arm and control; with `selection`, the budget arms too) x the task's lrs
-    x the seeds, each `steps` x the step
-    time of its arm's proxy (`arm_proxy`); a run an earlier experiment already plans (same model, task,
-    optimizer, arm and lrs) is not counted again. Plasticity jobs (one per model and task of the experiments):
-    ceil(n_pairs / plasticity_batch) batches x `plasticity_batch_s[model]`. Evaluation passes, criteria and
-    checkpoint jobs are not counted (`assumptions` says so).
+    `step_s[model][optimizer][arm]` (s) for the arms ``all`` and the single one; an experiment's runs are those
+    `planned_runs` gives it, each `steps` x the step time of its arm's proxy (`arm_proxy`). Plasticity jobs (one
+    per model and task of the experiments): ceil(n_pairs / plasticity_batch) batches x `plasticity_batch_s[model]`.
+    Evaluation passes, criteria and checkpoint jobs are not counted (`assumptions` says so).
     """
-    arms = {**settings["arms"], **{name: [c["component"]] for name, c in settings["controls"].items()}}
-    # A budget arm trains a few (component, layer) units: costed as one block component (the single arm's time).
-    budget_arms = list(budget.arms(settings["selection"]))
-    arms |= {name: [components.BLOCK_COMPONENTS[0]] for name in budget_arms}
-    seeds = len(settings["finetune"]["seeds"])
-    out: dict = {}
-    total = 0.0
-    planned: set[tuple] = set()  # a run two experiments share (the same run folder) is one run, of the first
-    for name, exp in settings["experiments"].items():
-        measured = step_s[exp["model"]][exp["optimizer"]]
+    out = {name: {"runs": 0, "steps": 0, "gpu_hours": 0.0} for name in settings["experiments"]}
+    for row in planned_runs(settings):
+        measured = step_s[row["model"]][row["optimizer"]]
         single = next(arm for arm in measured if arm != "all")
-        runs, steps, seconds = 0, 0, 0.0
-        for task in exp["tasks"]:
-            spec = settings["tasks"][task]
-            named = exp.get("arms") or [arm for arm in arms if arm not in budget_arms]
-            for arm in named + (budget_arms if exp["selection"] else []):
-                run = (exp["model"], task, exp["optimizer"], arm, exp["lr_scale"])
-                if run in planned:
-                    continue
-                planned.add(run)
-                count = len(spec["lrs"]) * seeds
-                runs += count
-                steps += count * spec["steps"]
-                seconds += count * spec["steps"] * measured[arm_proxy(arms[arm], single)]
-        out[name] = {"runs": runs, "steps": steps, "gpu_hours": seconds / 3600}
-        total += seconds / 3600
+        projected = out[row["experiment"]]
+        projected["runs"] += row["runs"]
+        projected["steps"] += row["runs"] * row["steps"]
+        projected["gpu_hours"] += row["runs"] * row["steps"] * measured[arm_proxy(row["components"], single)] / 3600
+    total = sum(projected["gpu_hours"] for projected in out.values())
     pairs = settings["plasticity"]["n_pairs"]
     jobs = sorted({(exp["model"], task) for exp in settings["experiments"].values() for task in exp["tasks"]})
     seconds = sum(math.ceil(pairs / plasticity_batch) * plasticity_batch_s[model] for model, _ in jobs)
     out["plasticity"] = {"jobs": len(jobs), "gpu_hours": seconds / 3600}
     out["total_gpu_hours"] = total + seconds / 3600
-    out["assumptions"] = ("training steps x the measured step time of the arm (arms of one block component: the "
-                          "single component's; others: arm all's), one device per run, no data-loading stalls; "
-                          "plasticity batches as measured; evaluation passes, criteria and checkpoints not counted")
+    out["assumptions"] = ("training steps x the measured step time of the arm (arms of one block component and "
+                          "budget arms: the single component's; others: arm all's), one device per run, no "
+                          "data-loading stalls; plasticity batches as measured; evaluation passes, criteria and "
+                          "checkpoints not counted")
     return out
 
 

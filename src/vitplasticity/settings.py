@@ -14,6 +14,7 @@ from the schema (type, default, description).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from functools import cache
@@ -312,3 +313,25 @@ def params(settings) -> dict:
     """A job's settings as a JSON object, defaults filled, keys sorted as in the workflow's JSON, None values
     left out: what its config.yaml and its record hold."""
     return {name: value for name, value in sorted(dataclasses.asdict(settings).items()) if value is not None}
+
+
+def fill_defaults(config: dict) -> dict:
+    """Fill in every default the schema declares, in place, and return `config`: a mapping's missing key gets its
+    ``default`` (a copy), then each mapping value is filled by its own schema node (``properties`` or, for the
+    entries of a mapping such as ``tasks``, ``additionalProperties``). Values are not checked
+    (`config.validate_schema` checks them); a value that is not a mapping is left as it is."""
+
+    def fill(value: object, found: dict) -> None:
+        if not isinstance(value, dict):
+            return
+        properties = found.get("properties", {})
+        for key, sub in properties.items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+        for key, item in value.items():
+            sub = properties.get(key, found.get("additionalProperties"))
+            if isinstance(sub, dict):
+                fill(item, sub)
+
+    fill(config, _schema())
+    return config
