@@ -10,7 +10,6 @@ A study config holds science (what the results mean) and machine settings (`runt
 
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 
@@ -22,15 +21,11 @@ from vitplasticity.datasets.imagefolder import class_folders
 from vitplasticity.datasets.sources import SOURCES, SUBSET_SOURCES
 from vitplasticity.datasets.synthetic import CORRUPTIONS
 from vitplasticity.errors import UserError
-from vitplasticity.settings import SCHEMA
-
-
-def _key(path) -> str:
-    return ".".join(str(part) for part in path) or "<top level>"
+from vitplasticity.settings import SCHEMA, fill_defaults
 
 
 def _schema_message(error: jsonschema.ValidationError) -> str:
-    key = _key(error.absolute_path)
+    key = ".".join(str(part) for part in error.absolute_path) or "<top level>"
     if error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
         unknown = sorted(set(error.instance) - set(allowed))
@@ -66,33 +61,14 @@ _SCHEMA_FIXES = {
 }
 
 
-def _filling_defaults(validator_class):
-    """`validator_class` that also sets each missing property to its schema default (a deep copy),
-    before checking that property, so defaults of nested objects are filled too
-    (the python-jsonschema FAQ's "set default values" extension).
-    """
-    check_properties = validator_class.VALIDATORS["properties"]
-
-    def properties(validator, properties, instance, schema):
-        if isinstance(instance, dict):
-            for name, subschema in properties.items():
-                if "default" in subschema and name not in instance:
-                    instance[name] = copy.deepcopy(subschema["default"])
-        yield from check_properties(validator, properties, instance, schema)
-
-    return jsonschema.validators.extend(validator_class, {"properties": properties})
-
-
-_Validator = _filling_defaults(jsonschema.Draft202012Validator)
-
-
 def validate_schema(config: dict, schema_path: str | Path) -> None:
-    """Check `config` against the schema and fill in every default it declares (in place). A task's data
-    source must be one of `sources.SOURCES`, the one list of them."""
+    """Fill in every default the schema declares (in place, `settings.fill_defaults`), then check `config`
+    against it. A task's data source must be one of `sources.SOURCES`, the one list of them."""
     schema = yaml.safe_load(Path(schema_path).read_text())
     data = schema["properties"]["tasks"]["additionalProperties"]["properties"]["data"]
     data["properties"]["source"]["enum"] = list(SOURCES)
-    validator = _Validator(schema)
+    fill_defaults(config, schema)
+    validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: [len(e.absolute_path), *map(str, e.absolute_path)])
     if errors:
         raise UserError(_schema_message(errors[0]))

@@ -113,9 +113,7 @@ def pretrain(settings: Pretrain, runtime: Runtime, task_dir: Path, weights: Path
         lost them (keep them now); weights of earlier steps cannot be recovered (one line, at once)."""
         evaluated = [row["step"] for row in history if "val_acc" in row]
         current = evaluated[-1:] if evaluated and evaluated[-1] == history[-1]["step"] else []
-        lost = _missing_kept(kept_scratch, evaluated[:len(evaluated) - len(current)])
-        if lost:
-            raise UserError(_LOST_KEPT.format(name=lost[0], scratch=kept_scratch, state=run_dir / "state.pt"))
+        _check_kept(kept_scratch, evaluated[:len(evaluated) - len(current)])
         if _missing_kept(kept_scratch, current):
             keep(history[-1])
 
@@ -140,21 +138,23 @@ def pretrain(settings: Pretrain, runtime: Runtime, task_dir: Path, weights: Path
     return metrics
 
 
-_LOST_KEPT = ("the kept weights {name} of an interrupted earlier run are missing from {scratch}; "
-              "delete {state} and run the pretraining again")
-
-
 def _missing_kept(scratch: Path, steps: list[int]) -> list[str]:
     names = [f"step_{step}.{suffix}" for step in steps for suffix in ("safetensors", "json")]
     return [name for name in names if not (scratch / name).exists()]
 
 
+def _check_kept(scratch: Path, steps: list[int]) -> None:
+    """UserError unless the scratch folder (`run_dir/checkpoints.partial`) holds the weights kept at every step."""
+    lost = _missing_kept(scratch, steps)
+    if lost:
+        raise UserError(f"the kept weights {lost[0]} of an interrupted earlier run are missing from {scratch}; "
+                        f"delete {scratch.parent / 'state.pt'} and run the pretraining again")
+
+
 def _publish_kept(scratch: Path, kept: Path, steps: list[int]) -> None:
     """Copy the weights of every evaluated step from the scratch folder (which, like state.pt, outlives an
     interrupted run that resumes) into `kept` whole, as step_<N>.safetensors + .json each."""
-    lost = _missing_kept(scratch, steps)
-    if lost:
-        raise UserError(_LOST_KEPT.format(name=lost[0], scratch=scratch, state=scratch.parent / "state.pt"))
+    _check_kept(scratch, steps)
     with atomic_dir(kept) as tmp:
         for step in steps:
             for suffix in ("safetensors", "json"):

@@ -131,10 +131,13 @@ def series(rows: Iterable[dict], along: str, by: Sequence[str], value: str) -> d
 def environment_tags() -> dict[str, str]:
     """Git commit and dirty flag of the working directory, host, user and SLURM job id."""
     tags = {"host": socket.gethostname()}
-    commit = _git("rev-parse", "HEAD")
-    if commit:
-        tags["mlflow.source.git.commit"] = commit.strip()
-        tags["git_dirty"] = str(bool(_git("status", "--porcelain").strip())).lower()
+    # One git call gives both: header lines `# ...`, among them `# branch.oid <sha>` (`(initial)` before
+    # the first commit), then one line per changed or untracked file; nothing outside a repository.
+    lines = _git("status", "--porcelain=v2", "--branch").splitlines()
+    commit = next((line.split()[2] for line in lines if line.startswith("# branch.oid ")), "(initial)")
+    if commit != "(initial)":
+        tags["mlflow.source.git.commit"] = commit
+        tags["git_dirty"] = str(any(not line.startswith("# ") for line in lines)).lower()
     with contextlib.suppress(OSError, KeyError):
         tags["mlflow.user"] = getpass.getuser()
     if os.environ.get("SLURM_JOB_ID"):

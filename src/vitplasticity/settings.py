@@ -315,11 +315,11 @@ def params(settings) -> dict:
     return {name: value for name, value in sorted(dataclasses.asdict(settings).items()) if value is not None}
 
 
-def fill_defaults(config: dict) -> dict:
-    """Fill in every default the schema declares, in place, and return `config`: a mapping's missing key gets its
-    ``default`` (a copy), then each mapping value is filled by its own schema node (``properties`` or, for the
-    entries of a mapping such as ``tasks``, ``additionalProperties``). Values are not checked
-    (`config.validate_schema` checks them); a value that is not a mapping is left as it is."""
+def fill_defaults(config: dict, schema: dict | None = None) -> dict:
+    """Fill in every default `schema` (default: the package's) declares, in place, and return `config`: a
+    mapping's missing key gets its ``default`` (a copy), then each mapping value is filled by its own schema node
+    (``properties`` or, for the entries of a mapping such as ``tasks``, ``additionalProperties``). Values are not
+    checked (`config.validate_schema` checks them); a value that is not a mapping is left as it is."""
 
     def fill(value: object, found: dict) -> None:
         if not isinstance(value, dict):
@@ -333,5 +333,5 @@ def fill_defaults(config: dict) -> dict:
             if isinstance(sub, dict):
                 fill(item, sub)
 
-    fill(config, _schema())
+    fill(config, _schema() if schema is None else schema)
     return config

@@ -224,7 +224,9 @@ def _open_live(settings: Tracking, folder: Path, kind: str, params: dict) -> tup
         name = records.parent_name(params)
         parent_id = _parents(client, experiment_id).get(name)
         if parent_id is None:
-            with _exclusive(PARENT_LOCK):
+            from filelock import FileLock
+
+            with FileLock(PARENT_LOCK):
                 parent_id = parent_runs(client, experiment_id, [name])[name]
     run = open_run(client, folder, run_name=records.run_name(kind, params), experiment_id=experiment_id,
                    parent_id=parent_id, params=params, tags=records.environment_tags() | {"kind": kind})
@@ -249,7 +251,7 @@ def rebuild_command(settings: Tracking) -> str:
     return f"vitplasticity tracking rebuild --experiment {settings.experiment}{uri}"
 
 
-def mirror_at_end(settings: Tracking, parents: Sequence[str], results_dir: Path = Path("results")) -> None:
+def mirror_at_end(settings: Tracking, parents: Sequence[str]) -> None:
     """After the jobs of a workflow: mirror the job records the store lacks.
 
     Never raises: the folders are the record and every job succeeded or failed on its own, so a
@@ -257,7 +259,7 @@ def mirror_at_end(settings: Tracking, parents: Sequence[str], results_dir: Path 
     line (`unusable`), and the workflow's exit status stays the jobs'.
     """
     try:
-        prepare_study(settings, parents, results_dir)
+        prepare_study(settings, parents)
     except Exception as exc:  # noqa: BLE001 (any failure: one line, the results stand)
         print(f"vitplasticity tracking: {unusable(settings, exc)}", file=sys.stderr, flush=True)
 
@@ -361,15 +363,16 @@ def prepare_store(uri: str, experiment_name: str, parents: Sequence[str] = ()) -
         experiment_id = experiment.experiment_id
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment_id)
-        if experiment.tags.get("mlflow.experimentKind") is None:
-            client.set_experiment_tag(experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+        for key, value in EXPERIMENT_KIND.items():
+            if experiment.tags.get(key) is None:
+                client.set_experiment_tag(experiment_id, key, value)
     return {"experiment_id": experiment_id, "parent_run_ids": parent_runs(client, experiment_id, parents)}
 
 
 def parent_runs(client: MlflowClient, experiment_id: str, names: Sequence[str]) -> dict[str, str]:
     """{name: run id} of the named parent runs, creating those not in the experiment yet.
 
-    Parallel callers must hold one lock (see `_exclusive`), or a parent could be created twice.
+    Parallel callers must hold one lock (`PARENT_LOCK`), or a parent could be created twice.
     """
     existing = _parents(client, experiment_id)
     for name in names:
@@ -584,18 +587,6 @@ def _tag_entities(tags: dict) -> list:
     from mlflow.entities import RunTag
 
     return [RunTag(k[:MAX_KEY_LENGTH], _truncate(str(v), MAX_TAG_LENGTH)) for k, v in tags.items()]
-
-
-@contextlib.contextmanager
-def _exclusive(lock: Path | None) -> Iterator[None]:
-    """Hold the file lock `lock` (its folder must exist); no path, no lock."""
-    if not lock:
-        yield
-        return
-    from filelock import FileLock
-
-    with FileLock(lock):
-        yield
 
 
 def _client(uri: str) -> MlflowClient:

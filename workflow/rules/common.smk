@@ -37,11 +37,10 @@ MODELS = config["models"]
 TASKS = config["tasks"]
 # Arms, parameter-matched controls and budget arms share one namespace; a control trains its one
 # component, a budget arm the units its selector picks (no whole component).
-CONTROLS = config["controls"]
 SELECTION_ARMS = budget.arms(config["selection"])
 ARMS = {
     **config["arms"],
-    **{name: [control["component"]] for name, control in CONTROLS.items()},
+    **{name: [control["component"]] for name, control in config["controls"].items()},
     **{name: [] for name in SELECTION_ARMS},
 }
 REFERENCE = config["plasticity"]["reference_task"]
@@ -56,13 +55,9 @@ def _alternatives(names):
     return "|".join(sorted(map(re.escape, names))) or "(?!)"
 
 
-def fmt_lr(lr):
-    """The lr as it appears in paths: shortest round-trip form (0.01, 1e-05)."""
-    return f"{lr:g}"
-
-
 def experiment_lrs(experiment, task):
-    return [fmt_lr(lr * experiment["lr_scale"]) for lr in TASKS[task]["lrs"]]
+    """The task's lrs times the experiment's lr_scale, as they appear in paths (0.01, 1e-05)."""
+    return [f"{lr * experiment['lr_scale']:g}" for lr in TASKS[task]["lrs"]]
 
 
 def experiment_arms(experiment):
