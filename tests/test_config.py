@@ -123,6 +123,13 @@ MALFORMED = {
     "subset of a source without one training pool": (PAPER, "tasks/flowers102/data/subset", {"images": 1000}, [
         "config key 'tasks.flowers102.data.subset': source flowers102 has no single training pool to draw a subset "
         "from; remove subset or use a source of synthetic, cifar10, cifar100, cifar10c, domainnet, oxford_pets"]),
+    "a learning rate twice": (QUICK, "tasks/shapes_novel/lrs", [0.03, 0.01, 0.03], [
+        "config key 'tasks.shapes_novel.lrs': experiment 'main' (lr_scale 1) would run lr0.03 twice into one run "
+        "folder (folders name an lr by 6 significant digits); remove the repeat or make the lrs differ within 6 "
+        "digits"]),
+    # Two rates that differ in their 8th significant digit: one folder name, one run.
+    "two learning rates one folder": (PAPER, "tasks/cifar100/lrs", [0.1, 0.10000001], [
+        "config key 'tasks.cifar100.lrs': experiment 'main' (lr_scale 1) would run lr0.1 twice"]),
     "unknown machine setting": (QUICK, "runtime/batch", 8, [
         "config key 'runtime': unknown key(s) 'batch'",
         "allowed keys: compile, device, eval_batch, fork_server, micro_batch, plasticity_batch, prefetch"]),

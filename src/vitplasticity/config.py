@@ -21,6 +21,7 @@ from vitplasticity.datasets.imagefolder import class_folders
 from vitplasticity.datasets.sources import SOURCES, SUBSET_SOURCES
 from vitplasticity.datasets.synthetic import CORRUPTIONS
 from vitplasticity.errors import UserError
+from vitplasticity.registry import lr_label
 from vitplasticity.settings import SCHEMA, fill_defaults
 
 
@@ -143,6 +144,12 @@ def check_references(config: dict) -> None:
                 _require(key in tasks[task], f"config key 'tasks.{task}.{key}': required because experiment "
                          f"'{name}' finetunes on it")
             check_classes(task, tasks[task]["data"], name)
+            labels = [lr_label(lr * experiment["lr_scale"]) for lr in tasks[task]["lrs"]]
+            twice = sorted({label for label in labels if labels.count(label) > 1})
+            _require(not twice, f"config key 'tasks.{task}.lrs': experiment '{name}' (lr_scale "
+                     f"{experiment['lr_scale']:g}) would run lr{twice[0] if twice else ''} twice into one run folder "
+                     "(folders name an lr by 6 significant digits); remove the repeat or make the lrs differ within "
+                     "6 digits")
         for arm in experiment.get("arms", list(arms)):
             _require(arm in arms, f"config key '{where}.arms': unknown arm '{arm}'; allowed: {', '.join(arms)}")
     check_reference_stream(config)

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from vitplasticity.fileio import is_missing, read_json, write_json
+from vitplasticity.registry import lr_label
 
 FILE = "record.json"
 # Accuracies are fractions in the run folders' own files and percentages in the tables and in MLflow.
@@ -44,7 +45,7 @@ def run_name(kind: str, settings: dict) -> str:
     """The MLflow run name of a job, e.g. `mha/cifar10/lr0.01/seed42` for a finetuning run (the arm
     first: the UI cuts long names, and runs are compared by arm)."""
     if kind == "finetune":
-        return f"{settings['arm']}/{settings['task']}/lr{settings['lr']:g}/seed{settings['seed']}"
+        return f"{settings['arm']}/{settings['task']}/lr{lr_label(settings['lr'])}/seed{settings['seed']}"
     if kind in ("pretrain", "trajectory"):  # jobs of a model, not of a task
         return f"{kind}/{settings['model']}"
     if kind in ("aggregate", "figures"):  # jobs of an experiment

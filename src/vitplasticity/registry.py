@@ -64,3 +64,9 @@ GPU_RULES = ("pretrain_checkpoint", "finetune", "measure_plasticity", "measure_c
 def caption(kind: str, name: str) -> str:
     """The report caption of a table or figure (`kind` "table" or "figure"), relative to workflow/rules/."""
     return f"../report/{kind}_{name}.rst"
+
+
+def lr_label(lr: float) -> str:
+    """A learning rate as run folders and run names write it (`lr0.01_seed0`, `lr1e-05_seed0`): 6 significant
+    digits, so two rates that differ only beyond them would name one folder (the config check refuses them)."""
+    return f"{lr:g}"

@@ -57,7 +57,7 @@ def _alternatives(names):
 
 def experiment_lrs(experiment, task):
     """The task's lrs times the experiment's lr_scale, as they appear in paths (0.01, 1e-05)."""
-    return [f"{lr * experiment['lr_scale']:g}" for lr in TASKS[task]["lrs"]]
+    return [registry.lr_label(lr * experiment["lr_scale"]) for lr in TASKS[task]["lrs"]]
 
 
 def experiment_arms(experiment):
