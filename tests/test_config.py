@@ -130,6 +130,9 @@ MALFORMED = {
     # Two rates that differ in their 8th significant digit: one folder name, one run.
     "two learning rates one folder": (PAPER, "tasks/cifar100/lrs", [0.1, 0.10000001], [
         "config key 'tasks.cifar100.lrs': experiment 'main' (lr_scale 1) would run lr0.1 twice"]),
+    "two budgets one arm name": (PAPER, "selection/budgets", [0.028, 0.02800000001], [
+        "config key 'selection.budgets': two budgets would name the same arms (<selector>_2.8pct: arms name a budget "
+        "by its percent to 6 significant digits); make them differ within 6 digits"]),
     "unknown machine setting": (QUICK, "runtime/batch", 8, [
         "config key 'runtime': unknown key(s) 'batch'",
         "allowed keys: compile, device, eval_batch, fork_server, micro_batch, plasticity_batch, prefetch"]),

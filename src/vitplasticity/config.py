@@ -163,6 +163,11 @@ def check_selection(config: dict, arms: dict) -> None:
 
     selection = config["selection"]
     budget.check_selectors(selection["criteria"], "selection.criteria")
+    names = [budget.arm_name("<selector>", fraction) for fraction in selection["budgets"]]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    _require(not twice, "config key 'selection.budgets': two budgets would name the same arms "
+             f"({twice[0] if twice else ''}: arms name a budget by its percent to 6 significant digits); make them "
+             "differ within 6 digits")
     clash = sorted(set(budget.arms(selection)) & set(arms))
     _require(not clash, f"config key 'arms.{clash[0] if clash else ''}': the name of a selection arm; rename the arm")
     users = [name for name, experiment in config["experiments"].items() if experiment["selection"]]
