@@ -358,8 +358,9 @@ def projection(results: dict, config_path: Path, forward_rate: float | None) -> 
 
 
 def _arm_proxy(arm: str, trained: list[str]) -> str:
-    """The measured arm standing for `arm`, which trains `trained` whole: its own entry of `ARM_PROXY`, else (a
-    control) its one component's, a budget arm (no whole component) ``mha``'s, anything else ``all``'s."""
+    """The measured arm standing for `arm`, which trains `trained` whole: ``mha`` for a budget arm (no whole
+    component: a few units), else its own entry of `ARM_PROXY`, else (a control, or an arm of the user's) its one
+    component's entry, else ``all``."""
     if not trained:
         return "mha"
     return ARM_PROXY.get(arm) or (ARM_PROXY.get(trained[0], "all") if len(trained) == 1 else "all")
@@ -449,7 +450,7 @@ def summary_line(results: dict) -> str:
     if "projection" in results:
         left_out = results["projection"].get("total_leaves_out")
         parts.append(f"projected {results['projection']['total_gpu_hours']:.0f} GPU-hours"
-                     + (f" without {', '.join(left_out)} (not validly measured)" if left_out else ""))
+                     + (f" without {', '.join(left_out)} (no valid step time)" if left_out else ""))
     return "summary: " + "; ".join(parts)
 
 

@@ -60,6 +60,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    allow_reuse_port = False  # a second server on a port in use fails (SO_REUSEPORT would let both listen)
 
     def __init__(self, root: Path, port: int) -> None:
         super().__init__(("127.0.0.1", port), _Handler)
@@ -77,7 +78,11 @@ class DatasetHost:
 
     def __init__(self, root: Path, port: int = 0) -> None:
         self._server = _Server(root, port)  # first: a port in use leaves no folder behind
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            self._server.server_close()
+            raise
         self.root = root
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()

@@ -24,6 +24,7 @@ can pin its checksums. Run the rehearsal::
 from __future__ import annotations
 
 import argparse
+import errno
 import gzip
 import hashlib
 import io
@@ -330,9 +331,11 @@ def main() -> int:
     try:  # before anything is built: the overlay's URLs name this one port
         host = DatasetHost(args.study / FOLDER / "host", port=port)
     except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
         print(f"cannot serve the rehearsal archives on 127.0.0.1:{port}, the port the overlay's dataset URLs name "
-              f"({exc.strerror or exc}); wait for the rehearsal that serves there to end, or stop what listens "
-              "there, then run this again", file=sys.stderr)
+              f"({exc.strerror}); wait for the rehearsal that serves there to end, or stop what listens there, "
+              "then run this again", file=sys.stderr)
         return 1
     try:
         build(args.study, config)

@@ -124,15 +124,21 @@ MALFORMED = {
         "config key 'tasks.flowers102.data.subset': source flowers102 has no single training pool to draw a subset "
         "from; remove subset or use a source of synthetic, cifar10, cifar100, cifar10c, domainnet, oxford_pets"]),
     "a learning rate twice": (QUICK, "tasks/shapes_novel/lrs", [0.03, 0.01, 0.03], [
-        "config key 'tasks.shapes_novel.lrs': experiment 'main' (lr_scale 1) would run lr0.03 twice into one run "
-        "folder (folders name an lr by 6 significant digits); remove the repeat or make the lrs differ within 6 "
-        "digits"]),
+        "config key 'tasks.shapes_novel.lrs': lr 0.03 (experiment 'main', lr_scale 1) and lr 0.03 (experiment 'main', "
+        "lr_scale 1) both name the run folder lr0.03 (6 significant digits); remove the repeat or make them differ "
+        "within 6 digits"]),
     # Two rates that differ in their 8th significant digit: one folder name, one run.
     "two learning rates one folder": (PAPER, "tasks/cifar100/lrs", [0.1, 0.10000001], [
-        "config key 'tasks.cifar100.lrs': experiment 'main' (lr_scale 1) would run lr0.1 twice"]),
+        "config key 'tasks.cifar100.lrs': lr 0.1 (experiment 'main', lr_scale 1) and lr 0.10000001 (experiment "
+        "'main', lr_scale 1) both name the run folder lr0.1"]),
+    # Across experiments: a rate shared is one run (the shipped configs share many), two rates in one folder are not.
+    "two experiments' rates one folder": (QUICK, "experiments/scaled", {
+        "model": "vit_quick", "tasks": ["shapes_novel"], "arms": ["mha"], "lr_scale": 1.0000001}, [
+        "config key 'tasks.shapes_novel.lrs': lr 0.03 (experiment 'main', lr_scale 1) and lr 0.03 (experiment "
+        "'scaled', lr_scale 1.0000001) both name the run folder lr0.03"]),
     "two budgets one arm name": (PAPER, "selection/budgets", [0.028, 0.02800000001], [
-        "config key 'selection.budgets': two budgets would name the same arms (<selector>_2.8pct: arms name a budget "
-        "by its percent to 6 significant digits); make them differ within 6 digits"]),
+        "config key 'selection.budgets': budgets 0.028 and 0.02800000001 both name the arms <selector>_2.8pct (a "
+        "budget's percent to 6 significant digits); make them differ within 6 digits"]),
     "unknown machine setting": (QUICK, "runtime/batch", 8, [
         "config key 'runtime': unknown key(s) 'batch'",
         "allowed keys: compile, device, eval_batch, fork_server, micro_batch, plasticity_batch, prefetch"]),

@@ -95,7 +95,7 @@ def test_projection_leaves_out_an_experiment_whose_arms_were_not_validly_measure
     assert out["total_gpu_hours"] == out["budget"]["gpu_hours"]
     assert out["total_leaves_out"] == ["main", "adamw", "size_large", "size_huge", "low_data", "mha_fc1"]
     assert device.summary_line({"machine": {"name": "test"}, "projection": out}).endswith(
-        "projected 1953 GPU-hours without main, adamw, size_large, size_huge, low_data, mha_fc1 (not validly measured)")
+        "projected 1953 GPU-hours without main, adamw, size_large, size_huge, low_data, mha_fc1 (no valid step time)")
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")

@@ -133,6 +133,16 @@ def test_projection_by_hand():
     assert out["total_gpu_hours"] == pytest.approx((6750 + 750 + 150 + 4) / 3600)
 
 
+def test_a_rate_two_experiments_share_is_one_run_of_the_first():
+    """e2 halves e1's rates 0.1 and 0.05: its 0.05 is e1's run folder lr0.05, only its 0.025 is new."""
+    settings = {"arms": {"mha": ["mha"]}, "controls": {}, "selection": {}, "finetune": {"seeds": [0, 1]},
+                "tasks": {"a": {"steps": 10, "lrs": [0.1, 0.05]}},
+                "experiments": {name: {"model": "m", "optimizer": "sgd", "tasks": ["a"], "arms": ["mha"],
+                                       "lr_scale": scale, "selection": False}
+                                for name, scale in (("e1", 1.0), ("e2", 0.5), ("e3", 0.5))}}
+    assert [(row["experiment"], row["runs"]) for row in preflight.planned_runs(settings)] == [("e1", 4), ("e2", 2)]
+
+
 def test_a_config_without_a_single_component_arm_is_one_line():
     with pytest.raises(UserError, match=r"^the preflight measures the arms `all` and one single block component; "
                                         r"the config's arms define all, smooth; add e\.g\."):

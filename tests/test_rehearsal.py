@@ -221,6 +221,7 @@ def test_a_second_rehearsal_while_the_port_is_taken_is_one_line_and_builds_nothi
 
     port = host_port(merged_config([OVERLAY]))
     with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port an earlier test left in TIME_WAIT
         taken.bind(("127.0.0.1", port))
         taken.listen()
         done = subprocess.run([sys.executable, str(ROOT / "tests" / "rehearsal.py"), str(tmp_path / "study")],

@@ -123,6 +123,33 @@ def finetune(settings: Tracking, run_dir: Path, rows: list[dict], params: dict |
                              artifacts=[run_dir / "metrics.json"], history=run_dir / "history.csv", device="cpu")
 
 
+def test_a_job_s_git_tags_name_the_commit_and_whether_the_tree_differs_from_it(tmp_path, monkeypatch):
+    def tags() -> dict:
+        return {k: v for k, v in records.environment_tags().items() if k in ("mlflow.source.git.commit", "git_dirty")}
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    monkeypatch.chdir(tmp_path)
+    assert tags() == {}  # outside a repository
+    git("init", "-q")
+    (tmp_path / "a b.txt").write_text("one")
+    assert tags() == {}  # no commit yet
+    git("add", "a b.txt")
+    git("commit", "-q", "-m", "one")
+    head = git("rev-parse", "HEAD")
+    assert tags() == {"mlflow.source.git.commit": head, "git_dirty": "false"}
+    (tmp_path / "c d.txt").write_text("untracked")
+    assert tags() == {"mlflow.source.git.commit": head, "git_dirty": "true"}
+    (tmp_path / "c d.txt").unlink()
+    (tmp_path / "a b.txt").write_text("two")
+    assert tags() == {"mlflow.source.git.commit": head, "git_dirty": "true"}
+    git("checkout", "-q", "--", "a b.txt")
+    git("checkout", "-q", "--detach")
+    assert tags() == {"mlflow.source.git.commit": head, "git_dirty": "false"}
+
+
 def test_without_live_tracking_a_job_opens_no_run(tmp_path):
     for settings in (Tracking(enabled=False), Tracking(enabled=True, uri="http://127.0.0.1:1", live=False)):
         with tracking.live(settings, tmp_path, "finetune", PARAMS) as on_eval:

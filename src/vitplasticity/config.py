@@ -144,16 +144,32 @@ def check_references(config: dict) -> None:
                 _require(key in tasks[task], f"config key 'tasks.{task}.{key}': required because experiment "
                          f"'{name}' finetunes on it")
             check_classes(task, tasks[task]["data"], name)
-            labels = [lr_label(lr * experiment["lr_scale"]) for lr in tasks[task]["lrs"]]
-            twice = sorted({label for label in labels if labels.count(label) > 1})
-            _require(not twice, f"config key 'tasks.{task}.lrs': experiment '{name}' (lr_scale "
-                     f"{experiment['lr_scale']:g}) would run lr{twice[0] if twice else ''} twice into one run folder "
-                     "(folders name an lr by 6 significant digits); remove the repeat or make the lrs differ within "
-                     "6 digits")
         for arm in experiment.get("arms", list(arms)):
             _require(arm in arms, f"config key '{where}.arms': unknown arm '{arm}'; allowed: {', '.join(arms)}")
+    check_run_folders(config)
     check_reference_stream(config)
     check_selection(config, arms)
+
+
+def check_run_folders(config: dict) -> None:
+    """No two learning rates name one run folder. Folders name a rate (a task's lr times its experiment's
+    lr_scale) by `registry.lr_label`, 6 significant digits: an lr listed twice, or two rates of one model,
+    optimizer and task equal to 6 digits, would train once and be read as two. One rate in two experiments is
+    one run, shared."""
+    named: dict[tuple, tuple[str, float, float]] = {}
+    for name, experiment in config["experiments"].items():
+        scale = experiment["lr_scale"]
+        for task in experiment["tasks"]:
+            for lr in config["tasks"][task]["lrs"]:
+                key = (experiment["model"], experiment["optimizer"], task, lr_label(lr * scale))
+                first = named.get(key)
+                named.setdefault(key, (name, lr, scale))
+                if first is not None and (first[0] == name or first[1] * first[2] != lr * scale):
+                    raise UserError(
+                        f"config key 'tasks.{task}.lrs': lr {first[1]:.12g} (experiment '{first[0]}', lr_scale "
+                        f"{first[2]:.12g}) and lr {lr:.12g} (experiment '{name}', lr_scale {scale:.12g}) both name "
+                        f"the run folder lr{key[-1]} (6 significant digits); remove the repeat or make them differ "
+                        "within 6 digits")
 
 
 def check_selection(config: dict, arms: dict) -> None:
@@ -163,11 +179,12 @@ def check_selection(config: dict, arms: dict) -> None:
 
     selection = config["selection"]
     budget.check_selectors(selection["criteria"], "selection.criteria")
-    names = [budget.arm_name("<selector>", fraction) for fraction in selection["budgets"]]
-    twice = sorted({name for name in names if names.count(name) > 1})
-    _require(not twice, "config key 'selection.budgets': two budgets would name the same arms "
-             f"({twice[0] if twice else ''}: arms name a budget by its percent to 6 significant digits); make them "
-             "differ within 6 digits")
+    named: dict[str, float] = {}
+    for fraction in selection["budgets"]:
+        first = named.setdefault(budget.arm_name("<selector>", fraction), fraction)
+        _require(first == fraction, f"config key 'selection.budgets': budgets {first:.12g} and {fraction:.12g} both "
+                 f"name the arms {budget.arm_name('<selector>', fraction)} (a budget's percent to 6 significant "
+                 "digits); make them differ within 6 digits")
     clash = sorted(set(budget.arms(selection)) & set(arms))
     _require(not clash, f"config key 'arms.{clash[0] if clash else ''}': the name of a selection arm; rename the arm")
     users = [name for name, experiment in config["experiments"].items() if experiment["selection"]]

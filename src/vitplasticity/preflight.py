@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from vitplasticity import budget, components, models, plasticity, runtime, streaming, training, transforms
 from vitplasticity.errors import UserError
 from vitplasticity.prepared import Split
+from vitplasticity.registry import lr_label
 
 # Dense bf16 tensor-core peaks (TFLOPS) by device-name fragment, from the vendors' data sheets; first match wins.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
@@ -204,9 +205,9 @@ def planned_runs(settings: Mapping) -> list[dict]:
 
     An experiment's arms are its `arms`, else every arm and control, then the budget arms when it sets
     `selection`; `components` is what the arm trains whole (a control: its one component; a budget arm: none, it
-    trains the units its selector picks). `runs` = the task's lrs x the seeds, each of `steps` optimizer steps. A
-    run an earlier experiment already plans (the same model, task, optimizer, arm and lr_scale: the same run
-    folders) is left out, as the workflow runs it once.
+    trains the units its selector picks). `runs` = the task's lrs x the seeds, each of `steps` optimizer steps,
+    less the runs an earlier experiment already plans: the same model, task, optimizer, arm and rate (lr x
+    lr_scale, as its run folder names it, `registry.lr_label`), which the workflow runs once.
     """
     budget_arms = list(budget.arms(settings["selection"]))
     arms = {**settings["arms"], **{name: [c["component"]] for name, c in settings["controls"].items()},
@@ -217,14 +218,14 @@ def planned_runs(settings: Mapping) -> list[dict]:
         named = exp.get("arms") or [arm for arm in arms if arm not in budget_arms]
         for task in exp["tasks"]:
             spec = settings["tasks"][task]
+            rates = dict.fromkeys(lr_label(lr * exp["lr_scale"]) for lr in spec["lrs"])
             for arm in named + (budget_arms if exp["selection"] else []):
-                run = (exp["model"], task, exp["optimizer"], arm, exp["lr_scale"])
-                if run in planned:
+                new = [rate for rate in rates if (exp["model"], task, exp["optimizer"], arm, rate) not in planned]
+                if not new:
                     continue
-                planned.add(run)
+                planned.update((exp["model"], task, exp["optimizer"], arm, rate) for rate in new)
                 rows.append({"experiment": name, "model": exp["model"], "task": task, "optimizer": exp["optimizer"],
-                             "arm": arm, "components": arms[arm], "runs": len(spec["lrs"]) * seeds,
-                             "steps": spec["steps"]})
+                             "arm": arm, "components": arms[arm], "runs": len(new) * seeds, "steps": spec["steps"]})
     return rows
 
 

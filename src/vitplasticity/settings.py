@@ -251,8 +251,8 @@ def help_text(command: str) -> str:
 
 
 def build(command: str, values: dict):
-    """The typed settings of `command` from its --settings object: the schema's defaults filled in
-    (one level into a mapping-valued key, e.g. a task's data); `values` itself unchanged.
+    """The typed settings of `command` from its --settings object: the schema's defaults filled in, at every
+    depth of a mapping-valued key such as a task's data (`fill_defaults`); `values` itself unchanged.
 
     Raises UserError (one line) for an unknown key or a required one missing. Values are not checked
     again: the workflow validated them against the schema.
@@ -265,10 +265,9 @@ def build(command: str, values: dict):
     filled = dict(values)
     for name, (found, required) in known.items():
         if name not in filled and "default" in found:
-            filled[name] = found["default"]
-        if isinstance(filled.get(name), dict) and "properties" in found:
-            defaults = {k: sub["default"] for k, sub in found["properties"].items() if "default" in sub}
-            filled[name] = defaults | filled[name]
+            filled[name] = copy.deepcopy(found["default"])
+        if isinstance(filled.get(name), dict):
+            filled[name] = fill_defaults(copy.deepcopy(filled[name]), found)
         if required and name not in filled:
             about = " ".join(str(found.get("description", "")).split()).rstrip(".")
             raise UserError(f"{where} lacks '{name}' ({about}); add it (see vitplasticity {command} --help)")

@@ -617,7 +617,8 @@ def _sigint_after_the_folder() -> Iterator:
         flag.set()
         signal.signal(signal.SIGINT, previous)
 
-    # None: a handler not installed from Python, which cannot be restored; the default one stands in.
+    # None: a handler not installed from Python, which cannot be restored; Python's own SIGINT handler
+    # (KeyboardInterrupt) stands in (`_sigterm_raises` restores SIGTERM's default, process exit, likewise).
     previous = signal.signal(signal.SIGINT, handler)
     previous = signal.default_int_handler if previous is None else previous
     try:
