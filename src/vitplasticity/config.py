@@ -163,8 +163,9 @@ def check_run_folders(config: dict) -> None:
             for lr in config["tasks"][task]["lrs"]:
                 key = (experiment["model"], experiment["optimizer"], task, lr_label(lr * scale))
                 first = named.get(key)
-                named.setdefault(key, (name, lr, scale))
-                if first is not None and (first[0] == name or first[1] * first[2] != lr * scale):
+                if first is None:
+                    named[key] = (name, lr, scale)
+                elif first[0] == name or first[1] * first[2] != lr * scale:
                     raise UserError(
                         f"config key 'tasks.{task}.lrs': lr {first[1]:.12g} (experiment '{first[0]}', lr_scale "
                         f"{first[2]:.12g}) and lr {lr:.12g} (experiment '{name}', lr_scale {scale:.12g}) both name "
